@@ -1,0 +1,55 @@
+using System.Net.Sockets;
+using Akka.Actor;
+using Gateway.Actors.Exports;
+using Gateway.Actors.Nbd;
+using Microsoft.Extensions.Logging;
+
+namespace Gateway.Actors.Connections;
+
+/// <summary>
+/// One NBD client connection. The protocol runs as a task (the data plane does not go through
+/// the mailbox); the actor owns the socket's lifetime: when the session ends the actor stops,
+/// when the session fails the actor fails and its supervisor stops it, and either way
+/// <see cref="PostStop"/> closes the socket.
+/// </summary>
+public sealed class NbdConnectionActor : ReceiveActor
+{
+    private readonly Socket _socket;
+    private readonly NetworkStream _stream;
+    private readonly IExportDirectory _exports;
+    private readonly ILogger _logger;
+    private readonly CancellationToken _stopping;
+
+    public NbdConnectionActor(Socket socket, IExportDirectory exports, ILogger logger, CancellationToken stopping)
+    {
+        _socket = socket;
+        _stream = new NetworkStream(socket, ownsSocket: true);
+        _exports = exports;
+        _logger = logger;
+        _stopping = stopping;
+
+        Receive<SessionEnded>(_ => Context.Stop(Self));
+        Receive<SessionFailed>(failed => throw new ConnectionFailedException(failed.Cause));
+    }
+
+    public static Props Props(Socket socket, IExportDirectory exports, ILogger logger, CancellationToken stopping) =>
+        Akka.Actor.Props.Create(() => new NbdConnectionActor(socket, exports, logger, stopping));
+
+    protected override void PreStart()
+    {
+        _socket.NoDelay = true;
+        NbdConnection.ServeAsync(_stream, _exports, _logger, _stopping)
+            .PipeTo(Self, success: () => SessionEnded.Instance, failure: e => new SessionFailed(e));
+    }
+
+    protected override void PostStop() => _stream.Dispose();
+
+    private sealed record SessionEnded
+    {
+        public static readonly SessionEnded Instance = new();
+    }
+
+    private sealed record SessionFailed(Exception Cause);
+}
+
+public sealed class ConnectionFailedException(Exception inner) : Exception("NBD connection failed: " + inner.Message, inner);

@@ -1,0 +1,46 @@
+using Gateway.Backends;
+
+namespace Gateway.Actors.Exports;
+
+/// <summary>Creates, opens and deletes the data of exports under the data folder.</summary>
+public sealed class BackendFactory(string dataDirectory)
+{
+    public string DataDirectory { get; } = Path.GetFullPath(dataDirectory);
+
+    /// <summary>Where an export's file lives: its own path if it names one, else data/exports/NAME.img.</summary>
+    public string FilePath(ExportSpec spec) =>
+        spec.Backend.Path is { Length: > 0 } path
+            ? Path.GetFullPath(path, DataDirectory)
+            : Path.Combine(DataDirectory, "exports", spec.Name + ".img");
+
+    /// <summary>
+    /// Creates the export's storage. An existing file at an explicit path is adopted (its size must
+    /// fit); the default path must be free, so a new export never inherits old data.
+    /// </summary>
+    public void Create(ExportSpec spec)
+    {
+        string path = FilePath(spec);
+        Directory.CreateDirectory(Path.GetDirectoryName(path)!);
+        if (spec.Backend.Path is { Length: > 0 } && File.Exists(path))
+        {
+            long length = new FileInfo(path).Length;
+            if (length < spec.Size)
+            {
+                throw new InvalidOperationException($"file '{path}' holds {length} bytes, less than the export size {spec.Size}");
+            }
+            return;
+        }
+        FileBackend.Create(path, spec.Size).Dispose();
+    }
+
+    public IBlockDevice Open(ExportSpec spec) => FileBackend.Open(FilePath(spec), spec.ReadOnly);
+
+    /// <summary>Deletes storage the gateway made itself; a file the user named is left in place.</summary>
+    public void Delete(ExportSpec spec)
+    {
+        if (spec.Backend.Path is not { Length: > 0 })
+        {
+            File.Delete(FilePath(spec));
+        }
+    }
+}

@@ -1,0 +1,230 @@
+using Akka.Actor;
+using Akka.Event;
+using Akka.Persistence;
+
+namespace Gateway.Actors.Exports;
+
+/// <summary>
+/// The durable set of exports on this node: persists <see cref="IExportEvent"/>s, keeps one
+/// <see cref="ExportActor"/> child per export, and routes export messages to them.
+/// </summary>
+public sealed class ExportRegistryActor : ReceivePersistentActor
+{
+    private readonly BackendFactory _backends;
+    private readonly ILoggingAdapter _log = Context.GetLogger();
+    private ExportCatalog _catalog = ExportCatalog.Empty;
+    private readonly Dictionary<string, IActorRef> _children = new(StringComparer.Ordinal);
+    private ExportSpec? _creating;
+
+    public ExportRegistryActor(BackendFactory backends, ExportSpec? initialExport)
+    {
+        _backends = backends;
+
+        Recover<IExportEvent>(e => _catalog = _catalog.Apply(e));
+        Recover<SnapshotOffer>(offer =>
+        {
+            if (offer.Snapshot is ExportSpec[] specs)
+            {
+                _catalog = specs.Aggregate(ExportCatalog.Empty, (c, s) => c.Apply(new ExportCreated(s)));
+            }
+        });
+        Recover<RecoveryCompleted>(_ =>
+        {
+            foreach (ExportSpec spec in _catalog.Exports.Values)
+            {
+                Start(spec);
+            }
+            if (_catalog.Exports.Count == 0 && initialExport is not null)
+            {
+                // First start: make the default export so the server is useful at once.
+                Self.Tell(new CreateExport(initialExport));
+            }
+        });
+
+        Command<CreateExport>(Create);
+        Command<RemoveExport>(Remove);
+        Command<ListExports>(_ => ListAll());
+        Command<GetExport>(get =>
+        {
+            if (_children.TryGetValue(get.ExportName, out IActorRef? child))
+            {
+                child.Forward(get);
+            }
+            else if (_catalog.Exports.TryGetValue(get.ExportName, out ExportSpec? spec))
+            {
+                Sender.Tell(new ExportFound(new ExportStatus(spec, null)));
+            }
+            else
+            {
+                Sender.Tell(new ExportFound(null));
+            }
+        });
+        Command<OpenExport>(open =>
+        {
+            string? name = open.ExportName.Length == 0 ? _catalog.DefaultExport : open.ExportName;
+            if (name is not null && _children.TryGetValue(name, out IActorRef? child))
+            {
+                child.Forward(open);
+            }
+            else
+            {
+                Sender.Tell(new ExportOpened(null));
+            }
+        });
+        Command<FlushAllExports>(flush =>
+        {
+            Task<ExportsFlushed>[] flushes = [.. _children.Values.Select(c => c.Ask<ExportsFlushed>(flush, TimeSpan.FromSeconds(60)))];
+            Task.WhenAll(flushes).PipeTo(Sender,
+                success: all => new ExportsFlushed(all.Sum(f => f.Count), [.. all.SelectMany(f => f.Failures)]),
+                failure: e => new ExportsFlushed(0, [e.Message]));
+        });
+        Command<ExportStopped>(stopped => DeleteStorage(stopped.Spec));
+        // The answer to the first-start CreateExport this actor sends itself.
+        Command<CommandResult>(result =>
+        {
+            if (result.Error is not null)
+            {
+                _log.Error("Creating the initial export failed: {0}", result.Message);
+            }
+        });
+        Command<ExportFailed>(failed =>
+        {
+            if (_children.TryGetValue(failed.Name, out IActorRef? current) && current.Equals(failed.Child))
+            {
+                _children.Remove(failed.Name);
+            }
+        });
+        Command<SaveSnapshotSuccess>(s => DeleteMessages(s.Metadata.SequenceNr));
+        Command<SaveSnapshotFailure>(f => _log.Warning("Snapshot of the export catalog failed: {0}", f.Cause.Message));
+        Command<DeleteMessagesSuccess>(_ => { });
+        Command<DeleteMessagesFailure>(f => _log.Warning("Deleting old catalog events failed: {0}", f.Cause.Message));
+    }
+
+    public override string PersistenceId => "export-registry";
+
+    public static Props Props(BackendFactory backends, ExportSpec? initialExport) =>
+        Akka.Actor.Props.Create(() => new ExportRegistryActor(backends, initialExport));
+
+    protected override SupervisorStrategy SupervisorStrategy() =>
+        // An export whose backend fails to open or breaks is stopped, not restarted in a loop;
+        // its clients get "unknown export" until the next start.
+        new OneForOneStrategy(e =>
+        {
+            _log.Error(e, "Export actor failed; stopping it");
+            return Directive.Stop;
+        });
+
+    private void Create(CreateExport create)
+    {
+        (IExportEvent? @event, CommandResult? error) = _catalog.Decide(create);
+        if (error is not null)
+        {
+            Sender.Tell(error);
+            return;
+        }
+        ExportSpec spec = create.Spec;
+        try
+        {
+            // Storage first: if it can't be made, nothing is recorded.
+            _backends.Create(spec);
+        }
+        catch (Exception e)
+        {
+            _log.Warning("Creating storage for export {0} failed: {1}", spec.Name, e.Message);
+            Sender.Tell(CommandResult.Fail(ExportErrorKind.Failed, $"creating storage for '{spec.Name}' failed: {e.Message}"));
+            return;
+        }
+        _creating = spec;
+        IActorRef sender = Sender;
+        Persist(@event!, e =>
+        {
+            _creating = null;
+            _catalog = _catalog.Apply(e);
+            Start(spec);
+            sender.Tell(CommandResult.Ok(new ExportStatus(spec, null)));
+            _log.Info("Export {0} created ({1} bytes)", spec.Name, spec.Size);
+            MaybeSnapshot();
+        });
+    }
+
+    private void Remove(RemoveExport remove)
+    {
+        (IExportEvent? @event, CommandResult? error) = _catalog.Decide(remove);
+        if (error is not null)
+        {
+            Sender.Tell(error);
+            return;
+        }
+        IActorRef sender = Sender;
+        ExportSpec spec = _catalog.Exports[remove.ExportName];
+        Persist(@event!, e =>
+        {
+            _catalog = _catalog.Apply(e);
+            if (_children.Remove(spec.Name, out IActorRef? child))
+            {
+                // The child closes its device in PostStop; delete the file once it has gone.
+                Context.Unwatch(child);
+                Context.WatchWith(child, new ExportStopped(spec));
+                Context.Stop(child);
+            }
+            else
+            {
+                DeleteStorage(spec);
+            }
+            sender.Tell(CommandResult.Ok(new ExportStatus(spec, null)));
+            _log.Info("Export {0} removed", spec.Name);
+            MaybeSnapshot();
+        });
+    }
+
+    private void DeleteStorage(ExportSpec spec)
+    {
+        try
+        {
+            _backends.Delete(spec);
+        }
+        catch (Exception e)
+        {
+            _log.Warning("Deleting storage of removed export {0} failed: {1}", spec.Name, e.Message);
+        }
+    }
+
+    private void ListAll()
+    {
+        // Sizes and flags come from the specs; children are not asked, so a list never waits on I/O.
+        var list = _catalog.Exports.Values.Select(s => new ExportStatus(s, null)).ToList();
+        Sender.Tell(new ExportList(list));
+    }
+
+    private IActorRef Start(ExportSpec spec)
+    {
+        // Unique child names: a removed export's actor may still be stopping when the name is reused.
+        IActorRef child = Context.ActorOf(ExportActor.Props(spec, _backends), $"{spec.Name}-{LastSequenceNr}");
+        _children[spec.Name] = child;
+        Context.WatchWith(child, new ExportFailed(spec.Name, child));
+        return child;
+    }
+
+    private void MaybeSnapshot()
+    {
+        if (LastSequenceNr % 100 == 0)
+        {
+            SaveSnapshot(_catalog.Exports.Values.ToArray());
+        }
+    }
+
+    protected override void OnPersistFailure(Exception cause, object @event, long sequenceNr)
+    {
+        // The export was not recorded: take back the storage made for it.
+        if (_creating is not null)
+        {
+            DeleteStorage(_creating);
+            _creating = null;
+        }
+        base.OnPersistFailure(cause, @event, sequenceNr);
+    }
+
+    private sealed record ExportStopped(ExportSpec Spec);
+
+    private sealed record ExportFailed(string Name, IActorRef Child);
+}

@@ -1,0 +1,47 @@
+using System.Text.RegularExpressions;
+
+namespace Gateway.Actors.Exports;
+
+/// <summary>The durable definition of an export, as created through the admin API.</summary>
+public sealed record ExportSpec(string Name, long Size, BackendSpec Backend, bool ReadOnly, string? Description);
+
+/// <summary>Where an export's data lives. <c>file</c>: a sparse raw file (Path relative to the data folder, or absolute).</summary>
+public sealed record BackendSpec(string Type, string? Path = null);
+
+public static partial class ExportRules
+{
+    public const long MaxSize = 1L << 50; // 1 PiB: beyond that a typo, not a disk.
+
+    /// <summary>Checks a spec from a client; returns the problem, or null when it is acceptable.</summary>
+    public static string? Validate(ExportSpec spec)
+    {
+        if (string.IsNullOrEmpty(spec.Name))
+        {
+            return "name is required";
+        }
+        if (!NamePattern().IsMatch(spec.Name))
+        {
+            return $"name '{spec.Name}' is invalid: use 1-128 letters, digits, '.', '_' or '-', not starting with '.' or '-'";
+        }
+        if (spec.Size <= 0)
+        {
+            return $"size {spec.Size} is invalid: it must be a positive number of bytes";
+        }
+        if (spec.Size > MaxSize)
+        {
+            return $"size {spec.Size} is over the limit of {MaxSize} bytes";
+        }
+        if (spec.Backend.Type != "file")
+        {
+            return $"backend type '{spec.Backend.Type}' is not supported (supported: file)";
+        }
+        if (spec.Description is { Length: > Nbd.NbdLimits.MaxString })
+        {
+            return "description is over 4096 bytes";
+        }
+        return null;
+    }
+
+    [GeneratedRegex("^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")]
+    private static partial Regex NamePattern();
+}

@@ -1,0 +1,63 @@
+namespace Gateway.Actors.Exports;
+
+/// <summary>Messages addressed to one export; the name routes them (and, in a cluster, shards them).</summary>
+public interface IWithExportName
+{
+    string ExportName { get; }
+}
+
+// Commands
+public sealed record CreateExport(ExportSpec Spec);
+
+public sealed record RemoveExport(string ExportName) : IWithExportName;
+
+/// <summary>Makes every completed write of every export durable (graceful shutdown).</summary>
+public sealed record FlushAllExports
+{
+    public static readonly FlushAllExports Instance = new();
+}
+
+// Queries
+public sealed record ListExports
+{
+    public static readonly ListExports Instance = new();
+}
+
+public sealed record GetExport(string ExportName) : IWithExportName;
+
+/// <summary>Attach a connection: answered with <see cref="ExportOpened"/>. "" names the default export.</summary>
+public sealed record OpenExport(string ExportName) : IWithExportName;
+
+// Replies
+public sealed record ExportList(IReadOnlyList<ExportStatus> Exports);
+
+public sealed record ExportStatus(ExportSpec Spec, ExportInfo? Info);
+
+public sealed record ExportOpened(ExportHandle? Handle);
+
+public sealed record ExportFound(ExportStatus? Export);
+
+public sealed record ExportsFlushed(int Count, IReadOnlyList<string> Failures);
+
+/// <summary>The outcome of a command: success, or an error with the HTTP-like kind that fits it.</summary>
+public sealed record CommandResult(ExportErrorKind? Error, string? Message, ExportStatus? Export = null)
+{
+    public static CommandResult Ok(ExportStatus? export = null) => new(null, null, export);
+
+    public static CommandResult Fail(ExportErrorKind kind, string message) => new(kind, message);
+}
+
+public enum ExportErrorKind
+{
+    Invalid,
+    NotFound,
+    Conflict,
+    Failed,
+}
+
+// Events (persisted): never change their shape without a migration.
+public interface IExportEvent;
+
+public sealed record ExportCreated(ExportSpec Spec) : IExportEvent;
+
+public sealed record ExportRemoved(string Name) : IExportEvent;

@@ -1,0 +1,478 @@
+using System.Buffers;
+using System.Buffers.Binary;
+using System.IO.Pipelines;
+using System.Text;
+using Gateway.Actors.Exports;
+using Microsoft.Extensions.Logging;
+
+namespace Gateway.Actors.Nbd;
+
+/// <summary>What the handshake settled: the export and the mode of the transmission phase.</summary>
+public sealed record NegotiatedSession(ExportHandle Export, bool StructuredReplies, IReadOnlyList<SelectedContext> Contexts);
+
+/// <summary>A metadata context selected with SET_META_CONTEXT, under the id the client was given.</summary>
+public sealed record SelectedContext(uint Id, MetaContext Context);
+
+/// <summary>
+/// The fixed newstyle handshake and option haggling (proto.md "Newstyle negotiation",
+/// "Option types"). Returns the negotiated session, or null when the client ended the
+/// negotiation (ABORT, or a clean close).
+/// </summary>
+public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExportDirectory exports, ILogger logger)
+{
+    private bool _structured;
+    private bool _noZeroes;
+    private string? _contextExport;
+    private List<(uint Id, string Name)> _selected = [];
+
+    public async Task<NegotiatedSession?> NegotiateAsync(CancellationToken cancellationToken)
+    {
+        // S: 64 bits, 0x4e42444d41474943 (ASCII 'NBDMAGIC')
+        // S: 64 bits, 0x49484156454F5054 (ASCII 'IHAVEOPT')
+        // S: 16 bits, handshake flags
+        WriteGreeting();
+        await output.FlushAsync(cancellationToken).ConfigureAwait(false);
+
+        // C: 32 bits, client flags
+        ReadOnlySequence<byte> flagsBytes = await ReadExactlyAsync(4, cancellationToken).ConfigureAwait(false);
+        var clientFlags = (ClientFlags)ReadUInt32(flagsBytes);
+        input.AdvanceTo(flagsBytes.GetPosition(4));
+        if ((clientFlags & ~(ClientFlags.FixedNewstyle | ClientFlags.NoZeroes)) != 0)
+        {
+            // "If the client sets any flag the server does not know, the server MUST close."
+            throw new NbdProtocolException($"unknown client flags 0x{(uint)clientFlags:x}");
+        }
+        _noZeroes = clientFlags.HasFlag(ClientFlags.NoZeroes);
+
+        byte[] h = new byte[16];
+        while (true)
+        {
+            // C: 64 bits, 0x49484156454F5054 (ASCII 'IHAVEOPT')
+            // C: 32 bits, option
+            // C: 32 bits, length of option data (unsigned)
+            // C: any data needed for the chosen option, of length as specified above.
+            ReadResult peek = await input.ReadAsync(cancellationToken).ConfigureAwait(false);
+            if (peek.Buffer.IsEmpty && peek.IsCompleted)
+            {
+                return null;
+            }
+            input.AdvanceTo(peek.Buffer.Start);
+
+            ReadOnlySequence<byte> header = await ReadExactlyAsync(16, cancellationToken).ConfigureAwait(false);
+            header.Slice(0, 16).CopyTo(h);
+            input.AdvanceTo(header.GetPosition(16));
+            ulong magic = BinaryPrimitives.ReadUInt64BigEndian(h);
+            var option = (NbdOption)BinaryPrimitives.ReadUInt32BigEndian(h.AsSpan(8));
+            uint length = BinaryPrimitives.ReadUInt32BigEndian(h.AsSpan(12));
+            if (magic != NbdMagic.IHaveOpt)
+            {
+                throw new NbdProtocolException($"bad option magic 0x{magic:x16}");
+            }
+
+            if (length > NbdLimits.MaxOptionLength)
+            {
+                if (length > NbdLimits.MaxOptionDiscard || option == NbdOption.ExportName)
+                {
+                    throw new NbdProtocolException($"option {option} length {length} too large");
+                }
+                await DiscardAsync(length, cancellationToken).ConfigureAwait(false);
+                await ReplyErrorAsync(option, OptionReplyType.ErrTooBig, $"option data of {length} bytes is over the limit of {NbdLimits.MaxOptionLength}", cancellationToken).ConfigureAwait(false);
+                continue;
+            }
+
+            byte[] data = new byte[length];
+            if (length > 0)
+            {
+                ReadOnlySequence<byte> body = await ReadExactlyAsync((int)length, cancellationToken).ConfigureAwait(false);
+                body.Slice(0, length).CopyTo(data);
+                input.AdvanceTo(body.GetPosition(length));
+            }
+
+            logger.LogDebug("NBD option {Option} ({Length} bytes)", option, length);
+            switch (option)
+            {
+                case NbdOption.ExportName:
+                    return await ExportNameAsync(data, cancellationToken).ConfigureAwait(false);
+                case NbdOption.Abort:
+                    // The spec lets the server answer ACK before closing; clients tolerate either.
+                    await ReplyAsync(option, OptionReplyType.Ack, ReadOnlyMemory<byte>.Empty, cancellationToken).ConfigureAwait(false);
+                    return null;
+                case NbdOption.List:
+                    await ListAsync(data, cancellationToken).ConfigureAwait(false);
+                    break;
+                case NbdOption.Info:
+                case NbdOption.Go:
+                    NegotiatedSession? session = await InfoOrGoAsync(option, data, cancellationToken).ConfigureAwait(false);
+                    if (session is not null)
+                    {
+                        return session;
+                    }
+                    break;
+                case NbdOption.StructuredReply:
+                    if (length != 0)
+                    {
+                        await ReplyErrorAsync(option, OptionReplyType.ErrInvalid, "STRUCTURED_REPLY takes no data", cancellationToken).ConfigureAwait(false);
+                    }
+                    else if (_structured)
+                    {
+                        await ReplyErrorAsync(option, OptionReplyType.ErrInvalid, "structured replies already negotiated", cancellationToken).ConfigureAwait(false);
+                    }
+                    else
+                    {
+                        _structured = true;
+                        await ReplyAsync(option, OptionReplyType.Ack, ReadOnlyMemory<byte>.Empty, cancellationToken).ConfigureAwait(false);
+                    }
+                    break;
+                case NbdOption.ListMetaContext:
+                case NbdOption.SetMetaContext:
+                    await MetaContextAsync(option, data, cancellationToken).ConfigureAwait(false);
+                    break;
+                case NbdOption.StartTls:
+                    await ReplyErrorAsync(option, length != 0 ? OptionReplyType.ErrInvalid : OptionReplyType.ErrPolicy,
+                        "TLS is not configured on this server", cancellationToken).ConfigureAwait(false);
+                    break;
+                default:
+                    await ReplyErrorAsync(option, OptionReplyType.ErrUnsup, $"option {(uint)option} is not supported", cancellationToken).ConfigureAwait(false);
+                    break;
+            }
+        }
+    }
+
+    private void WriteGreeting()
+    {
+        Span<byte> span = output.GetSpan(18);
+        BinaryPrimitives.WriteUInt64BigEndian(span, NbdMagic.InitPassword);
+        BinaryPrimitives.WriteUInt64BigEndian(span[8..], NbdMagic.IHaveOpt);
+        BinaryPrimitives.WriteUInt16BigEndian(span[16..], (ushort)(HandshakeFlags.FixedNewstyle | HandshakeFlags.NoZeroes));
+        output.Advance(18);
+    }
+
+    private async Task<NegotiatedSession?> ExportNameAsync(byte[] data, CancellationToken cancellationToken)
+    {
+        if (data.Length > NbdLimits.MaxString)
+        {
+            throw new NbdProtocolException("export name over 4096 bytes");
+        }
+        string name = Encoding.UTF8.GetString(data);
+        ExportHandle? export = await exports.OpenAsync(name, cancellationToken).ConfigureAwait(false);
+        if (export is null)
+        {
+            // EXPORT_NAME has no way to report an error: the spec says to close.
+            throw new NbdProtocolException($"unknown export '{name}' in EXPORT_NAME");
+        }
+
+        // S: 64 bits, size of the export in bytes (unsigned)
+        // S: 16 bits, transmission flags
+        // S: 124 bytes, zeroes (reserved) (unless NBD_FLAG_C_NO_ZEROES was negotiated by the client)
+        int size = _noZeroes ? 10 : 134;
+        Span<byte> span = output.GetSpan(size);
+        BinaryPrimitives.WriteUInt64BigEndian(span, (ulong)export.Info.Size);
+        BinaryPrimitives.WriteUInt16BigEndian(span[8..], (ushort)export.Info.TransmissionFlags);
+        span[10..size].Clear();
+        output.Advance(size);
+        await output.FlushAsync(cancellationToken).ConfigureAwait(false);
+        return new NegotiatedSession(export, _structured, ResolveContexts(export));
+    }
+
+    private async Task ListAsync(byte[] data, CancellationToken cancellationToken)
+    {
+        if (data.Length != 0)
+        {
+            await ReplyErrorAsync(NbdOption.List, OptionReplyType.ErrInvalid, "LIST takes no data", cancellationToken).ConfigureAwait(false);
+            return;
+        }
+        foreach (ExportInfo info in await exports.ListAsync(cancellationToken).ConfigureAwait(false))
+        {
+            // 32 bits length of name, name, then implementation-specific details: the description.
+            byte[] name = Encoding.UTF8.GetBytes(info.Name);
+            byte[] description = Encoding.UTF8.GetBytes(info.Description ?? "");
+            byte[] reply = new byte[4 + name.Length + description.Length];
+            BinaryPrimitives.WriteUInt32BigEndian(reply, (uint)name.Length);
+            name.CopyTo(reply, 4);
+            description.CopyTo(reply, 4 + name.Length);
+            WriteReply(NbdOption.List, OptionReplyType.Server, reply);
+        }
+        await ReplyAsync(NbdOption.List, OptionReplyType.Ack, ReadOnlyMemory<byte>.Empty, cancellationToken).ConfigureAwait(false);
+    }
+
+    // C: 32 bits, length of name (unsigned); MUST be no larger than the option data length - 6
+    // C: String: name of the export
+    // C: 16 bits, number of information requests
+    // C: 16 bits x n - list of NBD_INFO information requests
+    private async Task<NegotiatedSession?> InfoOrGoAsync(NbdOption option, byte[] data, CancellationToken cancellationToken)
+    {
+        if (data.Length < 6)
+        {
+            await ReplyErrorAsync(option, OptionReplyType.ErrInvalid, "option data too short", cancellationToken).ConfigureAwait(false);
+            return null;
+        }
+        uint nameLength = BinaryPrimitives.ReadUInt32BigEndian(data);
+        if (nameLength > data.Length - 6)
+        {
+            await ReplyErrorAsync(option, OptionReplyType.ErrInvalid, "name length inconsistent with option length", cancellationToken).ConfigureAwait(false);
+            return null;
+        }
+        if (nameLength > NbdLimits.MaxString)
+        {
+            await ReplyErrorAsync(option, OptionReplyType.ErrTooBig, "export name over 4096 bytes", cancellationToken).ConfigureAwait(false);
+            return null;
+        }
+        string name = Encoding.UTF8.GetString(data, 4, (int)nameLength);
+        int at = 4 + (int)nameLength;
+        ushort requests = BinaryPrimitives.ReadUInt16BigEndian(data.AsSpan(at));
+        at += 2;
+        if (data.Length != at + 2 * requests)
+        {
+            await ReplyErrorAsync(option, OptionReplyType.ErrInvalid, "information request count inconsistent with option length", cancellationToken).ConfigureAwait(false);
+            return null;
+        }
+        bool wantName = false, wantDescription = false;
+        for (int i = 0; i < requests; i++)
+        {
+            switch ((InfoType)BinaryPrimitives.ReadUInt16BigEndian(data.AsSpan(at + 2 * i)))
+            {
+                case InfoType.Name: wantName = true; break;
+                case InfoType.Description: wantDescription = true; break;
+            }
+        }
+
+        ExportHandle? export = await exports.OpenAsync(name, cancellationToken).ConfigureAwait(false);
+        if (export is null)
+        {
+            await ReplyErrorAsync(option, OptionReplyType.ErrUnknown, $"export '{name}' not present", cancellationToken).ConfigureAwait(false);
+            return null;
+        }
+        ExportInfo info = export.Info;
+
+        // NBD_INFO_EXPORT: 16 bits type, 64 bits size, 16 bits transmission flags.
+        byte[] exportInfo = new byte[12];
+        BinaryPrimitives.WriteUInt16BigEndian(exportInfo, (ushort)InfoType.Export);
+        BinaryPrimitives.WriteUInt64BigEndian(exportInfo.AsSpan(2), (ulong)info.Size);
+        BinaryPrimitives.WriteUInt16BigEndian(exportInfo.AsSpan(10), (ushort)info.TransmissionFlags);
+        WriteReply(option, OptionReplyType.Info, exportInfo);
+
+        if (wantName)
+        {
+            WriteReply(option, OptionReplyType.Info, InfoString(InfoType.Name, info.Name));
+        }
+        if (wantDescription && !string.IsNullOrEmpty(info.Description))
+        {
+            WriteReply(option, OptionReplyType.Info, InfoString(InfoType.Description, info.Description));
+        }
+
+        // NBD_INFO_BLOCK_SIZE: 16 bits type, 32 bits minimum, preferred, maximum.
+        byte[] blockSize = new byte[14];
+        BinaryPrimitives.WriteUInt16BigEndian(blockSize, (ushort)InfoType.BlockSize);
+        BinaryPrimitives.WriteUInt32BigEndian(blockSize.AsSpan(2), NbdLimits.MinBlockSize);
+        BinaryPrimitives.WriteUInt32BigEndian(blockSize.AsSpan(6), NbdLimits.PreferredBlockSize);
+        BinaryPrimitives.WriteUInt32BigEndian(blockSize.AsSpan(10), NbdLimits.MaxPayload);
+        WriteReply(option, OptionReplyType.Info, blockSize);
+
+        await ReplyAsync(option, OptionReplyType.Ack, ReadOnlyMemory<byte>.Empty, cancellationToken).ConfigureAwait(false);
+        if (option == NbdOption.Info)
+        {
+            return null;
+        }
+
+        // Contexts chosen for another export do not carry over to this one (as in qemu).
+        if (_contextExport is not null && _contextExport != name)
+        {
+            _selected = [];
+        }
+        return new NegotiatedSession(export, _structured, ResolveContexts(export));
+    }
+
+    private IReadOnlyList<SelectedContext> ResolveContexts(ExportHandle export)
+    {
+        var contexts = new List<SelectedContext>();
+        foreach ((uint id, string contextName) in _selected)
+        {
+            MetaContext? context = export.MetaContexts.FirstOrDefault(c => c.Name == contextName);
+            if (context is not null)
+            {
+                contexts.Add(new SelectedContext(id, context));
+            }
+        }
+        return contexts;
+    }
+
+    // C: 32 bits, length of export name; C: String, name of export
+    // C: 32 bits, number of queries
+    // C: 32 bits, length of query; C: String, query (repeated)
+    private async Task MetaContextAsync(NbdOption option, byte[] data, CancellationToken cancellationToken)
+    {
+        bool list = option == NbdOption.ListMetaContext;
+        if (!_structured)
+        {
+            await ReplyErrorAsync(option, OptionReplyType.ErrInvalid, "structured replies must be negotiated first", cancellationToken).ConfigureAwait(false);
+            return;
+        }
+        if (!TryParseMetaQueries(data, out string? name, out List<string>? queries, out string? problem))
+        {
+            await ReplyErrorAsync(option, OptionReplyType.ErrInvalid, problem, cancellationToken).ConfigureAwait(false);
+            return;
+        }
+        ExportHandle? export = await exports.OpenAsync(name, cancellationToken).ConfigureAwait(false);
+        if (export is null)
+        {
+            await ReplyErrorAsync(option, OptionReplyType.ErrUnknown, $"export '{name}' not present", cancellationToken).ConfigureAwait(false);
+            return;
+        }
+
+        var matched = new List<(uint Id, string Name)>();
+        for (int id = 0; id < export.MetaContexts.Count; id++)
+        {
+            string contextName = export.MetaContexts[id].Name;
+            bool match = list && queries.Count == 0;
+            foreach (string query in queries)
+            {
+                match |= MetaContextMatches(query, contextName, list);
+            }
+            if (match)
+            {
+                matched.Add(((uint)id, contextName));
+            }
+        }
+        foreach ((uint id, string contextName) in matched)
+        {
+            // 32 bits, NBD metadata context ID; String, name of the metadata context.
+            byte[] bytes = Encoding.UTF8.GetBytes(contextName);
+            byte[] reply = new byte[4 + bytes.Length];
+            BinaryPrimitives.WriteUInt32BigEndian(reply, list ? 0 : id);
+            bytes.CopyTo(reply, 4);
+            WriteReply(option, OptionReplyType.MetaContext, reply);
+        }
+        if (!list)
+        {
+            _contextExport = name;
+            _selected = matched;
+        }
+        await ReplyAsync(option, OptionReplyType.Ack, ReadOnlyMemory<byte>.Empty, cancellationToken).ConfigureAwait(false);
+    }
+
+    /// <summary>
+    /// An exact name selects its context. In LIST only, a namespace prefix ending in ':'
+    /// ("base:", "qemu:", "qemu:dirty-bitmap:") lists every context under it, as qemu does.
+    /// </summary>
+    public static bool MetaContextMatches(string query, string contextName, bool list) =>
+        query == contextName || (list && query.EndsWith(':') && contextName.StartsWith(query, StringComparison.Ordinal));
+
+    private static bool TryParseMetaQueries(byte[] data, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out string? name,
+        [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out List<string>? queries,
+        [System.Diagnostics.CodeAnalysis.NotNullWhen(false)] out string? problem)
+    {
+        name = null;
+        queries = null;
+        ReadOnlySpan<byte> span = data;
+        if (!TryTakeString(ref span, out name) || span.Length < 4)
+        {
+            problem = "export name inconsistent with option length";
+            return false;
+        }
+        uint count = BinaryPrimitives.ReadUInt32BigEndian(span);
+        span = span[4..];
+        queries = [];
+        for (uint i = 0; i < count; i++)
+        {
+            if (!TryTakeString(ref span, out string? query))
+            {
+                problem = "query inconsistent with option length";
+                return false;
+            }
+            queries.Add(query);
+        }
+        if (!span.IsEmpty)
+        {
+            problem = "trailing bytes after the queries";
+            return false;
+        }
+        problem = null;
+        return true;
+    }
+
+    private static bool TryTakeString(ref ReadOnlySpan<byte> span, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out string? value)
+    {
+        value = null;
+        if (span.Length < 4)
+        {
+            return false;
+        }
+        uint length = BinaryPrimitives.ReadUInt32BigEndian(span);
+        if (length > NbdLimits.MaxString || length > span.Length - 4)
+        {
+            return false;
+        }
+        value = Encoding.UTF8.GetString(span.Slice(4, (int)length));
+        span = span[(4 + (int)length)..];
+        return true;
+    }
+
+    private static byte[] InfoString(InfoType type, string value)
+    {
+        byte[] bytes = Encoding.UTF8.GetBytes(value);
+        byte[] reply = new byte[2 + bytes.Length];
+        BinaryPrimitives.WriteUInt16BigEndian(reply, (ushort)type);
+        bytes.CopyTo(reply, 2);
+        return reply;
+    }
+
+    // S: 64 bits, 0x3e889045565a9 (magic number for replies)
+    // S: 32 bits, the option as sent by the client to which this is a reply
+    // S: 32 bits, reply type (e.g., NBD_REP_ACK for successful completion, or NBD_REP_ERR_UNSUP...)
+    // S: 32 bits, length of the reply. This MAY be zero for some replies, in which case the next field is not sent
+    // S: any data as required by the reply
+    private void WriteReply(NbdOption option, OptionReplyType type, ReadOnlySpan<byte> data)
+    {
+        Span<byte> span = output.GetSpan(20);
+        BinaryPrimitives.WriteUInt64BigEndian(span, NbdMagic.OptionReply);
+        BinaryPrimitives.WriteUInt32BigEndian(span[8..], (uint)option);
+        BinaryPrimitives.WriteUInt32BigEndian(span[12..], (uint)type);
+        BinaryPrimitives.WriteUInt32BigEndian(span[16..], (uint)data.Length);
+        output.Advance(20);
+        output.Write(data);
+    }
+
+    private async Task ReplyAsync(NbdOption option, OptionReplyType type, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
+    {
+        WriteReply(option, type, data.Span);
+        await output.FlushAsync(cancellationToken).ConfigureAwait(false);
+    }
+
+    private Task ReplyErrorAsync(NbdOption option, OptionReplyType type, string message, CancellationToken cancellationToken)
+    {
+        logger.LogDebug("NBD option {Option} refused with {Reply}: {Message}", option, type, message);
+        return ReplyAsync(option, type, Encoding.UTF8.GetBytes(message), cancellationToken);
+    }
+
+    private async Task<ReadOnlySequence<byte>> ReadExactlyAsync(int count, CancellationToken cancellationToken)
+    {
+        ReadResult result = await input.ReadAtLeastAsync(count, cancellationToken).ConfigureAwait(false);
+        if (result.Buffer.Length < count)
+        {
+            throw new EndOfStreamException("client closed the connection during the handshake");
+        }
+        return result.Buffer;
+    }
+
+    private async Task DiscardAsync(long count, CancellationToken cancellationToken)
+    {
+        while (count > 0)
+        {
+            ReadResult result = await input.ReadAsync(cancellationToken).ConfigureAwait(false);
+            long take = Math.Min(count, result.Buffer.Length);
+            input.AdvanceTo(result.Buffer.GetPosition(take));
+            count -= take;
+            if (count > 0 && result.IsCompleted)
+            {
+                throw new EndOfStreamException("client closed the connection during the handshake");
+            }
+        }
+    }
+
+    private static uint ReadUInt32(ReadOnlySequence<byte> buffer)
+    {
+        Span<byte> span = stackalloc byte[4];
+        buffer.Slice(0, 4).CopyTo(span);
+        return BinaryPrimitives.ReadUInt32BigEndian(span);
+    }
+}

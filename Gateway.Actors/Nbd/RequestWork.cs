@@ -1,0 +1,233 @@
+using System.Buffers;
+using System.IO.Pipelines;
+using Gateway.Backends;
+
+namespace Gateway.Actors.Nbd;
+
+/// <summary>
+/// One request from the moment it is parsed until its reply is written. Pooled per
+/// connection and run as a thread-pool work item, so a request allocates nothing.
+/// </summary>
+internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
+{
+    private const int MaxReadSegments = 32;
+
+    private Extent[]? _segments;
+    private int _segmentCount;
+    private MetaExtent[]? _statusExtents;
+    private int[]? _statusCounts;
+
+    public NbdRequest Request { get; private set; }
+
+    public NbdError Error { get; private set; }
+
+    /// <summary>Offset of the failure when a read fails part way (ERROR_OFFSET).</summary>
+    public ulong? ErrorOffset { get; private set; }
+
+    /// <summary>Payload bytes this request holds against the connection's budget.</summary>
+    public long Bytes { get; private set; }
+
+    /// <summary>The write payload, or the data read; rented from <see cref="PayloadPool"/>.</summary>
+    public byte[]? Buffer { get; set; }
+
+    public void Reset(in NbdRequest request, NbdError error, long bytes)
+    {
+        Request = request;
+        Error = error;
+        ErrorOffset = null;
+        Bytes = bytes;
+        _segmentCount = 0;
+    }
+
+    public void Execute() => _ = ExecuteAsync();
+
+    /// <summary>Hands a finished request to the writer.</summary>
+    public void Complete() => owner.Enqueue(this);
+
+    private async Task ExecuteAsync()
+    {
+        NbdRequest request = Request;
+        IBlockDevice device = owner.Device;
+        CancellationToken cancel = owner.Aborted;
+        long offset = (long)request.Offset;
+        try
+        {
+            switch (request.Command)
+            {
+                case NbdCommand.Read:
+                    await ReadAsync(device, offset, (int)request.Length, cancel).ConfigureAwait(false);
+                    break;
+                case NbdCommand.Write:
+                    await device.WriteAsync(offset, Buffer.AsMemory(0, (int)request.Length), request.Flags.HasFlag(CommandFlags.Fua), cancel).ConfigureAwait(false);
+                    break;
+                case NbdCommand.Flush:
+                    await device.FlushAsync(cancel).ConfigureAwait(false);
+                    break;
+                case NbdCommand.Trim:
+                    await device.TrimAsync(offset, request.Length, request.Flags.HasFlag(CommandFlags.Fua), cancel).ConfigureAwait(false);
+                    break;
+                case NbdCommand.WriteZeroes:
+                    var flags = ZeroFlags.None;
+                    if (request.Flags.HasFlag(CommandFlags.Fua)) flags |= ZeroFlags.Fua;
+                    if (request.Flags.HasFlag(CommandFlags.NoHole)) flags |= ZeroFlags.NoHole;
+                    if (request.Flags.HasFlag(CommandFlags.FastZero)) flags |= ZeroFlags.FastZero;
+                    await device.ZeroAsync(offset, request.Length, flags, cancel).ConfigureAwait(false);
+                    break;
+                case NbdCommand.Cache:
+                    await device.CacheAsync(offset, request.Length, cancel).ConfigureAwait(false);
+                    break;
+                case NbdCommand.BlockStatus:
+                    await BlockStatusAsync(offset, cancel).ConfigureAwait(false);
+                    break;
+            }
+        }
+        catch (Exception e)
+        {
+            Error = Transmission.ToNbdError(e);
+            if (Error == NbdError.Io)
+            {
+                owner.LogFailure(request, e);
+            }
+            if (Buffer is not null && request.Command == NbdCommand.Read)
+            {
+                PayloadPool.Return(Buffer);
+                Buffer = null;
+            }
+        }
+        Complete();
+    }
+
+    private async ValueTask ReadAsync(IBlockDevice device, long offset, int length, CancellationToken cancel)
+    {
+        Buffer = PayloadPool.Rent(length);
+        _segments ??= new Extent[MaxReadSegments + 1];
+        bool sparse = owner.Structured && length >= Transmission.SparseReadThreshold && !Request.Flags.HasFlag(CommandFlags.DontFragment);
+        int n = sparse ? await device.GetAllocationAsync(offset, length, _segments.AsMemory(0, MaxReadSegments), cancel).ConfigureAwait(false) : 0;
+        if (n == 0 || (n == 1 && (_segments[0].Flags & ExtentFlags.Hole) == 0))
+        {
+            // All data, or not worth a hole check: one read, one chunk.
+            _segments[0] = new Extent(length, ExtentFlags.Data);
+            _segmentCount = 1;
+            await device.ReadAsync(offset, Buffer.AsMemory(0, length), cancel).ConfigureAwait(false);
+            return;
+        }
+
+        long covered = 0;
+        for (int i = 0; i < n; i++)
+        {
+            covered += _segments[i].Length;
+        }
+        if (covered < length)
+        {
+            // More extents than we asked for: read the rest as data.
+            _segments[n++] = new Extent(length - covered, ExtentFlags.Data);
+        }
+        _segmentCount = n;
+        long at = 0;
+        for (int i = 0; i < n; i++)
+        {
+            Extent segment = _segments[i];
+            if ((segment.Flags & ExtentFlags.Hole) == 0)
+            {
+                try
+                {
+                    await device.ReadAsync(offset + at, Buffer.AsMemory((int)at, (int)segment.Length), cancel).ConfigureAwait(false);
+                }
+                catch (Exception) when (owner.Structured)
+                {
+                    ErrorOffset = (ulong)(offset + at);
+                    throw;
+                }
+            }
+            at += segment.Length;
+        }
+    }
+
+    private async ValueTask BlockStatusAsync(long offset, CancellationToken cancel)
+    {
+        SelectedContext[] contexts = owner.Contexts;
+        int max = Request.Flags.HasFlag(CommandFlags.ReqOne) ? 1 : NbdLimits.MaxExtentsPerReply;
+        if (_statusExtents is null || _statusExtents.Length < contexts.Length * NbdLimits.MaxExtentsPerReply)
+        {
+            _statusExtents = new MetaExtent[contexts.Length * NbdLimits.MaxExtentsPerReply];
+            _statusCounts = new int[contexts.Length];
+        }
+        for (int i = 0; i < contexts.Length; i++)
+        {
+            _statusCounts![i] = await contexts[i].Context.GetExtentsAsync(offset, Request.Length,
+                _statusExtents.AsMemory(i * NbdLimits.MaxExtentsPerReply, max), cancel).ConfigureAwait(false);
+        }
+    }
+
+    /// <summary>Writes this request's reply; runs on the connection's single writer.</summary>
+    public void WriteReply(PipeWriter output)
+    {
+        ulong cookie = Request.Cookie;
+        bool structured = owner.Structured;
+        if (Error != NbdError.None)
+        {
+            if (structured)
+            {
+                Replies.WriteError(output, cookie, Error, ErrorOffset);
+            }
+            else
+            {
+                Replies.WriteSimple(output, cookie, Error);
+            }
+            return;
+        }
+
+        switch (Request.Command)
+        {
+            case NbdCommand.Read when !structured:
+                Replies.WriteSimple(output, cookie, NbdError.None);
+                output.Write(Buffer.AsSpan(0, (int)Request.Length));
+                return;
+            case NbdCommand.Read:
+                long at = 0;
+                for (int i = 0; i < _segmentCount; i++)
+                {
+                    Extent segment = _segments![i];
+                    bool done = i == _segmentCount - 1;
+                    ulong chunkOffset = Request.Offset + (ulong)at;
+                    if ((segment.Flags & ExtentFlags.Hole) != 0)
+                    {
+                        Replies.WriteOffsetHole(output, cookie, done, chunkOffset, (uint)segment.Length);
+                    }
+                    else
+                    {
+                        Replies.WriteOffsetData(output, cookie, done, chunkOffset, Buffer.AsSpan((int)at, (int)segment.Length));
+                    }
+                    at += segment.Length;
+                }
+                return;
+            case NbdCommand.BlockStatus:
+                SelectedContext[] contexts = owner.Contexts;
+                for (int i = 0; i < contexts.Length; i++)
+                {
+                    Replies.WriteBlockStatus(output, cookie, i == contexts.Length - 1, contexts[i].Id,
+                        _statusExtents.AsSpan(i * NbdLimits.MaxExtentsPerReply, _statusCounts![i]));
+                }
+                return;
+            default:
+                if (structured)
+                {
+                    Replies.WriteDone(output, cookie);
+                }
+                else
+                {
+                    Replies.WriteSimple(output, cookie, NbdError.None);
+                }
+                return;
+        }
+    }
+
+    public void ReturnBuffers()
+    {
+        if (Buffer is not null)
+        {
+            PayloadPool.Return(Buffer);
+            Buffer = null;
+        }
+    }
+}

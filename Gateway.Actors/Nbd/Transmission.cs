@@ -1,0 +1,428 @@
+using System.Buffers;
+using System.Collections.Concurrent;
+using System.IO.Pipelines;
+using System.Threading.Channels;
+using Gateway.Actors.Exports;
+using Gateway.Backends;
+using Microsoft.Extensions.Logging;
+
+namespace Gateway.Actors.Nbd;
+
+/// <summary>
+/// The transmission phase of one connection: one loop parses requests and starts each on the
+/// thread pool against the export's device; one loop writes replies as they complete, in any
+/// order, matched by cookie (proto.md "Transmission phase").
+/// </summary>
+public sealed class Transmission
+{
+    /// <summary>Requests in flight per connection before the reader waits.</summary>
+    public const int MaxInFlightRequests = 256;
+
+    /// <summary>Payload bytes in flight per connection before the reader waits.</summary>
+    public const long MaxInFlightBytes = 64L * 1024 * 1024;
+
+    /// <summary>Reads at least this long are checked for holes and answered with OFFSET_HOLE chunks;
+    /// below it a hole check costs more than the zeros it saves.</summary>
+    public const int SparseReadThreshold = 64 * 1024;
+
+    private readonly PipeReader _input;
+    private readonly PipeWriter _output;
+    private readonly ExportHandle _export;
+    private readonly IBlockDevice _device;
+    private readonly SelectedContext[] _contexts;
+    private readonly ILogger _logger;
+    private readonly Channel<RequestWork> _replies = Channel.CreateUnbounded<RequestWork>(
+        new UnboundedChannelOptions { SingleReader = true, SingleWriter = false, AllowSynchronousContinuations = false });
+    private readonly ConcurrentQueue<RequestWork> _pool = new();
+    private readonly CancellationTokenSource _aborted = new();
+
+    private int _inFlight;
+    private long _inFlightBytes;
+    private volatile bool _draining;
+    private TaskCompletionSource? _capacityWaiter;
+    private readonly TaskCompletionSource _drained = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+    public Transmission(PipeReader input, PipeWriter output, NegotiatedSession session, ILogger logger)
+    {
+        _input = input;
+        _output = output;
+        _export = session.Export;
+        _device = session.Export.Device;
+        _contexts = [.. session.Contexts];
+        Structured = session.StructuredReplies;
+        _logger = logger;
+    }
+
+    public bool Structured { get; }
+
+    internal IBlockDevice Device => _device;
+
+    internal SelectedContext[] Contexts => _contexts;
+
+    internal CancellationToken Aborted => _aborted.Token;
+
+    /// <summary>
+    /// Serves requests until the client disconnects (NBD_CMD_DISC or a closed socket), the
+    /// protocol is broken, or <paramref name="stopping"/> fires; then finishes every request
+    /// already received and sends its reply before returning.
+    /// </summary>
+    public async Task RunAsync(CancellationToken stopping)
+    {
+        using var linked = CancellationTokenSource.CreateLinkedTokenSource(stopping, _export.Closed, _aborted.Token);
+        Task writer = WriteLoopAsync();
+        try
+        {
+            await ReadLoopAsync(linked.Token).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) when (linked.IsCancellationRequested)
+        {
+            _logger.LogDebug("Connection to export {Export} stopping: server shutting down or export closed", _export.Info.Name);
+        }
+        finally
+        {
+            await DrainAsync().ConfigureAwait(false);
+            _replies.Writer.TryComplete();
+            await writer.ConfigureAwait(false);
+        }
+    }
+
+    private async Task ReadLoopAsync(CancellationToken stopping)
+    {
+        while (true)
+        {
+            ReadResult result = await _input.ReadAsync(stopping).ConfigureAwait(false);
+            if (result.IsCanceled)
+            {
+                return;
+            }
+            ReadOnlySequence<byte> buffer = result.Buffer;
+            RequestWork? partial = null;
+            int filled = 0;
+            long discard = 0;
+            bool disconnect = false;
+            bool leftover;
+            try
+            {
+                while (NbdRequest.TryRead(ref buffer, out NbdRequest request))
+                {
+                    if (request.Command == NbdCommand.Disconnect)
+                    {
+                        disconnect = true;
+                        break;
+                    }
+
+                    NbdError error = Validate(request);
+                    long bytes = error == NbdError.None && request.Command is NbdCommand.Read or NbdCommand.Write ? request.Length : 0;
+                    if (Volatile.Read(ref _inFlight) >= MaxInFlightRequests || Volatile.Read(ref _inFlightBytes) + bytes > MaxInFlightBytes)
+                    {
+                        await WaitForCapacityAsync(bytes, stopping).ConfigureAwait(false);
+                    }
+
+                    RequestWork work = Rent(request, error, bytes);
+                    if (!request.HasPayload)
+                    {
+                        Start(work);
+                        continue;
+                    }
+
+                    long available = Math.Min(buffer.Length, request.Length);
+                    if (error != NbdError.None)
+                    {
+                        // The payload must still be consumed to stay in step with the stream.
+                        buffer = buffer.Slice(available);
+                        Start(work);
+                        if (available < request.Length)
+                        {
+                            discard = request.Length - available;
+                            break;
+                        }
+                        continue;
+                    }
+
+                    work.Buffer = PayloadPool.Rent((int)request.Length);
+                    buffer.Slice(0, available).CopyTo(work.Buffer);
+                    buffer = buffer.Slice(available);
+                    if (available < request.Length)
+                    {
+                        partial = work;
+                        filled = (int)available;
+                        break;
+                    }
+                    Start(work);
+                }
+            }
+            finally
+            {
+                leftover = !buffer.IsEmpty;
+                _input.AdvanceTo(buffer.Start, buffer.End);
+            }
+
+            if (partial is not null)
+            {
+                if (!await FillPayloadAsync(partial, filled, stopping).ConfigureAwait(false))
+                {
+                    _logger.LogInformation("Client of export {Export} disconnected in the middle of a write payload", _export.Info.Name);
+                    Release(partial);
+                    return;
+                }
+                Start(partial);
+                continue;
+            }
+            if (discard > 0)
+            {
+                if (!await DiscardAsync(discard, stopping).ConfigureAwait(false))
+                {
+                    return;
+                }
+                continue;
+            }
+            if (disconnect)
+            {
+                _logger.LogDebug("Client of export {Export} sent NBD_CMD_DISC", _export.Info.Name);
+                return;
+            }
+            if (result.IsCompleted)
+            {
+                if (leftover)
+                {
+                    _logger.LogInformation("Client of export {Export} disconnected in the middle of a request", _export.Info.Name);
+                }
+                return;
+            }
+        }
+    }
+
+    /// <summary>
+    /// Checks a request before it runs (proto.md "Request types" and "Error values"):
+    /// unknown commands and flags EINVAL, writes to a read-only export EPERM, writes beyond the
+    /// end ENOSPC, other requests beyond the end EINVAL, zero or over-limit lengths EINVAL.
+    /// </summary>
+    public NbdError Validate(in NbdRequest request)
+    {
+        ExportInfo info = _export.Info;
+        CommandFlags allowed;
+        bool isWrite = false;
+        switch (request.Command)
+        {
+            case NbdCommand.Read:
+                allowed = CommandFlags.Fua | (Structured ? CommandFlags.DontFragment : 0);
+                break;
+            case NbdCommand.Write:
+                allowed = CommandFlags.Fua;
+                isWrite = true;
+                break;
+            case NbdCommand.Flush:
+                return (request.Flags & ~CommandFlags.Fua) != 0 ? NbdError.Inval : NbdError.None;
+            case NbdCommand.Trim:
+                allowed = CommandFlags.Fua;
+                isWrite = true;
+                break;
+            case NbdCommand.WriteZeroes:
+                allowed = CommandFlags.Fua | CommandFlags.NoHole | CommandFlags.FastZero;
+                isWrite = true;
+                break;
+            case NbdCommand.Cache:
+                allowed = CommandFlags.Fua;
+                break;
+            case NbdCommand.BlockStatus:
+                if (!Structured || _contexts.Length == 0)
+                {
+                    return NbdError.Inval;
+                }
+                allowed = CommandFlags.ReqOne;
+                break;
+            default:
+                return NbdError.Inval;
+        }
+
+        if ((request.Flags & ~allowed) != 0)
+        {
+            return NbdError.Inval;
+        }
+        if (isWrite && info.ReadOnly)
+        {
+            return NbdError.Perm;
+        }
+        if (request.Length == 0)
+        {
+            return NbdError.Inval;
+        }
+        if (request.Command is NbdCommand.Read or NbdCommand.Write && request.Length > NbdLimits.MaxPayload)
+        {
+            return NbdError.Inval;
+        }
+        if (request.Offset > (ulong)info.Size || request.Length > (ulong)info.Size - request.Offset)
+        {
+            return request.Command is NbdCommand.Write or NbdCommand.WriteZeroes ? NbdError.NoSpc : NbdError.Inval;
+        }
+        return NbdError.None;
+    }
+
+    private RequestWork Rent(in NbdRequest request, NbdError error, long bytes)
+    {
+        if (!_pool.TryDequeue(out RequestWork? work))
+        {
+            work = new RequestWork(this);
+        }
+        work.Reset(request, error, bytes);
+        Interlocked.Increment(ref _inFlight);
+        Interlocked.Add(ref _inFlightBytes, bytes);
+        return work;
+    }
+
+    private static void Start(RequestWork work)
+    {
+        if (work.Error != NbdError.None)
+        {
+            work.Complete();
+        }
+        else
+        {
+            ThreadPool.UnsafeQueueUserWorkItem(work, preferLocal: false);
+        }
+    }
+
+    /// <summary>Called by a request when its reply is ready.</summary>
+    internal void Enqueue(RequestWork work)
+    {
+        if (!_replies.Writer.TryWrite(work))
+        {
+            // The writer has gone (socket broken): nobody will send this reply.
+            Release(work);
+        }
+    }
+
+    private void Release(RequestWork work)
+    {
+        long bytes = work.Bytes;
+        work.ReturnBuffers();
+        _pool.Enqueue(work);
+        Interlocked.Add(ref _inFlightBytes, -bytes);
+        if (Interlocked.Decrement(ref _inFlight) == 0 && _draining)
+        {
+            _drained.TrySetResult();
+        }
+        Interlocked.Exchange(ref _capacityWaiter, null)?.TrySetResult();
+    }
+
+    private async Task WaitForCapacityAsync(long bytes, CancellationToken stopping)
+    {
+        // A single request larger than the budget still runs once the connection is idle.
+        while (Volatile.Read(ref _inFlight) >= MaxInFlightRequests
+            || (Volatile.Read(ref _inFlightBytes) > 0 && Volatile.Read(ref _inFlightBytes) + bytes > MaxInFlightBytes))
+        {
+            var waiter = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            Volatile.Write(ref _capacityWaiter, waiter);
+            if (Volatile.Read(ref _inFlight) < MaxInFlightRequests
+                && (Volatile.Read(ref _inFlightBytes) == 0 || Volatile.Read(ref _inFlightBytes) + bytes <= MaxInFlightBytes))
+            {
+                break;
+            }
+            await waiter.Task.WaitAsync(stopping).ConfigureAwait(false);
+        }
+    }
+
+    private async Task DrainAsync()
+    {
+        _draining = true;
+        if (Volatile.Read(ref _inFlight) != 0)
+        {
+            await _drained.Task.ConfigureAwait(false);
+        }
+    }
+
+    private async Task<bool> FillPayloadAsync(RequestWork work, int filled, CancellationToken stopping)
+    {
+        int length = (int)work.Request.Length;
+        while (filled < length)
+        {
+            ReadResult result = await _input.ReadAsync(stopping).ConfigureAwait(false);
+            ReadOnlySequence<byte> buffer = result.Buffer;
+            int take = (int)Math.Min(buffer.Length, length - filled);
+            buffer.Slice(0, take).CopyTo(work.Buffer.AsSpan(filled));
+            filled += take;
+            _input.AdvanceTo(buffer.GetPosition(take));
+            if (filled < length && result.IsCompleted)
+            {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    private async Task<bool> DiscardAsync(long count, CancellationToken stopping)
+    {
+        while (count > 0)
+        {
+            ReadResult result = await _input.ReadAsync(stopping).ConfigureAwait(false);
+            long take = Math.Min(result.Buffer.Length, count);
+            _input.AdvanceTo(result.Buffer.GetPosition(take));
+            count -= take;
+            if (count > 0 && result.IsCompleted)
+            {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    private async Task WriteLoopAsync()
+    {
+        ChannelReader<RequestWork> reader = _replies.Reader;
+        try
+        {
+            while (await reader.WaitToReadAsync().ConfigureAwait(false))
+            {
+                while (reader.TryRead(out RequestWork? work))
+                {
+                    try
+                    {
+                        work.WriteReply(_output);
+                    }
+                    finally
+                    {
+                        Release(work);
+                    }
+                    if (_output.UnflushedBytes >= 1024 * 1024)
+                    {
+                        await _output.FlushAsync().ConfigureAwait(false);
+                    }
+                }
+                FlushResult flushed = await _output.FlushAsync().ConfigureAwait(false);
+                if (flushed.IsCompleted)
+                {
+                    break;
+                }
+            }
+        }
+        catch (Exception e) when (e is IOException or ObjectDisposedException or InvalidOperationException)
+        {
+            _logger.LogInformation("Replies to a client of export {Export} could not be sent: {Reason}", _export.Info.Name, e.Message);
+        }
+        finally
+        {
+            // Stop the reader, and release whatever is still queued or still to come.
+            _replies.Writer.TryComplete();
+            _aborted.Cancel();
+            while (reader.TryRead(out RequestWork? work))
+            {
+                Release(work);
+            }
+        }
+    }
+
+    /// <summary>Maps a backend failure to the NBD error the spec names for it.</summary>
+    public static NbdError ToNbdError(Exception exception) => exception switch
+    {
+        BlockDeviceException { Kind: BlockErrorKind.InvalidArgument } => NbdError.Inval,
+        BlockDeviceException { Kind: BlockErrorKind.NoSpace } => NbdError.NoSpc,
+        BlockDeviceException { Kind: BlockErrorKind.ReadOnly } => NbdError.Perm,
+        BlockDeviceException { Kind: BlockErrorKind.NotSupported } => NbdError.NotSup,
+        BlockDeviceException { Kind: BlockErrorKind.Shutdown } => NbdError.Shutdown,
+        OperationCanceledException or ObjectDisposedException => NbdError.Shutdown,
+        _ => NbdError.Io,
+    };
+
+    internal void LogFailure(in NbdRequest request, Exception exception) =>
+        _logger.LogWarning(exception, "{Command} at {Offset}+{Length} on export {Export} failed", request.Command, request.Offset, request.Length, _export.Info.Name);
+}

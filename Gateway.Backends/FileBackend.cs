@@ -1,0 +1,492 @@
+using System.Runtime.InteropServices;
+using Microsoft.Win32.SafeHandles;
+
+namespace Gateway.Backends;
+
+/// <summary>
+/// A sparse raw file (Linux). Data moves with synchronous pread/pwrite: callers run requests on
+/// thread-pool work items already, and the kernel's page cache answers most reads without blocking,
+/// so an async hop would only add cost. Holes are punched and found with fallocate and SEEK_DATA/SEEK_HOLE.
+/// </summary>
+public sealed partial class FileBackend : IBlockDevice
+{
+    private static readonly ReadOnlyMemory<byte> s_zeros = new byte[1 << 20];
+
+    private readonly SafeFileHandle _handle;
+    private volatile bool _disposed;
+
+    private FileBackend(SafeFileHandle handle, long size, bool readOnly)
+    {
+        _handle = handle;
+        Size = size;
+        IsReadOnly = readOnly;
+    }
+
+    /// <summary>Opens an existing file; the device has the file's current length.</summary>
+    public static FileBackend Open(string path, bool readOnly)
+    {
+        SafeFileHandle handle = File.OpenHandle(path, FileMode.Open, readOnly ? FileAccess.Read : FileAccess.ReadWrite, FileShare.Read);
+        try
+        {
+            return new FileBackend(handle, RandomAccess.GetLength(handle), readOnly);
+        }
+        catch
+        {
+            handle.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Creates a new sparse file of <paramref name="size"/> bytes; fails if the file exists.</summary>
+    public static FileBackend Create(string path, long size)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(size);
+        SafeFileHandle handle = File.OpenHandle(path, FileMode.CreateNew, FileAccess.ReadWrite, FileShare.Read);
+        try
+        {
+            RandomAccess.SetLength(handle, size);
+            return new FileBackend(handle, size, readOnly: false);
+        }
+        catch
+        {
+            handle.Dispose();
+            File.Delete(path);
+            throw;
+        }
+    }
+
+    public long Size { get; }
+
+    public bool IsReadOnly { get; }
+
+    public BlockCapabilities Capabilities => IsReadOnly
+        ? BlockCapabilities.Cache | BlockCapabilities.Flush
+        : BlockCapabilities.Trim | BlockCapabilities.Zero | BlockCapabilities.FastZero | BlockCapabilities.Cache | BlockCapabilities.Flush;
+
+    public ValueTask ReadAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken = default)
+    {
+        if (cancellationToken.IsCancellationRequested)
+        {
+            return ValueTask.FromCanceled(cancellationToken);
+        }
+
+        try
+        {
+            ThrowIfDisposed();
+            DeviceBounds.Check(offset, destination.Length, Size, BlockErrorKind.InvalidArgument);
+            Read(offset, destination.Span);
+            return ValueTask.CompletedTask;
+        }
+        catch (Exception e)
+        {
+            return ValueTask.FromException(Translate(e));
+        }
+    }
+
+    public ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken = default)
+    {
+        if (cancellationToken.IsCancellationRequested)
+        {
+            return ValueTask.FromCanceled(cancellationToken);
+        }
+
+        try
+        {
+            ThrowIfNotWritable();
+            DeviceBounds.Check(offset, source.Length, Size, BlockErrorKind.NoSpace);
+            RandomAccess.Write(_handle, source.Span, offset);
+            if (fua)
+            {
+                DataSync();
+            }
+
+            return ValueTask.CompletedTask;
+        }
+        catch (Exception e)
+        {
+            return ValueTask.FromException(Translate(e));
+        }
+    }
+
+    public ValueTask FlushAsync(CancellationToken cancellationToken = default)
+    {
+        if (cancellationToken.IsCancellationRequested)
+        {
+            return ValueTask.FromCanceled(cancellationToken);
+        }
+
+        try
+        {
+            ThrowIfDisposed();
+            DataSync();
+            return ValueTask.CompletedTask;
+        }
+        catch (Exception e)
+        {
+            return ValueTask.FromException(Translate(e));
+        }
+    }
+
+    public ValueTask TrimAsync(long offset, long length, bool fua, CancellationToken cancellationToken = default)
+    {
+        if (cancellationToken.IsCancellationRequested)
+        {
+            return ValueTask.FromCanceled(cancellationToken);
+        }
+
+        try
+        {
+            ThrowIfNotWritable();
+            DeviceBounds.Check(offset, length, Size, BlockErrorKind.InvalidArgument);
+            if (length > 0)
+            {
+                int errno = Fallocate(Libc.FALLOC_FL_KEEP_SIZE | Libc.FALLOC_FL_PUNCH_HOLE, offset, length);
+                // A trim must never expose old data, so a filesystem that cannot punch gets zeros written.
+                if (IsUnsupported(errno))
+                {
+                    WriteZeros(offset, length);
+                }
+                else
+                {
+                    ThrowOnError(errno, "fallocate(PUNCH_HOLE)");
+                }
+            }
+
+            if (fua)
+            {
+                DataSync();
+            }
+
+            return ValueTask.CompletedTask;
+        }
+        catch (Exception e)
+        {
+            return ValueTask.FromException(Translate(e));
+        }
+    }
+
+    public ValueTask ZeroAsync(long offset, long length, ZeroFlags flags, CancellationToken cancellationToken = default)
+    {
+        if (cancellationToken.IsCancellationRequested)
+        {
+            return ValueTask.FromCanceled(cancellationToken);
+        }
+
+        try
+        {
+            ThrowIfNotWritable();
+            DeviceBounds.Check(offset, length, Size, BlockErrorKind.NoSpace);
+            if (length > 0)
+            {
+                Zero(offset, length, flags);
+            }
+
+            if ((flags & ZeroFlags.Fua) != 0)
+            {
+                DataSync();
+            }
+
+            return ValueTask.CompletedTask;
+        }
+        catch (Exception e)
+        {
+            return ValueTask.FromException(Translate(e));
+        }
+    }
+
+    public ValueTask CacheAsync(long offset, long length, CancellationToken cancellationToken = default)
+    {
+        if (cancellationToken.IsCancellationRequested)
+        {
+            return ValueTask.FromCanceled(cancellationToken);
+        }
+
+        try
+        {
+            ThrowIfDisposed();
+            DeviceBounds.Check(offset, length, Size, BlockErrorKind.InvalidArgument);
+            // Length 0 would mean "to the end of the file" to posix_fadvise.
+            if (length > 0)
+            {
+                using var lease = new FdLease(_handle);
+                // posix_fadvise returns the error number instead of setting errno.
+                ThrowOnError(Libc.posix_fadvise(lease.Fd, offset, length, Libc.POSIX_FADV_WILLNEED), "posix_fadvise");
+            }
+
+            return ValueTask.CompletedTask;
+        }
+        catch (Exception e)
+        {
+            return ValueTask.FromException(Translate(e));
+        }
+    }
+
+    public ValueTask<int> GetAllocationAsync(long offset, long length, Memory<Extent> extents, CancellationToken cancellationToken = default)
+    {
+        if (cancellationToken.IsCancellationRequested)
+        {
+            return ValueTask.FromCanceled<int>(cancellationToken);
+        }
+
+        try
+        {
+            ThrowIfDisposed();
+            DeviceBounds.Check(offset, length, Size, BlockErrorKind.InvalidArgument);
+            if (length > 0 && extents.IsEmpty)
+            {
+                throw new BlockDeviceException(BlockErrorKind.InvalidArgument, "No room for even one extent.");
+            }
+
+            return ValueTask.FromResult(GetAllocation(offset, length, extents.Span));
+        }
+        catch (Exception e)
+        {
+            return ValueTask.FromException<int>(Translate(e));
+        }
+    }
+
+    public void Dispose()
+    {
+        _disposed = true;
+        // Requests in flight hold a reference on the handle, so the fd closes only after they finish.
+        _handle.Dispose();
+    }
+
+    private void Read(long offset, Span<byte> destination)
+    {
+        while (!destination.IsEmpty)
+        {
+            int read = RandomAccess.Read(_handle, destination, offset);
+            if (read == 0)
+            {
+                // Past the end of a file someone shortened: a sparse device reads as zeros there.
+                destination.Clear();
+                return;
+            }
+
+            offset += read;
+            destination = destination[read..];
+        }
+    }
+
+    private void Zero(long offset, long length, ZeroFlags flags)
+    {
+        int errno;
+        if ((flags & ZeroFlags.NoHole) != 0)
+        {
+            errno = Fallocate(Libc.FALLOC_FL_KEEP_SIZE | Libc.FALLOC_FL_ZERO_RANGE, offset, length);
+            if (IsUnsupported(errno))
+            {
+                // tmpfs and others lack ZERO_RANGE; punching then allocating still provisions
+                // the range without moving any data.
+                errno = Fallocate(Libc.FALLOC_FL_KEEP_SIZE | Libc.FALLOC_FL_PUNCH_HOLE, offset, length);
+                if (errno == 0)
+                {
+                    errno = Fallocate(Libc.FALLOC_FL_KEEP_SIZE, offset, length);
+                }
+            }
+        }
+        else
+        {
+            errno = Fallocate(Libc.FALLOC_FL_KEEP_SIZE | Libc.FALLOC_FL_PUNCH_HOLE, offset, length);
+        }
+
+        if (!IsUnsupported(errno))
+        {
+            ThrowOnError(errno, "fallocate");
+            return;
+        }
+
+        // NBD FAST_ZERO: the client would rather write zeros itself than wait for us to.
+        if ((flags & ZeroFlags.FastZero) != 0)
+        {
+            throw new BlockDeviceException(BlockErrorKind.NotSupported, "The filesystem cannot zero this range without writing it.");
+        }
+
+        WriteZeros(offset, length);
+    }
+
+    private void WriteZeros(long offset, long length)
+    {
+        while (length > 0)
+        {
+            int count = (int)Math.Min(length, s_zeros.Length);
+            RandomAccess.Write(_handle, s_zeros.Span[..count], offset);
+            offset += count;
+            length -= count;
+        }
+    }
+
+    private int GetAllocation(long offset, long length, Span<Extent> extents)
+    {
+        var writer = new ExtentWriter(extents);
+        long end = offset + length;
+        using var lease = new FdLease(_handle);
+        while (offset < end)
+        {
+            // Asking for the next hole first makes the common all-data range a single call.
+            long next = Seek(lease.Fd, offset, Libc.SEEK_HOLE);
+            ExtentFlags flags = ExtentFlags.Data;
+            if (next == offset)
+            {
+                next = Seek(lease.Fd, offset, Libc.SEEK_DATA);
+                flags = ExtentFlags.Hole | ExtentFlags.Zero;
+                if (next == offset)
+                {
+                    // A write landed between the two calls; look again.
+                    continue;
+                }
+            }
+
+            next = Math.Min(next, end);
+            if (!writer.TryAdd(next - offset, flags))
+            {
+                break;
+            }
+
+            offset = next;
+        }
+
+        return writer.Count;
+    }
+
+    private static long Seek(int fd, long offset, int whence)
+    {
+        long result = Libc.lseek(fd, offset, whence);
+        if (result >= 0)
+        {
+            return result;
+        }
+
+        int errno = Marshal.GetLastPInvokeError();
+        if (errno == Libc.ENXIO)
+        {
+            // No data at or after offset (or offset is past a shortened file's end): the rest is a hole.
+            return whence == Libc.SEEK_HOLE ? offset : long.MaxValue;
+        }
+
+        throw Error(errno, "lseek");
+    }
+
+    private int Fallocate(int mode, long offset, long length)
+    {
+        using var lease = new FdLease(_handle);
+        while (Libc.fallocate(lease.Fd, mode, offset, length) != 0)
+        {
+            int errno = Marshal.GetLastPInvokeError();
+            if (errno != Libc.EINTR)
+            {
+                return errno;
+            }
+        }
+
+        return 0;
+    }
+
+    private void DataSync()
+    {
+        using var lease = new FdLease(_handle);
+        while (Libc.fdatasync(lease.Fd) != 0)
+        {
+            int errno = Marshal.GetLastPInvokeError();
+            if (errno != Libc.EINTR)
+            {
+                throw Error(errno, "fdatasync");
+            }
+        }
+    }
+
+    private static bool IsUnsupported(int errno) => errno is Libc.EOPNOTSUPP or Libc.ENOSYS;
+
+    private static void ThrowOnError(int errno, string call)
+    {
+        if (errno != 0)
+        {
+            throw Error(errno, call);
+        }
+    }
+
+    private static BlockDeviceException Error(int errno, string call) => new(
+        errno == Libc.ENOSPC ? BlockErrorKind.NoSpace : BlockErrorKind.Io,
+        $"{call} failed: {Marshal.GetPInvokeErrorMessage(errno)} (errno {errno}).");
+
+    /// <summary>Maps what the runtime throws onto the kinds the server answers with.</summary>
+    private static Exception Translate(Exception e) => e switch
+    {
+        BlockDeviceException or OperationCanceledException => e,
+        ObjectDisposedException => DeviceBounds.Shutdown(e),
+        // The runtime keeps the raw errno in HResult for errors it has no specific exception for.
+        IOException { HResult: Libc.ENOSPC } => new BlockDeviceException(BlockErrorKind.NoSpace, e.Message, e),
+        IOException or UnauthorizedAccessException => new BlockDeviceException(BlockErrorKind.Io, e.Message, e),
+        _ => e,
+    };
+
+    private void ThrowIfDisposed()
+    {
+        if (_disposed)
+        {
+            throw DeviceBounds.Shutdown();
+        }
+    }
+
+    private void ThrowIfNotWritable()
+    {
+        ThrowIfDisposed();
+        if (IsReadOnly)
+        {
+            throw DeviceBounds.ReadOnly();
+        }
+    }
+
+    /// <summary>
+    /// Holds a reference on the handle while its raw fd is in use, so a concurrent Dispose cannot
+    /// close the fd (and the number be reused for another file) under a native call.
+    /// </summary>
+    private readonly ref struct FdLease
+    {
+        private readonly SafeFileHandle _handle;
+
+        public FdLease(SafeFileHandle handle)
+        {
+            bool added = false;
+            handle.DangerousAddRef(ref added);
+            _handle = handle;
+            Fd = (int)handle.DangerousGetHandle();
+        }
+
+        public int Fd { get; }
+
+        public void Dispose() => _handle.DangerousRelease();
+    }
+
+    private static partial class Libc
+    {
+        public const int EINTR = 4;
+        public const int ENXIO = 6;
+        public const int ENOSPC = 28;
+        public const int ENOSYS = 38;
+        public const int EOPNOTSUPP = 95;
+
+        public const int FALLOC_FL_KEEP_SIZE = 0x01;
+        public const int FALLOC_FL_PUNCH_HOLE = 0x02;
+        public const int FALLOC_FL_ZERO_RANGE = 0x10;
+
+        public const int SEEK_DATA = 3;
+        public const int SEEK_HOLE = 4;
+
+        public const int POSIX_FADV_WILLNEED = 3;
+
+        // Only blittable arguments (off_t is 64-bit on Linux x64), so no marshalling code is generated.
+        [LibraryImport("libc", SetLastError = true)]
+        public static partial int fallocate(int fd, int mode, long offset, long len);
+
+        [LibraryImport("libc", SetLastError = true)]
+        public static partial long lseek(int fd, long offset, int whence);
+
+        [LibraryImport("libc", SetLastError = true)]
+        public static partial int fdatasync(int fd);
+
+        [LibraryImport("libc")]
+        public static partial int posix_fadvise(int fd, long offset, long len, int advice);
+    }
+}

@@ -1,0 +1,97 @@
+namespace Gateway.Backends;
+
+/// <summary>
+/// The block-device contract every backend implements. Offsets and lengths are
+/// in bytes; callers (the NBD server) have already checked them against
+/// <see cref="Size"/>, but implementations still refuse out-of-range requests
+/// with <see cref="BlockErrorKind.InvalidArgument"/> or <see cref="BlockErrorKind.NoSpace"/>.
+/// One instance is shared by every connection to an export, so all members
+/// must be safe to call concurrently; a completed write is visible to every
+/// later read, and <see cref="FlushAsync"/> makes every completed write durable.
+/// </summary>
+public interface IBlockDevice : IDisposable
+{
+    long Size { get; }
+
+    bool IsReadOnly { get; }
+
+    /// <summary>What the device can do natively; the server advertises flags from it.</summary>
+    BlockCapabilities Capabilities { get; }
+
+    ValueTask ReadAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken = default);
+
+    ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken = default);
+
+    /// <summary>Makes every write completed before the call durable.</summary>
+    ValueTask FlushAsync(CancellationToken cancellationToken = default);
+
+    /// <summary>Discards a range: afterwards it reads as zeros (this gateway never lets a trim expose old data).</summary>
+    ValueTask TrimAsync(long offset, long length, bool fua, CancellationToken cancellationToken = default);
+
+    /// <summary>
+    /// Writes zeros without sending data. <see cref="ZeroFlags.NoHole"/> keeps the range allocated;
+    /// <see cref="ZeroFlags.FastZero"/> fails with <see cref="BlockErrorKind.NotSupported"/> rather than
+    /// fall back to something slow.
+    /// </summary>
+    ValueTask ZeroAsync(long offset, long length, ZeroFlags flags, CancellationToken cancellationToken = default);
+
+    /// <summary>Prefetches a range into whatever cache the device has.</summary>
+    ValueTask CacheAsync(long offset, long length, CancellationToken cancellationToken = default);
+
+    /// <summary>
+    /// Describes allocation from <paramref name="offset"/>: fills <paramref name="extents"/> with
+    /// consecutive extents starting at offset, covering at most <paramref name="length"/> bytes,
+    /// and returns how many it wrote (at least one when length &gt; 0).
+    /// </summary>
+    ValueTask<int> GetAllocationAsync(long offset, long length, Memory<Extent> extents, CancellationToken cancellationToken = default);
+}
+
+[Flags]
+public enum BlockCapabilities
+{
+    None = 0,
+    Trim = 1 << 0,
+    Zero = 1 << 1,
+    /// <summary>Zeroing is always cheap (no data written), so FAST_ZERO can be honoured.</summary>
+    FastZero = 1 << 2,
+    Cache = 1 << 3,
+    /// <summary>Writes must be flushed to be durable (advertise FLUSH and FUA).</summary>
+    Flush = 1 << 4,
+}
+
+[Flags]
+public enum ZeroFlags
+{
+    None = 0,
+    Fua = 1 << 0,
+    NoHole = 1 << 1,
+    FastZero = 1 << 2,
+}
+
+/// <summary>Allocation flags, with the values of the NBD <c>base:allocation</c> context.</summary>
+[Flags]
+public enum ExtentFlags : uint
+{
+    Data = 0,
+    Hole = 1,
+    Zero = 2,
+}
+
+public readonly record struct Extent(long Length, ExtentFlags Flags);
+
+public enum BlockErrorKind
+{
+    Io,
+    InvalidArgument,
+    NoSpace,
+    ReadOnly,
+    NotSupported,
+    Shutdown,
+}
+
+/// <summary>A failure a backend reports; the server maps the kind to an NBD error code.</summary>
+public sealed class BlockDeviceException(BlockErrorKind kind, string message, Exception? inner = null)
+    : Exception(message, inner)
+{
+    public BlockErrorKind Kind { get; } = kind;
+}

@@ -1,0 +1,128 @@
+using System.Text.Json;
+using System.Text.Json.Serialization;
+using Akka.Actor;
+using Akka.Hosting;
+using Gateway.Actors;
+using Gateway.Actors.Exports;
+
+namespace Gateway.Host;
+
+/// <summary>JSON shapes of the admin API (ARCHITECTURE.md, "The interface contract").</summary>
+public sealed record BackendDto(string? Type, string? Path);
+
+public sealed record CreateExportRequest(string? Name, JsonElement? Size, BackendDto? Backend, bool? ReadOnly, string? Description);
+
+public sealed record ExportDto(string Name, long Size, BackendDto Backend, bool ReadOnly, string? Description)
+{
+    public static ExportDto From(ExportSpec spec) =>
+        new(spec.Name, spec.Size, new BackendDto(spec.Backend.Type, spec.Backend.Path), spec.ReadOnly, spec.Description);
+}
+
+public sealed record ErrorDto(string Error);
+
+[JsonSourceGenerationOptions(JsonSerializerDefaults.Web, DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull, WriteIndented = true)]
+[JsonSerializable(typeof(CreateExportRequest))]
+[JsonSerializable(typeof(ExportDto))]
+[JsonSerializable(typeof(ExportDto[]))]
+[JsonSerializable(typeof(ErrorDto))]
+public sealed partial class AdminJson : JsonSerializerContext;
+
+public static class AdminApi
+{
+    private static readonly TimeSpan Timeout = TimeSpan.FromSeconds(30);
+
+    public static WebApplication MapAdminApi(this WebApplication app)
+    {
+        app.MapGet("/healthz", () => Results.Text("ok\n"));
+
+        app.MapGet("/v1/exports", async (IRequiredActor<ExportRegistryKey> registry, CancellationToken ct) =>
+        {
+            IActorRef exports = await registry.GetAsync(ct);
+            ExportList list = await exports.Ask<ExportList>(ListExports.Instance, Timeout, ct);
+            return Results.Json(list.Exports.Select(e => ExportDto.From(e.Spec)).ToArray(), AdminJson.Default.ExportDtoArray);
+        });
+
+        app.MapGet("/v1/exports/{name}", async (string name, IRequiredActor<ExportRegistryKey> registry, CancellationToken ct) =>
+        {
+            IActorRef exports = await registry.GetAsync(ct);
+            ExportFound found = await exports.Ask<ExportFound>(new GetExport(name), Timeout, ct);
+            return found.Export is null
+                ? Error(StatusCodes.Status404NotFound, $"export '{name}' not found")
+                : Results.Json(ExportDto.From(found.Export.Spec), AdminJson.Default.ExportDto);
+        });
+
+        app.MapPost("/v1/exports", async (HttpRequest request, IRequiredActor<ExportRegistryKey> registry, CancellationToken ct) =>
+        {
+            CreateExportRequest? body;
+            try
+            {
+                body = await JsonSerializer.DeserializeAsync(request.Body, AdminJson.Default.CreateExportRequest, ct);
+            }
+            catch (JsonException e)
+            {
+                return Error(StatusCodes.Status400BadRequest, $"request body is not valid JSON: {e.Message}");
+            }
+            if (body is null)
+            {
+                return Error(StatusCodes.Status400BadRequest, "request body must be a JSON object");
+            }
+            if (ToSpec(body, out string? problem) is not ExportSpec spec)
+            {
+                return Error(StatusCodes.Status400BadRequest, problem!);
+            }
+            IActorRef exports = await registry.GetAsync(ct);
+            CommandResult result = await exports.Ask<CommandResult>(new CreateExport(spec), Timeout, ct);
+            return result.Error is null
+                ? Results.Json(ExportDto.From(spec), AdminJson.Default.ExportDto, statusCode: StatusCodes.Status201Created)
+                : Failure(result);
+        });
+
+        app.MapDelete("/v1/exports/{name}", async (string name, IRequiredActor<ExportRegistryKey> registry, CancellationToken ct) =>
+        {
+            IActorRef exports = await registry.GetAsync(ct);
+            CommandResult result = await exports.Ask<CommandResult>(new RemoveExport(name), Timeout, ct);
+            return result.Error is null ? Results.NoContent() : Failure(result);
+        });
+
+        return app;
+    }
+
+    /// <summary>Turns a request into a spec, or says what is wrong with it.</summary>
+    public static ExportSpec? ToSpec(CreateExportRequest body, out string? problem)
+    {
+        problem = null;
+        if (string.IsNullOrEmpty(body.Name))
+        {
+            problem = "name is required";
+            return null;
+        }
+        long size;
+        switch (body.Size)
+        {
+            case null:
+                problem = "size is required (bytes, or a string such as \"10G\")";
+                return null;
+            case { ValueKind: JsonValueKind.Number } number when number.TryGetInt64(out size):
+                break;
+            case { ValueKind: JsonValueKind.String } text when Sizes.TryParse(text.GetString()!, out size):
+                break;
+            default:
+                problem = $"size {body.Size} is invalid: give bytes, or a string such as \"10G\"";
+                return null;
+        }
+        var spec = new ExportSpec(body.Name, size, new BackendSpec(body.Backend?.Type ?? "file", body.Backend?.Path), body.ReadOnly ?? false, body.Description);
+        problem = ExportRules.Validate(spec);
+        return problem is null ? spec : null;
+    }
+
+    private static IResult Failure(CommandResult result) => Error(result.Error switch
+    {
+        ExportErrorKind.NotFound => StatusCodes.Status404NotFound,
+        ExportErrorKind.Conflict => StatusCodes.Status409Conflict,
+        ExportErrorKind.Invalid => StatusCodes.Status400BadRequest,
+        _ => StatusCodes.Status500InternalServerError,
+    }, result.Message ?? "failed");
+
+    private static IResult Error(int status, string message) =>
+        Results.Json(new ErrorDto(message), AdminJson.Default.ErrorDto, statusCode: status);
+}

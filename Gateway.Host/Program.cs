@@ -1,0 +1,100 @@
+using System.CommandLine;
+using Gateway.Host;
+
+var configOption = new Option<string?>("--config") { Description = "JSON configuration file (keys Gateway:Data, Gateway:Nbd, Gateway:Admin)" };
+var dataOption = new Option<string?>("--data") { Description = $"Data folder: SQLite state and export files (default {GatewayOptions.DefaultData})" };
+var nbdOption = new Option<string?>("--nbd") { Description = $"NBD listen address HOST:PORT (default {GatewayOptions.DefaultNbd})" };
+var adminOption = new Option<string?>("--admin") { Description = $"Admin HTTP listen address HOST:PORT (default {GatewayOptions.DefaultAdmin})" };
+
+var serve = new Command("serve", "Run the gateway: NBD server and admin API");
+serve.Options.Add(configOption);
+serve.Options.Add(dataOption);
+serve.Options.Add(nbdOption);
+serve.Options.Add(adminOption);
+serve.SetAction(async (parse, ct) =>
+{
+    string? configFile = parse.GetValue(configOption);
+    IConfiguration config = new ConfigurationBuilder()
+        .AddJsonFile(configFile is null ? "/nonexistent/gateway.json" : Path.GetFullPath(configFile), optional: configFile is null)
+        .Build();
+    GatewayOptions options;
+    try
+    {
+        options = new GatewayOptions(
+            Path.GetFullPath(parse.GetValue(dataOption) ?? config["Gateway:Data"] ?? GatewayOptions.DefaultData),
+            GatewayOptions.ParseEndpoint(parse.GetValue(nbdOption) ?? config["Gateway:Nbd"] ?? GatewayOptions.DefaultNbd, "--nbd"),
+            GatewayOptions.ParseEndpoint(parse.GetValue(adminOption) ?? config["Gateway:Admin"] ?? GatewayOptions.DefaultAdmin, "--admin"));
+    }
+    catch (ArgumentException e)
+    {
+        Console.Error.WriteLine($"error: {e.Message}");
+        return 2;
+    }
+    WebApplication app = ServeCommand.Build(options, configFile is null ? null : [configFile]);
+    await app.RunAsync();
+    return 0;
+});
+
+var adminUrlOption = new Option<string>("--admin")
+{
+    Description = "Admin API URL of the gateway",
+    DefaultValueFactory = _ => Environment.GetEnvironmentVariable("GATEWAY_ADMIN") ?? $"http://{GatewayOptions.DefaultAdmin}/",
+    Recursive = true,
+};
+var nameArgument = new Argument<string>("name") { Description = "Export name" };
+
+var list = new Command("list", "List exports");
+list.SetAction((parse, ct) => Cli(parse).ListAsync(ct));
+
+var show = new Command("show", "Show one export as JSON");
+show.Arguments.Add(nameArgument);
+show.SetAction((parse, ct) => Cli(parse).ShowAsync(parse.GetValue(nameArgument)!, ct));
+
+var sizeOption = new Option<string>("--size") { Description = "Size in bytes, or with K, M, G, T (e.g. 10G)", Required = true };
+var readOnlyOption = new Option<bool>("--read-only") { Description = "Export read-only" };
+var descriptionOption = new Option<string?>("--description") { Description = "Description shown to NBD clients" };
+var pathOption = new Option<string?>("--path") { Description = "Raw image file to serve (default: a new sparse file in the data folder)" };
+var add = new Command("add", "Create an export");
+add.Arguments.Add(nameArgument);
+add.Options.Add(sizeOption);
+add.Options.Add(readOnlyOption);
+add.Options.Add(descriptionOption);
+add.Options.Add(pathOption);
+add.SetAction((parse, ct) => Cli(parse).AddAsync(parse.GetValue(nameArgument)!, parse.GetValue(sizeOption)!, parse.GetValue(readOnlyOption),
+    parse.GetValue(descriptionOption), parse.GetValue(pathOption), ct));
+
+var remove = new Command("remove", "Remove an export (and the file the gateway made for it)");
+remove.Arguments.Add(nameArgument);
+remove.SetAction((parse, ct) => Cli(parse).RemoveAsync(parse.GetValue(nameArgument)!, ct));
+
+var export = new Command("export", "Manage exports through the admin API");
+export.Options.Add(adminUrlOption);
+export.Subcommands.Add(list);
+export.Subcommands.Add(show);
+export.Subcommands.Add(add);
+export.Subcommands.Add(remove);
+
+var root = new RootCommand("NBD storage gateway");
+root.Subcommands.Add(serve);
+root.Subcommands.Add(export);
+
+try
+{
+    // The host handles SIGTERM itself (graceful drain); System.CommandLine must not cut it short.
+    return await root.Parse(args).InvokeAsync(new InvocationConfiguration { ProcessTerminationTimeout = null });
+}
+catch (CliException e)
+{
+    Console.Error.WriteLine($"error: {e.Message}");
+    return 1;
+}
+
+ExportCli Cli(ParseResult parse)
+{
+    string url = parse.GetValue(adminUrlOption)!;
+    if (!url.Contains("://", StringComparison.Ordinal))
+    {
+        url = "http://" + url;
+    }
+    return new ExportCli(new Uri(url.EndsWith('/') ? url : url + "/"), Console.Out, Console.Error);
+}

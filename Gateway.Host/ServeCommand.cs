@@ -1,0 +1,61 @@
+using Akka.Hosting;
+using Akka.Persistence.Sql.Hosting;
+using Gateway.Actors;
+using Gateway.Actors.Exports;
+using LinqToDB;
+using Microsoft.Data.Sqlite;
+
+namespace Gateway.Host;
+
+/// <summary><c>gateway serve</c>: composes the host (actors, persistence, NBD listener, admin API).</summary>
+public static class ServeCommand
+{
+    public static WebApplication Build(GatewayOptions options, string[]? configFiles = null)
+    {
+        Directory.CreateDirectory(options.DataDirectory);
+        string connectionString = PrepareDatabase(options.DatabasePath);
+
+        WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
+        foreach (string file in configFiles ?? [])
+        {
+            builder.Configuration.AddJsonFile(Path.GetFullPath(file), optional: false);
+        }
+        builder.Logging.AddSimpleConsole(o =>
+        {
+            o.SingleLine = true;
+            o.TimestampFormat = "HH:mm:ss.fff ";
+        });
+        builder.WebHost.ConfigureKestrel(k => k.Listen(options.AdminEndpoint));
+        builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = TimeSpan.FromSeconds(60));
+        builder.Services.AddSingleton(options);
+
+        var backends = new BackendFactory(options.DataDirectory);
+        var initial = new ExportSpec("disk0", GatewayOptions.InitialExportSize, new BackendSpec("file"), ReadOnly: false, "default export");
+        builder.Services.AddAkka("gateway", (akka, _) =>
+        {
+            akka.ConfigureLoggers(loggers => loggers.AddLoggerFactory());
+            akka.WithSqlPersistence(connectionString, ProviderName.SQLiteMS, autoInitialize: true);
+            akka.WithGatewayActors(backends, initial);
+        });
+        builder.Services.AddHostedService<NbdListener>();
+
+        WebApplication app = builder.Build();
+        app.MapAdminApi();
+        return app;
+    }
+
+    /// <summary>
+    /// Creates the SQLite file in WAL mode (Microsoft.Data.Sqlite has no connection-string keyword
+    /// for it; AKKA-NOTES.md measured WAL at 2-3x the write rate of the rollback journal).
+    /// </summary>
+    private static string PrepareDatabase(string path)
+    {
+        string connectionString = new SqliteConnectionStringBuilder { DataSource = path, Pooling = true }.ToString();
+        using var connection = new SqliteConnection(connectionString);
+        connection.Open();
+        using SqliteCommand command = connection.CreateCommand();
+        command.CommandText = "PRAGMA journal_mode=WAL;";
+        command.ExecuteNonQuery();
+        return connectionString;
+    }
+}
