@@ -34,6 +34,10 @@ public static class ServeCommand
         builder.Services.AddAkka("gateway", (akka, _) =>
         {
             akka.ConfigureLoggers(loggers => loggers.AddLoggerFactory());
+            // The host alone drives shutdown: NbdListener drains connections and flushes exports
+            // first, then Akka.Hosting runs CoordinatedShutdown. Akka's own SIGTERM hook would
+            // race the drain and could stop export actors under requests still in flight.
+            akka.AddHocon("akka.coordinated-shutdown.run-by-clr-shutdown-hook = off", HoconAddMode.Prepend);
             akka.WithSqlPersistence(connectionString, ProviderName.SQLiteMS, autoInitialize: true);
             akka.WithGatewayActors(backends, initial);
         });
