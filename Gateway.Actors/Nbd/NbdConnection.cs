@@ -25,7 +25,7 @@ public static class NbdConnection
                 return;
             }
             logger.LogDebug("Client attached to export {Export} (structured replies: {Structured})", session.Export.Info.Name, session.StructuredReplies);
-            await new Transmission(input, output, session, logger).RunAsync(stopping).ConfigureAwait(false);
+            await new Transmission(input, output, stream, session, logger).RunAsync(stopping).ConfigureAwait(false);
         }
         catch (NbdProtocolException e)
         {

@@ -48,11 +48,17 @@ public static class Replies
     /// <summary>NBD_REPLY_TYPE_OFFSET_DATA: 64 bits offset, then the data.</summary>
     public static void WriteOffsetData(IBufferWriter<byte> writer, ulong cookie, bool done, ulong offset, ReadOnlySpan<byte> data)
     {
+        WriteOffsetDataHeader(writer, cookie, done, offset, data.Length);
+        writer.Write(data);
+    }
+
+    /// <summary>The header of an OFFSET_DATA chunk; the caller sends the <paramref name="dataLength"/> bytes.</summary>
+    public static void WriteOffsetDataHeader(IBufferWriter<byte> writer, ulong cookie, bool done, ulong offset, int dataLength)
+    {
         Span<byte> span = writer.GetSpan(NbdLimits.StructuredReplyHeaderSize + 8);
-        WriteChunkHeader(span, cookie, done ? ReplyFlags.Done : ReplyFlags.None, ReplyType.OffsetData, (uint)(8 + data.Length));
+        WriteChunkHeader(span, cookie, done ? ReplyFlags.Done : ReplyFlags.None, ReplyType.OffsetData, (uint)(8 + dataLength));
         BinaryPrimitives.WriteUInt64BigEndian(span[NbdLimits.StructuredReplyHeaderSize..], offset);
         writer.Advance(NbdLimits.StructuredReplyHeaderSize + 8);
-        writer.Write(data);
     }
 
     /// <summary>NBD_REPLY_TYPE_OFFSET_HOLE: 64 bits offset, 32 bits hole size.</summary>

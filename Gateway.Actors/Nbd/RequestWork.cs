@@ -159,8 +159,16 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
         }
     }
 
-    /// <summary>Writes this request's reply; runs on the connection's single writer.</summary>
-    public void WriteReply(PipeWriter output)
+    /// <summary>Data chunks at least this long go straight from the payload buffer to the socket
+    /// instead of being copied into the output pipe.</summary>
+    public const int DirectWriteThreshold = 64 * 1024;
+
+    /// <summary>
+    /// Writes this request's reply; runs on the connection's single writer. Completes
+    /// synchronously unless the reply carries a large data chunk, which is sent from the
+    /// payload buffer directly to <paramref name="direct"/> after flushing what precedes it.
+    /// </summary>
+    public ValueTask WriteReplyAsync(PipeWriter output, Stream direct)
     {
         ulong cookie = Request.Cookie;
         bool structured = owner.Structured;
@@ -174,33 +182,18 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
             {
                 Replies.WriteSimple(output, cookie, Error);
             }
-            return;
+            return ValueTask.CompletedTask;
         }
 
         switch (Request.Command)
         {
             case NbdCommand.Read when !structured:
                 Replies.WriteSimple(output, cookie, NbdError.None);
-                output.Write(Buffer.AsSpan(0, (int)Request.Length));
-                return;
+                return WriteDataAsync(output, direct, Buffer.AsMemory(0, (int)Request.Length));
             case NbdCommand.Read:
-                long at = 0;
-                for (int i = 0; i < _segmentCount; i++)
-                {
-                    Extent segment = _segments![i];
-                    bool done = i == _segmentCount - 1;
-                    ulong chunkOffset = Request.Offset + (ulong)at;
-                    if ((segment.Flags & ExtentFlags.Hole) != 0)
-                    {
-                        Replies.WriteOffsetHole(output, cookie, done, chunkOffset, (uint)segment.Length);
-                    }
-                    else
-                    {
-                        Replies.WriteOffsetData(output, cookie, done, chunkOffset, Buffer.AsSpan((int)at, (int)segment.Length));
-                    }
-                    at += segment.Length;
-                }
-                return;
+                return _segmentCount == 1 && (_segments![0].Flags & ExtentFlags.Hole) == 0
+                    ? WriteSingleChunkAsync(output, direct)
+                    : WriteChunksAsync(output, direct);
             case NbdCommand.BlockStatus:
                 SelectedContext[] contexts = owner.Contexts;
                 for (int i = 0; i < contexts.Length; i++)
@@ -208,7 +201,7 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
                     Replies.WriteBlockStatus(output, cookie, i == contexts.Length - 1, contexts[i].Id,
                         _statusExtents.AsSpan(i * NbdLimits.MaxExtentsPerReply, _statusCounts![i]));
                 }
-                return;
+                return ValueTask.CompletedTask;
             default:
                 if (structured)
                 {
@@ -218,7 +211,50 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
                 {
                     Replies.WriteSimple(output, cookie, NbdError.None);
                 }
-                return;
+                return ValueTask.CompletedTask;
+        }
+    }
+
+    private ValueTask WriteSingleChunkAsync(PipeWriter output, Stream direct)
+    {
+        Replies.WriteOffsetDataHeader(output, Request.Cookie, done: true, Request.Offset, (int)Request.Length);
+        return WriteDataAsync(output, direct, Buffer.AsMemory(0, (int)Request.Length));
+    }
+
+    private async ValueTask WriteChunksAsync(PipeWriter output, Stream direct)
+    {
+        long at = 0;
+        for (int i = 0; i < _segmentCount; i++)
+        {
+            Extent segment = _segments![i];
+            bool done = i == _segmentCount - 1;
+            ulong chunkOffset = Request.Offset + (ulong)at;
+            if ((segment.Flags & ExtentFlags.Hole) != 0)
+            {
+                Replies.WriteOffsetHole(output, Request.Cookie, done, chunkOffset, (uint)segment.Length);
+            }
+            else
+            {
+                Replies.WriteOffsetDataHeader(output, Request.Cookie, done, chunkOffset, (int)segment.Length);
+                await WriteDataAsync(output, direct, Buffer.AsMemory((int)at, (int)segment.Length)).ConfigureAwait(false);
+            }
+            at += segment.Length;
+        }
+    }
+
+    private static ValueTask WriteDataAsync(PipeWriter output, Stream direct, ReadOnlyMemory<byte> data)
+    {
+        if (data.Length < DirectWriteThreshold)
+        {
+            output.Write(data.Span);
+            return ValueTask.CompletedTask;
+        }
+        return FlushThenWriteAsync(output, direct, data);
+
+        static async ValueTask FlushThenWriteAsync(PipeWriter output, Stream direct, ReadOnlyMemory<byte> data)
+        {
+            await output.FlushAsync().ConfigureAwait(false);
+            await direct.WriteAsync(data).ConfigureAwait(false);
         }
     }
 

@@ -27,12 +27,15 @@ public sealed class Transmission
 
     private readonly PipeReader _input;
     private readonly PipeWriter _output;
+    private readonly Stream _direct;
     private readonly ExportHandle _export;
     private readonly IBlockDevice _device;
     private readonly SelectedContext[] _contexts;
     private readonly ILogger _logger;
+    // Synchronous continuations: the thread that finishes a request while the writer is idle
+    // runs the writer itself, instead of paying a thread-pool hop per reply.
     private readonly Channel<RequestWork> _replies = Channel.CreateUnbounded<RequestWork>(
-        new UnboundedChannelOptions { SingleReader = true, SingleWriter = false, AllowSynchronousContinuations = false });
+        new UnboundedChannelOptions { SingleReader = true, SingleWriter = false, AllowSynchronousContinuations = true });
     private readonly ConcurrentQueue<RequestWork> _pool = new();
     private readonly CancellationTokenSource _aborted = new();
 
@@ -42,10 +45,12 @@ public sealed class Transmission
     private TaskCompletionSource? _capacityWaiter;
     private readonly TaskCompletionSource _drained = new(TaskCreationOptions.RunContinuationsAsynchronously);
 
-    public Transmission(PipeReader input, PipeWriter output, NegotiatedSession session, ILogger logger)
+    /// <param name="direct">The stream under <paramref name="output"/>: large read payloads are written to it directly.</param>
+    public Transmission(PipeReader input, PipeWriter output, Stream direct, NegotiatedSession session, ILogger logger)
     {
         _input = input;
         _output = output;
+        _direct = direct;
         _export = session.Export;
         _device = session.Export.Device;
         _contexts = [.. session.Contexts];
@@ -377,7 +382,11 @@ public sealed class Transmission
                 {
                     try
                     {
-                        work.WriteReply(_output);
+                        ValueTask written = work.WriteReplyAsync(_output, _direct);
+                        if (!written.IsCompletedSuccessfully)
+                        {
+                            await written.ConfigureAwait(false);
+                        }
                     }
                     finally
                     {
