@@ -138,6 +138,10 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
         }
     }
 
+    // proto.md "Transmission flags": SEND_DF "MUST [be left] clear if structured replies have not been negotiated".
+    private TransmissionFlags AdvertisedFlags(ExportInfo info) =>
+        _structured ? info.TransmissionFlags : info.TransmissionFlags & ~TransmissionFlags.SendDf;
+
     private void WriteGreeting()
     {
         Span<byte> span = output.GetSpan(18);
@@ -167,7 +171,7 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
         int size = _noZeroes ? 10 : 134;
         Span<byte> span = output.GetSpan(size);
         BinaryPrimitives.WriteUInt64BigEndian(span, (ulong)export.Info.Size);
-        BinaryPrimitives.WriteUInt16BigEndian(span[8..], (ushort)export.Info.TransmissionFlags);
+        BinaryPrimitives.WriteUInt16BigEndian(span[8..], (ushort)AdvertisedFlags(export.Info));
         span[10..size].Clear();
         output.Advance(size);
         await output.FlushAsync(cancellationToken).ConfigureAwait(false);
@@ -248,7 +252,7 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
         byte[] exportInfo = new byte[12];
         BinaryPrimitives.WriteUInt16BigEndian(exportInfo, (ushort)InfoType.Export);
         BinaryPrimitives.WriteUInt64BigEndian(exportInfo.AsSpan(2), (ulong)info.Size);
-        BinaryPrimitives.WriteUInt16BigEndian(exportInfo.AsSpan(10), (ushort)info.TransmissionFlags);
+        BinaryPrimitives.WriteUInt16BigEndian(exportInfo.AsSpan(10), (ushort)AdvertisedFlags(info));
         WriteReply(option, OptionReplyType.Info, exportInfo);
 
         if (wantName)

@@ -164,7 +164,18 @@ public sealed class Transmission
 
             if (partial is not null)
             {
-                if (!await FillPayloadAsync(partial, filled, stopping).ConfigureAwait(false))
+                bool filledAll;
+                try
+                {
+                    filledAll = await FillPayloadAsync(partial, filled, stopping).ConfigureAwait(false);
+                }
+                catch
+                {
+                    // Not started, so nothing else will release it; DrainAsync would wait on it forever.
+                    Release(partial);
+                    throw;
+                }
+                if (!filledAll)
                 {
                     _logger.LogInformation("Client of export {Export} disconnected in the middle of a write payload", _export.Info.Name);
                     Release(partial);
@@ -234,7 +245,7 @@ public sealed class Transmission
                 {
                     return NbdError.Inval;
                 }
-                allowed = CommandFlags.ReqOne;
+                allowed = CommandFlags.ReqOne | CommandFlags.Fua;
                 break;
             default:
                 return NbdError.Inval;

@@ -1,0 +1,140 @@
+using System.Collections.Concurrent;
+using System.Net;
+using System.Net.Sockets;
+using Gateway.Actors.Nbd;
+using Microsoft.Extensions.Logging.Abstractions;
+
+namespace Gateway.Tests.Protocol;
+
+/// <summary>
+/// The NBD server in process: a loopback listener on an ephemeral port whose connections are
+/// served by <see cref="NbdConnection.ServeAsync"/>, as the connection actor does, without actors.
+/// Disposal stops it and fails if a connection is still being served after a bounded wait, or if
+/// a connection ended with an exception (a client's misbehaviour must never surface as one).
+/// </summary>
+public sealed class NbdTestServer : IAsyncDisposable
+{
+    public static readonly TimeSpan Patience = TimeSpan.FromSeconds(15);
+
+    private readonly TcpListener _listener = new(IPAddress.Loopback, 0);
+    private readonly CancellationTokenSource _stopping = new();
+    private readonly List<Task> _sessions = [];
+    private readonly Task _acceptLoop;
+    private int _active;
+    private int _ended;
+
+    public NbdTestServer(TestExportDirectory exports)
+    {
+        Exports = exports;
+        _listener.Start();
+        EndPoint = (IPEndPoint)_listener.LocalEndpoint;
+        _acceptLoop = Task.Run(AcceptLoopAsync);
+    }
+
+    public TestExportDirectory Exports { get; }
+
+    public IPEndPoint EndPoint { get; }
+
+    /// <summary>Connections being served right now.</summary>
+    public int Active => Volatile.Read(ref _active);
+
+    /// <summary>Connections whose ServeAsync has returned.</summary>
+    public int Ended => Volatile.Read(ref _ended);
+
+    /// <summary>Exceptions that escaped ServeAsync.</summary>
+    public ConcurrentQueue<Exception> Faults { get; } = new();
+
+    public Task<RawClient> ConnectAsync() => RawClient.ConnectAsync(EndPoint);
+
+    /// <summary>A client that has finished the handshake with GO on <paramref name="export"/>.</summary>
+    public Task<RawClient> OpenAsync(string export, bool structured = true, params string[] contexts) =>
+        RawClient.OpenAsync(EndPoint, export, structured, contexts);
+
+    private async Task AcceptLoopAsync()
+    {
+        while (true)
+        {
+            Socket socket;
+            try
+            {
+                socket = await _listener.AcceptSocketAsync(_stopping.Token);
+            }
+            catch (Exception e) when (e is OperationCanceledException or SocketException or ObjectDisposedException)
+            {
+                return;
+            }
+            Interlocked.Increment(ref _active);
+            lock (_sessions)
+            {
+                _sessions.Add(Task.Run(() => ServeAsync(socket)));
+            }
+        }
+    }
+
+    private async Task ServeAsync(Socket socket)
+    {
+        try
+        {
+            socket.NoDelay = true;
+            await using var stream = new NetworkStream(socket, ownsSocket: true);
+            await NbdConnection.ServeAsync(stream, Exports, NullLogger.Instance, _stopping.Token);
+        }
+        catch (Exception e)
+        {
+            Faults.Enqueue(e);
+        }
+        finally
+        {
+            Interlocked.Increment(ref _ended);
+            Interlocked.Decrement(ref _active);
+        }
+    }
+
+    private Task? _disposal;
+
+    /// <summary>Stops the server: cancels every connection and waits (bounded) for them to end.</summary>
+    public ValueTask DisposeAsync() => new(_disposal ??= StopAsync());
+
+    private async Task StopAsync()
+    {
+        _stopping.Cancel();
+        _listener.Stop();
+        await _acceptLoop;
+        Task[] sessions;
+        lock (_sessions)
+        {
+            sessions = [.. _sessions];
+        }
+        try
+        {
+            await Task.WhenAll(sessions).WaitAsync(Patience);
+        }
+        catch (TimeoutException)
+        {
+            throw new TimeoutException($"{sessions.Count(s => !s.IsCompleted)} NBD connection(s) still being served {Patience.TotalSeconds} s after the server stopped");
+        }
+        finally
+        {
+            _stopping.Dispose();
+        }
+        if (!Faults.IsEmpty)
+        {
+            throw new AggregateException("NBD connections ended with an exception", Faults);
+        }
+    }
+
+    /// <summary>Polls <paramref name="condition"/> until it holds or <paramref name="timeout"/> passes.</summary>
+    public static async Task<bool> EventuallyAsync(Func<bool> condition, TimeSpan? timeout = null)
+    {
+        DateTime deadline = DateTime.UtcNow + (timeout ?? Patience);
+        while (!condition())
+        {
+            if (DateTime.UtcNow > deadline)
+            {
+                return false;
+            }
+            await Task.Delay(10);
+        }
+        return true;
+    }
+}
