@@ -85,11 +85,21 @@ public sealed class BaseAllocationContext(IBlockDevice device) : MetaContext(Nbd
 /// </summary>
 public sealed class ExportHandle(ExportInfo info, IBlockDevice device, IReadOnlyList<MetaContext> metaContexts, CancellationToken closed)
 {
+    private volatile IReadOnlyList<MetaContext> _metaContexts = metaContexts;
+
     public ExportInfo Info { get; } = info;
 
     public IBlockDevice Device { get; } = device;
 
-    public IReadOnlyList<MetaContext> MetaContexts { get; } = metaContexts;
+    /// <summary>
+    /// The contexts a new connection can select. The export actor replaces the list when it
+    /// changes (a bitmap added or removed); connections keep the contexts they negotiated.
+    /// </summary>
+    public IReadOnlyList<MetaContext> MetaContexts
+    {
+        get => _metaContexts;
+        set => _metaContexts = value;
+    }
 
     public CancellationToken Closed { get; } = closed;
 }
