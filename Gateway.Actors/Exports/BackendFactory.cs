@@ -20,7 +20,6 @@ public sealed class BackendFactory(string dataDirectory)
     public void Create(ExportSpec spec)
     {
         string path = FilePath(spec);
-        Directory.CreateDirectory(Path.GetDirectoryName(path)!);
         if (spec.Backend.Path is { Length: > 0 } && File.Exists(path))
         {
             long length = new FileInfo(path).Length;
@@ -30,7 +29,34 @@ public sealed class BackendFactory(string dataDirectory)
             }
             return;
         }
-        FileBackend.Create(path, spec.Size).Dispose();
+        string? madeDirectory = FirstMissingAncestor(Path.GetDirectoryName(path)!);
+        try
+        {
+            Directory.CreateDirectory(Path.GetDirectoryName(path)!);
+            FileBackend.Create(path, spec.Size).Dispose();
+        }
+        catch when (madeDirectory is not null)
+        {
+            // A failed create leaves nothing behind, folders included.
+            try
+            {
+                Directory.Delete(madeDirectory, recursive: true);
+            }
+            catch (IOException)
+            {
+            }
+            throw;
+        }
+    }
+
+    private static string? FirstMissingAncestor(string directory)
+    {
+        string? missing = null;
+        for (string? d = directory; d is not null && !Directory.Exists(d) && !File.Exists(d); d = Path.GetDirectoryName(d))
+        {
+            missing = d;
+        }
+        return missing;
     }
 
     public IBlockDevice Open(ExportSpec spec) => FileBackend.Open(FilePath(spec), spec.ReadOnly);

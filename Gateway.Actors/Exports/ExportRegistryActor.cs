@@ -36,8 +36,10 @@ public sealed class ExportRegistryActor : ReceivePersistentActor
             }
             if (_catalog.Exports.Count == 0 && initialExport is not null)
             {
-                // First start: make the default export so the server is useful at once.
-                Self.Tell(new CreateExport(initialExport));
+                // First start: make the default export so the server is useful at once. Created
+                // here, not by a message to self: the persist holds back every command that
+                // arrived during recovery, so no client is told disk0 does not exist.
+                Create(new CreateExport(initialExport));
             }
         });
 
@@ -131,7 +133,12 @@ public sealed class ExportRegistryActor : ReceivePersistentActor
         catch (Exception e)
         {
             _log.Warning("Creating storage for export {0} failed: {1}", spec.Name, e.Message);
-            Sender.Tell(CommandResult.Fail(ExportErrorKind.Failed, $"creating storage for '{spec.Name}' failed: {e.Message}"));
+            // What the request asked for can't be made here (bad path, file too small, too big for
+            // the filesystem): the client's to fix, so 4xx; anything else is the server's.
+            ExportErrorKind kind = e is IOException or UnauthorizedAccessException or InvalidOperationException or ArgumentException
+                ? ExportErrorKind.Invalid
+                : ExportErrorKind.Failed;
+            Sender.Tell(CommandResult.Fail(kind, $"creating storage for '{spec.Name}' failed: {e.Message}"));
             return;
         }
         _creating = spec;
