@@ -42,9 +42,11 @@ public static class ServeCommand
             akka.WithGatewayActors(backends, initial);
         });
         builder.Services.AddHostedService<NbdListener>();
+        builder.Services.AddGatewayTelemetry();
 
         WebApplication app = builder.Build();
         app.MapAdminApi();
+        app.MapPrometheusScrapingEndpoint("/metrics");
         return app;
     }
 

@@ -38,7 +38,7 @@ public sealed class NbdConnectionActor : ReceiveActor
     protected override void PreStart()
     {
         _socket.NoDelay = true;
-        NbdConnection.ServeAsync(_stream, _exports, _logger, _stopping)
+        NbdConnection.ServeAsync(_stream, _exports, _logger, _stopping, _socket.RemoteEndPoint)
             .PipeTo(Self, success: () => SessionEnded.Instance, failure: e => new SessionFailed(e));
     }
 

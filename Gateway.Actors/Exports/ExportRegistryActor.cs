@@ -1,6 +1,9 @@
 using Akka.Actor;
 using Akka.Event;
+using System.Diagnostics;
 using Akka.Persistence;
+using Gateway.Actors.Bitmaps;
+using Gateway.Actors.Telemetry;
 
 namespace Gateway.Actors.Exports;
 
@@ -15,6 +18,7 @@ public sealed class ExportRegistryActor : ReceivePersistentActor
     private ExportCatalog _catalog = ExportCatalog.Empty;
     private readonly Dictionary<string, IActorRef> _children = new(StringComparer.Ordinal);
     private ExportSpec? _creating;
+    private Activity? _recovery = GatewayTelemetry.ActivitySource.StartActivity("exports.recover");
 
     public ExportRegistryActor(BackendFactory backends, ExportSpec? initialExport)
     {
@@ -30,6 +34,9 @@ public sealed class ExportRegistryActor : ReceivePersistentActor
         });
         Recover<RecoveryCompleted>(_ =>
         {
+            _recovery?.SetTag("exports", _catalog.Exports.Count);
+            _recovery?.Dispose();
+            _recovery = null;
             foreach (ExportSpec spec in _catalog.Exports.Values)
             {
                 Start(spec);
@@ -59,6 +66,17 @@ public sealed class ExportRegistryActor : ReceivePersistentActor
             else
             {
                 Sender.Tell(new ExportFound(null));
+            }
+        });
+        Command<IBitmapCommand>(command =>
+        {
+            if (_children.TryGetValue(command.ExportName, out IActorRef? child))
+            {
+                child.Forward(command);
+            }
+            else
+            {
+                Sender.Tell(BitmapResult.Fail(ExportErrorKind.NotFound, $"export '{command.ExportName}' not found"));
             }
         });
         Command<OpenExport>(open =>
@@ -118,9 +136,13 @@ public sealed class ExportRegistryActor : ReceivePersistentActor
 
     private void Create(CreateExport create)
     {
+        Activity? activity = GatewayTelemetry.ActivitySource.StartActivity("export.create");
+        activity?.SetTag("export", create.Spec.Name);
         (IExportEvent? @event, CommandResult? error) = _catalog.Decide(create);
         if (error is not null)
         {
+            activity?.SetStatus(ActivityStatusCode.Error, error.Message);
+            activity?.Dispose();
             Sender.Tell(error);
             return;
         }
@@ -139,6 +161,8 @@ public sealed class ExportRegistryActor : ReceivePersistentActor
                 ? ExportErrorKind.Invalid
                 : ExportErrorKind.Failed;
             Sender.Tell(CommandResult.Fail(kind, $"creating storage for '{spec.Name}' failed: {e.Message}"));
+            activity?.SetStatus(ActivityStatusCode.Error, e.Message);
+            activity?.Dispose();
             return;
         }
         _creating = spec;
@@ -150,15 +174,20 @@ public sealed class ExportRegistryActor : ReceivePersistentActor
             Start(spec);
             sender.Tell(CommandResult.Ok(new ExportStatus(spec, null)));
             _log.Info("Export {0} created ({1} bytes)", spec.Name, spec.Size);
+            activity?.Dispose();
             MaybeSnapshot();
         });
     }
 
     private void Remove(RemoveExport remove)
     {
+        Activity? activity = GatewayTelemetry.ActivitySource.StartActivity("export.remove");
+        activity?.SetTag("export", remove.ExportName);
         (IExportEvent? @event, CommandResult? error) = _catalog.Decide(remove);
         if (error is not null)
         {
+            activity?.SetStatus(ActivityStatusCode.Error, error.Message);
+            activity?.Dispose();
             Sender.Tell(error);
             return;
         }
@@ -169,10 +198,11 @@ public sealed class ExportRegistryActor : ReceivePersistentActor
             _catalog = _catalog.Apply(e);
             if (_children.Remove(spec.Name, out IActorRef? child))
             {
-                // The child closes its device in PostStop; delete the file once it has gone.
+                // The child purges its bitmaps, closes its device in PostStop and stops; delete the
+                // file once it has gone.
                 Context.Unwatch(child);
                 Context.WatchWith(child, new ExportStopped(spec));
-                Context.Stop(child);
+                child.Tell(PurgeBitmaps.Instance);
             }
             else
             {
@@ -180,6 +210,7 @@ public sealed class ExportRegistryActor : ReceivePersistentActor
             }
             sender.Tell(CommandResult.Ok(new ExportStatus(spec, null)));
             _log.Info("Export {0} removed", spec.Name);
+            activity?.Dispose();
             MaybeSnapshot();
         });
     }

@@ -1,4 +1,5 @@
 using System.IO.Pipelines;
+using System.Net;
 using System.Net.Sockets;
 using Gateway.Actors.Exports;
 using Microsoft.Extensions.Logging;
@@ -13,7 +14,7 @@ public static class NbdConnection
     /// breaks the protocol or vanishes ends only its own connection; failures of the server
     /// itself propagate to the caller (the connection actor, and its supervisor).
     /// </summary>
-    public static async Task ServeAsync(Stream stream, IExportDirectory exports, ILogger logger, CancellationToken stopping)
+    public static async Task ServeAsync(Stream stream, IExportDirectory exports, ILogger logger, CancellationToken stopping, EndPoint? client = null)
     {
         PipeReader input = PipeReader.Create(stream, new StreamPipeReaderOptions(bufferSize: 256 * 1024, minimumReadSize: 64 * 1024, leaveOpen: true));
         PipeWriter output = PipeWriter.Create(stream, new StreamPipeWriterOptions(minimumBufferSize: 64 * 1024, leaveOpen: true));
@@ -24,8 +25,18 @@ public static class NbdConnection
             {
                 return;
             }
-            logger.LogDebug("Client attached to export {Export} (structured replies: {Structured})", session.Export.Info.Name, session.StructuredReplies);
-            await new Transmission(input, output, stream, session, logger).RunAsync(stopping).ConfigureAwait(false);
+            logger.LogInformation("NBD connection from {Client} to export {Export}: structured replies {Structured}, contexts [{Contexts}]",
+                client, session.Export.Info.Name, session.StructuredReplies, string.Join(", ", session.Contexts.Select(c => c.Context.Name)));
+            var transmission = new Transmission(input, output, stream, session, logger);
+            try
+            {
+                await transmission.RunAsync(stopping).ConfigureAwait(false);
+            }
+            finally
+            {
+                logger.LogInformation("NBD connection from {Client} to export {Export} closed after {Requests} requests",
+                    client, session.Export.Info.Name, transmission.Requests);
+            }
         }
         catch (NbdProtocolException e)
         {

@@ -30,8 +30,12 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
     /// <summary>The write payload, or the data read; rented from <see cref="PayloadPool"/>.</summary>
     public byte[]? Buffer { get; set; }
 
+    /// <summary>When the request was parsed (<see cref="System.Diagnostics.Stopwatch"/> ticks).</summary>
+    public long StartTimestamp { get; private set; }
+
     public void Reset(in NbdRequest request, NbdError error, long bytes)
     {
+        StartTimestamp = System.Diagnostics.Stopwatch.GetTimestamp();
         Request = request;
         Error = error;
         ErrorOffset = null;

@@ -3,6 +3,7 @@ using System.Collections.Concurrent;
 using System.IO.Pipelines;
 using System.Threading.Channels;
 using Gateway.Actors.Exports;
+using Gateway.Actors.Telemetry;
 using Gateway.Backends;
 using Microsoft.Extensions.Logging;
 
@@ -32,6 +33,7 @@ public sealed class Transmission
     private readonly IBlockDevice _device;
     private readonly SelectedContext[] _contexts;
     private readonly ILogger _logger;
+    private readonly ExportMetrics? _metrics;
     // Synchronous continuations: the thread that finishes a request while the writer is idle
     // runs the writer itself, instead of paying a thread-pool hop per reply.
     private readonly Channel<RequestWork> _replies = Channel.CreateUnbounded<RequestWork>(
@@ -56,9 +58,13 @@ public sealed class Transmission
         _contexts = [.. session.Contexts];
         Structured = session.StructuredReplies;
         _logger = logger;
+        _metrics = GatewayTelemetry.Enabled ? GatewayTelemetry.For(_export.Info.Name) : null;
     }
 
     public bool Structured { get; }
+
+    /// <summary>Requests received on this connection so far.</summary>
+    public long Requests { get; private set; }
 
     internal IBlockDevice Device => _device;
 
@@ -75,6 +81,7 @@ public sealed class Transmission
     {
         using var linked = CancellationTokenSource.CreateLinkedTokenSource(stopping, _export.Closed, _aborted.Token);
         Task writer = WriteLoopAsync();
+        _metrics?.ConnectionOpened();
         try
         {
             await ReadLoopAsync(linked.Token).ConfigureAwait(false);
@@ -88,6 +95,7 @@ public sealed class Transmission
             await DrainAsync().ConfigureAwait(false);
             _replies.Writer.TryComplete();
             await writer.ConfigureAwait(false);
+            _metrics?.ConnectionClosed();
         }
     }
 
@@ -116,6 +124,7 @@ public sealed class Transmission
                         break;
                     }
 
+                    Requests++;
                     NbdError error = Validate(request);
                     long bytes = error == NbdError.None && request.Command is NbdCommand.Read or NbdCommand.Write ? request.Length : 0;
                     if (Volatile.Read(ref _inFlight) >= MaxInFlightRequests || Volatile.Read(ref _inFlightBytes) + bytes > MaxInFlightBytes)
@@ -281,6 +290,7 @@ public sealed class Transmission
             work = new RequestWork(this);
         }
         work.Reset(request, error, bytes);
+        _metrics?.RequestStarted();
         Interlocked.Increment(ref _inFlight);
         Interlocked.Add(ref _inFlightBytes, bytes);
         return work;
@@ -311,6 +321,7 @@ public sealed class Transmission
     private void Release(RequestWork work)
     {
         long bytes = work.Bytes;
+        _metrics?.RequestDone(work.Request.Command, work.Error, bytes, work.StartTimestamp);
         work.ReturnBuffers();
         _pool.Enqueue(work);
         Interlocked.Add(ref _inFlightBytes, -bytes);
