@@ -2,7 +2,6 @@ using Akka.Actor;
 using Akka.Event;
 using System.Diagnostics;
 using Akka.Persistence;
-using Gateway.Actors.Bitmaps;
 using Gateway.Actors.Telemetry;
 
 namespace Gateway.Actors.Exports;
@@ -66,17 +65,6 @@ public sealed class ExportRegistryActor : ReceivePersistentActor
             else
             {
                 Sender.Tell(new ExportFound(null));
-            }
-        });
-        Command<IBitmapCommand>(command =>
-        {
-            if (_children.TryGetValue(command.ExportName, out IActorRef? child))
-            {
-                child.Forward(command);
-            }
-            else
-            {
-                Sender.Tell(BitmapResult.Fail(ExportErrorKind.NotFound, $"export '{command.ExportName}' not found"));
             }
         });
         Command<OpenExport>(open =>
@@ -198,11 +186,10 @@ public sealed class ExportRegistryActor : ReceivePersistentActor
             _catalog = _catalog.Apply(e);
             if (_children.Remove(spec.Name, out IActorRef? child))
             {
-                // The child purges its bitmaps, closes its device in PostStop and stops; delete the
-                // file once it has gone.
+                // The child closes its device in PostStop; delete the file once it has gone.
                 Context.Unwatch(child);
                 Context.WatchWith(child, new ExportStopped(spec));
-                child.Tell(PurgeBitmaps.Instance);
+                Context.Stop(child);
             }
             else
             {
