@@ -8,7 +8,7 @@ namespace Gateway.Backends;
 /// thread-pool work items already, and the kernel's page cache answers most reads without blocking,
 /// so an async hop would only add cost. Holes are punched and found with fallocate and SEEK_DATA/SEEK_HOLE.
 /// </summary>
-public sealed partial class FileBackend : IBlockDevice
+public sealed partial class FileBackend : IBlockDevice, INonBlockingIo
 {
     private static readonly ReadOnlyMemory<byte> s_zeros = new byte[1 << 20];
 
@@ -442,6 +442,64 @@ public sealed partial class FileBackend : IBlockDevice
     /// Holds a reference on the handle while its raw fd is in use, so a concurrent Dispose cannot
     /// close the fd (and the number be reused for another file) under a native call.
     /// </summary>
+    /// <summary>
+    /// A read served from the page cache on the caller's thread: <c>preadv2(RWF_NOWAIT)</c> fails
+    /// instead of waiting for the disk, and then the caller takes the blocking path.
+    /// </summary>
+    public unsafe bool TryReadNoWait(long offset, Span<byte> destination)
+    {
+        if (_disposed || offset < 0 || destination.Length > Size - offset)
+        {
+            return false;
+        }
+        try
+        {
+            using var lease = new FdLease(_handle);
+            fixed (byte* p = destination)
+            {
+                var iov = new Libc.Iovec { Base = p, Length = (nuint)destination.Length };
+                return Libc.preadv2(lease.Fd, &iov, 1, offset, Libc.RWF_NOWAIT) == destination.Length;
+            }
+        }
+        catch (ObjectDisposedException)
+        {
+            return false;
+        }
+    }
+
+    /// <summary>
+    /// A write into the page cache on the caller's thread when it needs no waiting
+    /// (<c>pwritev2(RWF_NOWAIT)</c>); false sends the caller down the blocking path. Filesystems
+    /// that refuse the flag for buffered writes are not asked again.
+    /// </summary>
+    public unsafe bool TryWriteNoWait(long offset, ReadOnlySpan<byte> source)
+    {
+        if (_nowaitWritesUnsupported || IsReadOnly || _disposed || offset < 0 || source.Length > Size - offset)
+        {
+            return false;
+        }
+        try
+        {
+            using var lease = new FdLease(_handle);
+            fixed (byte* p = source)
+            {
+                var iov = new Libc.Iovec { Base = p, Length = (nuint)source.Length };
+                nint written = Libc.pwritev2(lease.Fd, &iov, 1, offset, Libc.RWF_NOWAIT);
+                if (written < 0 && Marshal.GetLastPInvokeError() is Libc.EOPNOTSUPP or Libc.ENOSYS)
+                {
+                    _nowaitWritesUnsupported = true;
+                }
+                return written == source.Length;
+            }
+        }
+        catch (ObjectDisposedException)
+        {
+            return false;
+        }
+    }
+
+    private volatile bool _nowaitWritesUnsupported;
+
     private readonly ref struct FdLease
     {
         private readonly SafeFileHandle _handle;
@@ -488,5 +546,22 @@ public sealed partial class FileBackend : IBlockDevice
 
         [LibraryImport("libc")]
         public static partial int posix_fadvise(int fd, long offset, long len, int advice);
+
+        /// <summary>preadv2/pwritev2 flag: fail with EAGAIN rather than wait (page cache only).</summary>
+        public const int RWF_NOWAIT = 0x08;
+        public const int EAGAIN = 11;
+
+        [LibraryImport("libc", SetLastError = true)]
+        public static unsafe partial nint preadv2(int fd, Iovec* iov, int iovcnt, long offset, int flags);
+
+        [LibraryImport("libc", SetLastError = true)]
+        public static unsafe partial nint pwritev2(int fd, Iovec* iov, int iovcnt, long offset, int flags);
+
+        [System.Runtime.InteropServices.StructLayout(System.Runtime.InteropServices.LayoutKind.Sequential)]
+        public unsafe struct Iovec
+        {
+            public byte* Base;
+            public nuint Length;
+        }
     }
 }

@@ -95,3 +95,15 @@ public sealed class BlockDeviceException(BlockErrorKind kind, string message, Ex
 {
     public BlockErrorKind Kind { get; } = kind;
 }
+
+/// <summary>
+/// Optional fast path of a device whose I/O is usually served from memory: try the operation on
+/// the caller's thread without blocking, and say false when it would have to wait (the caller
+/// then takes the asynchronous path). Spares the thread-pool hop for page-cache hits.
+/// </summary>
+public interface INonBlockingIo
+{
+    bool TryReadNoWait(long offset, Span<byte> destination);
+
+    bool TryWriteNoWait(long offset, ReadOnlySpan<byte> source);
+}

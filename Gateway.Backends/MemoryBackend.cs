@@ -4,7 +4,7 @@ namespace Gateway.Backends;
 /// A sparse device held in memory, for tests and benchmarks. Pages are allocated on first write
 /// and dropped again by trim and zero, so allocation is reported per <see cref="PageSize"/> page.
 /// </summary>
-public sealed class MemoryBackend : IBlockDevice
+public sealed class MemoryBackend : IBlockDevice, INonBlockingIo
 {
     public const int PageSize = 1 << PageShift;
     private const int PageShift = 16;
@@ -178,6 +178,27 @@ public sealed class MemoryBackend : IBlockDevice
     {
         _disposed = true;
         // Pages are left to the GC: a request racing with Dispose may still be copying from one.
+    }
+
+    /// <summary>Memory never blocks: the fast path always succeeds while the device is usable.</summary>
+    public bool TryReadNoWait(long offset, Span<byte> destination)
+    {
+        if (_disposed || offset < 0 || destination.Length > Size - offset)
+        {
+            return false;
+        }
+        Read(offset, destination);
+        return true;
+    }
+
+    public bool TryWriteNoWait(long offset, ReadOnlySpan<byte> source)
+    {
+        if (_disposed || IsReadOnly || offset < 0 || source.Length > Size - offset)
+        {
+            return false;
+        }
+        Write(offset, source);
+        return true;
     }
 
     private void Read(long offset, Span<byte> destination)

@@ -19,6 +19,9 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
 
     public NbdRequest Request { get; private set; }
 
+    /// <summary>Links requests finished on the reader's thread into one batch for the writer.</summary>
+    public RequestWork? Next { get; set; }
+
     public NbdError Error { get; private set; }
 
     /// <summary>Offset of the failure when a read fails part way (ERROR_OFFSET).</summary>
@@ -44,6 +47,34 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
     }
 
     public void Execute() => _ = ExecuteAsync();
+
+    /// <summary>
+    /// Serves a plain read or write on the calling (reader) thread when the device can do it
+    /// without blocking: a page-cache hit costs no thread-pool hop. False leaves the request to
+    /// <see cref="Execute"/>; a read keeps its buffer for that.
+    /// </summary>
+    public bool TryCompleteInline(INonBlockingIo io)
+    {
+        NbdRequest request = Request;
+        int length = (int)request.Length;
+        switch (request.Command)
+        {
+            case NbdCommand.Read when !owner.Structured || length < Transmission.SparseReadThreshold || request.Flags.HasFlag(CommandFlags.DontFragment):
+                Buffer = PayloadPool.Rent(length);
+                if (!io.TryReadNoWait((long)request.Offset, Buffer.AsSpan(0, length)))
+                {
+                    return false;
+                }
+                _segments ??= new Extent[MaxReadSegments + 1];
+                _segments[0] = new Extent(length, ExtentFlags.Data);
+                _segmentCount = 1;
+                return true;
+            case NbdCommand.Write when !request.Flags.HasFlag(CommandFlags.Fua):
+                return io.TryWriteNoWait((long)request.Offset, Buffer.AsSpan(0, length));
+            default:
+                return false;
+        }
+    }
 
     /// <summary>Hands a finished request to the writer.</summary>
     public void Complete() => owner.Enqueue(this);
@@ -103,7 +134,7 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
 
     private async ValueTask ReadAsync(IBlockDevice device, long offset, int length, CancellationToken cancel)
     {
-        Buffer = PayloadPool.Rent(length);
+        Buffer ??= PayloadPool.Rent(length);
         _segments ??= new Extent[MaxReadSegments + 1];
         bool sparse = owner.Structured && length >= Transmission.SparseReadThreshold && !Request.Flags.HasFlag(CommandFlags.DontFragment);
         int n = sparse ? await device.GetAllocationAsync(offset, length, _segments.AsMemory(0, MaxReadSegments), cancel).ConfigureAwait(false) : 0;

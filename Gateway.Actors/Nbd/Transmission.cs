@@ -31,6 +31,7 @@ public sealed class Transmission
     private readonly Stream _direct;
     private readonly ExportHandle _export;
     private readonly IBlockDevice _device;
+    private readonly INonBlockingIo? _nonBlocking;
     private readonly SelectedContext[] _contexts;
     private readonly ILogger _logger;
     private readonly ExportMetrics? _metrics;
@@ -41,6 +42,7 @@ public sealed class Transmission
     private readonly ConcurrentQueue<RequestWork> _pool = new();
     private readonly CancellationTokenSource _aborted = new();
 
+    private RequestWork? _batch;
     private int _inFlight;
     private long _inFlightBytes;
     private volatile bool _draining;
@@ -55,6 +57,7 @@ public sealed class Transmission
         _direct = direct;
         _export = session.Export;
         _device = session.Export.Device;
+        _nonBlocking = _device as INonBlockingIo;
         _contexts = [.. session.Contexts];
         Structured = session.StructuredReplies;
         _logger = logger;
@@ -92,6 +95,7 @@ public sealed class Transmission
         }
         finally
         {
+            FlushBatch();
             await DrainAsync().ConfigureAwait(false);
             _replies.Writer.TryComplete();
             await writer.ConfigureAwait(false);
@@ -129,6 +133,8 @@ public sealed class Transmission
                     long bytes = error == NbdError.None && request.Command is NbdCommand.Read or NbdCommand.Write ? request.Length : 0;
                     if (Volatile.Read(ref _inFlight) >= MaxInFlightRequests || Volatile.Read(ref _inFlightBytes) + bytes > MaxInFlightBytes)
                     {
+                        // Capacity comes back as replies are written: hand over what is done first.
+                        FlushBatch();
                         await WaitForCapacityAsync(bytes, stopping).ConfigureAwait(false);
                     }
 
@@ -169,6 +175,7 @@ public sealed class Transmission
             {
                 leftover = !buffer.IsEmpty;
                 _input.AdvanceTo(buffer.Start, buffer.End);
+                FlushBatch();
             }
 
             if (partial is not null)
@@ -191,6 +198,7 @@ public sealed class Transmission
                     return;
                 }
                 Start(partial);
+                FlushBatch();
                 continue;
             }
             if (discard > 0)
@@ -296,11 +304,17 @@ public sealed class Transmission
         return work;
     }
 
-    private static void Start(RequestWork work)
+    /// <summary>
+    /// Runs a request: refused ones and those the device serves without blocking finish here, on
+    /// the reader's thread, and go to the writer together when the reader has parsed all it has;
+    /// the rest run on the thread pool.
+    /// </summary>
+    private void Start(RequestWork work)
     {
-        if (work.Error != NbdError.None)
+        if (work.Error != NbdError.None || (_nonBlocking is not null && work.TryCompleteInline(_nonBlocking)))
         {
-            work.Complete();
+            work.Next = _batch;
+            _batch = work;
         }
         else
         {
@@ -308,13 +322,33 @@ public sealed class Transmission
         }
     }
 
-    /// <summary>Called by a request when its reply is ready.</summary>
+    private void FlushBatch()
+    {
+        if (_batch is RequestWork head)
+        {
+            _batch = null;
+            Enqueue(head);
+        }
+    }
+
+    /// <summary>Called by a request (or the head of a batch) when its reply is ready.</summary>
     internal void Enqueue(RequestWork work)
     {
         if (!_replies.Writer.TryWrite(work))
         {
-            // The writer has gone (socket broken): nobody will send this reply.
+            // The writer has gone (socket broken): nobody will send these replies.
+            ReleaseChain(work);
+        }
+    }
+
+    private void ReleaseChain(RequestWork? work)
+    {
+        while (work is not null)
+        {
+            RequestWork? next = work.Next;
+            work.Next = null;
             Release(work);
+            work = next;
         }
     }
 
@@ -400,19 +434,30 @@ public sealed class Transmission
         {
             while (await reader.WaitToReadAsync().ConfigureAwait(false))
             {
-                while (reader.TryRead(out RequestWork? work))
+                while (reader.TryRead(out RequestWork? head))
                 {
-                    try
+                    for (RequestWork? work = head; work is not null;)
                     {
-                        ValueTask written = work.WriteReplyAsync(_output, _direct);
-                        if (!written.IsCompletedSuccessfully)
+                        RequestWork? next = work.Next;
+                        work.Next = null;
+                        try
                         {
-                            await written.ConfigureAwait(false);
+                            ValueTask written = work.WriteReplyAsync(_output, _direct);
+                            if (!written.IsCompletedSuccessfully)
+                            {
+                                await written.ConfigureAwait(false);
+                            }
                         }
-                    }
-                    finally
-                    {
-                        Release(work);
+                        catch
+                        {
+                            ReleaseChain(next);
+                            throw;
+                        }
+                        finally
+                        {
+                            Release(work);
+                        }
+                        work = next;
                     }
                     if (_output.UnflushedBytes >= 1024 * 1024)
                     {
@@ -437,7 +482,7 @@ public sealed class Transmission
             _aborted.Cancel();
             while (reader.TryRead(out RequestWork? work))
             {
-                Release(work);
+                ReleaseChain(work);
             }
         }
     }
