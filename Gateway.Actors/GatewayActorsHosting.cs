@@ -1,5 +1,6 @@
 using Akka.Actor;
 using Akka.Hosting;
+using Gateway.Actors.Bitmaps;
 using Gateway.Actors.Connections;
 using Gateway.Actors.Exports;
 using Microsoft.Extensions.DependencyInjection;
@@ -18,6 +19,8 @@ public static class GatewayActorsHosting
     /// <summary>Starts the export registry (persistent) and the NBD connection supervisor.</summary>
     public static AkkaConfigurationBuilder WithGatewayActors(this AkkaConfigurationBuilder builder, BackendFactory backends, ExportSpec? initialExport)
     {
+        // Bitmap events are written on the data path: binary, not JSON (AKKA-NOTES.md).
+        builder.WithCustomSerializer(BitmapSerializer.Name, [typeof(IBitmapPersisted)], system => new BitmapSerializer(system));
         return builder.WithActors((system, registry, resolver) =>
         {
             ILoggerFactory loggers = resolver.GetService<ILoggerFactory>();

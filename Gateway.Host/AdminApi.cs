@@ -8,14 +8,15 @@ using Gateway.Actors.Exports;
 namespace Gateway.Host;
 
 /// <summary>JSON shapes of the admin API (ARCHITECTURE.md, "The interface contract").</summary>
-public sealed record BackendDto(string? Type, string? Path);
+/// <summary>Overlays add <c>base</c> (an export) or <c>baseImage</c> (a raw file) on create, and show their <c>layers</c> (top first).</summary>
+public sealed record BackendDto(string? Type, string? Path, string? Base = null, string? BaseImage = null, string[]? Layers = null);
 
 public sealed record CreateExportRequest(string? Name, JsonElement? Size, BackendDto? Backend, bool? ReadOnly, string? Description);
 
 public sealed record ExportDto(string Name, long Size, BackendDto Backend, bool ReadOnly, string? Description)
 {
     public static ExportDto From(ExportSpec spec) =>
-        new(spec.Name, spec.Size, new BackendDto(spec.Backend.Type, spec.Backend.Path), spec.ReadOnly, spec.Description);
+        new(spec.Name, spec.Size, new BackendDto(spec.Backend.Type, spec.Backend.Path, spec.Backend.Base, spec.Backend.BaseImage, spec.Backend.Layers), spec.ReadOnly, spec.Description);
 }
 
 public sealed record ErrorDto(string Error);
@@ -84,6 +85,8 @@ public static class AdminApi
             return result.Error is null ? Results.NoContent() : Failure(result);
         });
 
+        app.MapBitmapApi();
+        app.MapOverlayApi();
         return app;
     }
 
@@ -110,7 +113,12 @@ public static class AdminApi
                 problem = $"size {body.Size} is invalid: give bytes, or a string such as \"10G\"";
                 return null;
         }
-        var spec = new ExportSpec(body.Name, size, new BackendSpec(body.Backend?.Type ?? "file", body.Backend?.Path), body.ReadOnly ?? false, body.Description);
+        if (body.Backend?.Layers is not null)
+        {
+            problem = "layers are made by the gateway (snapshot), not given";
+            return null;
+        }
+        var spec = new ExportSpec(body.Name, size, new BackendSpec(body.Backend?.Type ?? "file", body.Backend?.Path, Base: body.Backend?.Base, BaseImage: body.Backend?.BaseImage), body.ReadOnly ?? false, body.Description);
         problem = ExportRules.Validate(spec);
         return problem is null ? spec : null;
     }

@@ -6,7 +6,7 @@ using System.Text.Json;
 namespace Gateway.Host;
 
 /// <summary><c>gateway export ...</c>: the admin API from the command line.</summary>
-public sealed class ExportCli(Uri admin, TextWriter stdout, TextWriter stderr)
+public sealed partial class ExportCli(Uri admin, TextWriter stdout, TextWriter stderr)
 {
     private static readonly HttpClient Http = new() { Timeout = TimeSpan.FromSeconds(60) };
 

@@ -60,7 +60,10 @@ add.Options.Add(sizeOption);
 add.Options.Add(readOnlyOption);
 add.Options.Add(descriptionOption);
 add.Options.Add(pathOption);
-add.SetAction((parse, ct) => Cli(parse).AddAsync(parse.GetValue(nameArgument)!, parse.GetValue(sizeOption)!, parse.GetValue(readOnlyOption),
+OverlayCli.AddOptions(add);
+add.SetAction((parse, ct) => OverlayCli.IsOverlay(parse)
+    ? Cli(parse).AddOverlayAsync(parse.GetValue(nameArgument)!, parse.GetValue(sizeOption)!, parse.GetValue(readOnlyOption), parse.GetValue(descriptionOption), OverlayCli.Base(parse), OverlayCli.BaseImage(parse), ct)
+    : Cli(parse).AddAsync(parse.GetValue(nameArgument)!, parse.GetValue(sizeOption)!, parse.GetValue(readOnlyOption),
     parse.GetValue(descriptionOption), parse.GetValue(pathOption), ct));
 
 var remove = new Command("remove", "Remove an export (and the file the gateway made for it)");
@@ -73,10 +76,12 @@ export.Subcommands.Add(list);
 export.Subcommands.Add(show);
 export.Subcommands.Add(add);
 export.Subcommands.Add(remove);
+export.Subcommands.Add(OverlayCli.SnapshotCommand(nameArgument, Cli));
 
 var root = new RootCommand("NBD storage gateway");
 root.Subcommands.Add(serve);
 root.Subcommands.Add(export);
+root.Subcommands.Add(BitmapCli.Build(adminUrlOption));
 
 try
 {

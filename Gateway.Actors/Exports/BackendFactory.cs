@@ -3,7 +3,7 @@ using Gateway.Backends;
 namespace Gateway.Actors.Exports;
 
 /// <summary>Creates, opens and deletes the data of exports under the data folder.</summary>
-public sealed class BackendFactory(string dataDirectory)
+public sealed partial class BackendFactory(string dataDirectory)
 {
     public string DataDirectory { get; } = Path.GetFullPath(dataDirectory);
 
@@ -19,6 +19,11 @@ public sealed class BackendFactory(string dataDirectory)
     /// </summary>
     public void Create(ExportSpec spec)
     {
+        if (spec.IsOverlay())
+        {
+            CreateOverlay(spec);
+            return;
+        }
         string path = FilePath(spec);
         if (spec.Backend.Path is { Length: > 0 } && File.Exists(path))
         {
@@ -59,12 +64,12 @@ public sealed class BackendFactory(string dataDirectory)
         return missing;
     }
 
-    public IBlockDevice Open(ExportSpec spec) => FileBackend.Open(FilePath(spec), spec.ReadOnly);
+    public IBlockDevice Open(ExportSpec spec) => spec.IsOverlay() ? OpenOverlay(spec) : FileBackend.Open(FilePath(spec), spec.ReadOnly);
 
     /// <summary>Deletes storage the gateway made itself; a file the user named is left in place.</summary>
     public void Delete(ExportSpec spec)
     {
-        if (spec.Backend.Path is not { Length: > 0 })
+        if (spec.Backend.Path is not { Length: > 0 } && !spec.IsOverlay())
         {
             File.Delete(FilePath(spec));
         }

@@ -1,5 +1,6 @@
 using Akka.Actor;
 using Akka.Event;
+using Gateway.Actors.Bitmaps;
 using Gateway.Backends;
 
 namespace Gateway.Actors.Exports;
@@ -9,22 +10,54 @@ namespace Gateway.Actors.Exports;
 /// the device itself in an <see cref="ExportHandle"/> and call it directly; the actor handles
 /// lifecycle only (open, flush, close).
 /// </summary>
-public sealed class ExportActor : ReceiveActor
+public sealed partial class ExportActor : ReceiveActor
 {
-    private readonly ExportSpec _spec;
+    private ExportSpec _spec;
     private readonly BackendFactory _backends;
     private readonly CancellationTokenSource _closed = new();
     private readonly ILoggingAdapter _log = Context.GetLogger();
     private IBlockDevice? _device;
     private ExportHandle? _handle;
+    private IActorRef _bitmaps = ActorRefs.Nobody;
 
     public ExportActor(ExportSpec spec, BackendFactory backends)
     {
         _spec = spec;
         _backends = backends;
 
-        Receive<OpenExport>(_ => Sender.Tell(new ExportOpened(_handle)));
+        // Answered by the bitmaps actor once it has recovered, so no client sees the export
+        // without its qemu:dirty-bitmap contexts; by this actor if the bitmaps actor has stopped.
+        Receive<OpenExport>(open =>
+        {
+            if (_bitmaps.IsNobody())
+            {
+                Sender.Tell(new ExportOpened(_handle));
+            }
+            else
+            {
+                _bitmaps.Forward(open);
+            }
+        });
+        Receive<Terminated>(t =>
+        {
+            if (t.ActorRef.Equals(_bitmaps))
+            {
+                _bitmaps = ActorRefs.Nobody;
+            }
+        });
         Receive<GetExport>(_ => Sender.Tell(new ExportFound(new ExportStatus(_spec, _handle?.Info))));
+        ReceiveAsync<PushLayer>(PushLayerAsync);
+        Receive<IBitmapCommand>(command => _bitmaps.Forward(command));
+        Receive<BitmapsPurged>(_ => Context.Stop(Self));
+        Receive<PurgeBitmaps>(purge =>
+        {
+            // The export was removed: its bitmaps' events go too, then this actor stops.
+            Context.Unwatch(_bitmaps);
+            // A custom message, not PoisonPill: a PoisonPill delivered as a termination message
+            // arrives as an ordinary message and would not stop this actor.
+            Context.WatchWith(_bitmaps, BitmapsPurged.Instance);
+            _bitmaps.Tell(purge);
+        });
         ReceiveAsync<FlushAllExports>(async _ =>
         {
             try
@@ -49,9 +82,22 @@ public sealed class ExportActor : ReceiveActor
     protected override void PreStart()
     {
         _device = _backends.Open(_spec);
+        _overlay = _device as Gateway.Backends.Overlay.OverlayBackend;
+        _device = TrackDirtyGranules(_device);
         var info = new ExportInfo(_spec.Name, _spec.Description, _spec.Size, _spec.ReadOnly || _device.IsReadOnly, _device.Capabilities);
-        _handle = new ExportHandle(info, _device, [new BaseAllocationContext(_device)], _closed.Token);
+        _handle = new ExportHandle(info, _device, [new BaseAllocationContext(_device), .. OverlayContexts()], _closed.Token);
+        _bitmaps.Tell(new AttachExportHandle(_handle));
         _log.Info("Export {0} open: {1} bytes, {2}", _spec.Name, _spec.Size, _spec.ReadOnly ? "read-only" : "read-write");
+    }
+
+    /// <summary>Every change reaches the device only once the export's enabled bitmaps record it durably.</summary>
+    private DirtyTrackingDevice TrackDirtyGranules(IBlockDevice device)
+    {
+        var tracker = new DirtyTracker();
+        _bitmaps = Context.ActorOf(BitmapsActor.Props(_spec.Name, _spec.Size, tracker), "bitmaps");
+        tracker.Actor = _bitmaps;
+        Context.Watch(_bitmaps);
+        return new DirtyTrackingDevice(device, tracker);
     }
 
     protected override void PostStop()
@@ -74,5 +120,10 @@ public sealed class ExportActor : ReceiveActor
             _device.Dispose();
         }
         _closed.Dispose();
+    }
+
+    private sealed record BitmapsPurged
+    {
+        public static readonly BitmapsPurged Instance = new();
     }
 }

@@ -19,7 +19,17 @@ public sealed record ExportCatalog(ImmutableSortedDictionary<string, ExportSpec>
         CreateExport create => (new ExportCreated(create.Spec), null),
         RemoveExport remove when !Exports.ContainsKey(remove.ExportName) =>
             (null, CommandResult.Fail(ExportErrorKind.NotFound, $"export '{remove.ExportName}' not found")),
+        RemoveExport remove when BaseImageUsers(remove.ExportName) is { Length: > 0 } users =>
+            (null, CommandResult.Fail(ExportErrorKind.Conflict, $"export '{remove.ExportName}' is the base image of {users}: remove those first")),
         RemoveExport remove => (new ExportRemoved(remove.ExportName), null),
+        SnapshotExport snapshot when !Exports.ContainsKey(snapshot.ExportName) =>
+            (null, CommandResult.Fail(ExportErrorKind.NotFound, $"export '{snapshot.ExportName}' not found")),
+        SnapshotExport snapshot when Exports[snapshot.ExportName] is { } spec && (!spec.IsOverlay() || spec.ReadOnly || spec.Backend.Layers is null) =>
+            (null, CommandResult.Fail(ExportErrorKind.Invalid, $"export '{snapshot.ExportName}' is {(spec.ReadOnly ? "read-only" : "not an overlay")}: only a writable overlay export can be snapshotted")),
+        SnapshotExport { LayerId: null } snapshot =>
+            (null, CommandResult.Fail(ExportErrorKind.Invalid, $"snapshot of '{snapshot.ExportName}' names no new layer")),
+        SnapshotExport snapshot =>
+            (new ExportSnapshotted(snapshot.ExportName, [snapshot.LayerId!, .. Exports[snapshot.ExportName].Backend.Layers!]), null),
         _ => (null, CommandResult.Fail(ExportErrorKind.Invalid, $"unknown command {command.GetType().Name}")),
     };
 
@@ -27,8 +37,19 @@ public sealed record ExportCatalog(ImmutableSortedDictionary<string, ExportSpec>
     {
         ExportCreated created => this with { Exports = Exports.SetItem(created.Spec.Name, created.Spec) },
         ExportRemoved removed => this with { Exports = Exports.Remove(removed.Name) },
+        ExportSnapshotted pushed when Exports.TryGetValue(pushed.Name, out ExportSpec? spec) =>
+            this with { Exports = Exports.SetItem(pushed.Name, spec with { Backend = spec.Backend with { Layers = pushed.Layers } }) },
         _ => this,
     };
+
+    /// <summary>Overlay exports whose raw base image is this file export's data (it must outlive them).</summary>
+    private string BaseImageUsers(string name) =>
+        Exports.TryGetValue(name, out ExportSpec? spec) && !spec.IsOverlay()
+            ? string.Join(", ", Exports.Values.Where(e => e.IsOverlay() && e.Backend.Base == name && e.Backend.BaseImage is not null).Select(e => $"'{e.Name}'"))
+            : "";
+
+    /// <summary>Every layer id some export's chain uses.</summary>
+    public IEnumerable<string> LayersInUse => Exports.Values.SelectMany(e => e.Backend.Layers ?? []);
 
     /// <summary>The export a client gets when it names none: disk0 if present, else the first by name.</summary>
     public string? DefaultExport =>

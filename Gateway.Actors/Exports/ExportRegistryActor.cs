@@ -2,6 +2,7 @@ using Akka.Actor;
 using Akka.Event;
 using System.Diagnostics;
 using Akka.Persistence;
+using Gateway.Actors.Bitmaps;
 using Gateway.Actors.Telemetry;
 
 namespace Gateway.Actors.Exports;
@@ -10,7 +11,7 @@ namespace Gateway.Actors.Exports;
 /// The durable set of exports on this node: persists <see cref="IExportEvent"/>s, keeps one
 /// <see cref="ExportActor"/> child per export, and routes export messages to them.
 /// </summary>
-public sealed class ExportRegistryActor : ReceivePersistentActor
+public sealed partial class ExportRegistryActor : ReceivePersistentActor
 {
     private readonly BackendFactory _backends;
     private readonly ILoggingAdapter _log = Context.GetLogger();
@@ -49,8 +50,20 @@ public sealed class ExportRegistryActor : ReceivePersistentActor
             }
         });
 
-        Command<CreateExport>(Create);
+        Command<CreateExport>(create =>
+        {
+            if (create.Spec.IsOverlay() && create.Spec.Backend.Layers is null)
+            {
+                CreateOverlay(create);
+            }
+            else
+            {
+                Create(create);
+            }
+        });
         Command<RemoveExport>(Remove);
+        Command<SnapshotExport>(snapshot => Snapshot(snapshot, Sender, thenCreate: null));
+        Command<SnapshotThenCreate>(CreateOnSnapshot);
         Command<ListExports>(_ => ListAll());
         Command<GetExport>(get =>
         {
@@ -65,6 +78,17 @@ public sealed class ExportRegistryActor : ReceivePersistentActor
             else
             {
                 Sender.Tell(new ExportFound(null));
+            }
+        });
+        Command<IBitmapCommand>(command =>
+        {
+            if (_children.TryGetValue(command.ExportName, out IActorRef? child))
+            {
+                child.Forward(command);
+            }
+            else
+            {
+                Sender.Tell(BitmapResult.Fail(ExportErrorKind.NotFound, $"export '{command.ExportName}' not found"));
             }
         });
         Command<OpenExport>(open =>
@@ -186,10 +210,11 @@ public sealed class ExportRegistryActor : ReceivePersistentActor
             _catalog = _catalog.Apply(e);
             if (_children.Remove(spec.Name, out IActorRef? child))
             {
-                // The child closes its device in PostStop; delete the file once it has gone.
+                // The child purges its bitmaps, closes its device in PostStop and stops; delete the
+                // file once it has gone.
                 Context.Unwatch(child);
                 Context.WatchWith(child, new ExportStopped(spec));
-                Context.Stop(child);
+                child.Tell(PurgeBitmaps.Instance);
             }
             else
             {
@@ -207,6 +232,7 @@ public sealed class ExportRegistryActor : ReceivePersistentActor
         try
         {
             _backends.Delete(spec);
+            _backends.DeleteLayers((spec.Backend.Layers ?? []).Except(_catalog.LayersInUse));
         }
         catch (Exception e)
         {

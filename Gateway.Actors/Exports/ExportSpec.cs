@@ -5,8 +5,23 @@ namespace Gateway.Actors.Exports;
 /// <summary>The durable definition of an export, as created through the admin API.</summary>
 public sealed record ExportSpec(string Name, long Size, BackendSpec Backend, bool ReadOnly, string? Description);
 
-/// <summary>Where an export's data lives. <c>file</c>: a sparse raw file (Path relative to the data folder, or absolute).</summary>
-public sealed record BackendSpec(string Type, string? Path = null);
+/// <summary>
+/// Where an export's data lives. <c>file</c>: a sparse raw file (Path relative to the data folder,
+/// or absolute). <c>overlay</c>: a chain of <see cref="Layers"/> (ids under data/layers, top first)
+/// over an optional raw <see cref="BaseImage"/>; <see cref="Base"/> names the export it was made on.
+/// </summary>
+public sealed record BackendSpec(string Type, string? Path = null, string[]? Layers = null, string? Base = null, string? BaseImage = null)
+{
+    public const string File = "file";
+    public const string Overlay = "overlay";
+
+    // Arrays compare by content, so specs read back from the journal equal the ones written.
+    public bool Equals(BackendSpec? other) =>
+        other is not null && Type == other.Type && Path == other.Path && Base == other.Base && BaseImage == other.BaseImage &&
+        (Layers ?? []).SequenceEqual(other.Layers ?? []);
+
+    public override int GetHashCode() => HashCode.Combine(Type, Path, Base, BaseImage, Layers?.Length);
+}
 
 public static partial class ExportRules
 {
@@ -31,9 +46,13 @@ public static partial class ExportRules
         {
             return $"size {spec.Size} is over the limit of {MaxSize} bytes";
         }
-        if (spec.Backend.Type != "file")
+        if (spec.Backend.Type is not (BackendSpec.File or BackendSpec.Overlay))
         {
-            return $"backend type '{spec.Backend.Type}' is not supported (supported: file)";
+            return $"backend type '{spec.Backend.Type}' is not supported (supported: file, overlay)";
+        }
+        if (OverlayRules.Validate(spec) is string overlayProblem)
+        {
+            return overlayProblem;
         }
         if (spec.Description is { Length: > Nbd.NbdLimits.MaxString })
         {

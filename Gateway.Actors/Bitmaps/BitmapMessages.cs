@@ -1,0 +1,68 @@
+using Gateway.Actors.Exports;
+
+namespace Gateway.Actors.Bitmaps;
+
+// Commands and queries: routed by export name to the export's bitmaps actor, answered with BitmapResult.
+public interface IBitmapCommand : IWithExportName;
+
+public sealed record ListBitmaps(string ExportName) : IBitmapCommand;
+
+public sealed record AddBitmap(string ExportName, string Name, long Granularity, bool Enabled) : IBitmapCommand;
+
+public sealed record RemoveBitmap(string ExportName, string Name) : IBitmapCommand;
+
+public sealed record ClearBitmap(string ExportName, string Name) : IBitmapCommand;
+
+public sealed record SetBitmapEnabled(string ExportName, string Name, bool Enabled) : IBitmapCommand;
+
+public sealed record MergeBitmaps(string ExportName, string Target, IReadOnlyList<string> Sources) : IBitmapCommand;
+
+public sealed record BitmapInfo(string Name, int Granularity, bool Enabled, long DirtyBytes);
+
+/// <summary>The outcome of a bitmap command: the bitmaps it concerns, or the problem.</summary>
+public sealed record BitmapResult(ExportErrorKind? Error, string? Message, IReadOnlyList<BitmapInfo> Bitmaps)
+{
+    public static BitmapResult Ok(params IReadOnlyList<BitmapInfo> bitmaps) => new(null, null, bitmaps);
+
+    public static BitmapResult Fail(ExportErrorKind kind, string message) => new(kind, message, []);
+}
+
+/// <summary>Asks the bitmaps actor to delete its events and snapshots and stop (the export was removed).</summary>
+public sealed record PurgeBitmaps
+{
+    public static readonly PurgeBitmaps Instance = new();
+}
+
+/// <summary>
+/// First touches from the data path: complete <see cref="Done"/> once every enabled bitmap has
+/// the granules of [Offset, Offset+Length) durably dirty. Sent with Tell, never Ask.
+/// </summary>
+public sealed record MarkDirty(long Offset, long Length, TaskCompletionSource Done);
+
+/// <summary>Everything the bitmaps actor persists; bound to <see cref="BitmapSerializer"/> (binary).</summary>
+public interface IBitmapPersisted;
+
+// Events (persisted): never change their shape without a migration; BitmapSerializer writes them.
+public interface IBitmapEvent : IBitmapPersisted;
+
+public sealed record BitmapAdded(string Name, int Granularity, bool Enabled) : IBitmapEvent;
+
+public sealed record BitmapRemoved(string Name) : IBitmapEvent;
+
+public sealed record BitmapCleared(string Name) : IBitmapEvent;
+
+public sealed record BitmapEnabledChanged(string Name, bool Enabled) : IBitmapEvent;
+
+public sealed record BitmapsMerged(string Target, IReadOnlyList<string> Sources) : IBitmapEvent;
+
+/// <summary>
+/// One group commit: byte ranges (offset, length pairs, sorted and coalesced) first touched by
+/// writes, applied to every bitmap enabled at this point of the event stream. Byte ranges, not
+/// granules, so one event serves bitmaps of any granularity.
+/// </summary>
+public sealed record GranulesDirtied(long[] Ranges) : IBitmapEvent;
+
+/// <summary>Snapshot: every bitmap with its dirty granules as runs (first granule, count).</summary>
+public sealed record BitmapsSnapshot(IReadOnlyList<BitmapSnapshotEntry> Bitmaps) : IBitmapPersisted;
+
+public sealed record BitmapSnapshotEntry(string Name, int Granularity, bool Enabled, long[] Runs);

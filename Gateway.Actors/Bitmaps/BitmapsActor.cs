@@ -1,0 +1,254 @@
+using Akka.Actor;
+using Akka.Event;
+using Akka.Persistence;
+using Gateway.Actors.Exports;
+using Gateway.Backends;
+
+namespace Gateway.Actors.Bitmaps;
+
+/// <summary>Gives the bitmaps actor the export's handle, whose contexts it keeps up to date.</summary>
+public sealed record AttachExportHandle(ExportHandle Handle);
+
+/// <summary>
+/// The dirty bitmaps of one export (a child of its <see cref="ExportActor"/>): persists bitmap
+/// operations, and group-commits the first touches of writes.
+/// <para>
+/// Group commit: at most one <see cref="GranulesDirtied"/> is being persisted at a time
+/// (PersistAsync, so first touches keep arriving meanwhile). Every first touch that arrives while
+/// it is in flight joins the next batch: one event, one journal write for all of them. Bits are
+/// set, and the writers released, only in the persist handler, i.e. once the event is durable.
+/// </para>
+/// <para>
+/// Admin operations use Persist, which holds later messages back until it is applied, so
+/// <see cref="BitmapState.Decide"/> always sees the definitions every earlier operation made.
+/// Journal order is apply order is replay order, so a batch applies on replay to exactly the
+/// bitmaps it applied to when it was made.
+/// </para>
+/// </summary>
+public sealed class BitmapsActor : ReceivePersistentActor
+{
+    public const int DefaultSnapshotEvery = 1000;
+
+    private readonly string _exportName;
+    private readonly DirtyTracker _tracker;
+    private readonly int _snapshotEvery;
+    private readonly ILoggingAdapter _log = Context.GetLogger();
+    private BitmapState _state;
+    private ExportHandle? _handle;
+    private List<(long Offset, long Length)> _pendingRanges = [];
+    private List<TaskCompletionSource> _pendingWaiters = [];
+    private List<TaskCompletionSource>? _committing;
+    private long _lastSnapshot;
+    private bool _restarting;
+    private int _purgeSteps = -1;
+
+    public BitmapsActor(string exportName, long exportSize, DirtyTracker tracker, int snapshotEvery = DefaultSnapshotEvery)
+    {
+        _exportName = exportName;
+        _tracker = tracker;
+        _snapshotEvery = snapshotEvery;
+        _state = BitmapState.Empty(exportSize);
+
+        Recover<SnapshotOffer>(offer =>
+        {
+            if (offer.Snapshot is BitmapsSnapshot snapshot)
+            {
+                _state = BitmapState.FromSnapshot(exportSize, snapshot);
+                _lastSnapshot = offer.Metadata.SequenceNr;
+            }
+        });
+        Recover<IBitmapEvent>(e => _state = _state.Apply(e));
+        Recover<RecoveryCompleted>(_ =>
+        {
+            Publish();
+            _log.Info("Export {0}: {1} dirty bitmap(s) recovered at event {2}", _exportName, _state.Bitmaps.Count, LastSequenceNr);
+        });
+
+        Command<MarkDirty>(OnMarkDirty);
+        Command<AttachExportHandle>(attach =>
+        {
+            _handle = attach.Handle;
+            PublishContexts();
+        });
+        Command<OpenExport>(_ => Sender.Tell(new ExportOpened(_handle)));
+        Command<ListBitmaps>(_ => Sender.Tell(BitmapResult.Ok([.. _state.Bitmaps.Values.Select(b => b.Info)])));
+        Command<IBitmapCommand>(OnCommand);
+        Command<PurgeBitmaps>(_ => Purge());
+        Command<SaveSnapshotSuccess>(s =>
+        {
+            DeleteMessages(s.Metadata.SequenceNr);
+            DeleteSnapshots(new SnapshotSelectionCriteria(s.Metadata.SequenceNr - 1));
+        });
+        Command<SaveSnapshotFailure>(f => _log.Warning("Snapshot of the bitmaps of {0} failed: {1}", _exportName, f.Cause.Message));
+        Command<DeleteMessagesSuccess>(_ => PurgeStepDone());
+        Command<DeleteMessagesFailure>(f =>
+        {
+            _log.Warning("Deleting old bitmap events of {0} failed: {1}", _exportName, f.Cause.Message);
+            PurgeStepDone();
+        });
+        Command<DeleteSnapshotsSuccess>(_ => PurgeStepDone());
+        Command<DeleteSnapshotsFailure>(f =>
+        {
+            _log.Warning("Deleting old bitmap snapshots of {0} failed: {1}", _exportName, f.Cause.Message);
+            PurgeStepDone();
+        });
+    }
+
+    public override string PersistenceId => "bitmaps-" + _exportName;
+
+    public static Props Props(string exportName, long exportSize, DirtyTracker tracker, int snapshotEvery = DefaultSnapshotEvery) =>
+        Akka.Actor.Props.Create(() => new BitmapsActor(exportName, exportSize, tracker, snapshotEvery));
+
+    public BitmapState State => _state;
+
+    private void OnMarkDirty(MarkDirty mark)
+    {
+        // The writer saw a stale view, or another writer's batch already covered it.
+        if (IsDirtyInEveryEnabled(mark.Offset, mark.Length))
+        {
+            mark.Done.TrySetResult();
+            return;
+        }
+        _pendingRanges.Add((mark.Offset, mark.Length));
+        _pendingWaiters.Add(mark.Done);
+        if (_committing is null)
+        {
+            Commit();
+        }
+    }
+
+    private bool IsDirtyInEveryEnabled(long offset, long length)
+    {
+        foreach (BitmapEntry entry in _state.Bitmaps.Values)
+        {
+            if (entry.Enabled && !entry.Bits.IsDirty(offset, length))
+            {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    /// <summary>Persists every first touch pending now as one event; the writers go on once it is durable.</summary>
+    private void Commit()
+    {
+        var @event = new GranulesDirtied(BitmapState.Coalesce(_pendingRanges));
+        _committing = _pendingWaiters;
+        _pendingRanges = [];
+        _pendingWaiters = [];
+        PersistAsync(@event, e =>
+        {
+            _state = _state.Apply(e);
+            List<TaskCompletionSource> done = _committing!;
+            _committing = null;
+            foreach (TaskCompletionSource waiter in done)
+            {
+                waiter.TrySetResult();
+            }
+            if (_pendingWaiters.Count > 0)
+            {
+                Commit();
+            }
+            MaybeSnapshot();
+        });
+    }
+
+    private void OnCommand(IBitmapCommand command)
+    {
+        (IBitmapEvent? @event, BitmapResult? error) = _state.Decide(command);
+        if (error is not null)
+        {
+            Sender.Tell(error);
+            return;
+        }
+        string name = command switch
+        {
+            AddBitmap a => a.Name,
+            RemoveBitmap r => r.Name,
+            ClearBitmap c => c.Name,
+            SetBitmapEnabled s => s.Name,
+            MergeBitmaps m => m.Target,
+            _ => "",
+        };
+        if (@event is null)
+        {
+            Sender.Tell(Reply(name));
+            return;
+        }
+        IActorRef sender = Sender;
+        Persist(@event, e =>
+        {
+            _state = _state.Apply(e);
+            Publish();
+            sender.Tell(Reply(name));
+            _log.Info("Export {0}: {1}", _exportName, e);
+            MaybeSnapshot();
+        });
+    }
+
+    private BitmapResult Reply(string name) =>
+        _state.Bitmaps.TryGetValue(name, out BitmapEntry? entry) ? BitmapResult.Ok(entry.Info) : BitmapResult.Ok();
+
+    /// <summary>A new view for the data path and new contexts for new connections.</summary>
+    private void Publish()
+    {
+        _tracker.View = new BitmapView(_state.EnabledBits(), ready: true);
+        PublishContexts();
+    }
+
+    private void PublishContexts()
+    {
+        if (_handle is null)
+        {
+            return;
+        }
+        // Other contexts (base:allocation first, then whatever else the export offers) keep their place.
+        _handle.MetaContexts =
+        [
+            .. _handle.MetaContexts.Where(c => c is not DirtyBitmapContext),
+            .. _state.Bitmaps.Values.Select(b => new DirtyBitmapContext(b.Name, b.Bits)),
+        ];
+    }
+
+    private void MaybeSnapshot()
+    {
+        if (LastSequenceNr - _lastSnapshot >= _snapshotEvery)
+        {
+            _lastSnapshot = LastSequenceNr;
+            SaveSnapshot(_state.ToSnapshot());
+        }
+    }
+
+    private void Purge()
+    {
+        _purgeSteps = 2;
+        DeleteMessages(long.MaxValue);
+        DeleteSnapshots(SnapshotSelectionCriteria.Latest);
+    }
+
+    private void PurgeStepDone()
+    {
+        if (_purgeSteps > 0 && --_purgeSteps == 0)
+        {
+            Context.Stop(Self);
+        }
+    }
+
+    protected override void PreRestart(Exception reason, object message)
+    {
+        _restarting = true;
+        base.PreRestart(reason, message);
+    }
+
+    protected override void PostStop()
+    {
+        var failure = new BlockDeviceException(BlockErrorKind.Io, $"the dirty bitmaps of export '{_exportName}' stopped before the change was recorded");
+        foreach (TaskCompletionSource waiter in _pendingWaiters.Concat(_committing ?? []))
+        {
+            waiter.TrySetException(failure);
+        }
+        // Restarting: writes wait for the recovery; stopped for good: writes fail rather than go unrecorded.
+        _tracker.View = _restarting ? BitmapView.Recovering : new BitmapView([], ready: true) { Stopped = true };
+        base.PostStop();
+    }
+}

@@ -1,0 +1,75 @@
+using Gateway.Backends;
+using Gateway.Backends.Overlay;
+
+namespace Gateway.Actors.Exports;
+
+/// <summary>Overlay exports: layers as files under data/layers (see <see cref="LayerFiles"/>).</summary>
+public sealed partial class BackendFactory
+{
+    public string LayerDirectory => Path.Combine(DataDirectory, "layers");
+
+    /// <summary>Where a raw base image is: an absolute path, or relative to the data folder.</summary>
+    public string BaseImagePath(string path) => Path.GetFullPath(path, DataDirectory);
+
+    /// <summary>Creates an overlay's top layer (the lower layers exist already and are shared).</summary>
+    private void CreateOverlay(ExportSpec spec)
+    {
+        string[] layers = spec.Backend.Layers ?? throw new InvalidOperationException($"overlay export '{spec.Name}' has no layers");
+        if (spec.Backend.BaseImage is { } image && !File.Exists(BaseImagePath(image)))
+        {
+            throw new InvalidOperationException($"base image '{BaseImagePath(image)}' does not exist");
+        }
+        foreach (string lower in layers.Skip(1))
+        {
+            if (!File.Exists(LayerFiles.MapPath(LayerDirectory, lower)))
+            {
+                throw new InvalidOperationException($"layer '{lower}' does not exist");
+            }
+        }
+        CreateLayer(layers[0], spec.Size);
+    }
+
+    /// <summary>Creates an empty layer, durable on return.</summary>
+    public void CreateLayer(string id, long size) =>
+        LayerFiles.CreateAsync(LayerDirectory, id, size).AsTask().GetAwaiter().GetResult();
+
+    /// <summary>Opens a layer made by <see cref="CreateLayer"/> as a writable top.</summary>
+    public Layer OpenTopLayer(string id) =>
+        LayerFiles.OpenAsync(LayerDirectory, id, writable: true).AsTask().GetAwaiter().GetResult();
+
+    /// <summary>Opens the chain: the top writable (unless the export is read-only), the rest read-only.</summary>
+    private OverlayBackend OpenOverlay(ExportSpec spec)
+    {
+        string[] ids = spec.Backend.Layers ?? throw new InvalidOperationException($"overlay export '{spec.Name}' has no layers");
+        var layers = new List<Layer>();
+        try
+        {
+            for (int i = 0; i < ids.Length; i++)
+            {
+                layers.Add(LayerFiles.OpenAsync(LayerDirectory, ids[i], writable: i == 0 && !spec.ReadOnly).AsTask().GetAwaiter().GetResult());
+            }
+            if (spec.Backend.BaseImage is { } image)
+            {
+                layers.Add(LayerFiles.OpenRaw(BaseImagePath(image)));
+            }
+            return new OverlayBackend(layers, spec.Size, spec.ReadOnly);
+        }
+        catch
+        {
+            foreach (Layer layer in layers)
+            {
+                layer.Dispose();
+            }
+            throw;
+        }
+    }
+
+    /// <summary>Deletes layers no export uses any more (frozen layers are shared by exports made on them).</summary>
+    public void DeleteLayers(IEnumerable<string> ids)
+    {
+        foreach (string id in ids)
+        {
+            LayerFiles.Delete(LayerDirectory, id);
+        }
+    }
+}

@@ -1,0 +1,124 @@
+using Akka.Actor;
+using Akka.Event;
+
+namespace Gateway.Actors.Exports;
+
+/// <summary>Overlay exports: creating one (on a base export or image) and snapshots.</summary>
+public sealed partial class ExportRegistryActor
+{
+    private static readonly TimeSpan PushTimeout = TimeSpan.FromSeconds(60);
+
+    /// <summary>
+    /// Fills in an overlay's chain: a new top over nothing, over a raw image, or over another
+    /// export's frozen data. A read-only file export is shared as a raw base image; a read-only
+    /// overlay shares its whole chain; a writable overlay is snapshotted first (its top frozen
+    /// and a new top pushed, without stopping its clients), and the new export shares every
+    /// layer below that new top.
+    /// </summary>
+    private void CreateOverlay(CreateExport create)
+    {
+        if (_catalog.Decide(create).Error is { } error)
+        {
+            Sender.Tell(error);
+            return;
+        }
+        ExportSpec spec = create.Spec;
+        BackendSpec backend = spec.Backend;
+        string top = OverlayRules.NewLayerId(spec.Name);
+        if (backend.Base is not { } baseName)
+        {
+            string? image = backend.BaseImage is { } path ? _backends.BaseImagePath(path) : null;
+            Create(create with { Spec = spec with { Backend = backend with { Layers = [top], BaseImage = image } } });
+            return;
+        }
+        if (!_catalog.Exports.TryGetValue(baseName, out ExportSpec? source))
+        {
+            Sender.Tell(CommandResult.Fail(ExportErrorKind.Invalid, $"base export '{baseName}' not found"));
+            return;
+        }
+        if (!source.IsOverlay())
+        {
+            if (!source.ReadOnly)
+            {
+                Sender.Tell(CommandResult.Fail(ExportErrorKind.Conflict,
+                    $"base export '{baseName}' is a writable file export: make it read-only to share it as a base image, or use an overlay export as the base"));
+                return;
+            }
+            Create(create with { Spec = spec with { Backend = backend with { Layers = [top], BaseImage = _backends.FilePath(source) } } });
+            return;
+        }
+        if (source.ReadOnly)
+        {
+            Create(create with { Spec = spec with { Backend = backend with { Layers = [top, .. source.Backend.Layers ?? []], BaseImage = source.Backend.BaseImage } } });
+            return;
+        }
+        Snapshot(new SnapshotExport(baseName), Sender, create with { Spec = spec with { Backend = backend with { Layers = [top] } } });
+    }
+
+    /// <summary>The base's snapshot is done: share the layers below its new top.</summary>
+    private void CreateOnSnapshot(SnapshotThenCreate done)
+    {
+        if (done.Result.Error is not null)
+        {
+            Sender.Tell(done.Result);
+            return;
+        }
+        ExportSpec spec = done.Create.Spec;
+        if (!_catalog.Exports.TryGetValue(spec.Backend.Base!, out ExportSpec? source) || source.Backend.Layers is not { Length: > 1 } layers)
+        {
+            Sender.Tell(CommandResult.Fail(ExportErrorKind.Conflict, $"base export '{spec.Backend.Base}' went away while it was being snapshotted"));
+            return;
+        }
+        Create(done.Create with { Spec = spec with { Backend = spec.Backend with { Layers = [spec.Backend.Layers![0], .. layers[1..]], BaseImage = source.Backend.BaseImage } } });
+    }
+
+    /// <summary>
+    /// Makes the new top layer, records the new chain, then has the export actor switch to it. The
+    /// record comes first: a crash before the switch reopens the new chain, whose second layer (the
+    /// old top) holds every write made until then.
+    /// </summary>
+    private void Snapshot(SnapshotExport snapshot, IActorRef replyTo, CreateExport? thenCreate)
+    {
+        string layerId = OverlayRules.NewLayerId(snapshot.ExportName);
+        snapshot = snapshot with { LayerId = layerId };
+        (IExportEvent? @event, CommandResult? error) = _catalog.Decide(snapshot);
+        if (error is not null)
+        {
+            replyTo.Tell(error);
+            return;
+        }
+        ExportSpec spec = _catalog.Exports[snapshot.ExportName];
+        try
+        {
+            _backends.CreateLayer(layerId, spec.Size);
+        }
+        catch (Exception e)
+        {
+            _log.Warning("Creating a layer for export {0} failed: {1}", spec.Name, e.Message);
+            replyTo.Tell(CommandResult.Fail(ExportErrorKind.Failed, $"creating a layer for '{spec.Name}' failed: {e.Message}"));
+            return;
+        }
+        Persist(@event!, e =>
+        {
+            _catalog = _catalog.Apply(e);
+            ExportSpec updated = _catalog.Exports[spec.Name];
+            _log.Info("Export {0} snapshotted: chain {1}", spec.Name, string.Join(" > ", updated.Backend.Layers!));
+            MaybeSnapshot();
+            Task<CommandResult> pushed = _children.TryGetValue(spec.Name, out IActorRef? child)
+                ? child.Ask<CommandResult>(new PushLayer(updated, layerId), PushTimeout)
+                : Task.FromResult(CommandResult.Ok(new ExportStatus(updated, null)));
+            if (thenCreate is null)
+            {
+                pushed.PipeTo(replyTo, failure: f => CommandResult.Fail(ExportErrorKind.Failed, $"switching '{spec.Name}' to its new layer failed: {f.Message}"));
+            }
+            else
+            {
+                pushed.PipeTo(Self, replyTo,
+                    success: r => new SnapshotThenCreate(r, thenCreate),
+                    failure: f => new SnapshotThenCreate(CommandResult.Fail(ExportErrorKind.Failed, $"snapshotting base '{spec.Name}' failed: {f.Message}"), thenCreate));
+            }
+        });
+    }
+
+    private sealed record SnapshotThenCreate(CommandResult Result, CreateExport Create);
+}

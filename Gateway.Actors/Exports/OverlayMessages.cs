@@ -1,0 +1,13 @@
+namespace Gateway.Actors.Exports;
+
+/// <summary>
+/// Freeze the export's top layer and push a new empty one. <paramref name="LayerId"/> is filled in by
+/// the registry (ids are random, and Decide stays a pure function).
+/// </summary>
+public sealed record SnapshotExport(string ExportName, string? LayerId = null) : IWithExportName;
+
+/// <summary>To an export actor: open the (already created and recorded) layer and push it as the new top.</summary>
+public sealed record PushLayer(ExportSpec Spec, string LayerId);
+
+/// <summary>Persisted: the export's chain is now <paramref name="Layers"/> (top first).</summary>
+public sealed record ExportSnapshotted(string Name, string[] Layers) : IExportEvent;

@@ -1,0 +1,44 @@
+using System.Text.RegularExpressions;
+
+namespace Gateway.Actors.Exports;
+
+/// <summary>Checks on the overlay parts of an export spec.</summary>
+public static partial class OverlayRules
+{
+    public static bool IsOverlay(this ExportSpec spec) => spec.Backend.Type == BackendSpec.Overlay;
+
+    /// <summary>The problem with a spec's overlay fields, or null.</summary>
+    public static string? Validate(ExportSpec spec)
+    {
+        BackendSpec backend = spec.Backend;
+        if (!spec.IsOverlay())
+        {
+            return backend.Layers is not null || backend.Base is not null || backend.BaseImage is not null
+                ? "base, baseImage and layers apply to backend type overlay only"
+                : null;
+        }
+        if (backend.Path is not null)
+        {
+            return "an overlay has no path: its layers live under data/layers (use baseImage for a raw image below it)";
+        }
+        if (backend.Base is not null && backend.BaseImage is not null)
+        {
+            return "give base (an export) or baseImage (a raw file), not both";
+        }
+        if (backend.Base is { } name && !NamePattern().IsMatch(name))
+        {
+            return $"base '{name}' is not a valid export name";
+        }
+        if (backend.Layers is { } layers && (layers.Length == 0 || layers.Any(id => !NamePattern().IsMatch(id))))
+        {
+            return "layers must be a non-empty list of layer ids";
+        }
+        return null;
+    }
+
+    /// <summary>A new layer id: the export's name and a random suffix, so ids never repeat even when names do.</summary>
+    public static string NewLayerId(string exportName) => $"{exportName}.{Guid.NewGuid():N}"[..Math.Min(exportName.Length + 13, 140)];
+
+    [GeneratedRegex("^[A-Za-z0-9_][A-Za-z0-9._-]{0,140}$")]
+    private static partial Regex NamePattern();
+}

@@ -1,0 +1,63 @@
+namespace Gateway.Backends.Overlay;
+
+/// <summary>
+/// One layer of an overlay chain: a data store the size of the layer and, for layers the gateway
+/// made, an allocation map. A layer without a map is a raw image (a bottom layer only): it
+/// provides every byte up to its size.
+/// </summary>
+public sealed class Layer(string id, IBlockDevice data, LayerMap? map) : IDisposable
+{
+    private readonly SemaphoreSlim _flush = new(1, 1);
+
+    public string Id { get; } = id;
+
+    public IBlockDevice Data { get; } = data;
+
+    public LayerMap? Map { get; } = map;
+
+    public bool IsRaw => Map is null;
+
+    public long Size => Data.Size;
+
+    /// <summary>
+    /// Makes every completed write to the layer durable, data before map: the states to persist are
+    /// copied first, then the data store is synced, then the copies are written and synced. A crash
+    /// at any point leaves no durable state pointing at data that is not. Flushes run one at a
+    /// time so an older copy of a page never lands after a newer one.
+    /// </summary>
+    public async ValueTask FlushAsync(CancellationToken cancellationToken = default)
+    {
+        await _flush.WaitAsync(cancellationToken).ConfigureAwait(false);
+        try
+        {
+            List<(long Page, byte[] Bytes)>? pages = Map?.TakeDirtyPages();
+            try
+            {
+                if (!Data.IsReadOnly)
+                {
+                    await Data.FlushAsync(cancellationToken).ConfigureAwait(false);
+                }
+            }
+            catch when (pages is { Count: > 0 })
+            {
+                // Not written: keep them dirty for the next flush.
+                Map!.MarkDirty(pages);
+                throw;
+            }
+            if (pages is { Count: > 0 })
+            {
+                await Map!.WritePagesAsync(pages, cancellationToken).ConfigureAwait(false);
+            }
+        }
+        finally
+        {
+            _flush.Release();
+        }
+    }
+
+    public void Dispose()
+    {
+        Data.Dispose();
+        Map?.Dispose();
+    }
+}
