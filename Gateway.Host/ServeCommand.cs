@@ -3,6 +3,8 @@ using Akka.Persistence.Sql.Hosting;
 using Gateway.Actors;
 using Gateway.Actors.Exports;
 using LinqToDB;
+using System.Data.Common;
+using LinqToDB.Interceptors;
 using Microsoft.Data.Sqlite;
 
 namespace Gateway.Host;
@@ -14,6 +16,8 @@ public static class ServeCommand
     {
         Directory.CreateDirectory(options.DataDirectory);
         string connectionString = PrepareDatabase(options.DatabasePath);
+        string wal = options.DatabasePath + "-wal";
+        JournalDurability.Configure(() => SyncFile(wal));
 
         WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
         foreach (string file in configFiles ?? [])
@@ -38,7 +42,9 @@ public static class ServeCommand
             // first, then Akka.Hosting runs CoordinatedShutdown. Akka's own SIGTERM hook would
             // race the drain and could stop export actors under requests still in flight.
             akka.AddHocon("akka.coordinated-shutdown.run-by-clr-shutdown-hook = off", HoconAddMode.Prepend);
-            akka.WithSqlPersistence(connectionString, ProviderName.SQLiteMS, autoInitialize: true);
+            akka.WithSqlPersistence(
+                new DataOptions().UseConnectionString(ProviderName.SQLiteMS, connectionString).UseInterceptor(new SqliteSessionSettings()),
+                autoInitialize: true);
             akka.WithGatewayActors(backends, initial);
         });
         builder.Services.AddHostedService<NbdListener>();
@@ -63,5 +69,41 @@ public static class ServeCommand
         command.CommandText = "PRAGMA journal_mode=WAL;";
         command.ExecuteNonQuery();
         return connectionString;
+    }
+
+    /// <summary>fsync of the WAL: every commit so far becomes durable (see <see cref="JournalDurability"/>).</summary>
+    private static void SyncFile(string path)
+    {
+        try
+        {
+            using var handle = File.OpenHandle(path, FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite | FileShare.Delete);
+            RandomAccess.FlushToDisk(handle);
+        }
+        catch (FileNotFoundException)
+        {
+            // Checkpointed away: its frames are already in the (synced) database file.
+        }
+    }
+
+    /// <summary>
+    /// synchronous=NORMAL on every journal connection: in WAL mode a commit then survives the
+    /// process being killed without an fsync; durability points sync the WAL themselves.
+    /// AKKA-NOTES.md measured 51 k events/s this way.
+    /// </summary>
+    private sealed class SqliteSessionSettings : ConnectionInterceptor
+    {
+        public override void ConnectionOpened(ConnectionEventData eventData, DbConnection connection)
+        {
+            using DbCommand command = connection.CreateCommand();
+            command.CommandText = "PRAGMA synchronous=NORMAL;";
+            command.ExecuteNonQuery();
+        }
+
+        public override async Task ConnectionOpenedAsync(ConnectionEventData eventData, DbConnection connection, CancellationToken cancellationToken)
+        {
+            await using DbCommand command = connection.CreateCommand();
+            command.CommandText = "PRAGMA synchronous=NORMAL;";
+            await command.ExecuteNonQueryAsync(cancellationToken);
+        }
     }
 }

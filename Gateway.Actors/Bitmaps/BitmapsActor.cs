@@ -180,6 +180,7 @@ public sealed class BitmapsActor : ReceivePersistentActor
         {
             _state = _state.Apply(e);
             Publish();
+            JournalDurability.Sync(); // the reply promises the operation survives a power cut
             sender.Tell(Reply(name));
             _log.Info("Export {0}: {1}", _exportName, e);
             MaybeSnapshot();

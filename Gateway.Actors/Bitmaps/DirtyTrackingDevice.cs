@@ -67,7 +67,7 @@ public sealed class DirtyTracker
 /// every enabled bitmap (or with no bitmap enabled) goes straight on: a few volatile reads, no
 /// allocation, no await beyond the backend's own.
 /// </summary>
-public sealed class DirtyTrackingDevice(IBlockDevice inner, DirtyTracker tracker) : IBlockDevice
+public sealed class DirtyTrackingDevice(IBlockDevice inner, DirtyTracker tracker) : IBlockDevice, INonBlockingIo
 {
     public IBlockDevice Inner => inner;
 
@@ -86,6 +86,10 @@ public sealed class DirtyTrackingDevice(IBlockDevice inner, DirtyTracker tracker
         BitmapView view = await BeforeChangeAsync(offset, source.Length).ConfigureAwait(false);
         await inner.WriteAsync(offset, source, fua, cancellationToken).ConfigureAwait(false);
         await AfterChangeAsync(view, offset, source.Length).ConfigureAwait(false);
+        if (fua)
+        {
+            JournalDurability.Sync();
+        }
     }
 
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
@@ -94,6 +98,10 @@ public sealed class DirtyTrackingDevice(IBlockDevice inner, DirtyTracker tracker
         BitmapView view = await BeforeChangeAsync(offset, length).ConfigureAwait(false);
         await inner.TrimAsync(offset, length, fua, cancellationToken).ConfigureAwait(false);
         await AfterChangeAsync(view, offset, length).ConfigureAwait(false);
+        if (fua)
+        {
+            JournalDurability.Sync();
+        }
     }
 
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
@@ -102,9 +110,37 @@ public sealed class DirtyTrackingDevice(IBlockDevice inner, DirtyTracker tracker
         BitmapView view = await BeforeChangeAsync(offset, length).ConfigureAwait(false);
         await inner.ZeroAsync(offset, length, flags, cancellationToken).ConfigureAwait(false);
         await AfterChangeAsync(view, offset, length).ConfigureAwait(false);
+        if (flags.HasFlag(ZeroFlags.Fua))
+        {
+            JournalDurability.Sync();
+        }
     }
 
-    public ValueTask FlushAsync(CancellationToken cancellationToken = default) => inner.FlushAsync(cancellationToken);
+    /// <summary>Data first, then the journal: every bit recorded before the flush is durable with it.</summary>
+    public async ValueTask FlushAsync(CancellationToken cancellationToken = default)
+    {
+        await inner.FlushAsync(cancellationToken).ConfigureAwait(false);
+        JournalDurability.Sync();
+    }
+
+    public bool TryReadNoWait(long offset, Span<byte> destination) =>
+        inner is INonBlockingIo io && io.TryReadNoWait(offset, destination);
+
+    /// <summary>
+    /// The fast path only for granules already dirty in every enabled bitmap. If the set of
+    /// bitmaps changed while the write ran, false sends the caller down the asynchronous path,
+    /// which marks the granules and writes again (the same bytes) before acknowledging.
+    /// </summary>
+    public bool TryWriteNoWait(long offset, ReadOnlySpan<byte> source)
+    {
+        BitmapView view = tracker.View;
+        if (inner is not INonBlockingIo io || view.Stopped || !view.IsDirty(offset, source.Length) || !io.TryWriteNoWait(offset, source))
+        {
+            return false;
+        }
+        BitmapView now = tracker.View;
+        return ReferenceEquals(now, view) || (!now.Stopped && now.IsDirty(offset, source.Length));
+    }
 
     public ValueTask CacheAsync(long offset, long length, CancellationToken cancellationToken = default) =>
         inner.CacheAsync(offset, length, cancellationToken);

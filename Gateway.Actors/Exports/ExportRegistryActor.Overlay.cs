@@ -101,6 +101,7 @@ public sealed partial class ExportRegistryActor
         Persist(@event!, e =>
         {
             _catalog = _catalog.Apply(e);
+            JournalDurability.Sync();
             ExportSpec updated = _catalog.Exports[spec.Name];
             _log.Info("Export {0} snapshotted: chain {1}", spec.Name, string.Join(" > ", updated.Backend.Layers!));
             MaybeSnapshot();

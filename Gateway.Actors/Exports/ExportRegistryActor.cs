@@ -184,6 +184,7 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor
             _creating = null;
             _catalog = _catalog.Apply(e);
             Start(spec);
+            JournalDurability.Sync();
             sender.Tell(CommandResult.Ok(new ExportStatus(spec, null)));
             _log.Info("Export {0} created ({1} bytes)", spec.Name, spec.Size);
             activity?.Dispose();
@@ -220,6 +221,7 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor
             {
                 DeleteStorage(spec);
             }
+            JournalDurability.Sync();
             sender.Tell(CommandResult.Ok(new ExportStatus(spec, null)));
             _log.Info("Export {0} removed", spec.Name);
             activity?.Dispose();
