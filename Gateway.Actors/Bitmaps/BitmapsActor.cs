@@ -2,6 +2,7 @@ using Akka.Actor;
 using Akka.Event;
 using Akka.Persistence;
 using Gateway.Actors.Exports;
+using Gateway.Actors.Telemetry;
 using Gateway.Backends;
 
 namespace Gateway.Actors.Bitmaps;
@@ -133,11 +134,14 @@ public sealed class BitmapsActor : ReceivePersistentActor
     private void Commit()
     {
         var @event = new GranulesDirtied(BitmapState.Coalesce(_pendingRanges));
+        long started = System.Diagnostics.Stopwatch.GetTimestamp();
+        int batchSize = _pendingWaiters.Count;
         _committing = _pendingWaiters;
         _pendingRanges = [];
         _pendingWaiters = [];
         PersistAsync(@event, e =>
         {
+            GatewayTelemetry.BitmapPersisted(_exportName, System.Diagnostics.Stopwatch.GetElapsedTime(started), batchSize);
             _state = _state.Apply(e);
             List<TaskCompletionSource> done = _committing!;
             _committing = null;

@@ -28,6 +28,22 @@ public static class GatewayTelemetry
         "nbd.request.duration", "s", "Time from receiving an NBD request to writing its reply",
         advice: new InstrumentAdvice<double> { HistogramBucketBoundaries = [0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5] });
 
+    private static readonly Histogram<double> BitmapPersistDuration = Meter.CreateHistogram<double>(
+        "gateway.bitmap.persist.duration", "s", "Time to make one group of first-touched granules durable (the wait of the writes in it)",
+        advice: new InstrumentAdvice<double> { HistogramBucketBoundaries = [0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1] });
+
+    private static readonly Histogram<int> BitmapPersistBatch = Meter.CreateHistogram<int>(
+        "gateway.bitmap.persist.batch_size", "{write}", "Writes whose first touches were committed together",
+        advice: new InstrumentAdvice<int> { HistogramBucketBoundaries = [1, 2, 4, 8, 16, 32, 64, 128, 256] });
+
+    /// <summary>One group commit of dirty granules, by export.</summary>
+    public static void BitmapPersisted(string export, TimeSpan elapsed, int writes)
+    {
+        var tag = new KeyValuePair<string, object?>("export", export);
+        BitmapPersistDuration.Record(elapsed.TotalSeconds, tag);
+        BitmapPersistBatch.Record(writes, tag);
+    }
+
     static GatewayTelemetry()
     {
         Meter.CreateObservableCounter("nbd.requests", () => Observe(static (m, list) => m.CollectRequests(list)), "{request}", "NBD requests answered, by export and command");
