@@ -159,9 +159,13 @@ public sealed class BitmapsActor : ReceivePersistentActor
 
     private void OnCommand(IBitmapCommand command)
     {
+        System.Diagnostics.Activity? activity = GatewayTelemetry.ActivitySource.StartActivity("bitmap." + command.GetType().Name);
+        activity?.SetTag("export", _exportName);
         (IBitmapEvent? @event, BitmapResult? error) = _state.Decide(command);
         if (error is not null)
         {
+            activity?.SetStatus(System.Diagnostics.ActivityStatusCode.Error, error.ToString());
+            activity?.Dispose();
             Sender.Tell(error);
             return;
         }
@@ -174,8 +178,10 @@ public sealed class BitmapsActor : ReceivePersistentActor
             MergeBitmaps m => m.Target,
             _ => "",
         };
+        activity?.SetTag("bitmap", name);
         if (@event is null)
         {
+            activity?.Dispose();
             Sender.Tell(Reply(name));
             return;
         }
@@ -185,6 +191,7 @@ public sealed class BitmapsActor : ReceivePersistentActor
             _state = _state.Apply(e);
             Publish();
             JournalDurability.Sync(); // the reply promises the operation survives a power cut
+            activity?.Dispose();
             sender.Tell(Reply(name));
             _log.Info("Export {0}: {1}", _exportName, e);
             MaybeSnapshot();

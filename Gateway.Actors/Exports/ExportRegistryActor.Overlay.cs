@@ -79,6 +79,9 @@ public sealed partial class ExportRegistryActor
     /// </summary>
     private void Snapshot(SnapshotExport snapshot, IActorRef replyTo, CreateExport? thenCreate)
     {
+        // The span covers deciding and recording the new chain; the switch itself is the export actor's.
+        using System.Diagnostics.Activity? activity = Telemetry.GatewayTelemetry.ActivitySource.StartActivity("export.snapshot");
+        activity?.SetTag("export", snapshot.ExportName);
         string layerId = OverlayRules.NewLayerId(snapshot.ExportName);
         snapshot = snapshot with { LayerId = layerId };
         (IExportEvent? @event, CommandResult? error) = _catalog.Decide(snapshot);
