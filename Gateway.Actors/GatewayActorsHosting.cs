@@ -17,7 +17,8 @@ public sealed class ExportRegistryKey;
 public static class GatewayActorsHosting
 {
     /// <summary>Starts the export registry (persistent) and the NBD connection supervisor.</summary>
-    public static AkkaConfigurationBuilder WithGatewayActors(this AkkaConfigurationBuilder builder, BackendFactory backends, ExportSpec? initialExport)
+    public static AkkaConfigurationBuilder WithGatewayActors(this AkkaConfigurationBuilder builder, BackendFactory backends, ExportSpec? initialExport,
+        Nbd.NbdServerSettings? nbd = null, int? maxConnections = null)
     {
         // Bitmap events are written on the data path: binary, not JSON (AKKA-NOTES.md).
         builder.WithCustomSerializer(BitmapSerializer.Name, [typeof(IBitmapPersisted)], system => new BitmapSerializer(system));
@@ -27,7 +28,7 @@ public static class GatewayActorsHosting
             IActorRef exports = system.ActorOf(ExportRegistryActor.Props(backends, initialExport), "exports");
             registry.Register<ExportRegistryKey>(exports);
             IActorRef connections = system.ActorOf(
-                ConnectionSupervisor.Props(new ActorExportDirectory(exports), loggers.CreateLogger("Gateway.Nbd")), "connections");
+                ConnectionSupervisor.Props(new ActorExportDirectory(exports), loggers.CreateLogger("Gateway.Nbd"), nbd, maxConnections), "connections");
             registry.Register<ConnectionSupervisorKey>(connections);
         });
     }

@@ -9,14 +9,16 @@ namespace Gateway.Host;
 
 /// <summary>JSON shapes of the admin API (ARCHITECTURE.md, "The interface contract").</summary>
 /// <summary>Overlays add <c>base</c> (an export) or <c>baseImage</c> (a raw file) on create, and show their <c>layers</c> (top first).</summary>
-public sealed record BackendDto(string? Type, string? Path, string? Base = null, string? BaseImage = null, string[]? Layers = null);
+/// <remarks>S3 exports add <c>s3</c> {endpoint, bucket, prefix, region, objectSize, accessKey, secretKey, cacheBytes, parallelism}; answers never carry secretKey.</remarks>
+public sealed record BackendDto(string? Type, string? Path, string? Base = null, string? BaseImage = null, string[]? Layers = null, S3Spec? S3 = null);
 
-public sealed record CreateExportRequest(string? Name, JsonElement? Size, BackendDto? Backend, bool? ReadOnly, string? Description);
+/// <remarks><c>access</c> {tlsRequired, allowedClients, maxConnections}: who may use the export over NBD (README "TLS").</remarks>
+public sealed record CreateExportRequest(string? Name, JsonElement? Size, BackendDto? Backend, bool? ReadOnly, string? Description, ExportAccess? Access = null);
 
-public sealed record ExportDto(string Name, long Size, BackendDto Backend, bool ReadOnly, string? Description)
+public sealed record ExportDto(string Name, long Size, BackendDto Backend, bool ReadOnly, string? Description, ExportAccess? Access = null)
 {
     public static ExportDto From(ExportSpec spec) =>
-        new(spec.Name, spec.Size, new BackendDto(spec.Backend.Type, spec.Backend.Path, spec.Backend.Base, spec.Backend.BaseImage, spec.Backend.Layers), spec.ReadOnly, spec.Description);
+        new(spec.Name, spec.Size, new BackendDto(spec.Backend.Type, spec.Backend.Path, spec.Backend.Base, spec.Backend.BaseImage, spec.Backend.Layers, spec.Backend.S3?.Redacted()), spec.ReadOnly, spec.Description, spec.Access);
 }
 
 public sealed record ErrorDto(string Error);
@@ -118,7 +120,8 @@ public static class AdminApi
             problem = "layers are made by the gateway (snapshot), not given";
             return null;
         }
-        var spec = new ExportSpec(body.Name, size, new BackendSpec(body.Backend?.Type ?? "file", body.Backend?.Path, Base: body.Backend?.Base, BaseImage: body.Backend?.BaseImage), body.ReadOnly ?? false, body.Description);
+        var spec = new ExportSpec(body.Name, size, new BackendSpec(body.Backend?.Type ?? "file", body.Backend?.Path, Base: body.Backend?.Base, BaseImage: body.Backend?.BaseImage, S3: body.Backend?.S3), body.ReadOnly ?? false, body.Description,
+            body.Access == ExportAccess.Open ? null : body.Access);
         problem = ExportRules.Validate(spec);
         return problem is null ? spec : null;
     }

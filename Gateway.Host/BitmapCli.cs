@@ -7,10 +7,8 @@ using System.Text.Json;
 namespace Gateway.Host;
 
 /// <summary><c>gateway bitmap ...</c>: the bitmap endpoints of the admin API from the command line.</summary>
-public sealed class BitmapCli(Uri admin, TextWriter stdout, TextWriter stderr)
+public sealed class BitmapCli(Uri admin, TextWriter stdout, TextWriter stderr) : AdminClient(admin, stdout, stderr)
 {
-    private static readonly HttpClient Http = new() { Timeout = TimeSpan.FromSeconds(60) };
-
     /// <summary>The <c>bitmap</c> command tree; <paramref name="adminUrl"/> is the shared <c>--admin URL</c> option.</summary>
     public static Command Build(Option<string> adminUrl)
     {
@@ -18,6 +16,7 @@ public sealed class BitmapCli(Uri admin, TextWriter stdout, TextWriter stderr)
         var name = new Argument<string>("name") { Description = "Bitmap name" };
         var bitmap = new Command("bitmap", "Manage the dirty bitmaps of an export through the admin API");
         bitmap.Options.Add(adminUrl);
+        bitmap.Options.Add(CliAuth.TokenFile);
 
         var list = new Command("list", "List an export's bitmaps: name, granularity, enabled, dirty bytes");
         list.Arguments.Add(export);
@@ -62,6 +61,7 @@ public sealed class BitmapCli(Uri admin, TextWriter stdout, TextWriter stderr)
 
     private static BitmapCli Cli(ParseResult parse, Option<string> adminUrl)
     {
+        CliAuth.Configure(parse);
         string url = parse.GetValue(adminUrl)!;
         if (!url.Contains("://", StringComparison.Ordinal))
         {
@@ -87,7 +87,7 @@ public sealed class BitmapCli(Uri admin, TextWriter stdout, TextWriter stderr)
         {
             table.AppendLine(CultureInfo.InvariantCulture, $"{b.Name,-24} {Sizes.Format(b.Granularity),11} {(b.Enabled ? "enabled" : "disabled"),-8} {b.DirtyBytes,14}");
         }
-        await stdout.WriteAsync(table.ToString());
+        await Stdout.WriteAsync(table.ToString());
         return 0;
     }
 
@@ -98,7 +98,7 @@ public sealed class BitmapCli(Uri admin, TextWriter stdout, TextWriter stderr)
         {
             if (!Sizes.TryParse(granularity, out long bytes))
             {
-                await stderr.WriteLineAsync($"error: granularity '{granularity}' is invalid: give bytes, or a number with K or M (e.g. 64K)");
+                await Stderr.WriteLineAsync($"error: granularity '{granularity}' is invalid: give bytes, or a number with K or M (e.g. 64K)");
                 return 2;
             }
             size = JsonSerializer.SerializeToElement(bytes);
@@ -119,7 +119,7 @@ public sealed class BitmapCli(Uri admin, TextWriter stdout, TextWriter stderr)
         }
         if (verb == "remove")
         {
-            await stdout.WriteLineAsync($"bitmap '{name}' removed from export '{export}'");
+            await Stdout.WriteLineAsync($"bitmap '{name}' removed from export '{export}'");
             return 0;
         }
         return await PrintBodyAsync(response, ct);
@@ -130,39 +130,5 @@ public sealed class BitmapCli(Uri admin, TextWriter stdout, TextWriter stderr)
         using var content = JsonContent.Create(new MergeBitmapsRequest(sources), BitmapJson.Default.MergeBitmapsRequest);
         using HttpResponseMessage response = await SendAsync(HttpMethod.Post, Path(export, target, "merge"), content, ct);
         return response.IsSuccessStatusCode ? await PrintBodyAsync(response, ct) : await FailAsync(response, ct);
-    }
-
-    private async Task<HttpResponseMessage> SendAsync(HttpMethod method, string path, HttpContent? content, CancellationToken ct)
-    {
-        using var request = new HttpRequestMessage(method, new Uri(admin, path)) { Content = content };
-        try
-        {
-            return await Http.SendAsync(request, ct);
-        }
-        catch (HttpRequestException e)
-        {
-            throw new CliException($"cannot reach the gateway admin API at {admin}: {e.Message}");
-        }
-    }
-
-    private async Task<int> PrintBodyAsync(HttpResponseMessage response, CancellationToken ct)
-    {
-        await stdout.WriteLineAsync(await response.Content.ReadAsStringAsync(ct));
-        return 0;
-    }
-
-    private async Task<int> FailAsync(HttpResponseMessage response, CancellationToken ct)
-    {
-        string text = await response.Content.ReadAsStringAsync(ct);
-        string message = text;
-        try
-        {
-            message = JsonSerializer.Deserialize(text, BitmapJson.Default.ErrorDto)?.Error ?? text;
-        }
-        catch (JsonException)
-        {
-        }
-        await stderr.WriteLineAsync($"error: {message} (HTTP {(int)response.StatusCode})");
-        return 1;
     }
 }

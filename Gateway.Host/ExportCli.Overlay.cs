@@ -11,7 +11,7 @@ public sealed partial class ExportCli
     {
         if (!Sizes.TryParse(size, out long bytes))
         {
-            await stderr.WriteLineAsync($"error: size '{size}' is invalid: give bytes, or a number with K, M, G or T");
+            await Stderr.WriteLineAsync($"error: size '{size}' is invalid: give bytes, or a number with K, M, G or T");
             return 2;
         }
         // A relative image path means the caller's folder, not the gateway's.

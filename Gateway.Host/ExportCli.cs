@@ -6,10 +6,8 @@ using System.Text.Json;
 namespace Gateway.Host;
 
 /// <summary><c>gateway export ...</c>: the admin API from the command line.</summary>
-public sealed partial class ExportCli(Uri admin, TextWriter stdout, TextWriter stderr)
+public sealed partial class ExportCli(Uri admin, TextWriter stdout, TextWriter stderr) : AdminClient(admin, stdout, stderr)
 {
-    private static readonly HttpClient Http = new() { Timeout = TimeSpan.FromSeconds(60) };
-
     public async Task<int> ListAsync(CancellationToken ct)
     {
         using HttpResponseMessage response = await SendAsync(HttpMethod.Get, "v1/exports", null, ct);
@@ -24,7 +22,7 @@ public sealed partial class ExportCli(Uri admin, TextWriter stdout, TextWriter s
         {
             table.AppendLine(CultureInfo.InvariantCulture, $"{e.Name,-24} {Sizes.Format(e.Size),12} {e.Backend.Type,-8} {(e.ReadOnly ? "ro" : "rw"),-3} {e.Description}");
         }
-        await stdout.WriteAsync(table.ToString());
+        await Stdout.WriteAsync(table.ToString());
         return 0;
     }
 
@@ -38,7 +36,7 @@ public sealed partial class ExportCli(Uri admin, TextWriter stdout, TextWriter s
     {
         if (!Sizes.TryParse(size, out long bytes))
         {
-            await stderr.WriteLineAsync($"error: size '{size}' is invalid: give bytes, or a number with K, M, G or T");
+            await Stderr.WriteLineAsync($"error: size '{size}' is invalid: give bytes, or a number with K, M, G or T");
             return 2;
         }
         var body = new CreateExportRequest(name, JsonSerializer.SerializeToElement(bytes), new BackendDto("file", path), readOnly, description);
@@ -54,43 +52,7 @@ public sealed partial class ExportCli(Uri admin, TextWriter stdout, TextWriter s
         {
             return await FailAsync(response, ct);
         }
-        await stdout.WriteLineAsync($"export '{name}' removed");
+        await Stdout.WriteLineAsync($"export '{name}' removed");
         return 0;
-    }
-
-    private async Task<HttpResponseMessage> SendAsync(HttpMethod method, string path, HttpContent? content, CancellationToken ct)
-    {
-        using var request = new HttpRequestMessage(method, new Uri(admin, path)) { Content = content };
-        try
-        {
-            return await Http.SendAsync(request, ct);
-        }
-        catch (HttpRequestException e)
-        {
-            throw new CliException($"cannot reach the gateway admin API at {admin}: {e.Message}");
-        }
-    }
-
-    private async Task<int> PrintBodyAsync(HttpResponseMessage response, CancellationToken ct)
-    {
-        await stdout.WriteLineAsync(await response.Content.ReadAsStringAsync(ct));
-        return 0;
-    }
-
-    private async Task<int> FailAsync(HttpResponseMessage response, CancellationToken ct)
-    {
-        string text = await response.Content.ReadAsStringAsync(ct);
-        string message = text;
-        try
-        {
-            message = JsonSerializer.Deserialize(text, AdminJson.Default.ErrorDto)?.Error ?? text;
-        }
-        catch (JsonException)
-        {
-        }
-        await stderr.WriteLineAsync($"error: {message} (HTTP {(int)response.StatusCode})");
-        return 1;
     }
 }
-
-public sealed class CliException(string message) : Exception(message);

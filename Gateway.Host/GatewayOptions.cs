@@ -2,9 +2,33 @@ using System.Net;
 
 namespace Gateway.Host;
 
-/// <summary>Settings of <c>gateway serve</c>, from the command line over the config file.</summary>
+/// <summary>
+/// Settings of <c>gateway serve</c>, from the command line over the config file.
+/// <see cref="NbdEndpoint"/> is the first TCP listener; <see cref="NbdEndpoints"/> all of them
+/// (TCP and Unix sockets).
+/// </summary>
 public sealed record GatewayOptions(string DataDirectory, IPEndPoint NbdEndpoint, IPEndPoint AdminEndpoint)
 {
+    public IReadOnlyList<EndPoint> NbdEndpoints { get; init; } = [NbdEndpoint];
+
+    /// <summary>File mode of NBD Unix sockets (default 0660: owner and group).</summary>
+    public UnixFileMode NbdSocketMode { get; init; } = UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.GroupRead | UnixFileMode.GroupWrite;
+
+    /// <summary>TLS credentials and mode; null for plaintext only.</summary>
+    public TlsFiles? Tls { get; init; }
+
+    /// <summary>NBD connections this node serves at once; null for no limit.</summary>
+    public int? MaxConnections { get; init; }
+
+    /// <summary>When set, every admin request must carry it as a bearer token.</summary>
+    public AdminToken? AdminToken { get; init; }
+
+    /// <summary><c>unix:PATH</c> for a Unix domain socket, else HOST:PORT.</summary>
+    public static EndPoint ParseNbdEndpoint(string value) =>
+        value.StartsWith("unix:", StringComparison.Ordinal) && value.Length > "unix:".Length
+            ? new System.Net.Sockets.UnixDomainSocketEndPoint(Path.GetFullPath(value["unix:".Length..]))
+            : ParseEndpoint(value, "--nbd");
+
     public const string DefaultData = "./data";
     public const string DefaultNbd = "127.0.0.1:10809";
     public const string DefaultAdmin = "127.0.0.1:10880";

@@ -9,8 +9,9 @@ using Gateway.Actors.Exports;
 namespace Gateway.Host;
 
 /// <summary>
-/// Accepts NBD clients and hands each socket to the node's connection supervisor. On shutdown:
-/// stops accepting, lets every connection finish its requests in flight, then flushes every export.
+/// Accepts NBD clients on every configured endpoint (TCP and Unix domain sockets) and hands each
+/// socket to the node's connection supervisor. On shutdown: stops accepting, lets every
+/// connection finish its requests in flight, then flushes every export.
 /// </summary>
 public sealed class NbdListener(
     GatewayOptions options,
@@ -19,51 +20,159 @@ public sealed class NbdListener(
     ILogger<NbdListener> logger) : BackgroundService
 {
     private static readonly TimeSpan DrainTimeout = TimeSpan.FromSeconds(30);
-    private Socket? _listener;
+    private readonly List<Socket> _listeners = [];
 
-    public IPEndPoint? LocalEndpoint => _listener?.LocalEndPoint as IPEndPoint;
+    public IPEndPoint? LocalEndpoint => _listeners.Select(l => l.LocalEndPoint).OfType<IPEndPoint>().FirstOrDefault();
 
     public override async Task StartAsync(CancellationToken cancellationToken)
     {
         // Wait for the actors before listening, so a client that connects is always served.
         await connections.GetAsync(cancellationToken).ConfigureAwait(false);
         await exports.GetAsync(cancellationToken).ConfigureAwait(false);
-        var listener = new Socket(options.NbdEndpoint.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
-        listener.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
-        listener.Bind(options.NbdEndpoint);
-        listener.Listen(512);
-        _listener = listener;
-        logger.LogInformation("NBD server listening on {Endpoint}", listener.LocalEndPoint);
+        try
+        {
+            foreach (EndPoint endpoint in options.NbdEndpoints)
+            {
+                _listeners.Add(endpoint is UnixDomainSocketEndPoint unix ? ListenUnix(unix) : ListenTcp(endpoint));
+                logger.LogInformation("NBD server listening on {Endpoint}", Describe(_listeners[^1]));
+            }
+        }
+        catch
+        {
+            CloseListeners();
+            throw;
+        }
         await base.StartAsync(cancellationToken).ConfigureAwait(false);
     }
+
+    private static Socket ListenTcp(EndPoint endpoint)
+    {
+        var listener = new Socket(endpoint.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
+        listener.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
+        listener.Bind(endpoint);
+        listener.Listen(512);
+        return listener;
+    }
+
+    /// <summary>
+    /// Binds a Unix socket. A socket file left by a gateway that died is removed (nothing answers
+    /// on it); one a live server answers on, or a path that is not a socket, is an error.
+    /// </summary>
+    private Socket ListenUnix(UnixDomainSocketEndPoint endpoint)
+    {
+        string path = endpoint.ToString();
+        if (File.Exists(path) || Directory.Exists(path))
+        {
+            if ((File.GetAttributes(path) & FileAttributes.Directory) != 0 || !IsSocket(path))
+            {
+                throw new IOException($"NBD socket path {path} exists and is not a socket; not replacing it");
+            }
+            using (var probe = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified))
+            {
+                try
+                {
+                    probe.Connect(endpoint);
+                    throw new IOException($"NBD socket {path} is in use by another server");
+                }
+                catch (SocketException)
+                {
+                    // ECONNREFUSED: a stale socket file.
+                }
+            }
+            logger.LogInformation("Removing stale NBD socket file {Path}", path);
+            File.Delete(path);
+        }
+        var listener = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        try
+        {
+            listener.Bind(endpoint);
+            if (!OperatingSystem.IsWindows())
+            {
+                File.SetUnixFileMode(path, options.NbdSocketMode);
+            }
+            listener.Listen(512);
+            return listener;
+        }
+        catch
+        {
+            listener.Dispose();
+            throw;
+        }
+    }
+
+    private static bool IsSocket(string path)
+    {
+        // .NET has no S_ISSOCK: a socket is neither a regular file nor a directory, and
+        // FileSystemInfo reports it with no Normal/Archive bit, but the sure test is the inode type.
+        try
+        {
+            using FileStream _ = new(path, FileMode.Open, FileAccess.Read);
+            return false; // a regular file (or a FIFO) opens; a socket does not (ENXIO)
+        }
+        catch (IOException)
+        {
+            return true;
+        }
+        catch (UnauthorizedAccessException)
+        {
+            return false;
+        }
+    }
+
+    private static string Describe(Socket socket) => socket.AddressFamily == AddressFamily.Unix ? $"unix:{socket.LocalEndPoint}" : $"{socket.LocalEndPoint}";
 
     protected override async Task ExecuteAsync(CancellationToken stoppingToken)
     {
         IActorRef supervisor = await connections.GetAsync(stoppingToken).ConfigureAwait(false);
+        await Task.WhenAll(_listeners.Select(l => AcceptLoopAsync(l, supervisor, stoppingToken))).ConfigureAwait(false);
+    }
+
+    private async Task AcceptLoopAsync(Socket listener, IActorRef supervisor, CancellationToken stoppingToken)
+    {
         while (!stoppingToken.IsCancellationRequested)
         {
             Socket client;
             try
             {
-                client = await _listener!.AcceptAsync(stoppingToken).ConfigureAwait(false);
+                client = await listener.AcceptAsync(stoppingToken).ConfigureAwait(false);
             }
-            catch (OperationCanceledException)
+            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException)
             {
                 break;
             }
             catch (SocketException e)
             {
-                logger.LogWarning("Accepting an NBD connection failed: {Reason}", e.Message);
+                logger.LogWarning("Accepting an NBD connection on {Endpoint} failed: {Reason}", Describe(listener), e.Message);
                 continue;
             }
             supervisor.Tell(new ServeConnection(client));
         }
     }
 
+    private void CloseListeners()
+    {
+        foreach (Socket listener in _listeners)
+        {
+            string? unixPath = listener.AddressFamily == AddressFamily.Unix ? listener.LocalEndPoint?.ToString() : null;
+            listener.Dispose();
+            if (unixPath is not null)
+            {
+                try
+                {
+                    File.Delete(unixPath);
+                }
+                catch (IOException)
+                {
+                }
+            }
+        }
+        _listeners.Clear();
+    }
+
     public override async Task StopAsync(CancellationToken cancellationToken)
     {
         await base.StopAsync(cancellationToken).ConfigureAwait(false);
-        _listener?.Dispose();
+        CloseListeners();
         logger.LogInformation("NBD server stopped accepting; finishing requests in flight");
         try
         {

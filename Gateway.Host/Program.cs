@@ -3,7 +3,7 @@ using Gateway.Host;
 
 var configOption = new Option<string?>("--config") { Description = "JSON configuration file (keys Gateway:Data, Gateway:Nbd, Gateway:Admin)" };
 var dataOption = new Option<string?>("--data") { Description = $"Data folder: SQLite state and export files (default {GatewayOptions.DefaultData})" };
-var nbdOption = new Option<string?>("--nbd") { Description = $"NBD listen address HOST:PORT (default {GatewayOptions.DefaultNbd})" };
+var nbdOption = new Option<string[]>("--nbd") { Description = $"NBD listen address HOST:PORT or unix:PATH, repeatable (default {GatewayOptions.DefaultNbd})" };
 var adminOption = new Option<string?>("--admin") { Description = $"Admin HTTP listen address HOST:PORT (default {GatewayOptions.DefaultAdmin})" };
 
 var serve = new Command("serve", "Run the gateway: NBD server and admin API");
@@ -11,6 +11,7 @@ serve.Options.Add(configOption);
 serve.Options.Add(dataOption);
 serve.Options.Add(nbdOption);
 serve.Options.Add(adminOption);
+SecurityCli.AddTo(serve);
 serve.SetAction(async (parse, ct) =>
 {
     string? configFile = parse.GetValue(configOption);
@@ -20,10 +21,16 @@ serve.SetAction(async (parse, ct) =>
     GatewayOptions options;
     try
     {
+        string[] nbd = parse.GetValue(nbdOption) is { Length: > 0 } given ? given : [config["Gateway:Nbd"] ?? GatewayOptions.DefaultNbd];
+        System.Net.EndPoint[] nbdEndpoints = [.. nbd.Select(GatewayOptions.ParseNbdEndpoint)];
         options = new GatewayOptions(
             Path.GetFullPath(parse.GetValue(dataOption) ?? config["Gateway:Data"] ?? GatewayOptions.DefaultData),
-            GatewayOptions.ParseEndpoint(parse.GetValue(nbdOption) ?? config["Gateway:Nbd"] ?? GatewayOptions.DefaultNbd, "--nbd"),
-            GatewayOptions.ParseEndpoint(parse.GetValue(adminOption) ?? config["Gateway:Admin"] ?? GatewayOptions.DefaultAdmin, "--admin"));
+            nbdEndpoints.OfType<System.Net.IPEndPoint>().FirstOrDefault() ?? GatewayOptions.ParseEndpoint(GatewayOptions.DefaultNbd, "--nbd"),
+            GatewayOptions.ParseEndpoint(parse.GetValue(adminOption) ?? config["Gateway:Admin"] ?? GatewayOptions.DefaultAdmin, "--admin"))
+        {
+            NbdEndpoints = nbdEndpoints,
+        };
+        options = SecurityCli.Apply(options, parse, config);
     }
     catch (ArgumentException e)
     {
@@ -61,7 +68,10 @@ add.Options.Add(readOnlyOption);
 add.Options.Add(descriptionOption);
 add.Options.Add(pathOption);
 OverlayCli.AddOptions(add);
-add.SetAction((parse, ct) => OverlayCli.IsOverlay(parse)
+S3Cli.AddOptions(add);
+add.SetAction((parse, ct) => S3Cli.IsS3(parse)
+    ? Cli(parse).AddS3Async(parse.GetValue(nameArgument)!, parse.GetValue(sizeOption)!, parse.GetValue(readOnlyOption), parse.GetValue(descriptionOption), S3Cli.Spec(parse), ct)
+    : OverlayCli.IsOverlay(parse)
     ? Cli(parse).AddOverlayAsync(parse.GetValue(nameArgument)!, parse.GetValue(sizeOption)!, parse.GetValue(readOnlyOption), parse.GetValue(descriptionOption), OverlayCli.Base(parse), OverlayCli.BaseImage(parse), ct)
     : Cli(parse).AddAsync(parse.GetValue(nameArgument)!, parse.GetValue(sizeOption)!, parse.GetValue(readOnlyOption),
     parse.GetValue(descriptionOption), parse.GetValue(pathOption), ct));
@@ -72,6 +82,7 @@ remove.SetAction((parse, ct) => Cli(parse).RemoveAsync(parse.GetValue(nameArgume
 
 var export = new Command("export", "Manage exports through the admin API");
 export.Options.Add(adminUrlOption);
+export.Options.Add(CliAuth.TokenFile);
 export.Subcommands.Add(list);
 export.Subcommands.Add(show);
 export.Subcommands.Add(add);
@@ -86,7 +97,8 @@ root.Subcommands.Add(BitmapCli.Build(adminUrlOption));
 try
 {
     // The host handles SIGTERM itself (graceful drain); System.CommandLine must not cut it short.
-    return await root.Parse(args).InvokeAsync(new InvocationConfiguration { ProcessTerminationTimeout = null });
+    // Our own handler below prints CLI errors as one line, not a stack trace.
+    return await root.Parse(args).InvokeAsync(new InvocationConfiguration { ProcessTerminationTimeout = null, EnableDefaultExceptionHandler = false });
 }
 catch (CliException e)
 {
@@ -96,6 +108,7 @@ catch (CliException e)
 
 ExportCli Cli(ParseResult parse)
 {
+    CliAuth.Configure(parse);
     string url = parse.GetValue(adminUrlOption)!;
     if (!url.Contains("://", StringComparison.Ordinal))
     {

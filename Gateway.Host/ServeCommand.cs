@@ -24,6 +24,8 @@ public static class ServeCommand
         {
             builder.Configuration.AddJsonFile(Path.GetFullPath(file), optional: false);
         }
+        // One line per request from ASP.NET is noise next to the gateway's own connection lines.
+        builder.Logging.AddFilter("Microsoft.AspNetCore", LogLevel.Warning);
         builder.Logging.AddSimpleConsole(o =>
         {
             o.SingleLine = true;
@@ -32,10 +34,11 @@ public static class ServeCommand
         builder.WebHost.ConfigureKestrel(k => k.Listen(options.AdminEndpoint));
         builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = TimeSpan.FromSeconds(60));
         builder.Services.AddSingleton(options);
+        builder.Services.AddSingleton(services => SecurityCli.NbdSettings(options, services.GetRequiredService<ILoggerFactory>()));
 
         var backends = new BackendFactory(options.DataDirectory);
         var initial = new ExportSpec("disk0", GatewayOptions.InitialExportSize, new BackendSpec("file"), ReadOnly: false, "default export");
-        builder.Services.AddAkka("gateway", (akka, _) =>
+        builder.Services.AddAkka("gateway", (akka, services) =>
         {
             akka.ConfigureLoggers(loggers => loggers.AddLoggerFactory());
             // The host alone drives shutdown: NbdListener drains connections and flushes exports
@@ -45,12 +48,13 @@ public static class ServeCommand
             akka.WithSqlPersistence(
                 new DataOptions().UseConnectionString(ProviderName.SQLiteMS, connectionString).UseInterceptor(new SqliteSessionSettings()),
                 autoInitialize: true);
-            akka.WithGatewayActors(backends, initial);
+            akka.WithGatewayActors(backends, initial, services.GetRequiredService<Gateway.Actors.Nbd.NbdServerSettings>(), options.MaxConnections);
         });
         builder.Services.AddHostedService<NbdListener>();
         builder.Services.AddGatewayTelemetry();
 
         WebApplication app = builder.Build();
+        app.UseAdminAuthentication(options.AdminToken);
         app.MapAdminApi();
         app.MapPrometheusScrapingEndpoint("/metrics");
         return app;

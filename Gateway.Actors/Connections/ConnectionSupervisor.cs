@@ -1,5 +1,6 @@
 using Akka.Actor;
 using Gateway.Actors.Exports;
+using Gateway.Actors.Nbd;
 using Microsoft.Extensions.Logging;
 
 namespace Gateway.Actors.Connections;
@@ -16,7 +17,8 @@ public sealed class ConnectionSupervisor : ReceiveActor
     private readonly ILogger _logger;
     private long _accepted;
 
-    public ConnectionSupervisor(IExportDirectory exports, ILogger logger)
+    /// <param name="maxConnections">Connections this node serves at once; beyond it a new client is closed at once, with a log line.</param>
+    public ConnectionSupervisor(IExportDirectory exports, ILogger logger, NbdServerSettings? settings = null, int? maxConnections = null)
     {
         _logger = logger;
         Receive<ServeConnection>(serve =>
@@ -26,7 +28,14 @@ public sealed class ConnectionSupervisor : ReceiveActor
                 serve.Socket.Dispose();
                 return;
             }
-            IActorRef child = Context.ActorOf(NbdConnectionActor.Props(serve.Socket, exports, logger, _stopping.Token), $"nbd-{++_accepted}");
+            if (_connections.Count >= maxConnections)
+            {
+                _logger.LogWarning("Refusing NBD connection from {Client}: this node's limit of {Limit} connections is reached",
+                    serve.Socket.AddressFamily == System.Net.Sockets.AddressFamily.Unix ? serve.Socket.LocalEndPoint : serve.Socket.RemoteEndPoint, maxConnections);
+                serve.Socket.Dispose();
+                return;
+            }
+            IActorRef child = Context.ActorOf(NbdConnectionActor.Props(serve.Socket, exports, logger, _stopping.Token, settings), $"nbd-{++_accepted}");
             Context.Watch(child);
             _connections.Add(child);
         });
@@ -44,8 +53,8 @@ public sealed class ConnectionSupervisor : ReceiveActor
         Receive<CountConnections>(_ => Sender.Tell(_connections.Count));
     }
 
-    public static Props Props(IExportDirectory exports, ILogger logger) =>
-        Akka.Actor.Props.Create(() => new ConnectionSupervisor(exports, logger));
+    public static Props Props(IExportDirectory exports, ILogger logger, NbdServerSettings? settings = null, int? maxConnections = null) =>
+        Akka.Actor.Props.Create(() => new ConnectionSupervisor(exports, logger, settings, maxConnections));
 
     protected override SupervisorStrategy SupervisorStrategy() => new OneForOneStrategy(e =>
     {

@@ -19,9 +19,11 @@ public sealed class NbdConnectionActor : ReceiveActor
     private readonly IExportDirectory _exports;
     private readonly ILogger _logger;
     private readonly CancellationToken _stopping;
+    private readonly NbdServerSettings? _settings;
 
-    public NbdConnectionActor(Socket socket, IExportDirectory exports, ILogger logger, CancellationToken stopping)
+    public NbdConnectionActor(Socket socket, IExportDirectory exports, ILogger logger, CancellationToken stopping, NbdServerSettings? settings = null)
     {
+        _settings = settings;
         _socket = socket;
         _stream = new NetworkStream(socket, ownsSocket: true);
         _exports = exports;
@@ -32,17 +34,24 @@ public sealed class NbdConnectionActor : ReceiveActor
         Receive<SessionFailed>(failed => throw new ConnectionFailedException(failed.Cause));
     }
 
-    public static Props Props(Socket socket, IExportDirectory exports, ILogger logger, CancellationToken stopping) =>
-        Akka.Actor.Props.Create(() => new NbdConnectionActor(socket, exports, logger, stopping));
+    public static Props Props(Socket socket, IExportDirectory exports, ILogger logger, CancellationToken stopping, NbdServerSettings? settings = null) =>
+        Akka.Actor.Props.Create(() => new NbdConnectionActor(socket, exports, logger, stopping, settings));
 
     protected override void PreStart()
     {
-        _socket.NoDelay = true;
-        NbdConnection.ServeAsync(_stream, _exports, _logger, _stopping, _socket.RemoteEndPoint)
+        if (_socket.ProtocolType == ProtocolType.Tcp)
+        {
+            _socket.NoDelay = true;
+        }
+        NbdConnection.ServeAsync(_stream, _exports, _logger, _stopping, ClientName(_socket), _settings)
             .PipeTo(Self, success: () => SessionEnded.Instance, failure: e => new SessionFailed(e));
     }
 
     protected override void PostStop() => _stream.Dispose();
+
+    // A Unix socket client has no address of its own: name the socket it came in on.
+    private static System.Net.EndPoint? ClientName(Socket socket) =>
+        socket.AddressFamily == AddressFamily.Unix ? socket.LocalEndPoint : socket.RemoteEndPoint;
 
     private sealed record SessionEnded
     {

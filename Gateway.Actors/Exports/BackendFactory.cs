@@ -24,6 +24,11 @@ public sealed partial class BackendFactory(string dataDirectory)
             CreateOverlay(spec);
             return;
         }
+        if (IsS3(spec))
+        {
+            CreateS3(spec);
+            return;
+        }
         string path = FilePath(spec);
         if (spec.Backend.Path is { Length: > 0 } && File.Exists(path))
         {
@@ -64,12 +69,14 @@ public sealed partial class BackendFactory(string dataDirectory)
         return missing;
     }
 
-    public IBlockDevice Open(ExportSpec spec) => spec.IsOverlay() ? OpenOverlay(spec) : FileBackend.Open(FilePath(spec), spec.ReadOnly);
+    public IBlockDevice Open(ExportSpec spec) =>
+        spec.IsOverlay() ? OpenOverlay(spec) : IsS3(spec) ? OpenS3(spec) : FileBackend.Open(FilePath(spec), spec.ReadOnly);
 
     /// <summary>Deletes storage the gateway made itself; a file the user named is left in place.</summary>
     public void Delete(ExportSpec spec)
     {
-        if (spec.Backend.Path is not { Length: > 0 } && !spec.IsOverlay())
+        // An s3 export's objects stay in the bucket: the prefix was the user's to name.
+        if (spec.Backend.Path is not { Length: > 0 } && !spec.IsOverlay() && !IsS3(spec))
         {
             File.Delete(FilePath(spec));
         }

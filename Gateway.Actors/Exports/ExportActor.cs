@@ -47,6 +47,7 @@ public sealed partial class ExportActor : ReceiveActor
         });
         Receive<GetExport>(_ => Sender.Tell(new ExportFound(new ExportStatus(_spec, _handle?.Info))));
         ReceiveAsync<PushLayer>(PushLayerAsync);
+        Receive<QueryTopEmpty>(_ => Sender.Tell(_overlay is { TopIsEmpty: true }));
         Receive<IBitmapCommand>(command => _bitmaps.Forward(command));
         Receive<BitmapsPurged>(_ => Context.Stop(Self));
         Receive<PurgeBitmaps>(purge =>
@@ -84,7 +85,7 @@ public sealed partial class ExportActor : ReceiveActor
         _device = _backends.Open(_spec);
         _overlay = _device as Gateway.Backends.Overlay.OverlayBackend;
         _device = TrackDirtyGranules(_device);
-        var info = new ExportInfo(_spec.Name, _spec.Description, _spec.Size, _spec.ReadOnly || _device.IsReadOnly, _device.Capabilities);
+        var info = new ExportInfo(_spec.Name, _spec.Description, _spec.Size, _spec.ReadOnly || _device.IsReadOnly, _device.Capabilities) { Access = _spec.Access ?? ExportAccess.Open };
         _handle = new ExportHandle(info, _device, [new BaseAllocationContext(_device), .. OverlayContexts()], _closed.Token);
         _bitmaps.Tell(new AttachExportHandle(_handle));
         _log.Info("Export {0} open: {1} bytes, {2}", _spec.Name, _spec.Size, _spec.ReadOnly ? "read-only" : "read-write");

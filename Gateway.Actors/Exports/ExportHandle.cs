@@ -6,6 +6,9 @@ namespace Gateway.Actors.Exports;
 /// <summary>What a client learns about an export before attaching (LIST, INFO).</summary>
 public sealed record ExportInfo(string Name, string? Description, long Size, bool ReadOnly, BlockCapabilities Capabilities)
 {
+    /// <summary>Who may see and open the export (TLS, client certificates, connection limit).</summary>
+    public ExportAccess Access { get; init; } = ExportAccess.Open;
+
     /// <summary>Transmission flags advertised for this export (proto.md "Transmission flags").</summary>
     public TransmissionFlags TransmissionFlags
     {

@@ -52,7 +52,32 @@ public sealed partial class ExportRegistryActor
             Create(create with { Spec = spec with { Backend = backend with { Layers = [top, .. source.Backend.Layers ?? []], BaseImage = source.Backend.BaseImage } } });
             return;
         }
-        Snapshot(new SnapshotExport(baseName), Sender, create with { Spec = spec with { Backend = backend with { Layers = [top] } } });
+        CreateExport withTop = create with { Spec = spec with { Backend = backend with { Layers = [top] } } };
+        if (source.Backend.Layers is { Length: > 1 } && _children.TryGetValue(baseName, out IActorRef? child))
+        {
+            // A base whose top is still empty needs no snapshot: its frozen layers are already all
+            // it holds. Without this check every clone of a golden image would freeze one more
+            // empty layer and see the golden data one level deeper than the clone before it.
+            IActorRef replyTo = Sender;
+            child.Ask<bool>(QueryTopEmpty.Instance, PushTimeout)
+                .PipeTo(Self, success: empty => new CreateOnOverlayBase(withTop, replyTo, empty),
+                    failure: _ => new CreateOnOverlayBase(withTop, replyTo, false));
+            return;
+        }
+        Snapshot(new SnapshotExport(baseName), Sender, withTop);
+    }
+
+    private void CreateOnOverlayBase(CreateOnOverlayBase next)
+    {
+        ExportSpec spec = next.Create.Spec;
+        if (!next.BaseTopEmpty || !_catalog.Exports.TryGetValue(spec.Backend.Base!, out ExportSpec? source) || source.ReadOnly
+            || source.Backend.Layers is not { Length: > 1 } layers)
+        {
+            Snapshot(new SnapshotExport(spec.Backend.Base!), next.ReplyTo, next.Create);
+            return;
+        }
+        // Create replies to Sender: make it the original asker.
+        Self.Tell(new CreateExport(spec with { Backend = spec.Backend with { Layers = [spec.Backend.Layers![0], .. layers[1..]], BaseImage = source.Backend.BaseImage } }), next.ReplyTo);
     }
 
     /// <summary>The base's snapshot is done: share the layers below its new top.</summary>

@@ -64,6 +64,7 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor
         Command<RemoveExport>(Remove);
         Command<SnapshotExport>(snapshot => Snapshot(snapshot, Sender, thenCreate: null));
         Command<SnapshotThenCreate>(CreateOnSnapshot);
+        Command<CreateOnOverlayBase>(CreateOnOverlayBase);
         Command<ListExports>(_ => ListAll());
         Command<GetExport>(get =>
         {

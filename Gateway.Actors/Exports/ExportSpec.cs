@@ -3,24 +3,26 @@ using System.Text.RegularExpressions;
 namespace Gateway.Actors.Exports;
 
 /// <summary>The durable definition of an export, as created through the admin API.</summary>
-public sealed record ExportSpec(string Name, long Size, BackendSpec Backend, bool ReadOnly, string? Description);
+public sealed record ExportSpec(string Name, long Size, BackendSpec Backend, bool ReadOnly, string? Description, ExportAccess? Access = null);
 
 /// <summary>
 /// Where an export's data lives. <c>file</c>: a sparse raw file (Path relative to the data folder,
 /// or absolute). <c>overlay</c>: a chain of <see cref="Layers"/> (ids under data/layers, top first)
 /// over an optional raw <see cref="BaseImage"/>; <see cref="Base"/> names the export it was made on.
+/// <c>s3</c>: objects in a bucket, as <see cref="S3"/> says.
 /// </summary>
-public sealed record BackendSpec(string Type, string? Path = null, string[]? Layers = null, string? Base = null, string? BaseImage = null)
+public sealed record BackendSpec(string Type, string? Path = null, string[]? Layers = null, string? Base = null, string? BaseImage = null, S3Spec? S3 = null)
 {
     public const string File = "file";
     public const string Overlay = "overlay";
+    public const string S3Type = "s3";
 
     // Arrays compare by content, so specs read back from the journal equal the ones written.
     public bool Equals(BackendSpec? other) =>
         other is not null && Type == other.Type && Path == other.Path && Base == other.Base && BaseImage == other.BaseImage &&
-        (Layers ?? []).SequenceEqual(other.Layers ?? []);
+        (Layers ?? []).SequenceEqual(other.Layers ?? []) && S3 == other.S3;
 
-    public override int GetHashCode() => HashCode.Combine(Type, Path, Base, BaseImage, Layers?.Length);
+    public override int GetHashCode() => HashCode.Combine(Type, Path, Base, BaseImage, Layers?.Length, S3);
 }
 
 public static partial class ExportRules
@@ -46,13 +48,21 @@ public static partial class ExportRules
         {
             return $"size {spec.Size} is over the limit of {MaxSize} bytes";
         }
-        if (spec.Backend.Type is not (BackendSpec.File or BackendSpec.Overlay))
+        if (spec.Backend.Type is not (BackendSpec.File or BackendSpec.Overlay or BackendSpec.S3Type))
         {
-            return $"backend type '{spec.Backend.Type}' is not supported (supported: file, overlay)";
+            return $"backend type '{spec.Backend.Type}' is not supported (supported: file, overlay, s3)";
+        }
+        if (S3Rules.Validate(spec) is string s3Problem)
+        {
+            return s3Problem;
         }
         if (OverlayRules.Validate(spec) is string overlayProblem)
         {
             return overlayProblem;
+        }
+        if (spec.Access?.Validate() is string accessProblem)
+        {
+            return accessProblem;
         }
         if (spec.Description is { Length: > Nbd.NbdLimits.MaxString })
         {

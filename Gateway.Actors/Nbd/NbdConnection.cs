@@ -1,33 +1,54 @@
 using System.IO.Pipelines;
 using System.Net;
+using System.Net.Security;
 using System.Net.Sockets;
+using System.Security.Authentication;
+using System.Security.Cryptography.X509Certificates;
 using Gateway.Actors.Exports;
+using Gateway.Actors.Tls;
 using Microsoft.Extensions.Logging;
 
 namespace Gateway.Actors.Nbd;
 
-/// <summary>One NBD client connection over a stream: handshake, then transmission.</summary>
+/// <summary>One NBD client connection over a stream: handshake (with an optional TLS upgrade), then transmission.</summary>
 public static class NbdConnection
 {
     /// <summary>
     /// Serves the client until it leaves or <paramref name="stopping"/> fires. A client that
-    /// breaks the protocol or vanishes ends only its own connection; failures of the server
-    /// itself propagate to the caller (the connection actor, and its supervisor).
+    /// breaks the protocol, fails the TLS handshake or vanishes ends only its own connection;
+    /// failures of the server itself propagate to the caller (the connection actor, and its
+    /// supervisor). The caller owns <paramref name="stream"/>; a TLS layer put over it is
+    /// closed here.
     /// </summary>
-    public static async Task ServeAsync(Stream stream, IExportDirectory exports, ILogger logger, CancellationToken stopping, EndPoint? client = null)
+    public static async Task ServeAsync(Stream stream, IExportDirectory exports, ILogger logger, CancellationToken stopping,
+        EndPoint? client = null, NbdServerSettings? settings = null)
     {
-        PipeReader input = PipeReader.Create(stream, new StreamPipeReaderOptions(bufferSize: 256 * 1024, minimumReadSize: 64 * 1024, leaveOpen: true));
-        PipeWriter output = PipeWriter.Create(stream, new StreamPipeWriterOptions(minimumBufferSize: 64 * 1024, leaveOpen: true));
+        settings ??= NbdServerSettings.Default;
+        (PipeReader input, PipeWriter output) = CreatePipes(stream);
+        SslStream? tls = null;
+        using var negotiator = new OptionNegotiator(input, output, exports, logger, settings, client);
         try
         {
-            NegotiatedSession? session = await new OptionNegotiator(input, output, exports, logger).NegotiateAsync(stopping).ConfigureAwait(false);
-            if (session is null)
+            NegotiationOutcome outcome = await negotiator.NegotiateAsync(stopping).ConfigureAwait(false);
+            if (outcome.End == NegotiationEnd.StartTls)
+            {
+                // The ACK is flushed and nothing of the client's is buffered (the negotiator checked):
+                // the plaintext pipes can go, and the next byte on the stream is the ClientHello.
+                await input.CompleteAsync().ConfigureAwait(false);
+                await output.CompleteAsync().ConfigureAwait(false);
+                (tls, ClientIdentity? identity) = await UpgradeAsync(stream, settings, client, logger, stopping).ConfigureAwait(false);
+                (input, output) = CreatePipes(tls);
+                outcome = await negotiator.ResumeAfterTlsAsync(input, output, identity, stopping).ConfigureAwait(false);
+            }
+            if (outcome.Session is not NegotiatedSession session)
             {
                 return;
             }
-            logger.LogInformation("NBD connection from {Client} to export {Export}: structured replies {Structured}, contexts [{Contexts}]",
-                client, session.Export.Info.Name, session.StructuredReplies, string.Join(", ", session.Contexts.Select(c => c.Context.Name)));
-            var transmission = new Transmission(input, output, stream, session, logger);
+            logger.LogInformation("NBD connection from {Client} to export {Export}: {Transport}, structured replies {Structured}, contexts [{Contexts}]",
+                client, session.Export.Info.Name, tls is null ? "plaintext" : $"{tls.SslProtocol} {tls.NegotiatedCipherSuite}", session.StructuredReplies,
+                string.Join(", ", session.Contexts.Select(c => c.Context.Name)));
+            // Large reads go straight to the stream under the pipe: after STARTTLS that is the TLS stream.
+            var transmission = new Transmission(input, output, tls ?? stream, session, logger);
             try
             {
                 await transmission.RunAsync(stopping).ConfigureAwait(false);
@@ -40,7 +61,11 @@ public static class NbdConnection
         }
         catch (NbdProtocolException e)
         {
-            logger.LogInformation("Closing NBD connection: {Reason}", e.Message);
+            logger.LogInformation("Closing NBD connection from {Client}: {Reason}", client, e.Message);
+        }
+        catch (AuthenticationException e)
+        {
+            logger.LogWarning("TLS handshake with NBD client {Client} failed: {Reason}", client, e.InnerException?.Message ?? e.Message);
         }
         catch (Exception e) when (e is IOException or EndOfStreamException or SocketException)
         {
@@ -52,15 +77,62 @@ public static class NbdConnection
         }
         finally
         {
-            await input.CompleteAsync().ConfigureAwait(false);
             try
             {
+                await input.CompleteAsync().ConfigureAwait(false);
                 await output.CompleteAsync().ConfigureAwait(false);
             }
-            catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException)
+            catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException or InvalidOperationException)
             {
                 // The client is already gone; nothing left to tell it.
             }
+            if (tls is not null)
+            {
+                await tls.DisposeAsync().ConfigureAwait(false);
+            }
+        }
+    }
+
+    private static (PipeReader Input, PipeWriter Output) CreatePipes(Stream stream) => (
+        PipeReader.Create(stream, new StreamPipeReaderOptions(bufferSize: 256 * 1024, minimumReadSize: 64 * 1024, leaveOpen: true)),
+        PipeWriter.Create(stream, new StreamPipeWriterOptions(minimumBufferSize: 64 * 1024, leaveOpen: true)));
+
+    /// <summary>
+    /// The server side of the TLS handshake on the raw stream, bounded in time so a client that
+    /// stalls after STARTTLS does not hold the connection. Returns the TLS stream and the client's
+    /// validated certificate identity (null when it presented none).
+    /// </summary>
+    private static async Task<(SslStream Tls, ClientIdentity? Identity)> UpgradeAsync(Stream stream, NbdServerSettings settings, EndPoint? client,
+        ILogger logger, CancellationToken stopping)
+    {
+        TlsCredentials credentials = settings.Tls ?? throw new InvalidOperationException("STARTTLS accepted without TLS credentials");
+        var tls = new SslStream(stream, leaveInnerStreamOpen: true);
+        try
+        {
+            using var timeout = CancellationTokenSource.CreateLinkedTokenSource(stopping);
+            timeout.CancelAfter(settings.TlsHandshakeTimeout);
+            try
+            {
+                await tls.AuthenticateAsServerAsync(credentials.ServerOptions(client), timeout.Token).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException) when (!stopping.IsCancellationRequested)
+            {
+                throw new NbdProtocolException($"TLS handshake not finished within {settings.TlsHandshakeTimeout.TotalSeconds} s");
+            }
+            ClientIdentity? identity = null;
+            if (tls.RemoteCertificate is X509Certificate presented)
+            {
+                using X509Certificate2 certificate = X509CertificateLoader.LoadCertificate(presented.GetRawCertData());
+                identity = ClientIdentity.From(certificate);
+            }
+            logger.LogInformation("NBD client {Client} upgraded to {Protocol}; client certificate {Identity}",
+                client, tls.SslProtocol, identity?.ToString() ?? "(none)");
+            return (tls, identity);
+        }
+        catch
+        {
+            await tls.DisposeAsync().ConfigureAwait(false);
+            throw;
         }
     }
 }

@@ -1,8 +1,10 @@
 using System.Buffers;
 using System.Buffers.Binary;
 using System.IO.Pipelines;
+using System.Net;
 using System.Text;
 using Gateway.Actors.Exports;
+using Gateway.Actors.Tls;
 using Microsoft.Extensions.Logging;
 
 namespace Gateway.Actors.Nbd;
@@ -13,19 +15,47 @@ public sealed record NegotiatedSession(ExportHandle Export, bool StructuredRepli
 /// <summary>A metadata context selected with SET_META_CONTEXT, under the id the client was given.</summary>
 public sealed record SelectedContext(uint Id, MetaContext Context);
 
+/// <summary>How option haggling ended: the client left, attached to an export, or asked for TLS.</summary>
+public enum NegotiationEnd
+{
+    Closed,
+    Attached,
+    StartTls,
+}
+
+/// <summary>The end of a negotiation, with the session when attached.</summary>
+public sealed record NegotiationOutcome(NegotiationEnd End, NegotiatedSession? Session = null)
+{
+    public static readonly NegotiationOutcome Closed = new(NegotiationEnd.Closed);
+    public static readonly NegotiationOutcome StartTls = new(NegotiationEnd.StartTls);
+}
+
 /// <summary>
 /// The fixed newstyle handshake and option haggling (proto.md "Newstyle negotiation",
-/// "Option types"). Returns the negotiated session, or null when the client ended the
-/// negotiation (ABORT, or a clean close).
+/// "Option types", "TLS support"). Ends attached to an export, closed (ABORT, or a clean close),
+/// or with STARTTLS acknowledged: the connection then wraps the stream in TLS and calls
+/// <see cref="ResumeAfterTlsAsync"/> with pipes over the encrypted stream. Disposing it gives
+/// back the attached export's connection slot (<see cref="ExportAccess.MaxConnections"/>), so
+/// the connection disposes it when it ends.
 /// </summary>
-public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExportDirectory exports, ILogger logger)
+public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExportDirectory exports, ILogger logger,
+    NbdServerSettings? settings = null, EndPoint? client = null) : IDisposable
 {
+    private readonly NbdServerSettings _settings = settings ?? NbdServerSettings.Default;
     private bool _structured;
     private bool _noZeroes;
     private string? _contextExport;
     private List<(uint Id, string Name)> _selected = [];
+    private bool _tls;
+    private ClientIdentity? _identity;
+    private IDisposable? _lease;
 
-    public async Task<NegotiatedSession?> NegotiateAsync(CancellationToken cancellationToken)
+    /// <summary>Whether the options are being haggled over TLS.</summary>
+    public bool Tls => _tls;
+
+    public void Dispose() => _lease?.Dispose();
+
+    public async Task<NegotiationOutcome> NegotiateAsync(CancellationToken cancellationToken)
     {
         // S: 64 bits, 0x4e42444d41474943 (ASCII 'NBDMAGIC')
         // S: 64 bits, 0x49484156454F5054 (ASCII 'IHAVEOPT')
@@ -43,7 +73,28 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
             throw new NbdProtocolException($"unknown client flags 0x{(uint)clientFlags:x}");
         }
         _noZeroes = clientFlags.HasFlag(ClientFlags.NoZeroes);
+        return await OptionsAsync(cancellationToken).ConfigureAwait(false);
+    }
 
+    /// <summary>
+    /// Continues after the TLS handshake, over pipes on the encrypted stream. proto.md "TLS
+    /// support": state negotiated before the upgrade is forgotten (structured replies, metadata
+    /// contexts); the handshake flags stay.
+    /// </summary>
+    public Task<NegotiationOutcome> ResumeAfterTlsAsync(PipeReader tlsInput, PipeWriter tlsOutput, ClientIdentity? identity, CancellationToken cancellationToken)
+    {
+        input = tlsInput;
+        output = tlsOutput;
+        _tls = true;
+        _identity = identity;
+        _structured = false;
+        _contextExport = null;
+        _selected = [];
+        return OptionsAsync(cancellationToken);
+    }
+
+    private async Task<NegotiationOutcome> OptionsAsync(CancellationToken cancellationToken)
+    {
         byte[] h = new byte[16];
         while (true)
         {
@@ -54,7 +105,7 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
             ReadResult peek = await input.ReadAsync(cancellationToken).ConfigureAwait(false);
             if (peek.Buffer.IsEmpty && peek.IsCompleted)
             {
-                return null;
+                return NegotiationOutcome.Closed;
             }
             input.AdvanceTo(peek.Buffer.Start);
 
@@ -89,6 +140,16 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
             }
 
             logger.LogDebug("NBD option {Option} ({Length} bytes)", option, length);
+            if (!_tls && _settings.TlsMode == TlsMode.Required && option is not (NbdOption.StartTls or NbdOption.Abort))
+            {
+                // proto.md "Forced TLS": EXPORT_NAME cannot be answered with an error, so the server closes.
+                if (option == NbdOption.ExportName)
+                {
+                    throw new NbdProtocolException($"EXPORT_NAME from {client} before STARTTLS; TLS is required");
+                }
+                await ReplyErrorAsync(option, OptionReplyType.ErrTlsReqd, "TLS is required: send NBD_OPT_STARTTLS first", cancellationToken).ConfigureAwait(false);
+                continue;
+            }
             switch (option)
             {
                 case NbdOption.ExportName:
@@ -96,7 +157,7 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
                 case NbdOption.Abort:
                     // The spec lets the server answer ACK before closing; clients tolerate either.
                     await ReplyAsync(option, OptionReplyType.Ack, ReadOnlyMemory<byte>.Empty, cancellationToken).ConfigureAwait(false);
-                    return null;
+                    return NegotiationOutcome.Closed;
                 case NbdOption.List:
                     await ListAsync(data, cancellationToken).ConfigureAwait(false);
                     break;
@@ -105,7 +166,7 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
                     NegotiatedSession? session = await InfoOrGoAsync(option, data, cancellationToken).ConfigureAwait(false);
                     if (session is not null)
                     {
-                        return session;
+                        return new NegotiationOutcome(NegotiationEnd.Attached, session);
                     }
                     break;
                 case NbdOption.StructuredReply:
@@ -128,8 +189,10 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
                     await MetaContextAsync(option, data, cancellationToken).ConfigureAwait(false);
                     break;
                 case NbdOption.StartTls:
-                    await ReplyErrorAsync(option, length != 0 ? OptionReplyType.ErrInvalid : OptionReplyType.ErrPolicy,
-                        "TLS is not configured on this server", cancellationToken).ConfigureAwait(false);
+                    if (await StartTlsAsync(length, cancellationToken).ConfigureAwait(false))
+                    {
+                        return NegotiationOutcome.StartTls;
+                    }
                     break;
                 default:
                     await ReplyErrorAsync(option, OptionReplyType.ErrUnsup, $"option {(uint)option} is not supported", cancellationToken).ConfigureAwait(false);
@@ -142,6 +205,78 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
     private TransmissionFlags AdvertisedFlags(ExportInfo info) =>
         _structured ? info.TransmissionFlags : info.TransmissionFlags & ~TransmissionFlags.SendDf;
 
+    /// <summary>
+    /// NBD_OPT_STARTTLS (proto.md "TLS support"). True once ACKed: the caller must then start the
+    /// TLS handshake on the raw stream. The client may send nothing between the option and the
+    /// handshake, so any byte already buffered behind it is a protocol violation (it would be
+    /// plaintext the TLS layer never sees).
+    /// </summary>
+    private async Task<bool> StartTlsAsync(uint length, CancellationToken cancellationToken)
+    {
+        if (length != 0)
+        {
+            await ReplyErrorAsync(NbdOption.StartTls, OptionReplyType.ErrInvalid, "STARTTLS takes no data", cancellationToken).ConfigureAwait(false);
+            return false;
+        }
+        if (_settings.TlsMode == TlsMode.Off || _settings.Tls is null)
+        {
+            await ReplyErrorAsync(NbdOption.StartTls, OptionReplyType.ErrPolicy, "TLS is not configured on this server", cancellationToken).ConfigureAwait(false);
+            return false;
+        }
+        if (_tls)
+        {
+            await ReplyErrorAsync(NbdOption.StartTls, OptionReplyType.ErrInvalid, "TLS is already in use", cancellationToken).ConfigureAwait(false);
+            return false;
+        }
+        if (input.TryRead(out ReadResult pending))
+        {
+            bool early = !pending.Buffer.IsEmpty;
+            input.AdvanceTo(pending.Buffer.Start);
+            if (early)
+            {
+                throw new NbdProtocolException($"client {client} sent {pending.Buffer.Length} bytes after STARTTLS before the TLS handshake");
+            }
+        }
+        await ReplyAsync(NbdOption.StartTls, OptionReplyType.Ack, ReadOnlyMemory<byte>.Empty, cancellationToken).ConfigureAwait(false);
+        return true;
+    }
+
+    /// <summary>Whether LIST shows the export to this client: not before TLS if it needs TLS, not to a certificate it does not allow.</summary>
+    private bool Visible(ExportInfo info) => (_tls || !info.Access.NeedsTls) && info.Access.Allows(_identity);
+
+    /// <summary>
+    /// Why this client may not use the export (null when it may). With <paramref name="attach"/>
+    /// (GO, EXPORT_NAME) the export's connection slot is taken too, held in <see cref="_lease"/>.
+    /// </summary>
+    private (OptionReplyType Type, string Message)? Refusal(ExportInfo info, bool attach)
+    {
+        ExportAccess access = info.Access;
+        if (access.NeedsTls && !_tls)
+        {
+            // With TLS off the export is never served: it must not leak in plaintext.
+            return _settings.TlsMode == TlsMode.Off
+                ? (OptionReplyType.ErrPolicy, $"export '{info.Name}' requires TLS, which this server does not offer")
+                : (OptionReplyType.ErrTlsReqd, $"export '{info.Name}' requires TLS: send NBD_OPT_STARTTLS first");
+        }
+        if (!access.Allows(_identity))
+        {
+            logger.LogWarning("NBD client {Client} refused export {Export}: certificate {Identity} is not among its allowed clients",
+                client, info.Name, _identity?.ToString() ?? "(none)");
+            return (OptionReplyType.ErrPolicy, $"export '{info.Name}' is not available to this client certificate");
+        }
+        if (attach)
+        {
+            _lease?.Dispose();
+            _lease = _settings.ExportConnections.TryAcquire(info.Name, access.MaxConnections);
+            if (_lease is null)
+            {
+                logger.LogWarning("NBD client {Client} refused export {Export}: its limit of {Limit} connections is reached", client, info.Name, access.MaxConnections);
+                return (OptionReplyType.ErrPolicy, $"export '{info.Name}' has reached its limit of {access.MaxConnections} connections");
+            }
+        }
+        return null;
+    }
+
     private void WriteGreeting()
     {
         Span<byte> span = output.GetSpan(18);
@@ -151,7 +286,7 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
         output.Advance(18);
     }
 
-    private async Task<NegotiatedSession?> ExportNameAsync(byte[] data, CancellationToken cancellationToken)
+    private async Task<NegotiationOutcome> ExportNameAsync(byte[] data, CancellationToken cancellationToken)
     {
         if (data.Length > NbdLimits.MaxString)
         {
@@ -164,6 +299,10 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
             // EXPORT_NAME has no way to report an error: the spec says to close.
             throw new NbdProtocolException($"unknown export '{name}' in EXPORT_NAME");
         }
+        if (Refusal(export.Info, attach: true) is (_, string refusal))
+        {
+            throw new NbdProtocolException($"EXPORT_NAME '{name}' refused: {refusal}");
+        }
 
         // S: 64 bits, size of the export in bytes (unsigned)
         // S: 16 bits, transmission flags
@@ -175,7 +314,7 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
         span[10..size].Clear();
         output.Advance(size);
         await output.FlushAsync(cancellationToken).ConfigureAwait(false);
-        return new NegotiatedSession(export, _structured, ResolveContexts(export));
+        return new NegotiationOutcome(NegotiationEnd.Attached, new NegotiatedSession(export, _structured, ResolveContexts(export)));
     }
 
     private async Task ListAsync(byte[] data, CancellationToken cancellationToken)
@@ -187,6 +326,10 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
         }
         foreach (ExportInfo info in await exports.ListAsync(cancellationToken).ConfigureAwait(false))
         {
+            if (!Visible(info))
+            {
+                continue;
+            }
             // 32 bits length of name, name, then implementation-specific details: the description.
             byte[] name = Encoding.UTF8.GetBytes(info.Name);
             byte[] description = Encoding.UTF8.GetBytes(info.Description ?? "");
@@ -247,6 +390,11 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
             return null;
         }
         ExportInfo info = export.Info;
+        if (Refusal(info, attach: option == NbdOption.Go) is (OptionReplyType refusalType, string refusal))
+        {
+            await ReplyErrorAsync(option, refusalType, refusal, cancellationToken).ConfigureAwait(false);
+            return null;
+        }
 
         // NBD_INFO_EXPORT: 16 bits type, 64 bits size, 16 bits transmission flags.
         byte[] exportInfo = new byte[12];
@@ -320,6 +468,11 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
         if (export is null)
         {
             await ReplyErrorAsync(option, OptionReplyType.ErrUnknown, $"export '{name}' not present", cancellationToken).ConfigureAwait(false);
+            return;
+        }
+        if (Refusal(export.Info, attach: false) is (OptionReplyType refusalType, string refusal))
+        {
+            await ReplyErrorAsync(option, refusalType, refusal, cancellationToken).ConfigureAwait(false);
             return;
         }
 

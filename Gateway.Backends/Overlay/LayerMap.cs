@@ -52,6 +52,9 @@ public sealed class LayerMap : IDisposable
 
     public long ClusterCount => _states.Length;
 
+    /// <summary>No cluster has been written, zeroed or trimmed in this layer.</summary>
+    public bool IsEmpty => _states.AsSpan().IndexOfAnyExcept((byte)ClusterState.Absent) < 0;
+
     /// <summary>Bytes the store needs for a layer of <paramref name="layerSize"/> bytes.</summary>
     public static long StoreSize(long layerSize, int clusterSize) => HeaderSize + ClusterCountOf(layerSize, clusterSize);
 

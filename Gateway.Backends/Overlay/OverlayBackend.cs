@@ -65,6 +65,9 @@ public sealed class OverlayBackend : IBlockDevice
     /// <summary>The chain now, top first.</summary>
     public IReadOnlyList<Layer> Layers => _layers;
 
+    /// <summary>The writable top holds nothing yet: the layers below are all there is.</summary>
+    public bool TopIsEmpty => _layers[0].Map is { IsEmpty: true };
+
     public BlockCapabilities Capabilities => IsReadOnly
         ? BlockCapabilities.Cache | BlockCapabilities.Flush
         : BlockCapabilities.Trim | BlockCapabilities.Zero | BlockCapabilities.FastZero | BlockCapabilities.Cache | BlockCapabilities.Flush;

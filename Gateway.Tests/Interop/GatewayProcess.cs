@@ -43,6 +43,9 @@ public sealed partial class GatewayProcess : IAsyncDisposable
     }
 
     public string DataDirectory { get; }
+
+    /// <summary>More <c>gateway serve</c> arguments (TLS, Unix sockets, limits).</summary>
+    public IReadOnlyList<string> ExtraArgs { get; private init; } = [];
     public int NbdPort { get; private set; }
     public int AdminPort { get; private set; }
     public Uri AdminUri => new($"http://127.0.0.1:{AdminPort}/");
@@ -100,11 +103,11 @@ public sealed partial class GatewayProcess : IAsyncDisposable
     /// Starts a gateway on a new temporary data folder (or <paramref name="dataDirectory"/>), and
     /// returns once /healthz answers, the NBD port accepts and, on a first start, disk0 exists.
     /// </summary>
-    public static async Task<GatewayProcess> StartAsync(string? dataDirectory = null)
+    public static async Task<GatewayProcess> StartAsync(string? dataDirectory = null, IEnumerable<string>? extraArgs = null)
     {
         bool owns = dataDirectory is null;
         dataDirectory ??= Directory.CreateTempSubdirectory("gateway-interop-").FullName;
-        var gateway = new GatewayProcess(dataDirectory, owns);
+        var gateway = new GatewayProcess(dataDirectory, owns) { ExtraArgs = [.. extraArgs ?? []] };
         bool firstStart = !File.Exists(Path.Combine(dataDirectory, "gateway.db"));
         await gateway.LaunchAsync(newPorts: true, awaitExport: firstStart ? "disk0" : null);
         return gateway;
@@ -178,7 +181,7 @@ public sealed partial class GatewayProcess : IAsyncDisposable
                  {
                      GatewayDll, "serve", "--data", DataDirectory,
                      "--nbd", $"127.0.0.1:{NbdPort}", "--admin", $"127.0.0.1:{AdminPort}",
-                 })
+                 }.Concat(ExtraArgs))
         {
             start.ArgumentList.Add(arg);
         }

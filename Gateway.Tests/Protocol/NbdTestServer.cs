@@ -23,9 +23,12 @@ public sealed class NbdTestServer : IAsyncDisposable
     private int _active;
     private int _ended;
 
-    public NbdTestServer(TestExportDirectory exports)
+    private readonly NbdServerSettings? _settings;
+
+    public NbdTestServer(TestExportDirectory exports, NbdServerSettings? settings = null)
     {
         Exports = exports;
+        _settings = settings;
         _listener.Start();
         EndPoint = (IPEndPoint)_listener.LocalEndpoint;
         _acceptLoop = Task.Run(AcceptLoopAsync);
@@ -77,7 +80,7 @@ public sealed class NbdTestServer : IAsyncDisposable
         {
             socket.NoDelay = true;
             await using var stream = new NetworkStream(socket, ownsSocket: true);
-            await NbdConnection.ServeAsync(stream, Exports, NullLogger.Instance, _stopping.Token);
+            await NbdConnection.ServeAsync(stream, Exports, NullLogger.Instance, _stopping.Token, socket.RemoteEndPoint, _settings);
         }
         catch (Exception e)
         {

@@ -103,7 +103,7 @@ public sealed class RawClient : IAsyncDisposable
     public static readonly TimeSpan Timeout = TimeSpan.FromSeconds(15);
 
     private readonly Socket _socket;
-    private readonly NetworkStream _stream;
+    private Stream _stream;
     private readonly SemaphoreSlim _sendLock = new(1, 1);
     private readonly Dictionary<ulong, (NbdCommand Command, uint Length)> _pending = [];
     private readonly Dictionary<ulong, List<ReplyChunk>> _partial = [];
@@ -502,6 +502,32 @@ public sealed class RawClient : IAsyncDisposable
         {
             throw new InvalidDataException($"malformed chunk {chunk}: {Convert.ToHexString(chunk.Payload.AsSpan(0, Math.Min(n, 32)))}");
         }
+    }
+
+    // ---- TLS -------------------------------------------------------------------------------
+
+    /// <summary>
+    /// STARTTLS: on ACK, the TLS handshake over the same socket (trusting any server certificate,
+    /// presenting <paramref name="clientCertificate"/> if given). Returns the reply when refused.
+    /// </summary>
+    public async Task<OptionReply?> StartTlsAsync(System.Security.Cryptography.X509Certificates.X509Certificate2? clientCertificate = null)
+    {
+        await SendOptionAsync(NbdOption.StartTls, ReadOnlyMemory<byte>.Empty);
+        OptionReply reply = await ReadOptionReplyAsync();
+        if (reply.Type != OptionReplyType.Ack)
+        {
+            return reply;
+        }
+        var tls = new System.Net.Security.SslStream(_stream, leaveInnerStreamOpen: false);
+        using var cts = new CancellationTokenSource(Timeout);
+        await tls.AuthenticateAsClientAsync(new System.Net.Security.SslClientAuthenticationOptions
+        {
+            TargetHost = "localhost",
+            RemoteCertificateValidationCallback = (_, _, _, _) => true,
+            ClientCertificates = clientCertificate is null ? null : [clientCertificate],
+        }, cts.Token);
+        _stream = tls;
+        return null;
     }
 
     // ---- Socket ----------------------------------------------------------------------------

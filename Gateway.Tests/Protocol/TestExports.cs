@@ -17,10 +17,10 @@ public sealed class TestExportDirectory : IExportDirectory
     /// <summary>OpenAsync of this name throws <see cref="InvalidOperationException"/>.</summary>
     public string? FailOn { get; init; }
 
-    public TestDevice Add(string name, IBlockDevice device, string? description = null)
+    public TestDevice Add(string name, IBlockDevice device, string? description = null, ExportAccess? access = null)
     {
         var tracked = new TestDevice(device);
-        var info = new ExportInfo(name, description, device.Size, device.IsReadOnly, device.Capabilities);
+        var info = new ExportInfo(name, description, device.Size, device.IsReadOnly, device.Capabilities) { Access = access ?? ExportAccess.Open };
         _exports[name] = new ExportHandle(info, tracked, [new BaseAllocationContext(tracked)], CancellationToken.None);
         lock (_order)
         {

@@ -1,0 +1,101 @@
+using Gateway.Backends.S3;
+
+namespace Gateway.Actors.Exports;
+
+/// <summary>
+/// Where an <c>s3</c> export's objects live (<c>PREFIX/%016x</c>, nbdkit's S3 layout) and how they are
+/// cached. Credentials are optional (the default AWS chain otherwise); <see cref="SecretKey"/> is
+/// stored with the export but never shown by the API or logged.
+/// </summary>
+public sealed record S3Spec(
+    string? Endpoint,
+    string? Bucket,
+    string? Prefix,
+    string? Region = null,
+    int? ObjectSize = null,
+    string? AccessKey = null,
+    string? SecretKey = null,
+    long? CacheBytes = null,
+    int? Parallelism = null)
+{
+    public const int MinObjectSize = 4096;
+    public const int MaxObjectSize = 256 << 20;
+
+    public S3BucketLocation ToLocation() => new(Endpoint!, Bucket!, Region, AccessKey, SecretKey);
+
+    public S3DeviceOptions ToDeviceOptions() => new()
+    {
+        ObjectSize = ObjectSize ?? S3DeviceOptions.DefaultObjectSize,
+        CacheBytes = CacheBytes ?? Math.Max(S3DeviceOptions.DefaultCacheBytes, 8L * (ObjectSize ?? S3DeviceOptions.DefaultObjectSize)),
+        Parallelism = Parallelism ?? S3DeviceOptions.DefaultParallelism,
+    };
+
+    /// <summary>The same spec without the secret, for API answers.</summary>
+    public S3Spec Redacted() => this with { SecretKey = null };
+
+    // Never print the secret, whatever formats the record.
+    public override string ToString() => $"s3 {Endpoint} bucket {Bucket} prefix {Prefix}";
+}
+
+public static class S3Rules
+{
+    /// <summary>The problem with an s3 backend spec, or null.</summary>
+    public static string? Validate(ExportSpec spec)
+    {
+        S3Spec? s3 = spec.Backend.S3;
+        if (spec.Backend.Type != BackendSpec.S3Type)
+        {
+            return s3 is null ? null : $"s3 settings are only for backend type 's3', not '{spec.Backend.Type}'";
+        }
+        if (s3 is null)
+        {
+            return "backend type 's3' needs s3 settings: endpoint, bucket and prefix";
+        }
+        if (spec.Backend.Path is not null || spec.Backend.Base is not null || spec.Backend.BaseImage is not null)
+        {
+            return "backend type 's3' takes no path, base or baseImage";
+        }
+        if (string.IsNullOrWhiteSpace(s3.Endpoint))
+        {
+            return "s3 endpoint is required (e.g. http://127.0.0.1:4568 or https://s3.eu-west-1.amazonaws.com)";
+        }
+        if (!Uri.TryCreate(s3.Endpoint, UriKind.Absolute, out Uri? endpoint) || endpoint.Scheme is not ("http" or "https"))
+        {
+            return $"s3 endpoint '{s3.Endpoint}' is invalid: give an http:// or https:// URL";
+        }
+        if (string.IsNullOrWhiteSpace(s3.Bucket) || s3.Bucket.Length is < 3 or > 63 || s3.Bucket.Any(c => !(char.IsAsciiLetterLower(c) || char.IsAsciiDigit(c) || c is '-' or '.')))
+        {
+            return $"s3 bucket '{s3.Bucket}' is invalid: use 3-63 lower-case letters, digits, '-' or '.'";
+        }
+        if (string.IsNullOrEmpty(s3.Prefix?.Trim('/')))
+        {
+            return "s3 prefix is required: objects are named PREFIX/<chunk index in 16 hex digits>";
+        }
+        if (s3.Prefix.Length > 900)
+        {
+            return "s3 prefix is over 900 characters";
+        }
+        if (s3.ObjectSize is int size && (size < S3Spec.MinObjectSize || size > S3Spec.MaxObjectSize || !int.IsPow2(size)))
+        {
+            return $"s3 objectSize {size} is invalid: it must be a power of two from {S3Spec.MinObjectSize} to {S3Spec.MaxObjectSize} bytes";
+        }
+        S3DeviceOptions options = s3.ToDeviceOptions();
+        if (s3.CacheBytes is long cache && cache < 2L * options.ObjectSize)
+        {
+            return $"s3 cacheBytes {cache} is invalid: it must hold at least two objects ({2L * options.ObjectSize} bytes)";
+        }
+        if (s3.Parallelism is int parallelism && parallelism is < 1 or > 256)
+        {
+            return $"s3 parallelism {parallelism} is invalid: give 1 to 256";
+        }
+        if (string.IsNullOrEmpty(s3.AccessKey) != string.IsNullOrEmpty(s3.SecretKey))
+        {
+            return "s3 accessKey and secretKey go together: give both, or neither to use the default AWS credentials";
+        }
+        if ((spec.Size + options.ObjectSize - 1) / options.ObjectSize > 1L << 32)
+        {
+            return $"size {spec.Size} is over 2^32 objects of {options.ObjectSize} bytes: use a larger objectSize";
+        }
+        return null;
+    }
+}

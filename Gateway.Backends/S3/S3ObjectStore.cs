@@ -1,0 +1,117 @@
+using System.Net;
+using System.Runtime.CompilerServices;
+using Amazon.Runtime;
+using Amazon.S3;
+using Amazon.S3.Model;
+
+namespace Gateway.Backends.S3;
+
+/// <summary>Where a bucket is and how to sign requests to it. Credentials are never logged or shown.</summary>
+public sealed record S3BucketLocation(string Endpoint, string Bucket, string? Region = null, string? AccessKey = null, string? SecretKey = null)
+{
+    // Keep the secret out of logs and exception messages that format the record.
+    public override string ToString() => $"s3 {Endpoint} bucket {Bucket}";
+}
+
+/// <summary>
+/// <see cref="IObjectStore"/> over AWSSDK.S3, set up for S3-compatible stores as S3-NOTES.md measured:
+/// path-style addressing, a custom endpoint, no aws-chunked uploads (s3rver stores the framing inside
+/// the object), explicit byte ranges only, and the SDK's own bounded retries.
+/// </summary>
+public sealed class S3ObjectStore : IObjectStore
+{
+    private readonly AmazonS3Client _client;
+    private readonly string _bucket;
+
+    public S3ObjectStore(S3BucketLocation location)
+    {
+        _bucket = location.Bucket;
+        var config = new AmazonS3Config
+        {
+            ServiceURL = location.Endpoint,
+            ForcePathStyle = true,
+            AuthenticationRegion = location.Region ?? "us-east-1",
+            RequestChecksumCalculation = RequestChecksumCalculation.WHEN_REQUIRED,
+            ResponseChecksumValidation = ResponseChecksumValidation.WHEN_REQUIRED,
+            // Bounded: a dead store must turn into EIO in seconds, not hang the client.
+            MaxErrorRetry = 3,
+            Timeout = TimeSpan.FromSeconds(30),
+        };
+        _client = location.AccessKey is { Length: > 0 } accessKey
+            ? new AmazonS3Client(new BasicAWSCredentials(accessKey, location.SecretKey ?? ""), config)
+            : new AmazonS3Client(config); // the default AWS chain: environment, profile, instance role
+    }
+
+    public async Task<int> GetAsync(string key, long start, Memory<byte> destination, CancellationToken cancellationToken)
+    {
+        if (destination.IsEmpty)
+        {
+            return 0;
+        }
+        // Explicit start-end ranges only: s3rver answers suffix ranges with the wrong bytes.
+        var request = new GetObjectRequest { BucketName = _bucket, Key = key, ByteRange = new ByteRange(start, start + destination.Length - 1) };
+        try
+        {
+            using GetObjectResponse response = await _client.GetObjectAsync(request, cancellationToken).ConfigureAwait(false);
+            int total = 0;
+            while (total < destination.Length)
+            {
+                int n = await response.ResponseStream.ReadAsync(destination[total..], cancellationToken).ConfigureAwait(false);
+                if (n == 0)
+                {
+                    break;
+                }
+                total += n;
+            }
+            return total;
+        }
+        catch (AmazonS3Exception e) when (e.StatusCode == HttpStatusCode.NotFound && e.ErrorCode != "NoSuchBucket")
+        {
+            return -1;
+        }
+        catch (AmazonS3Exception e) when (e.StatusCode == HttpStatusCode.RequestedRangeNotSatisfiable)
+        {
+            return 0; // the object ends before the range starts
+        }
+    }
+
+    public async Task PutAsync(string key, byte[] data, int length, CancellationToken cancellationToken)
+    {
+        using var body = new MemoryStream(data, 0, length, writable: false);
+        var request = new PutObjectRequest
+        {
+            BucketName = _bucket,
+            Key = key,
+            InputStream = body,
+            AutoCloseStream = false,
+            UseChunkEncoding = false,
+        };
+        await _client.PutObjectAsync(request, cancellationToken).ConfigureAwait(false);
+    }
+
+    public async Task DeleteAsync(string key, CancellationToken cancellationToken) =>
+        await _client.DeleteObjectAsync(new DeleteObjectRequest { BucketName = _bucket, Key = key }, cancellationToken).ConfigureAwait(false);
+
+    public async IAsyncEnumerable<string> ListAsync(string prefix, [EnumeratorCancellation] CancellationToken cancellationToken)
+    {
+        string? token = null;
+        do
+        {
+            var request = new ListObjectsV2Request { BucketName = _bucket, Prefix = prefix, ContinuationToken = token };
+            ListObjectsV2Response response = await _client.ListObjectsV2Async(request, cancellationToken).ConfigureAwait(false);
+            // SDK v4 answers null, not empty, for an empty page.
+            foreach (S3Object o in response.S3Objects ?? [])
+            {
+                yield return o.Key;
+            }
+            token = response.IsTruncated == true ? response.NextContinuationToken : null;
+        }
+        while (token is not null);
+    }
+
+    /// <summary>Fails unless the bucket exists and answers (export creation checks the location first).</summary>
+    public async Task CheckBucketAsync(CancellationToken cancellationToken) =>
+        await _client.ListObjectsV2Async(new ListObjectsV2Request { BucketName = _bucket, MaxKeys = 1 }, cancellationToken).ConfigureAwait(false);
+
+    public void Dispose() => _client.Dispose();
+}
