@@ -392,23 +392,16 @@ public sealed class Transmission
         }
     }
 
+    /// <summary>
+    /// Reads the rest of a write payload straight from the stream into its buffer: the pipe has
+    /// nothing unconsumed at this point (the caller took all it held), and it reads from the
+    /// stream only when asked, so this skips a copy through the pipe for large writes.
+    /// </summary>
     private async Task<bool> FillPayloadAsync(RequestWork work, int filled, CancellationToken stopping)
     {
-        int length = (int)work.Request.Length;
-        while (filled < length)
-        {
-            ReadResult result = await _input.ReadAsync(stopping).ConfigureAwait(false);
-            ReadOnlySequence<byte> buffer = result.Buffer;
-            int take = (int)Math.Min(buffer.Length, length - filled);
-            buffer.Slice(0, take).CopyTo(work.Buffer.AsSpan(filled));
-            filled += take;
-            _input.AdvanceTo(buffer.GetPosition(take));
-            if (filled < length && result.IsCompleted)
-            {
-                return false;
-            }
-        }
-        return true;
+        int missing = (int)work.Request.Length - filled;
+        int read = await _direct.ReadAtLeastAsync(work.Buffer.AsMemory(filled, missing), missing, throwOnEndOfStream: false, stopping).ConfigureAwait(false);
+        return read == missing;
     }
 
     private async Task<bool> DiscardAsync(long count, CancellationToken stopping)
