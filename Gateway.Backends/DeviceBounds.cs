@@ -21,6 +21,25 @@ internal static class DeviceBounds
         }
     }
 
+    /// <summary>Every backend's guard: a closed device refuses everything.</summary>
+    public static void ThrowIfClosed(bool disposed)
+    {
+        if (disposed)
+        {
+            throw Shutdown();
+        }
+    }
+
+    /// <summary>Every backend's guard for changes: closed, then read-only.</summary>
+    public static void ThrowIfNotWritable(bool disposed, bool readOnly)
+    {
+        ThrowIfClosed(disposed);
+        if (readOnly)
+        {
+            throw ReadOnly();
+        }
+    }
+
     public static BlockDeviceException ReadOnly() => new(BlockErrorKind.ReadOnly, "The device is read-only.");
 
     public static BlockDeviceException Shutdown(Exception? inner = null) => new(BlockErrorKind.Shutdown, "The device has been closed.", inner);

@@ -421,22 +421,9 @@ public sealed partial class FileBackend : IBlockDevice, INonBlockingIo
         _ => e,
     };
 
-    private void ThrowIfDisposed()
-    {
-        if (_disposed)
-        {
-            throw DeviceBounds.Shutdown();
-        }
-    }
+    private void ThrowIfDisposed() => DeviceBounds.ThrowIfClosed(_disposed);
 
-    private void ThrowIfNotWritable()
-    {
-        ThrowIfDisposed();
-        if (IsReadOnly)
-        {
-            throw DeviceBounds.ReadOnly();
-        }
-    }
+    private void ThrowIfNotWritable() => DeviceBounds.ThrowIfNotWritable(_disposed, IsReadOnly);
 
     /// <summary>
     /// Holds a reference on the handle while its raw fd is in use, so a concurrent Dispose cannot

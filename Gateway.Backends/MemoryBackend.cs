@@ -308,20 +308,7 @@ public sealed class MemoryBackend : IBlockDevice, INonBlockingIo
 
     private Lock StripeOf(int pageIndex) => _stripes[pageIndex & (StripeCount - 1)];
 
-    private void ThrowIfDisposed()
-    {
-        if (_disposed)
-        {
-            throw DeviceBounds.Shutdown();
-        }
-    }
+    private void ThrowIfDisposed() => DeviceBounds.ThrowIfClosed(_disposed);
 
-    private void ThrowIfNotWritable()
-    {
-        ThrowIfDisposed();
-        if (IsReadOnly)
-        {
-            throw DeviceBounds.ReadOnly();
-        }
-    }
+    private void ThrowIfNotWritable() => DeviceBounds.ThrowIfNotWritable(_disposed, IsReadOnly);
 }

@@ -514,20 +514,7 @@ public sealed class OverlayBackend : IBlockDevice
         return true;
     }
 
-    private void ThrowIfDisposed()
-    {
-        if (_disposed)
-        {
-            throw DeviceBounds.Shutdown();
-        }
-    }
+    private void ThrowIfDisposed() => DeviceBounds.ThrowIfClosed(_disposed);
 
-    private void ThrowIfNotWritable()
-    {
-        ThrowIfDisposed();
-        if (IsReadOnly)
-        {
-            throw DeviceBounds.ReadOnly();
-        }
-    }
+    private void ThrowIfNotWritable() => DeviceBounds.ThrowIfNotWritable(_disposed, IsReadOnly);
 }
