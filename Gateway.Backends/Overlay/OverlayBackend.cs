@@ -12,7 +12,7 @@ public readonly record struct DepthExtent(long Length, uint Depth);
 /// <see cref="ClusterState.Data"/> after its whole content is in the top's data store, so a reader
 /// racing a copy-up sees either the old lower data or the finished cluster.
 /// </summary>
-public sealed class OverlayBackend : IBlockDevice
+public sealed class OverlayBackend : IBlockDevice, INonBlockingIo
 {
     // Copy-ups and state changes of one cluster are serialised; stripes bound the number of locks.
     private const int StripeCount = 256;
@@ -348,6 +348,45 @@ public sealed class OverlayBackend : IBlockDevice
         }
         return next;
     }
+
+    /// <summary>
+    /// The page-cache fast path through the chain: each run of clusters is read from its layer
+    /// without blocking, or not at all (false: the caller takes <see cref="ReadAsync"/>).
+    /// </summary>
+    public bool TryReadNoWait(long offset, Span<byte> destination)
+    {
+        if (_disposed || offset < 0 || destination.Length > Size - offset)
+        {
+            return false;
+        }
+        Layer[] layers = _layers;
+        while (!destination.IsEmpty)
+        {
+            long cluster = offset >> _shift;
+            int source = ReadSource(layers, cluster, 0);
+            int count = (int)Math.Min(destination.Length, ((cluster + 1) << _shift) - offset);
+            if (source < 0)
+            {
+                destination[..count].Clear();
+            }
+            else
+            {
+                Layer layer = layers[source];
+                int inside = (int)Math.Clamp(layer.Size - offset, 0, count);
+                if (inside > 0 && (layer.Data is not INonBlockingIo io || !io.TryReadNoWait(offset, destination[..inside])))
+                {
+                    return false;
+                }
+                destination[inside..count].Clear();
+            }
+            offset += count;
+            destination = destination[count..];
+        }
+        return true;
+    }
+
+    /// <summary>Writes go through the copy-up and map logic of <see cref="WriteAsync"/>.</summary>
+    public bool TryWriteNoWait(long offset, ReadOnlySpan<byte> source) => false;
 
     private async ValueTask ReadFromAsync(Layer[] layers, int from, long offset, Memory<byte> destination, CancellationToken cancellationToken)
     {

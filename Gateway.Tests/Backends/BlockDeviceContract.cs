@@ -17,6 +17,40 @@ public abstract class BlockDeviceContract
     /// <summary>A new device of <paramref name="size"/> bytes reading as zeros.</summary>
     protected abstract IBlockDevice CreateDevice(long size, bool readOnly = false);
 
+    /// <summary>Whether the backend offers the page-cache fast path (<see cref="INonBlockingIo"/>).</summary>
+    protected virtual bool HasNonBlockingIo => false;
+
+    [Fact]
+    public async Task Non_blocking_reads_return_what_ReadAsync_returns_or_decline()
+    {
+        using IBlockDevice device = CreateDevice(2 * MiB);
+        if (!HasNonBlockingIo)
+        {
+            Assert.IsNotAssignableFrom<INonBlockingIo>(device);
+            return;
+        }
+        INonBlockingIo io = Assert.IsAssignableFrom<INonBlockingIo>(device);
+        byte[] data = new byte[3 * 4096];
+        new Random(11).NextBytes(data);
+        await device.WriteAsync(MiB - 4096, data, fua: false);
+        await device.FlushAsync();
+        int served = 0;
+        foreach ((long offset, int length) in new[] { (MiB - 4096L, 3 * 4096), (MiB - 10L, 20), (0L, 4096), (2 * MiB - 4096L, 4096) })
+        {
+            byte[] expected = new byte[length];
+            await device.ReadAsync(offset, expected);
+            byte[] actual = new byte[length];
+            // The data was just written, so it is in memory; a decline is allowed but must leave the caller able to fall back.
+            if (io.TryReadNoWait(offset, actual))
+            {
+                Assert.Equal(expected, actual);
+                served++;
+            }
+        }
+        Assert.True(served > 0, "data just written and flushed is in memory: the fast path must serve some of it");
+        Assert.False(io.TryReadNoWait(2 * MiB - 10, new byte[20]), "a read past the end must decline, not succeed");
+    }
+
     [Fact]
     public void New_device_reports_its_size_and_mode()
     {

@@ -10,6 +10,8 @@ public sealed partial class FileBackendTests : BlockDeviceContract, IDisposable
     private readonly string _directory = Directory.CreateTempSubdirectory("gateway-backend-").FullName;
     private int _files;
 
+    protected override bool HasNonBlockingIo => true;
+
     protected override IBlockDevice CreateDevice(long size, bool readOnly = false)
     {
         string path = NewPath();

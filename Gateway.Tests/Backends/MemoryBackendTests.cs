@@ -5,6 +5,8 @@ namespace Gateway.Tests.Backends;
 
 public sealed class MemoryBackendTests : BlockDeviceContract
 {
+    protected override bool HasNonBlockingIo => true;
+
     protected override IBlockDevice CreateDevice(long size, bool readOnly = false) => new MemoryBackend(size, readOnly);
 
     [Fact]

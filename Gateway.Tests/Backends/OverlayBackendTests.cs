@@ -14,6 +14,8 @@ public sealed class OverlayBackendTests : BlockDeviceContract, IDisposable
     private readonly string _directory = Directory.CreateTempSubdirectory("gateway-overlay-").FullName;
     private int _layers;
 
+    protected override bool HasNonBlockingIo => true;
+
     protected override IBlockDevice CreateDevice(long size, bool readOnly = false)
     {
         string bottom = NewLayer(size);
