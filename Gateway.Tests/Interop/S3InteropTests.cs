@@ -67,6 +67,25 @@ public sealed class S3InteropTests : IClassFixture<GatewayFixture>, IAsyncLifeti
         Assert.DoesNotContain(S3TestServer.SecretKey, text.Replace(S3TestServer.AccessKey, ""));
     }
 
+    /// <summary>
+    /// Runs nbdkit's S3 plugin. Seen twice on this machine (not reproduced by hand): nbdkit exiting
+    /// at once with 143 (SIGTERM) and no output, before it served anything. Such a start is tried
+    /// again (at most twice); any other failure, or a failure after it started, fails the test.
+    /// </summary>
+    private async Task RunNbdkitS3Async(string[] args)
+    {
+        for (int attempt = 1; ; attempt++)
+        {
+            ToolResult result = await _gateway.RunAsync("nbdkit", args, TimeSpan.FromSeconds(180), check: attempt == 3);
+            bool stillborn = result.ExitCode == 143 && result.Elapsed < TimeSpan.FromSeconds(1) && result.Stderr.Length == 0;
+            if (result.Succeeded)
+            {
+                return;
+            }
+            Assert.True(stillborn, $"nbdkit failed\n{result.Describe()}");
+        }
+    }
+
     private static string[] NbdkitS3Args(string prefix, long size, string? endpoint = null) =>
     [
         "-U", "-", "S3",
@@ -122,7 +141,7 @@ public sealed class S3InteropTests : IClassFixture<GatewayFixture>, IAsyncLifeti
         string output = Path.Combine(work, "out.img");
 
         await _gateway.RunAsync("nbdcopy", ["--flush", input, _gateway.NbdUri("s3-to-nbdkit")], TimeSpan.FromSeconds(120));
-        await _gateway.RunAsync("nbdkit", [.. NbdkitS3Args(prefix, Size), "--run", $"nbdcopy \"$uri\" '{output}'"], TimeSpan.FromSeconds(180));
+        await RunNbdkitS3Async([.. NbdkitS3Args(prefix, Size), "--run", $"nbdcopy \"$uri\" '{output}'"]);
 
         Assert.Equal(Tool.Sha256(input), Tool.Sha256(output));
     }
@@ -136,7 +155,7 @@ public sealed class S3InteropTests : IClassFixture<GatewayFixture>, IAsyncLifeti
         string input = await RandomImageAsync(work, Size);
         string output = Path.Combine(work, "out.img");
 
-        await _gateway.RunAsync("nbdkit", [.. NbdkitS3Args(prefix, Size), "--run", $"nbdcopy --flush '{input}' \"$uri\""], TimeSpan.FromSeconds(180));
+        await RunNbdkitS3Async([.. NbdkitS3Args(prefix, Size), "--run", $"nbdcopy --flush '{input}' \"$uri\""]);
         await CreateS3ExportAsync(_gateway, "s3-from-nbdkit", Size, prefix, objectSize: 64 * KiB);
         await _gateway.RunAsync("nbdcopy", [_gateway.NbdUri("s3-from-nbdkit"), output], TimeSpan.FromSeconds(120));
 
