@@ -21,6 +21,16 @@ internal static class DeviceBounds
         }
     }
 
+    /// <summary>An allocation or depth query: in bounds, with room for at least one extent.</summary>
+    public static void CheckQuery(long offset, long length, long size, int room)
+    {
+        Check(offset, length, size, BlockErrorKind.InvalidArgument);
+        if (length > 0 && room == 0)
+        {
+            throw new BlockDeviceException(BlockErrorKind.InvalidArgument, "No room for even one extent.");
+        }
+    }
+
     /// <summary>Every backend's guard: a closed device refuses everything.</summary>
     public static void ThrowIfClosed(bool disposed)
     {

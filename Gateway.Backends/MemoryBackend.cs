@@ -160,11 +160,7 @@ public sealed class MemoryBackend : IBlockDevice, INonBlockingIo
         try
         {
             ThrowIfDisposed();
-            DeviceBounds.Check(offset, length, Size, BlockErrorKind.InvalidArgument);
-            if (length > 0 && extents.IsEmpty)
-            {
-                throw new BlockDeviceException(BlockErrorKind.InvalidArgument, "No room for even one extent.");
-            }
+            DeviceBounds.CheckQuery(offset, length, Size, extents.Length);
 
             return ValueTask.FromResult(GetAllocation(offset, length, extents.Span));
         }

@@ -164,11 +164,7 @@ public sealed class OverlayBackend : IBlockDevice, INonBlockingIo
     {
         cancellationToken.ThrowIfCancellationRequested();
         ThrowIfDisposed();
-        DeviceBounds.Check(offset, length, Size, BlockErrorKind.InvalidArgument);
-        if (length > 0 && extents.IsEmpty)
-        {
-            throw new BlockDeviceException(BlockErrorKind.InvalidArgument, "No room for even one extent.");
-        }
+        DeviceBounds.CheckQuery(offset, length, Size, extents.Length);
         Layer[] layers = _layers;
         long end = offset + length;
         int count = 0;
@@ -220,11 +216,7 @@ public sealed class OverlayBackend : IBlockDevice, INonBlockingIo
     public int GetDepth(long offset, long length, Span<DepthExtent> extents)
     {
         ThrowIfDisposed();
-        DeviceBounds.Check(offset, length, Size, BlockErrorKind.InvalidArgument);
-        if (length > 0 && extents.IsEmpty)
-        {
-            throw new BlockDeviceException(BlockErrorKind.InvalidArgument, "No room for even one extent.");
-        }
+        DeviceBounds.CheckQuery(offset, length, Size, extents.Length);
         Layer[] layers = _layers;
         long end = offset + length;
         int count = 0;

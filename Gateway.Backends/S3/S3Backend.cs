@@ -220,11 +220,7 @@ public sealed class S3Backend : IBlockDevice
         try
         {
             ThrowIfDisposed();
-            DeviceBounds.Check(offset, length, Size, BlockErrorKind.InvalidArgument);
-            if (length > 0 && extents.IsEmpty)
-            {
-                throw new BlockDeviceException(BlockErrorKind.InvalidArgument, "No room for even one extent.");
-            }
+            DeviceBounds.CheckQuery(offset, length, Size, extents.Length);
             if (!_mapLoaded)
             {
                 return GetAllocationAfterListingAsync(offset, length, extents, cancellationToken);
