@@ -32,7 +32,7 @@ public static class ServeCommand
             o.TimestampFormat = "HH:mm:ss.fff ";
         });
         builder.WebHost.ConfigureKestrel(k => k.Listen(options.AdminEndpoint));
-        builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = TimeSpan.FromSeconds(60));
+        builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = Kubernetes.ShutdownTimeout);
         builder.Services.AddSingleton(options);
         builder.Services.AddSingleton(services => SecurityCli.NbdSettings(options, services.GetRequiredService<ILoggerFactory>()));
 
