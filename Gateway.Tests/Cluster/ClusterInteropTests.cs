@@ -1,0 +1,582 @@
+using System.Diagnostics;
+using System.Net;
+using System.Net.Http.Json;
+using System.Security.Cryptography;
+using System.Text.Json;
+using Gateway.Tests.Interop;
+using Xunit;
+
+namespace Gateway.Tests.Cluster;
+
+/// <summary>
+/// Three real gateway processes in cluster mode on loopback against a real PostgreSQL, driven by
+/// real clients: the nbd Python module, nbdinfo, qemu-io and the gateway CLI. Each test finds the
+/// owner of its export through /v1/cluster and picks its other nodes from there, so the tests do
+/// not depend on where the coordinator placed a shard, nor on the order they run in; a test that
+/// kills or adds a node puts the cluster back to three nodes before it ends.
+/// </summary>
+[Collection(ClusterCollection.Name)]
+public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<ClusterFixture>
+{
+    private const long KiB = 1 << 10;
+    private const long MiB = 1 << 20;
+    private const string Python = "/usr/bin/python3"; // the nbd module exists only for the system python
+
+    /// <summary>Issue 8: after kill -9 of the owner the export is served again within this, measured from the kill.</summary>
+    private static readonly TimeSpan FailoverDeadline = TimeSpan.FromSeconds(10);
+
+    /// <summary>The three initial nodes, in start order.</summary>
+    private (ClusterNode A, ClusterNode B, ClusterNode C) Three()
+    {
+        IReadOnlyList<ClusterNode> running = cluster.Running;
+        Assert.True(running.Count >= 3, $"the cluster runs {running.Count} nodes, the test needs 3\n{cluster.Describe()}");
+        return (running[0], running[1], running[2]);
+    }
+
+    private async Task<string> ScriptAsync(string name, string text)
+    {
+        string path = Path.Combine(cluster.DataDirectory, name);
+        await File.WriteAllTextAsync(path, text);
+        return path;
+    }
+
+    /// <summary>Waits (bounded) until <c>GET /v1/exports</c> on <paramref name="via"/> lists <paramref name="export"/>.</summary>
+    private async Task WaitListedAsync(ClusterNode via, string export)
+    {
+        var clock = Stopwatch.StartNew();
+        string body = "";
+        while (clock.Elapsed < TimeSpan.FromSeconds(10))
+        {
+            body = await via.Http.GetStringAsync("v1/exports");
+            using JsonDocument doc = JsonDocument.Parse(body);
+            if (doc.RootElement.EnumerateArray().Any(e => e.GetProperty("name").GetString() == export))
+            {
+                return;
+            }
+            await Task.Delay(100);
+        }
+        Assert.Fail($"GET /v1/exports on {via} does not list {export} 10 s after it was created: {body}\n{cluster.Describe()}");
+    }
+
+    private async Task AddBitmapAsync(ClusterNode via, string export, string bitmap, string granularity)
+    {
+        using HttpResponseMessage response = await via.Http.PostAsJsonAsync($"v1/exports/{export}/bitmaps", new { name = bitmap, granularity, enabled = true });
+        Assert.True(response.StatusCode == HttpStatusCode.Created,
+            $"adding bitmap {bitmap} through {via} answered {(int)response.StatusCode}: {await response.Content.ReadAsStringAsync()}\n{cluster.Describe()}");
+    }
+
+    private Task<ToolResult> QemuIoAsync(ClusterNode via, string export, params string[] commands) =>
+        cluster.RunAsync("qemu-io", ["-f", "raw", via.NbdUri(export), .. commands.SelectMany(c => new[] { "-c", c })], TimeSpan.FromSeconds(120));
+
+    /// <summary><c>nbdinfo --map=CONTEXT --json</c> through one node: (offset, length, type) of each extent.</summary>
+    private async Task<List<(long Offset, long Length, long Type)>> MapAsync(ClusterNode via, string export, string context)
+    {
+        ToolResult map = await cluster.RunAsync("nbdinfo", ["--map=" + context, "--json", via.NbdUri(export)]);
+        using JsonDocument doc = JsonDocument.Parse(map.Stdout);
+        return [.. doc.RootElement.EnumerateArray().Select(e => (e.GetProperty("offset").GetInt64(), e.GetProperty("length").GetInt64(), e.GetProperty("type").GetInt64()))];
+    }
+
+    private static List<(long, long)> Merge(IEnumerable<(long Offset, long Length)> ranges) => FileExtents.Merge(ranges);
+
+    /// <summary>The granule-aligned ranges a set of byte ranges dirties, merged.</summary>
+    private static List<(long, long)> Dirtied(long granularity, params (long Offset, long Length)[] writes) =>
+        Merge(writes.Select(w =>
+        {
+            long start = w.Offset / granularity * granularity;
+            long end = (w.Offset + w.Length + granularity - 1) / granularity * granularity;
+            return (start, end - start);
+        }));
+
+    private static List<(long, long)> Dirty(IEnumerable<(long Offset, long Length, long Type)> map) =>
+        Merge(map.Where(e => (e.Type & 1) != 0).Select(e => (e.Offset, e.Length)));
+
+    private static string Format<T>(IEnumerable<T> items) => "[" + string.Join(", ", items) + "]";
+
+    // ---- cross-node multi-conn ----
+
+    /// <summary>Three connections, each through its own node: writes, zeroes, flushes and reads rotate among them.</summary>
+    private const string MultiConnScript = """
+        import os, sys
+        import nbd
+
+        names = sys.argv[1::2]
+        conns = []
+        for uri in sys.argv[2::2]:
+            h = nbd.NBD()
+            h.connect_uri(uri)
+            conns.append(h)
+        for name, h in zip(names, conns):
+            if not h.can_multi_conn():
+                sys.exit(f"the connection through {name} does not advertise NBD_FLAG_CAN_MULTI_CONN")
+        size = conns[0].get_size()
+        offsets = [0, 4096, 1 << 20, 3 * (1 << 20) + 512, 7 * (1 << 20) + 12345, size - 65536]
+        for n, off in enumerate(offsets):
+            # First round: write through the 2nd node, flush through the 3rd, read through the 1st;
+            # then the roles rotate, so every node writes, flushes and reads for the others.
+            w, f, r = (n + 1) % 3, (n + 2) % 3, n % 3
+            length = min(65536 - (n * 1000), size - off)
+            data = os.urandom(length)
+            conns[w].pwrite(data, off)
+            conns[f].flush()
+            got = conns[r].pread(length, off)
+            if got != data:
+                sys.exit(f"offset {off}: read through {names[r]} differs from the write through {names[w]} (flushed through {names[f]})")
+            # Zero on the reader, flush on the writer, read on the flusher: a stale copy would show.
+            conns[r].zero(length, off)
+            conns[w].flush()
+            if conns[f].pread(length, off) != bytes(length):
+                sys.exit(f"offset {off}: zero through {names[r]} not seen through {names[f]}")
+            data = os.urandom(length)
+            conns[f].pwrite(data, off)
+            conns[r].flush()
+            if conns[w].pread(length, off) != data:
+                sys.exit(f"offset {off}: rewrite through {names[f]} not seen through {names[w]}")
+        for h in conns:
+            h.shutdown()
+        print(f"ok: {len(offsets)} offsets consistent across {len(conns)} nodes")
+        """;
+
+    [Fact]
+    public async Task Multi_conn_holds_across_nodes_a_write_through_B_and_a_flush_through_C_are_read_through_A()
+    {
+        (ClusterNode a, ClusterNode b, ClusterNode c) = Three();
+        await cluster.CreateExportAsync(a, new { name = "multiconn", size = 16 * MiB });
+        await WaitListedAsync(c, "multiconn");
+        ClusterNode owner = await cluster.OwnerAsync("multiconn");
+        Assert.Contains(owner, new[] { a, b, c }); // so at least two of the three connections go through a non-owner
+
+        string script = await ScriptAsync("multi_conn.py", MultiConnScript);
+        ToolResult result = await cluster.RunAsync(Python,
+            [script, a.Name, a.NbdUri("multiconn"), b.Name, b.NbdUri("multiconn"), c.Name, c.NbdUri("multiconn")]);
+
+        Assert.Contains("ok: 6 offsets consistent across 3 nodes", result.Stdout);
+    }
+
+    // ---- cross-node maps ----
+
+    [Fact]
+    public async Task Allocation_depth_dirty_bitmap_and_base_allocation_maps_through_a_non_owner_equal_the_owners()
+    {
+        (ClusterNode a, ClusterNode b, ClusterNode c) = Three();
+
+        // An overlay of three layers (1 = top): [0,1M) from the bottom, [1M,2M) the middle, one 64 KiB
+        // cluster of the top, unallocated from 4M on. Written and snapshotted through non-owners.
+        await cluster.CreateExportAsync(a, new { name = "maps-overlay", size = 16 * MiB, backend = new { type = "overlay" } });
+        ClusterNode overlayOwner = await cluster.OwnerAsync("maps-overlay");
+        ClusterNode[] notOverlayOwner = [.. new[] { a, b, c }.Where(n => n != overlayOwner)];
+        string[][] layers = [["write -P 0x11 0 4M"], ["write -P 0x22 1M 1M"], ["write -P 0x33 2M 64k"]];
+        for (int layer = 0; layer < layers.Length; layer++)
+        {
+            await QemuIoAsync(notOverlayOwner[layer % 2], "maps-overlay", layers[layer]);
+            if (layer < layers.Length - 1)
+            {
+                using HttpResponseMessage snapshot = await notOverlayOwner[(layer + 1) % 2].Http.PostAsync("v1/exports/maps-overlay/snapshot", null);
+                Assert.True(snapshot.StatusCode == HttpStatusCode.OK,
+                    $"snapshot through {notOverlayOwner[(layer + 1) % 2]} answered {(int)snapshot.StatusCode}: {await snapshot.Content.ReadAsStringAsync()}\n{cluster.Describe()}");
+            }
+        }
+        (long, long, long)[] depths =
+        [
+            (0, 1 * MiB, 3),
+            (1 * MiB, 1 * MiB, 2),
+            (2 * MiB, 64 * KiB, 1),
+            (2 * MiB + 64 * KiB, 2 * MiB - 64 * KiB, 3),
+            (4 * MiB, 12 * MiB, 0),
+        ];
+
+        // A file export with a 64K bitmap, written through a non-owner.
+        await cluster.CreateExportAsync(b, new { name = "maps-file", size = 64 * MiB });
+        await AddBitmapAsync(c, "maps-file", "b64k", "64K");
+        ClusterNode fileOwner = await cluster.OwnerAsync("maps-file");
+        ClusterNode fileWriter = new[] { a, b, c }.First(n => n != fileOwner);
+        await QemuIoAsync(fileWriter, "maps-file",
+            "write -P 0x11 1000 1", "write -P 0x22 128k 64k", "write -P 0x33 3145216 1024",
+            "write -z 10244k 200k", "discard 20M 64k", "write -P 0x44 67108352 512", "write -P 0x55 40M 2M");
+        List<(long, long)> dirtied = Dirtied(64 * KiB,
+            (1000, 1), (128 * KiB, 64 * KiB), (3 * MiB - 512, 1024), (10 * MiB + 4 * KiB, 200 * KiB), (20 * MiB, 64 * KiB), (64 * MiB - 512, 512), (40 * MiB, 2 * MiB));
+
+        (string Export, string Context, ClusterNode Owner)[] maps =
+        [
+            ("maps-overlay", "qemu:allocation-depth", overlayOwner),
+            ("maps-overlay", "base:allocation", overlayOwner),
+            ("maps-file", "qemu:dirty-bitmap:b64k", fileOwner),
+            ("maps-file", "base:allocation", fileOwner),
+        ];
+        foreach ((string export, string context, ClusterNode owner) in maps)
+        {
+            List<(long Offset, long Length, long Type)> expected = await MapAsync(owner, export, context);
+            switch (context)
+            {
+                case "qemu:allocation-depth":
+                    Assert.True(depths.SequenceEqual(expected), $"allocation depth through the owner {owner}: {Format(expected)}, expected {Format(depths)}");
+                    break;
+                case "qemu:dirty-bitmap:b64k":
+                    Assert.True(dirtied.SequenceEqual(Dirty(expected)), $"dirty bitmap through the owner {owner}: {Format(Dirty(expected))}, expected {Format(dirtied)}");
+                    break;
+                default:
+                    Assert.True(expected.Count > 1, $"base:allocation of {export} through the owner {owner} has no holes: {Format(expected)}");
+                    break;
+            }
+            foreach (ClusterNode other in new[] { a, b, c }.Where(n => n != owner))
+            {
+                List<(long, long, long)> actual = await MapAsync(other, export, context);
+                Assert.True(expected.SequenceEqual(actual),
+                    $"{context} of {export} through {other} differs from the owner {owner}'s\nowner: {Format(expected)}\n{other.Name}: {Format(actual)}");
+            }
+        }
+    }
+
+    // ---- failover ----
+
+    /// <summary><c>write URI OFFSET FILE</c> writes the file there and flushes; <c>sha URI OFFSET LENGTH</c> reads. Both print the SHA-256.</summary>
+    private const string RangeScript = """
+        import hashlib, sys
+        import nbd
+
+        mode, uri, offset = sys.argv[1], sys.argv[2], int(sys.argv[3])
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        sha = hashlib.sha256()
+        step = 1 << 20
+        if mode == "write":
+            with open(sys.argv[4], "rb") as f:
+                data = f.read()
+            for o in range(0, len(data), step):
+                h.pwrite(data[o:o + step], offset + o)
+            h.flush()
+            sha.update(data)
+        else:
+            length = int(sys.argv[4])
+            for o in range(0, length, step):
+                sha.update(h.pread(min(step, length - o), offset + o))
+        h.shutdown()
+        print(sha.hexdigest())
+        """;
+
+    /// <summary>
+    /// One connection that writes a 4 KiB block, reads it back and flushes every 8th cycle, on and
+    /// on, through the node it was given. A read must return the last acknowledged write of its
+    /// block or a write that failed since (an EIO leaves it undecided whether the data landed);
+    /// anything else is wrong data. Errors other than EIO and ESHUTDOWN, and a connection that
+    /// the node closes, are failures too. Creates STARTED after 50 good cycles; KILLED appears
+    /// holding the kill's wall-clock time; stops 15 s after it, or after SECONDS. Prints JSON.
+    /// </summary>
+    private const string LoadScript = """
+        import errno, json, os, sys, time
+        import nbd
+
+        uri, started, killed_file = sys.argv[1], sys.argv[2], sys.argv[3]
+        start, length, seconds = int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
+        block = 4096
+        blocks = length // block
+        zero = bytes(block)
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        deadline = time.time() + seconds
+        killed = None
+        possible = {}
+        s = {"cycles": 0, "good": 0, "good_after_kill": 0, "good_since_last_error": 0, "errors": {},
+             "unexpected": [], "wrong": [], "dead": None, "first_error": None, "last_error": None}
+
+        def failed(op, e):
+            global ok
+            ok = False
+            name = e.errno or str(e.errnum)
+            s["errors"][name] = s["errors"].get(name, 0) + 1
+            now = time.time()
+            if s["first_error"] is None:
+                s["first_error"] = now
+            s["last_error"] = now
+            s["good_since_last_error"] = 0
+            if e.errnum not in (errno.EIO, errno.ESHUTDOWN) and len(s["unexpected"]) < 10:
+                s["unexpected"].append(f"{op}: {e.string} (errno {name})")
+
+        i = 0
+        while time.time() < deadline:
+            if killed is None and os.path.exists(killed_file):
+                with open(killed_file) as f:
+                    text = f.read().strip()
+                if text:
+                    killed = float(text)
+                    deadline = min(deadline, killed + 15)
+            b = i % blocks
+            off = start + b * block
+            data = (b"%015d\n" % i) * (block // 16)
+            ok = True
+            try:
+                h.pwrite(data, off)
+                possible[b] = {data}
+            except nbd.Error as e:
+                failed("write", e)
+                possible.setdefault(b, {zero}).add(data)
+            try:
+                got = h.pread(block, off)
+                if got in possible.get(b, {zero}):
+                    possible[b] = {got}
+                elif len(s["wrong"]) < 10:
+                    s["wrong"].append(f"offset {off}: read {got[:16]!r}, expected one of {[p[:16] for p in possible.get(b, {zero})]}")
+            except nbd.Error as e:
+                failed("read", e)
+            if i % 8 == 7:
+                try:
+                    h.flush()
+                except nbd.Error as e:
+                    failed("flush", e)
+            if h.aio_is_dead() or h.aio_is_closed():
+                s["dead"] = f"the connection died after {i} cycles"
+                break
+            s["cycles"] += 1
+            if ok:
+                s["good"] += 1
+                s["good_since_last_error"] += 1
+                if killed is not None:
+                    s["good_after_kill"] += 1
+                if s["good"] == 50:
+                    open(started, "w").close()
+            i += 1
+            time.sleep(0.002)  # load, not starvation: the 2-core machine also runs the cluster
+        s["killed"] = killed
+        for k in ("first_error", "last_error"):
+            if s[k] is not None and killed is not None:
+                s[k + "_after_kill_s"] = round(s[k] - killed, 3)
+        print(json.dumps(s))
+        """;
+
+    [Fact]
+    public async Task Kill_9_of_the_owner_under_load_re_homes_the_export_within_10_s_with_flushed_data_and_bitmaps_intact()
+    {
+        const string Export = "failover";
+        ClusterNode first = Three().A;
+        await cluster.CreateExportAsync(first, new { name = Export, size = 64 * MiB });
+        ClusterNode owner = await cluster.OwnerAsync(Export);
+        ClusterNode[] survivors = [.. cluster.Running.Where(n => n != owner)];
+        (ClusterNode writer, ClusterNode loader) = (survivors[0], survivors[1]);
+        bool restored = false;
+        try
+        {
+            // 8 MiB of random data written and flushed through a non-owner, before the bitmap exists.
+            byte[] random = new byte[8 * MiB];
+            Random.Shared.NextBytes(random);
+            string randomFile = Path.Combine(cluster.DataDirectory, "failover-random.bin");
+            await File.WriteAllBytesAsync(randomFile, random);
+            string range = await ScriptAsync("range.py", RangeScript);
+            string flushedSha = Convert.ToHexStringLower(SHA256.HashData(random));
+            Assert.Equal(flushedSha, (await cluster.RunAsync(Python, [range, "write", writer.NbdUri(Export), "0", randomFile])).Stdout.Trim());
+
+            // The bitmap, added through the other survivor's admin API, and the writes it must keep.
+            await AddBitmapAsync(loader, Export, "since", "64K");
+            await QemuIoAsync(writer, Export, "write -P 0x5a 16M 64k", "write -P 0x5b 20484k 4k", "write -P 0x5c 30M 1M", "flush");
+            List<(long, long)> dirtied = Dirtied(64 * KiB, (16 * MiB, 64 * KiB), (20 * MiB + 4 * KiB, 4 * KiB), (30 * MiB, 1 * MiB));
+
+            // Load through the other survivor, proxying to the owner, on [32M, 64M).
+            string started = Path.Combine(cluster.DataDirectory, "failover.started");
+            string killed = Path.Combine(cluster.DataDirectory, "failover.killed");
+            string load = await ScriptAsync("load.py", LoadScript);
+            Task<ToolResult> loading = cluster.RunAsync(Python,
+                [load, loader.NbdUri(Export), started, killed, (32 * MiB).ToString(), (32 * MiB).ToString(), "90"], TimeSpan.FromSeconds(120), check: false);
+            var clock = Stopwatch.StartNew();
+            while (!File.Exists(started) && !loading.IsCompleted && clock.Elapsed < TimeSpan.FromSeconds(30))
+            {
+                await Task.Delay(50);
+            }
+            Assert.True(File.Exists(started), $"the load through {loader} did not get going\n{(loading.IsCompleted ? (await loading).Describe() : "still running")}\n{cluster.Describe()}");
+
+            double killedAt = DateTimeOffset.UtcNow.ToUnixTimeMilliseconds() / 1000.0;
+            Stopwatch sinceKill = ClusterFixture.Kill(owner);
+            await File.WriteAllTextAsync(killed, killedAt.ToString("F3", System.Globalization.CultureInfo.InvariantCulture));
+
+            // Served again: a new connection through a survivor reads the flushed pattern.
+            TimeSpan? servedAfter = null;
+            string lastProbe = "no probe finished";
+            while (sinceKill.Elapsed < TimeSpan.FromSeconds(30))
+            {
+                ToolResult? probe = await ClusterFixture.ProbeAsync("qemu-io", ["-f", "raw", writer.NbdUri(Export), "-c", "read -P 0x5a 16M 64k"], TimeSpan.FromSeconds(5));
+                if (probe is not null)
+                {
+                    Assert.False(probe.Stdout.Contains("Pattern verification failed", StringComparison.Ordinal),
+                        $"a read through {writer} after the kill returned wrong data\n{probe.Describe()}\n{cluster.Describe()}");
+                    if (probe.Succeeded)
+                    {
+                        servedAfter = sinceKill.Elapsed;
+                        break;
+                    }
+                }
+                lastProbe = probe?.Describe() ?? "qemu-io did not finish within 5 s";
+                await Task.Delay(100);
+            }
+            Assert.True(servedAfter is not null, $"{Export} was not served through {writer} within 30 s of kill -9 of its owner {owner}; last probe:\n{lastProbe}\n{cluster.Describe()}");
+            Assert.True(servedAfter <= FailoverDeadline,
+                $"{Export} was served again {servedAfter!.Value.TotalSeconds:F1} s after kill -9 of its owner {owner}, more than {FailoverDeadline.TotalSeconds} s\n{cluster.Describe()}");
+
+            // The proxying connection: errors allowed, wrong data and a dropped connection not, and it works again.
+            ToolResult loaded = await loading;
+            string summary = loaded.Stdout.Split('\n', StringSplitOptions.RemoveEmptyEntries).LastOrDefault() ?? "";
+            Assert.True(loaded.Succeeded && summary.StartsWith('{'), $"the load through {loader} failed\n{loaded.Describe()}\n{cluster.Describe()}");
+            using (JsonDocument doc = JsonDocument.Parse(summary))
+            {
+                JsonElement s = doc.RootElement;
+                string context = $"load through {loader} while the owner {owner} was killed: {summary}\n{cluster.Describe()}";
+                Assert.True(s.GetProperty("wrong").GetArrayLength() == 0, "wrong data: " + context);
+                Assert.True(s.GetProperty("unexpected").GetArrayLength() == 0, "errors other than EIO/ESHUTDOWN: " + context);
+                Assert.True(s.GetProperty("dead").ValueKind == JsonValueKind.Null, "the connection was dropped: " + context);
+                Assert.True(s.GetProperty("good_since_last_error").GetInt32() >= 20, "the connection did not work again after re-homing: " + context);
+                Assert.True(s.GetProperty("good_after_kill").GetInt32() >= 20, "too few good cycles after the kill: " + context);
+            }
+
+            // Everything flushed before the kill is intact, through either survivor.
+            foreach (ClusterNode survivor in survivors)
+            {
+                ToolResult read = await cluster.RunAsync(Python, [range, "sha", survivor.NbdUri(Export), "0", (8 * MiB).ToString()]);
+                Assert.True(read.Stdout.Trim() == flushedSha, $"the flushed 8 MiB read through {survivor} after the failover differ\n{cluster.Describe()}");
+            }
+            await QemuIoAsync(loader, Export, "read -P 0x5a 16M 64k", "read -P 0x5b 20484k 4k", "read -P 0x5c 30M 1M", "read -P 0 8M 8M");
+
+            ClusterNode newOwner = await cluster.OwnerAsync(Export);
+            Assert.True(newOwner != owner, $"/v1/cluster still names the killed node {owner} as the owner of {Export}");
+
+            // The bitmap kept the granules dirtied before the kill (the load dirtied [32M, 64M) on top).
+            using (JsonDocument bitmaps = JsonDocument.Parse(await writer.Http.GetStringAsync($"v1/exports/{Export}/bitmaps")))
+            {
+                JsonElement since = bitmaps.RootElement.EnumerateArray().SingleOrDefault(e => e.GetProperty("name").GetString() == "since");
+                Assert.True(since.ValueKind == JsonValueKind.Object, $"bitmap 'since' is gone after the failover: {bitmaps.RootElement}");
+                Assert.True(since.GetProperty("enabled").GetBoolean(), $"bitmap 'since' is disabled after the failover: {since}");
+                Assert.True(since.GetProperty("dirtyBytes").GetInt64() >= dirtied.Sum(d => d.Item2), $"bitmap 'since' lost dirty bytes: {since}");
+            }
+            List<(long Offset, long Length)> dirty = Dirty(await MapAsync(loader, Export, "qemu:dirty-bitmap:since"));
+            List<(long, long)> low = [.. dirty.Where(d => d.Offset < 32 * MiB).Select(d => (d.Offset, Math.Min(d.Offset + d.Length, 32 * MiB) - d.Offset))];
+            Assert.True(dirtied.SequenceEqual(low), $"dirty ranges below 32M after the failover: {Format(low)}, expected {Format(dirtied)}\n{cluster.Describe()}");
+            Assert.True(dirty.Any(d => d.Offset + d.Length > 32 * MiB), $"the load's writes left no dirty granule: {Format(dirty)}");
+
+            // Back to three nodes for the tests that follow: the killed node rejoins.
+            await cluster.RestartAsync(owner);
+            restored = true;
+        }
+        finally
+        {
+            if (!restored && !owner.Gateway.IsRunning)
+            {
+                await TryRestoreAsync(() => cluster.RestartAsync(owner));
+            }
+        }
+    }
+
+    /// <summary>Puts the cluster back after a failed test; the test's own failure is the one reported.</summary>
+    private static async Task TryRestoreAsync(Func<Task> restore)
+    {
+        try
+        {
+            await restore();
+        }
+        catch (Exception)
+        {
+            // The next test reports a cluster that is not whole.
+        }
+    }
+
+    // ---- a node joining later ----
+
+    [Fact]
+    public async Task A_node_that_joins_later_takes_shards_and_serves_their_data()
+    {
+        (ClusterNode a, ClusterNode b, ClusterNode c) = Three();
+        ClusterNode[] three = [a, b, c];
+        string[] exports = [.. Enumerable.Range(0, 8).Select(i => $"join-{i}")];
+        for (int i = 0; i < exports.Length; i++)
+        {
+            await cluster.CreateExportAsync(three[i % 3], new { name = exports[i], size = 8 * MiB });
+            await QemuIoAsync(three[(i + 1) % 3], exports[i], $"write -P {0x10 + i} 0 64k"); // opens it: its actor runs
+        }
+
+        ClusterNode late = await cluster.StartExtraNodeAsync();
+        bool stopped = false;
+        try
+        {
+            // Rebalancing hands shards to the new node; each round opens every export again, so an
+            // export whose actor stopped in the hand-off starts on its new node.
+            string[] taken = [];
+            ClusterView view = await cluster.ViewAsync(a);
+            var clock = Stopwatch.StartNew();
+            while (clock.Elapsed < TimeSpan.FromSeconds(60))
+            {
+                foreach (string export in exports)
+                {
+                    await cluster.RunAsync("nbdinfo", ["--size", a.NbdUri(export)], TimeSpan.FromSeconds(30));
+                }
+                view = await cluster.ViewAsync(a);
+                taken = [.. exports.Where(e => view.OwnerOf(e) == late.Name)];
+                if (taken.Length > 0)
+                {
+                    break;
+                }
+                await Task.Delay(2000);
+            }
+            Assert.True(taken.Length > 0, $"{late.Name} joined but owns none of {Format(exports)} after 60 s: {JsonSerializer.Serialize(view)}\n{cluster.Describe()}");
+
+            foreach (string export in taken)
+            {
+                int i = Array.IndexOf(exports, export);
+                await QemuIoAsync(late, export, $"read -P {0x10 + i} 0 64k", "read -P 0 64k 64k");
+                await QemuIoAsync(b, export, $"read -P {0x10 + i} 0 64k");
+            }
+
+            await cluster.StopAsync(late);
+            stopped = true;
+        }
+        finally
+        {
+            if (!stopped && late.Gateway.IsRunning)
+            {
+                await TryRestoreAsync(() => cluster.StopAsync(late));
+            }
+        }
+    }
+
+    // ---- admin from any node ----
+
+    [Fact]
+    public async Task Admin_api_and_cli_act_cluster_wide_from_any_node()
+    {
+        (ClusterNode a, ClusterNode b, ClusterNode c) = Three();
+        await cluster.CreateExportAsync(a, new { name = "anywhere", size = 32 * MiB, description = "made through " + a.Name });
+        await WaitListedAsync(c, "anywhere");
+        using (JsonDocument shown = JsonDocument.Parse(await c.Http.GetStringAsync("v1/exports/anywhere")))
+        {
+            Assert.Equal(32 * MiB, shown.RootElement.GetProperty("size").GetInt64());
+            Assert.Equal("made through " + a.Name, shown.RootElement.GetProperty("description").GetString());
+        }
+        string file = Path.Combine(cluster.DataDirectory, "exports", "anywhere.img");
+        Assert.True(File.Exists(file), $"no file {file} for the export created through {a}");
+        ToolResult list = await b.Gateway.CliAsync("export", "list");
+        Assert.True(list.Succeeded && list.Stdout.Contains("anywhere", StringComparison.Ordinal), list.Describe());
+
+        using (HttpResponseMessage removed = await c.Http.DeleteAsync("v1/exports/anywhere"))
+        {
+            Assert.True(removed.StatusCode == HttpStatusCode.NoContent,
+                $"removing through {c} answered {(int)removed.StatusCode}: {await removed.Content.ReadAsStringAsync()}\n{cluster.Describe()}");
+        }
+        HttpStatusCode afterRemove = HttpStatusCode.OK;
+        for (int i = 0; i < 100 && (afterRemove != HttpStatusCode.NotFound || File.Exists(file)); i++)
+        {
+            await Task.Delay(i == 0 ? 0 : 100);
+            using HttpResponseMessage response = await a.Http.GetAsync("v1/exports/anywhere");
+            afterRemove = response.StatusCode;
+        }
+        Assert.True(afterRemove == HttpStatusCode.NotFound, $"GET through {a} answers {(int)afterRemove} 10 s after the removal through {c}");
+        Assert.False(File.Exists(file), $"{file} is still there 10 s after the removal through {c}");
+
+        ToolResult status = await b.Gateway.CliAsync("cluster", "status");
+        Assert.True(status.Succeeded, status.Describe());
+        ClusterView view = JsonSerializer.Deserialize<ClusterView>(status.Stdout, JsonSerializerOptions.Web)!;
+        Assert.Equal(b.Name, view.Self);
+        IReadOnlyList<ClusterNode> running = cluster.Running;
+        Assert.True(view.Members.Length == running.Count && view.Members.All(m => m.Status == "Up"), $"gateway cluster status through {b}:\n{status.Stdout}");
+        foreach (ClusterNode node in running)
+        {
+            ClusterMember? member = view.Members.SingleOrDefault(m => m.Node == node.Name);
+            Assert.True(member is not null, $"{node.Name} is not a member in\n{status.Stdout}");
+            Assert.EndsWith($"@127.0.0.1:{node.RemotingPort}", member.Address);
+            Assert.Equal($"127.0.0.1:{node.PeerPort}", member.Peer);
+        }
+        Assert.Contains(view.Leader ?? "(no leader)", running.Select(n => n.Name));
+    }
+}
