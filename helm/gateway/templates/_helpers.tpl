@@ -1,0 +1,128 @@
+{{/* Names */}}
+{{- define "gateway.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "gateway.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The headless Service that gives the StatefulSet's pods their DNS names. */}}
+{{- define "gateway.headlessName" -}}
+{{- printf "%s-cluster" (include "gateway.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+Akka.Management's service name (Gateway:Cluster:ServiceName). Akka.Discovery.KubernetesApi
+lists the pods labelled app=<this> (its selector app={0}), so every gateway pod carries that label.
+*/}}
+{{- define "gateway.clusterServiceName" -}}
+{{- default (include "gateway.fullname" .) .Values.cluster.serviceName }}
+{{- end }}
+
+{{- define "gateway.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "gateway.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Labels */}}
+{{- define "gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "gateway.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "gateway.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "gateway.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* Pod labels: the selector labels plus the discovery label. */}}
+{{- define "gateway.podLabels" -}}
+{{ include "gateway.selectorLabels" . }}
+app: {{ include "gateway.clusterServiceName" . }}
+{{- end }}
+
+{{- define "gateway.requiredContactPoints" -}}
+{{- if gt (int .Values.cluster.requiredContactPoints) 0 }}
+{{- .Values.cluster.requiredContactPoints | int }}
+{{- else }}
+{{- min 3 (int .Values.replicaCount) }}
+{{- end }}
+{{- end }}
+
+{{/* Secrets: the chart's own when it is given the value, else the existing one. */}}
+{{- define "gateway.postgresSecretName" -}}
+{{- if .Values.postgres.connectionString }}
+{{- printf "%s-postgres" (include "gateway.fullname" .) }}
+{{- else }}
+{{- required "postgres.existingSecret or postgres.connectionString is required: the cluster keeps its journal in PostgreSQL" .Values.postgres.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "gateway.adminSecretName" -}}
+{{- if .Values.admin.token }}
+{{- printf "%s-admin" (include "gateway.fullname" .) }}
+{{- else }}
+{{- required "admin.existingSecret or admin.token is required: the admin API listens beyond loopback and needs a bearer token" .Values.admin.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{/* "" when the pods get no S3 credentials from a Secret. */}}
+{{- define "gateway.s3SecretName" -}}
+{{- if or .Values.s3.accessKeyId .Values.s3.secretAccessKey }}
+{{- printf "%s-s3" (include "gateway.fullname" .) }}
+{{- else }}
+{{- .Values.s3.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "gateway.endpoint" -}}
+{{- $address := .root.Values.listenAddress }}
+{{- if contains ":" $address }}
+{{- printf "[%s]:%d" $address (int .port) }}
+{{- else }}
+{{- printf "%s:%d" $address (int .port) }}
+{{- end }}
+{{- end }}
+
+{{/*
+gateway.json: what the gateway reads with `serve --config`. Per-pod and secret values come
+from the environment (Gateway__Cluster__NodeName, ...), see the StatefulSet.
+*/}}
+{{- define "gateway.config" -}}
+{{- $ports := .Values.ports }}
+{{- $gateway := deepCopy .Values.config }}
+{{- $_ := set $gateway "Data" .Values.dataPath }}
+{{- $_ := set $gateway "Nbd" (include "gateway.endpoint" (dict "root" . "port" $ports.nbd)) }}
+{{- $_ := set $gateway "Admin" (include "gateway.endpoint" (dict "root" . "port" $ports.admin)) }}
+{{- $_ := set $gateway "Health" (include "gateway.endpoint" (dict "root" . "port" $ports.health)) }}
+{{- $cluster := dict
+      "Remoting" (include "gateway.endpoint" (dict "root" . "port" $ports.remoting))
+      "Peer" (include "gateway.endpoint" (dict "root" . "port" $ports.peer))
+      "Discovery" "kubernetes"
+      "ManagementPort" ($ports.management | int)
+      "ServiceName" (include "gateway.clusterServiceName" .)
+      "RequiredContactPoints" (include "gateway.requiredContactPoints" . | int) }}
+{{- $_ := set $gateway "Cluster" (merge $cluster (get $gateway "Cluster" | default dict)) }}
+{{- if or .Values.s3.serviceUrl .Values.s3.bucket }}
+{{- $_ := set $gateway "S3" (dict "ServiceUrl" .Values.s3.serviceUrl "Bucket" .Values.s3.bucket) }}
+{{- end }}
+{{- if .Values.tls.enabled }}
+{{- $_ := set $gateway "Tls" (dict "Certificates" "/etc/gateway/tls" "Mode" .Values.tls.mode "RequireClientCertificate" .Values.tls.requireClientCertificate) }}
+{{- end }}
+{{- dict "Gateway" $gateway | toPrettyJson }}
+{{- end }}
