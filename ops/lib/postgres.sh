@@ -18,7 +18,7 @@
 # The newest server's bin folder (Debian keeps them off PATH, under /usr/lib/postgresql/VERSION/bin).
 postgres_bindir() {
     local dir
-    dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)
+    dir=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n1)
     [ -n "$dir" ] && [ -x "$dir/initdb" ] && [ -x "$dir/pg_ctl" ] || return 1
     echo "$dir"
 }
