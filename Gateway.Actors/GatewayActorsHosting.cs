@@ -1,6 +1,9 @@
 using Akka.Actor;
+using Akka.Cluster.Hosting;
+using Akka.Cluster.Sharding;
 using Akka.Hosting;
 using Gateway.Actors.Bitmaps;
+using Gateway.Actors.Cluster;
 using Gateway.Actors.Connections;
 using Gateway.Actors.Exports;
 using Microsoft.Extensions.DependencyInjection;
@@ -11,8 +14,14 @@ namespace Gateway.Actors;
 /// <summary>Marker for the node's NBD connection supervisor in the actor registry.</summary>
 public sealed class ConnectionSupervisorKey;
 
-/// <summary>Marker for the export registry in the actor registry.</summary>
+/// <summary>Marker for the export registry in the actor registry (in a cluster: the singleton's proxy).</summary>
 public sealed class ExportRegistryKey;
+
+/// <summary>Marker for the export shard region (cluster mode).</summary>
+public sealed class ExportRegionKey;
+
+/// <summary>Marker for the supervisor of connections from other nodes (cluster mode).</summary>
+public sealed class PeerConnectionSupervisorKey;
 
 public static class GatewayActorsHosting
 {
@@ -30,6 +39,32 @@ public static class GatewayActorsHosting
             IActorRef connections = system.ActorOf(
                 ConnectionSupervisor.Props(new ActorExportDirectory(exports), loggers.CreateLogger("Gateway.Nbd"), nbd, maxConnections), "connections");
             registry.Register<ConnectionSupervisorKey>(connections);
+        });
+    }
+
+    /// <summary>
+    /// Cluster mode: the registry as a cluster singleton, each export a sharded entity, client
+    /// connections through <see cref="ClusterExportDirectory"/>, and a second supervisor for the
+    /// peer data streams of other nodes, which serves only exports owned here.
+    /// </summary>
+    public static AkkaConfigurationBuilder WithGatewayCluster(this AkkaConfigurationBuilder builder, BackendFactory backends, ExportSpec? initialExport,
+        ClusterNode node, LocalExports local, Nbd.NbdServerSettings? nbd = null, int? maxConnections = null)
+    {
+        builder.WithCustomSerializer(BitmapSerializer.Name, [typeof(IBitmapPersisted)], system => new BitmapSerializer(system));
+        builder.WithShardRegion<ExportRegionKey>("export", _ => ExportEntity.Props(backends, local, node), new ExportMessageExtractor(),
+            new ShardOptions { StateStoreMode = StateStoreMode.DData, RememberEntities = false });
+        builder.WithSingleton<ExportRegistryKey>("export-registry",
+            (_, registry, _) => ExportRegistryActor.Props(backends, initialExport, registry.Get<ExportRegionKey>()),
+            new ClusterSingletonOptions(), createProxyToo: true);
+        return builder.WithActors((system, registry, resolver) =>
+        {
+            ILoggerFactory loggers = resolver.GetService<ILoggerFactory>();
+            var directory = new ClusterExportDirectory(registry.Get<ExportRegistryKey>(), registry.Get<ExportRegionKey>(), local, node);
+            registry.Register<ConnectionSupervisorKey>(system.ActorOf(
+                ConnectionSupervisor.Props(directory, loggers.CreateLogger("Gateway.Nbd"), nbd, maxConnections), "connections"));
+            // Peers speak plain NBD on the cluster's network: no TLS, no client limit.
+            registry.Register<PeerConnectionSupervisorKey>(system.ActorOf(
+                ConnectionSupervisor.Props(local, loggers.CreateLogger("Gateway.Peer")), "peer-connections"));
         });
     }
 }

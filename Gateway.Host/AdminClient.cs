@@ -10,6 +10,16 @@ public abstract class AdminClient(Uri admin, TextWriter stdout, TextWriter stder
 {
     private static readonly HttpClient Http = new() { Timeout = TimeSpan.FromSeconds(60) };
 
+    /// <summary>The <c>--admin</c> value as a base URI: http:// when no scheme is given, a trailing slash.</summary>
+    public static Uri BaseUri(string url)
+    {
+        if (!url.Contains("://", StringComparison.Ordinal))
+        {
+            url = "http://" + url;
+        }
+        return new Uri(url.EndsWith('/') ? url : url + "/");
+    }
+
     protected TextWriter Stdout => stdout;
 
     protected TextWriter Stderr => stderr;

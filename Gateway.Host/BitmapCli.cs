@@ -62,12 +62,7 @@ public sealed class BitmapCli(Uri admin, TextWriter stdout, TextWriter stderr) :
     private static BitmapCli Cli(ParseResult parse, Option<string> adminUrl)
     {
         CliAuth.Configure(parse);
-        string url = parse.GetValue(adminUrl)!;
-        if (!url.Contains("://", StringComparison.Ordinal))
-        {
-            url = "http://" + url;
-        }
-        return new BitmapCli(new Uri(url.EndsWith('/') ? url : url + "/"), Console.Out, Console.Error);
+        return new BitmapCli(BaseUri(parse.GetValue(adminUrl)!), Console.Out, Console.Error);
     }
 
     private static string Path(string export, string? bitmap = null, string? verb = null) =>

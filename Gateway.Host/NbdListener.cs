@@ -17,6 +17,7 @@ public sealed class NbdListener(
     GatewayOptions options,
     IRequiredActor<ConnectionSupervisorKey> connections,
     IRequiredActor<ExportRegistryKey> exports,
+    Gateway.Actors.Cluster.LocalExports localExports,
     ILogger<NbdListener> logger) : BackgroundService
 {
     private static readonly TimeSpan DrainTimeout = TimeSpan.FromSeconds(30);
@@ -45,7 +46,7 @@ public sealed class NbdListener(
         await base.StartAsync(cancellationToken).ConfigureAwait(false);
     }
 
-    private static Socket ListenTcp(EndPoint endpoint)
+    internal static Socket ListenTcp(EndPoint endpoint)
     {
         var listener = new Socket(endpoint.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
         listener.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
@@ -124,10 +125,10 @@ public sealed class NbdListener(
     protected override async Task ExecuteAsync(CancellationToken stoppingToken)
     {
         IActorRef supervisor = await connections.GetAsync(stoppingToken).ConfigureAwait(false);
-        await Task.WhenAll(_listeners.Select(l => AcceptLoopAsync(l, supervisor, stoppingToken))).ConfigureAwait(false);
+        await Task.WhenAll(_listeners.Select(l => AcceptLoopAsync(l, supervisor, logger, stoppingToken))).ConfigureAwait(false);
     }
 
-    private async Task AcceptLoopAsync(Socket listener, IActorRef supervisor, CancellationToken stoppingToken)
+    internal static async Task AcceptLoopAsync(Socket listener, IActorRef supervisor, ILogger logger, CancellationToken stoppingToken)
     {
         while (!stoppingToken.IsCancellationRequested)
         {
@@ -178,8 +179,17 @@ public sealed class NbdListener(
         {
             IActorRef supervisor = await connections.GetAsync(cancellationToken).ConfigureAwait(false);
             ConnectionsDrained drained = await supervisor.Ask<ConnectionsDrained>(DrainConnections.Instance, DrainTimeout, cancellationToken).ConfigureAwait(false);
-            IActorRef registry = await exports.GetAsync(cancellationToken).ConfigureAwait(false);
-            ExportsFlushed flushed = await registry.Ask<ExportsFlushed>(FlushAllExports.Instance, DrainTimeout, cancellationToken).ConfigureAwait(false);
+            ExportsFlushed flushed;
+            if (options.Cluster is null)
+            {
+                IActorRef registry = await exports.GetAsync(cancellationToken).ConfigureAwait(false);
+                flushed = await registry.Ask<ExportsFlushed>(FlushAllExports.Instance, DrainTimeout, cancellationToken).ConfigureAwait(false);
+            }
+            else
+            {
+                // The exports this node owns; CoordinatedShutdown then hands their shards over.
+                flushed = await localExports.FlushAllAsync().ConfigureAwait(false);
+            }
             if (flushed.Failures.Count > 0)
             {
                 logger.LogError("Flushing exports failed at shutdown: {Failures}", string.Join(", ", flushed.Failures));

@@ -12,11 +12,13 @@ serve.Options.Add(dataOption);
 serve.Options.Add(nbdOption);
 serve.Options.Add(adminOption);
 SecurityCli.AddTo(serve);
+ClusterCli.AddTo(serve);
 serve.SetAction(async (parse, ct) =>
 {
     string? configFile = parse.GetValue(configOption);
     IConfiguration config = new ConfigurationBuilder()
         .AddJsonFile(configFile is null ? "/nonexistent/gateway.json" : Path.GetFullPath(configFile), optional: configFile is null)
+        .AddEnvironmentVariables()
         .Build();
     GatewayOptions options;
     try
@@ -31,6 +33,7 @@ serve.SetAction(async (parse, ct) =>
             NbdEndpoints = nbdEndpoints,
         };
         options = SecurityCli.Apply(options, parse, config);
+        options = ClusterCli.Apply(options, parse, config);
     }
     catch (ArgumentException e)
     {
@@ -93,6 +96,7 @@ var root = new RootCommand("NBD storage gateway");
 root.Subcommands.Add(serve);
 root.Subcommands.Add(export);
 root.Subcommands.Add(BitmapCli.Build(adminUrlOption));
+root.Subcommands.Add(ClusterCliCommands.Build(adminUrlOption, p => AdminClient.BaseUri(p.GetValue(adminUrlOption)!)));
 
 try
 {
@@ -109,10 +113,5 @@ catch (CliException e)
 ExportCli Cli(ParseResult parse)
 {
     CliAuth.Configure(parse);
-    string url = parse.GetValue(adminUrlOption)!;
-    if (!url.Contains("://", StringComparison.Ordinal))
-    {
-        url = "http://" + url;
-    }
-    return new ExportCli(new Uri(url.EndsWith('/') ? url : url + "/"), Console.Out, Console.Error);
+    return new ExportCli(AdminClient.BaseUri(parse.GetValue(adminUrlOption)!), Console.Out, Console.Error);
 }

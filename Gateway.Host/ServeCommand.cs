@@ -15,9 +15,13 @@ public static class ServeCommand
     public static WebApplication Build(GatewayOptions options, string[]? configFiles = null)
     {
         Directory.CreateDirectory(options.DataDirectory);
-        string connectionString = PrepareDatabase(options.DatabasePath);
-        string wal = options.DatabasePath + "-wal";
-        JournalDurability.Configure(() => SyncFile(wal));
+        string? connectionString = null;
+        if (options.Cluster is null)
+        {
+            connectionString = PrepareDatabase(options.DatabasePath);
+            string wal = options.DatabasePath + "-wal";
+            JournalDurability.Configure(() => SyncFile(wal));
+        }
 
         WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
         foreach (string file in configFiles ?? [])
@@ -32,6 +36,8 @@ public static class ServeCommand
             o.TimestampFormat = "HH:mm:ss.fff ";
         });
         builder.WebHost.ConfigureKestrel(k => k.Listen(options.AdminEndpoint));
+        var localExports = new Gateway.Actors.Cluster.LocalExports();
+        builder.Services.AddSingleton(localExports);
         builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = Kubernetes.ShutdownTimeout);
         builder.Services.AddSingleton(options);
         builder.Services.AddSingleton(services => SecurityCli.NbdSettings(options, services.GetRequiredService<ILoggerFactory>()));
@@ -45,17 +51,29 @@ public static class ServeCommand
             // first, then Akka.Hosting runs CoordinatedShutdown. Akka's own SIGTERM hook would
             // race the drain and could stop export actors under requests still in flight.
             akka.AddHocon("akka.coordinated-shutdown.run-by-clr-shutdown-hook = off", HoconAddMode.Prepend);
+            var nbd = services.GetRequiredService<Gateway.Actors.Nbd.NbdServerSettings>();
+            if (options.Cluster is { } cluster)
+            {
+                ClusterComposition.Configure(akka, cluster);
+                akka.WithGatewayCluster(backends, initial, ClusterComposition.Node(cluster), localExports, nbd, options.MaxConnections);
+                return;
+            }
             akka.WithSqlPersistence(
-                new DataOptions().UseConnectionString(ProviderName.SQLiteMS, connectionString).UseInterceptor(new SqliteSessionSettings()),
+                new DataOptions().UseConnectionString(ProviderName.SQLiteMS, connectionString!).UseInterceptor(new SqliteSessionSettings()),
                 autoInitialize: true);
-            akka.WithGatewayActors(backends, initial, services.GetRequiredService<Gateway.Actors.Nbd.NbdServerSettings>(), options.MaxConnections);
+            akka.WithGatewayActors(backends, initial, nbd, options.MaxConnections);
         });
         builder.Services.AddHostedService<NbdListener>();
+        if (options.Cluster is not null)
+        {
+            builder.Services.AddHostedService<PeerListener>();
+        }
         builder.Services.AddGatewayTelemetry();
 
         WebApplication app = builder.Build();
         app.UseAdminAuthentication(options.AdminToken);
         app.MapAdminApi();
+        app.MapClusterApi();
         app.MapPrometheusScrapingEndpoint("/metrics");
         return app;
     }

@@ -25,6 +25,14 @@ public sealed partial class ExportActor
             {
                 throw new InvalidOperationException($"export '{_spec.Name}' is not open as an overlay");
             }
+            if (_spec.Backend.Layers is [string top, ..] && top == push.LayerId)
+            {
+                // Opened after the snapshot was recorded (a cluster entity started by this very
+                // message): the new layer is already on top.
+                _spec = push.Spec;
+                sender.Tell(CommandResult.Ok(new ExportStatus(_spec, _handle?.Info)));
+                return;
+            }
             Layer layer = _backends.OpenTopLayer(push.LayerId);
             try
             {

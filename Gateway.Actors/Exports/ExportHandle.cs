@@ -105,6 +105,12 @@ public sealed class ExportHandle(ExportInfo info, IBlockDevice device, IReadOnly
     }
 
     public CancellationToken Closed { get; } = closed;
+
+    /// <summary>
+    /// The device belongs to the one connection that attached (a cluster link), not to the export:
+    /// the connection disposes it when it ends.
+    /// </summary>
+    public bool OwnedByConnection { get; init; }
 }
 
 /// <summary>How the NBD handshake finds exports. Implemented over the export actors.</summary>

@@ -53,13 +53,13 @@ public sealed partial class ExportRegistryActor
             return;
         }
         CreateExport withTop = create with { Spec = spec with { Backend = backend with { Layers = [top] } } };
-        if (source.Backend.Layers is { Length: > 1 } && _children.TryGetValue(baseName, out IActorRef? child))
+        if (source.Backend.Layers is { Length: > 1 } && TryAskExport(baseName, QueryTopEmpty.Instance, PushTimeout, out Task<bool> topEmpty))
         {
             // A base whose top is still empty needs no snapshot: its frozen layers are already all
             // it holds. Without this check every clone of a golden image would freeze one more
             // empty layer and see the golden data one level deeper than the clone before it.
             IActorRef replyTo = Sender;
-            child.Ask<bool>(QueryTopEmpty.Instance, PushTimeout)
+            topEmpty
                 .PipeTo(Self, success: empty => new CreateOnOverlayBase(withTop, replyTo, empty),
                     failure: _ => new CreateOnOverlayBase(withTop, replyTo, false));
             return;
@@ -133,8 +133,8 @@ public sealed partial class ExportRegistryActor
             ExportSpec updated = _catalog.Exports[spec.Name];
             _log.Info("Export {0} snapshotted: chain {1}", spec.Name, string.Join(" > ", updated.Backend.Layers!));
             MaybeSnapshot();
-            Task<CommandResult> pushed = _children.TryGetValue(spec.Name, out IActorRef? child)
-                ? child.Ask<CommandResult>(new PushLayer(updated, layerId), PushTimeout)
+            Task<CommandResult> pushed = TryAskExport(spec.Name, new PushLayer(updated, layerId), PushTimeout, out Task<CommandResult> answer)
+                ? answer
                 : Task.FromResult(CommandResult.Ok(new ExportStatus(updated, null)));
             if (thenCreate is null)
             {

@@ -3,26 +3,33 @@ using Akka.Event;
 using System.Diagnostics;
 using Akka.Persistence;
 using Gateway.Actors.Bitmaps;
+using Gateway.Actors.Cluster;
 using Gateway.Actors.Telemetry;
 
 namespace Gateway.Actors.Exports;
 
 /// <summary>
-/// The durable set of exports on this node: persists <see cref="IExportEvent"/>s, keeps one
-/// <see cref="ExportActor"/> child per export, and routes export messages to them.
+/// The durable set of exports: persists <see cref="IExportEvent"/>s and routes export messages.
+/// On a single node it keeps one <see cref="ExportActor"/> child per export; in a cluster it is a
+/// cluster singleton and the exports are sharded entities (<see cref="ExportEntity"/>) reached
+/// through the shard region, which it keeps running by waking them periodically.
 /// </summary>
-public sealed partial class ExportRegistryActor : ReceivePersistentActor
+public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithTimers
 {
+    private static readonly TimeSpan WakeInterval = TimeSpan.FromSeconds(2);
+    private static readonly TimeSpan RetireTimeout = TimeSpan.FromSeconds(60);
     private readonly BackendFactory _backends;
+    private readonly IActorRef? _region;
     private readonly ILoggingAdapter _log = Context.GetLogger();
     private ExportCatalog _catalog = ExportCatalog.Empty;
     private readonly Dictionary<string, IActorRef> _children = new(StringComparer.Ordinal);
     private ExportSpec? _creating;
     private Activity? _recovery = GatewayTelemetry.ActivitySource.StartActivity("exports.recover");
 
-    public ExportRegistryActor(BackendFactory backends, ExportSpec? initialExport)
+    public ExportRegistryActor(BackendFactory backends, ExportSpec? initialExport, IActorRef? region = null)
     {
         _backends = backends;
+        _region = region;
 
         Recover<IExportEvent>(e => _catalog = _catalog.Apply(e));
         Recover<SnapshotOffer>(offer =>
@@ -40,6 +47,11 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor
             foreach (ExportSpec spec in _catalog.Exports.Values)
             {
                 Start(spec);
+            }
+            if (_region is not null)
+            {
+                // Exports whose node died come back without waiting for a client to ask.
+                Timers.StartPeriodicTimer("wake", WakeAll.Instance, WakeInterval);
             }
             if (_catalog.Exports.Count == 0 && initialExport is not null)
             {
@@ -66,9 +78,25 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor
         Command<SnapshotThenCreate>(CreateOnSnapshot);
         Command<CreateOnOverlayBase>(CreateOnOverlayBase);
         Command<ListExports>(_ => ListAll());
+        Command<WakeAll>(_ =>
+        {
+            foreach (ExportSpec spec in _catalog.Exports.Values)
+            {
+                Start(spec);
+            }
+        });
+        Command<GetExportSpec>(get =>
+        {
+            string? name = get.ExportName.Length == 0 ? _catalog.DefaultExport : get.ExportName;
+            Sender.Tell(new ExportSpecFound(name is not null && _catalog.Exports.TryGetValue(name, out ExportSpec? spec) ? spec : null));
+        });
         Command<GetExport>(get =>
         {
-            if (_children.TryGetValue(get.ExportName, out IActorRef? child))
+            if (_region is not null && _catalog.Exports.TryGetValue(get.ExportName, out ExportSpec? sharded))
+            {
+                _region.Forward(new ExportEnvelope(sharded, get));
+            }
+            else if (_children.TryGetValue(get.ExportName, out IActorRef? child))
             {
                 child.Forward(get);
             }
@@ -83,7 +111,11 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor
         });
         Command<IBitmapCommand>(command =>
         {
-            if (_children.TryGetValue(command.ExportName, out IActorRef? child))
+            if (_region is not null && _catalog.Exports.TryGetValue(command.ExportName, out ExportSpec? sharded))
+            {
+                _region.Forward(new ExportEnvelope(sharded, command));
+            }
+            else if (_children.TryGetValue(command.ExportName, out IActorRef? child))
             {
                 child.Forward(command);
             }
@@ -112,6 +144,7 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor
                 failure: e => new ExportsFlushed(0, [e.Message]));
         });
         Command<ExportStopped>(stopped => DeleteStorage(stopped.Spec));
+        Command<RetireFailed>(failed => _log.Warning("Export {0} was removed but its owner did not close it ({1}): its storage is kept", failed.Spec.Name, failed.Reason));
         // The answer to the first-start CreateExport this actor sends itself.
         Command<CommandResult>(result =>
         {
@@ -135,8 +168,10 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor
 
     public override string PersistenceId => "export-registry";
 
-    public static Props Props(BackendFactory backends, ExportSpec? initialExport) =>
-        Akka.Actor.Props.Create(() => new ExportRegistryActor(backends, initialExport));
+    public ITimerScheduler Timers { get; set; } = null!;
+
+    public static Props Props(BackendFactory backends, ExportSpec? initialExport, IActorRef? region = null) =>
+        Akka.Actor.Props.Create(() => new ExportRegistryActor(backends, initialExport, region));
 
     protected override SupervisorStrategy SupervisorStrategy() =>
         // An export whose backend fails to open or breaks is stopped, not restarted in a loop;
@@ -210,7 +245,13 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor
         Persist(@event!, e =>
         {
             _catalog = _catalog.Apply(e);
-            if (_children.Remove(spec.Name, out IActorRef? child))
+            if (_region is not null)
+            {
+                // The owner purges the bitmaps and closes the export; the storage goes once it has.
+                _region.Ask<ExportRetired>(new ExportEnvelope(spec, RetireExport.Instance), RetireTimeout)
+                    .PipeTo(Self, success: _ => new ExportStopped(spec), failure: f => new RetireFailed(spec, f.Message));
+            }
+            else if (_children.Remove(spec.Name, out IActorRef? child))
             {
                 // The child purges its bitmaps, closes its device in PostStop and stops; delete the
                 // file once it has gone.
@@ -250,13 +291,17 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor
         Sender.Tell(new ExportList(list));
     }
 
-    private IActorRef Start(ExportSpec spec)
+    private void Start(ExportSpec spec)
     {
+        if (_region is not null)
+        {
+            _region.Tell(new ExportEnvelope(spec, WakeExport.Instance));
+            return;
+        }
         // Unique child names: a removed export's actor may still be stopping when the name is reused.
         IActorRef child = Context.ActorOf(ExportActor.Props(spec, _backends), $"{spec.Name}-{LastSequenceNr}");
         _children[spec.Name] = child;
         Context.WatchWith(child, new ExportFailed(spec.Name, child));
-        return child;
     }
 
     private void MaybeSnapshot()
@@ -278,7 +323,34 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor
         base.OnPersistFailure(cause, @event, sequenceNr);
     }
 
+    /// <summary>
+    /// Sends a message to a running export and returns its answer; false when the export is not
+    /// running on this node (single-node mode) or unknown. In a cluster the message starts it.
+    /// </summary>
+    private bool TryAskExport<T>(string name, object message, TimeSpan timeout, out Task<T> answer)
+    {
+        if (_region is not null && _catalog.Exports.TryGetValue(name, out ExportSpec? spec))
+        {
+            answer = _region.Ask<T>(new ExportEnvelope(spec, message), timeout);
+            return true;
+        }
+        if (_children.TryGetValue(name, out IActorRef? child))
+        {
+            answer = child.Ask<T>(message, timeout);
+            return true;
+        }
+        answer = Task.FromException<T>(new InvalidOperationException($"export '{name}' is not running"));
+        return false;
+    }
+
     private sealed record ExportStopped(ExportSpec Spec);
+
+    private sealed record RetireFailed(ExportSpec Spec, string Reason);
+
+    private sealed record WakeAll
+    {
+        public static readonly WakeAll Instance = new();
+    }
 
     private sealed record ExportFailed(string Name, IActorRef Child);
 }

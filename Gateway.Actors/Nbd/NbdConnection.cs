@@ -55,6 +55,10 @@ public static class NbdConnection
             }
             finally
             {
+                if (session.Export.OwnedByConnection && session.Export.Device is IAsyncDisposable owned)
+                {
+                    await owned.DisposeAsync().ConfigureAwait(false);
+                }
                 logger.LogInformation("NBD connection from {Client} to export {Export} closed after {Requests} requests",
                     client, session.Export.Info.Name, transmission.Requests);
             }

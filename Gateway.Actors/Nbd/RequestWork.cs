@@ -136,7 +136,7 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
     {
         Buffer ??= PayloadPool.Rent(length);
         _segments ??= new Extent[MaxReadSegments + 1];
-        bool sparse = owner.Structured && length >= Transmission.SparseReadThreshold && !Request.Flags.HasFlag(CommandFlags.DontFragment);
+        bool sparse = owner.SparseReads && length >= Transmission.SparseReadThreshold && !Request.Flags.HasFlag(CommandFlags.DontFragment);
         int n = sparse ? await device.GetAllocationAsync(offset, length, _segments.AsMemory(0, MaxReadSegments), cancel).ConfigureAwait(false) : 0;
         if (n == 0 || (n == 1 && (_segments[0].Flags & ExtentFlags.Hole) == 0))
         {

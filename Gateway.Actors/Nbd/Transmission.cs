@@ -66,6 +66,12 @@ public sealed class Transmission
 
     public bool Structured { get; }
 
+    /// <summary>
+    /// Reads may be answered with holes: structured replies, and a device whose allocation is a
+    /// local call (a cluster link's would be a second round trip to the owner for every read).
+    /// </summary>
+    internal bool SparseReads => Structured && _device is not Cluster.ExportLink;
+
     /// <summary>Requests received on this connection so far.</summary>
     public long Requests { get; private set; }
 

@@ -1,0 +1,115 @@
+using Akka.Actor;
+using Akka.Event;
+using Gateway.Actors.Bitmaps;
+using Gateway.Actors.Exports;
+
+namespace Gateway.Actors.Cluster;
+
+/// <summary>
+/// One export as a cluster-sharded entity: sharding starts it on exactly one node, which opens
+/// the export there (an <see cref="ExportActor"/> child, as on a single node) and lists it in
+/// <see cref="LocalExports"/>. Other nodes learn where it is with <see cref="LocateExport"/> and
+/// send their clients' requests over a peer data stream, never through this mailbox.
+/// </summary>
+public sealed class ExportEntity : ReceiveActor
+{
+    private static readonly TimeSpan OpenTimeout = TimeSpan.FromSeconds(30);
+    private readonly BackendFactory _backends;
+    private readonly LocalExports _local;
+    private readonly ClusterNode _node;
+    private readonly ILoggingAdapter _log = Context.GetLogger();
+    private IActorRef? _export;
+    private ExportHandle? _handle;
+    private IActorRef? _retiredBy;
+
+    public ExportEntity(BackendFactory backends, LocalExports local, ClusterNode node)
+    {
+        _backends = backends;
+        _local = local;
+        _node = node;
+
+        Receive<ExportEnvelope>(Handle);
+        Receive<Opened>(opened =>
+        {
+            if (opened.Handle is { } handle && _export is not null)
+            {
+                _handle = handle;
+                _local.Add(handle);
+                opened.ReplyTo.Tell(Located(handle));
+            }
+            else
+            {
+                opened.ReplyTo.Tell(new Status.Failure(new InvalidOperationException($"export could not be opened on {_node.Name}")));
+            }
+        });
+        Receive<Terminated>(t =>
+        {
+            if (!t.ActorRef.Equals(_export))
+            {
+                return;
+            }
+            _retiredBy?.Tell(new ExportRetired(Self.Path.Name));
+            // Failed or retired: stop, so the next message starts a fresh export actor.
+            Context.Stop(Self);
+        });
+    }
+
+    public static Props Props(BackendFactory backends, LocalExports local, ClusterNode node) =>
+        Akka.Actor.Props.Create(() => new ExportEntity(backends, local, node));
+
+    private void Handle(ExportEnvelope envelope)
+    {
+        if (_export is null)
+        {
+            if (_retiredBy is not null)
+            {
+                return;
+            }
+            _export = Context.ActorOf(ExportActor.Props(envelope.Spec, _backends), "export");
+            Context.Watch(_export);
+            _log.Info("Export {0} homed on node {1}", envelope.Spec.Name, _node.Name);
+        }
+        switch (envelope.Message)
+        {
+            case WakeExport:
+                break;
+            case LocateExport when _handle is { Closed.IsCancellationRequested: false } handle:
+                Sender.Tell(Located(handle));
+                break;
+            case LocateExport:
+                IActorRef replyTo = Sender;
+                _export.Ask<ExportOpened>(new OpenExport(envelope.Spec.Name), OpenTimeout)
+                    .PipeTo(Self, success: o => new Opened(o.Handle, replyTo), failure: _ => new Opened(null, replyTo));
+                break;
+            case RetireExport:
+                _retiredBy = Sender;
+                _export.Tell(PurgeBitmaps.Instance);
+                break;
+            default:
+                _export.Forward(envelope.Message);
+                break;
+        }
+    }
+
+    private ExportLocated Located(ExportHandle handle) => new(handle.Info.Name, _node.Name, _node.PeerHost, _node.PeerPort,
+        handle.Info.Size, handle.Info.ReadOnly, (int)handle.Info.Capabilities, [.. handle.MetaContexts.Select(c => c.Name)]);
+
+    protected override SupervisorStrategy SupervisorStrategy() =>
+        // As on a single node: an export whose backend fails to open is stopped, not restarted in
+        // a loop; this entity then stops too, and the registry's next wake tries again.
+        new OneForOneStrategy(e =>
+        {
+            _log.Error(e, "Export actor failed; stopping it");
+            return Directive.Stop;
+        });
+
+    protected override void PostStop()
+    {
+        if (_handle is not null)
+        {
+            _local.Remove(_handle);
+        }
+    }
+
+    private sealed record Opened(ExportHandle? Handle, IActorRef ReplyTo);
+}

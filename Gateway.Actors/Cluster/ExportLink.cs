@@ -1,0 +1,285 @@
+using System.Net;
+using Akka.Actor;
+using Gateway.Actors.Exports;
+using Gateway.Actors.Nbd;
+using Gateway.Backends;
+
+namespace Gateway.Actors.Cluster;
+
+/// <summary>
+/// One client connection's way to an export in a cluster: the device itself when this node owns
+/// the export, else a <see cref="PeerNbdClient"/> stream to the owner. When the owner goes away
+/// (its node died, the shard moved), requests in flight fail with ESHUTDOWN, and the next request
+/// finds the new owner, so the client's connection keeps working once the export is re-homed.
+/// </summary>
+public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
+{
+    /// <summary>How long a request waits for the export to be (re-)homed before it fails with EIO.</summary>
+    public static readonly TimeSpan ResolveTimeout = TimeSpan.FromSeconds(20);
+
+    private static readonly TimeSpan LocateTimeout = TimeSpan.FromSeconds(3);
+    private static readonly TimeSpan RetryDelay = TimeSpan.FromMilliseconds(250);
+
+    private readonly ExportSpec _spec;
+    private readonly IActorRef _region;
+    private readonly LocalExports _local;
+    private readonly ClusterNode _self;
+    private readonly CancellationTokenSource _disposed = new();
+    private readonly Lock _gate = new();
+    private ExportLocated? _located;
+    private ExportHandle? _localHandle;
+    private PeerDevice? _peer;
+    private Task? _resolving;
+
+    private ExportLink(ExportSpec spec, IActorRef region, LocalExports local, ClusterNode self, ExportLocated located)
+    {
+        _spec = spec;
+        _region = region;
+        _local = local;
+        _self = self;
+        _located = located;
+        Size = located.Size;
+        IsReadOnly = located.ReadOnly;
+        Capabilities = (BlockCapabilities)located.Capabilities;
+    }
+
+    /// <summary>
+    /// Finds the export's owner (starting the export if no node runs it) and returns a handle whose
+    /// device is a link to it. No data stream is opened until the first request.
+    /// </summary>
+    public static async Task<ExportHandle> OpenAsync(ExportSpec spec, IActorRef region, LocalExports local, ClusterNode self, CancellationToken cancellationToken)
+    {
+        ExportLocated located = await LocateAsync(spec, region, cancellationToken).ConfigureAwait(false);
+        var link = new ExportLink(spec, region, local, self, located);
+        var info = new ExportInfo(spec.Name, spec.Description, located.Size, located.ReadOnly || spec.ReadOnly, link.Capabilities)
+        {
+            Access = spec.Access ?? ExportAccess.Open,
+        };
+        MetaContext[] contexts = [.. located.Contexts.Select(name => new LinkContext(name, link))];
+        return new ExportHandle(info, link, contexts, CancellationToken.None) { OwnedByConnection = true };
+    }
+
+    private static async Task<ExportLocated> LocateAsync(ExportSpec spec, IActorRef region, CancellationToken cancellationToken)
+    {
+        using var deadline = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        deadline.CancelAfter(ResolveTimeout);
+        while (true)
+        {
+            try
+            {
+                return await region.Ask<ExportLocated>(new ExportEnvelope(spec, LocateExport.Instance), LocateTimeout, deadline.Token).ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is AskTimeoutException or InvalidOperationException && !deadline.IsCancellationRequested)
+            {
+                // The shard is moving (its node died or left): ask again until it is home.
+                await Task.Delay(RetryDelay, deadline.Token).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
+            {
+                throw new BlockDeviceException(BlockErrorKind.Io, $"export '{spec.Name}' has no owner in the cluster after {ResolveTimeout.TotalSeconds:0} s");
+            }
+        }
+    }
+
+    public long Size { get; }
+
+    public bool IsReadOnly { get; }
+
+    public BlockCapabilities Capabilities { get; }
+
+    /// <summary>The node serving this link's requests now (null before the first request).</summary>
+    public string? OwnerNode => _located?.Node;
+
+    public bool IsLocal => _localHandle is { Closed.IsCancellationRequested: false };
+
+    public ValueTask ReadAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken = default) =>
+        Current() is { } device ? device.ReadAsync(offset, destination, cancellationToken) : ReadSlowAsync(offset, destination, cancellationToken);
+
+    public ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken = default) =>
+        Current() is { } device ? device.WriteAsync(offset, source, fua, cancellationToken) : WriteSlowAsync(offset, source, fua, cancellationToken);
+
+    public async ValueTask FlushAsync(CancellationToken cancellationToken = default) =>
+        await (await TargetAsync(cancellationToken).ConfigureAwait(false)).FlushAsync(cancellationToken).ConfigureAwait(false);
+
+    public async ValueTask TrimAsync(long offset, long length, bool fua, CancellationToken cancellationToken = default) =>
+        await (await TargetAsync(cancellationToken).ConfigureAwait(false)).TrimAsync(offset, length, fua, cancellationToken).ConfigureAwait(false);
+
+    public async ValueTask ZeroAsync(long offset, long length, ZeroFlags flags, CancellationToken cancellationToken = default) =>
+        await (await TargetAsync(cancellationToken).ConfigureAwait(false)).ZeroAsync(offset, length, flags, cancellationToken).ConfigureAwait(false);
+
+    public async ValueTask CacheAsync(long offset, long length, CancellationToken cancellationToken = default) =>
+        await (await TargetAsync(cancellationToken).ConfigureAwait(false)).CacheAsync(offset, length, cancellationToken).ConfigureAwait(false);
+
+    public async ValueTask<int> GetAllocationAsync(long offset, long length, Memory<Extent> extents, CancellationToken cancellationToken = default) =>
+        await (await TargetAsync(cancellationToken).ConfigureAwait(false)).GetAllocationAsync(offset, length, extents, cancellationToken).ConfigureAwait(false);
+
+    /// <summary>Block status of one context, from the owner's device or over the peer stream.</summary>
+    public async ValueTask<int> GetExtentsAsync(string context, long offset, uint length, Memory<MetaExtent> extents, CancellationToken cancellationToken)
+    {
+        IBlockDevice target = await TargetAsync(cancellationToken).ConfigureAwait(false);
+        if (target is PeerDevice peer)
+        {
+            return await peer.Client.GetExtentsAsync(context, offset, length, extents, extents.Length == 1, cancellationToken).ConfigureAwait(false);
+        }
+        MetaContext local = _localHandle?.MetaContexts.FirstOrDefault(c => c.Name == context)
+            ?? throw new BlockDeviceException(BlockErrorKind.NotSupported, $"context {context} is gone from export '{_spec.Name}'");
+        return await local.GetExtentsAsync(offset, length, extents, cancellationToken).ConfigureAwait(false);
+    }
+
+    public bool TryReadNoWait(long offset, Span<byte> destination) =>
+        Current() is INonBlockingIo io && io.TryReadNoWait(offset, destination);
+
+    public bool TryWriteNoWait(long offset, ReadOnlySpan<byte> source) =>
+        Current() is INonBlockingIo io && io.TryWriteNoWait(offset, source);
+
+    /// <summary>The owner's device when it is on this node, else the stream to it; null when neither is usable.</summary>
+    private IBlockDevice? Current() =>
+        _localHandle is { Closed.IsCancellationRequested: false } handle ? handle.Device
+        : _peer is { Client.IsBroken: false } peer ? peer
+        : null;
+
+    private async ValueTask ReadSlowAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken) =>
+        await (await TargetAsync(cancellationToken).ConfigureAwait(false)).ReadAsync(offset, destination, cancellationToken).ConfigureAwait(false);
+
+    private async ValueTask WriteSlowAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken) =>
+        await (await TargetAsync(cancellationToken).ConfigureAwait(false)).WriteAsync(offset, source, fua, cancellationToken).ConfigureAwait(false);
+
+    private async ValueTask<IBlockDevice> TargetAsync(CancellationToken cancellationToken)
+    {
+        if (Current() is { } device)
+        {
+            return device;
+        }
+        await ResolveAsync(cancellationToken).ConfigureAwait(false);
+        return Current() ?? throw new BlockDeviceException(BlockErrorKind.Shutdown, $"export '{_spec.Name}' lost its owner");
+    }
+
+    /// <summary>One resolution at a time; concurrent requests wait for the same one.</summary>
+    private Task ResolveAsync(CancellationToken cancellationToken)
+    {
+        Task resolving;
+        lock (_gate)
+        {
+            if (_resolving is null || _resolving.IsCompleted)
+            {
+                _resolving = ResolveCoreAsync();
+            }
+            resolving = _resolving;
+        }
+        return resolving.WaitAsync(cancellationToken);
+    }
+
+    private async Task ResolveCoreAsync()
+    {
+        if (Current() is not null)
+        {
+            return;
+        }
+        PeerDevice? old = _peer;
+        _peer = null;
+        _localHandle = null;
+        if (old is not null)
+        {
+            await old.Client.DisposeAsync().ConfigureAwait(false);
+        }
+        using var deadline = CancellationTokenSource.CreateLinkedTokenSource(_disposed.Token);
+        deadline.CancelAfter(ResolveTimeout);
+        ExportLocated? located = _located;
+        _located = null;
+        while (true)
+        {
+            try
+            {
+                located ??= await LocateAsync(_spec, _region, deadline.Token).ConfigureAwait(false);
+                if (located.Node == _self.Name)
+                {
+                    if (_local.Get(_spec.Name) is { } handle)
+                    {
+                        _localHandle = handle;
+                        _located = located;
+                        return;
+                    }
+                }
+                else
+                {
+                    _peer = new PeerDevice(await PeerNbdClient.ConnectAsync(new DnsEndPoint(located.PeerHost, located.PeerPort), _spec.Name, deadline.Token).ConfigureAwait(false));
+                    _located = located;
+                    return;
+                }
+            }
+            catch (Exception e) when (e is PeerExportUnavailableException or IOException or System.Net.Sockets.SocketException or BlockDeviceException && !deadline.IsCancellationRequested)
+            {
+                // The owner moved or is dying: locate again.
+            }
+            catch (OperationCanceledException) when (deadline.IsCancellationRequested)
+            {
+                throw new BlockDeviceException(_disposed.IsCancellationRequested ? BlockErrorKind.Shutdown : BlockErrorKind.Io,
+                    $"export '{_spec.Name}' could not be reached within {ResolveTimeout.TotalSeconds:0} s");
+            }
+            located = null;
+            try
+            {
+                await Task.Delay(RetryDelay, deadline.Token).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException)
+            {
+                throw new BlockDeviceException(BlockErrorKind.Io, $"export '{_spec.Name}' could not be reached within {ResolveTimeout.TotalSeconds:0} s");
+            }
+        }
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        _disposed.Cancel();
+        if (_peer is { } peer)
+        {
+            await peer.Client.DisposeAsync().ConfigureAwait(false);
+        }
+    }
+
+    public void Dispose() => DisposeAsync().AsTask().GetAwaiter().GetResult();
+
+    /// <summary>A metadata context of the export, answered wherever the export lives.</summary>
+    private sealed class LinkContext(string name, ExportLink link) : MetaContext(name)
+    {
+        public override ValueTask<int> GetExtentsAsync(long offset, uint length, Memory<MetaExtent> extents, CancellationToken cancellationToken) =>
+            link.GetExtentsAsync(Name, offset, length, extents, cancellationToken);
+    }
+
+    /// <summary>The peer stream as a device (allocation = the owner's base:allocation).</summary>
+    private sealed class PeerDevice(PeerNbdClient client) : IBlockDevice
+    {
+        public PeerNbdClient Client { get; } = client;
+
+        public long Size => Client.Info.Size;
+
+        public bool IsReadOnly => Client.Info.ReadOnly;
+
+        public BlockCapabilities Capabilities => Client.Info.Capabilities;
+
+        public ValueTask ReadAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken = default) => Client.ReadAsync(offset, destination, cancellationToken);
+
+        public ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken = default) => Client.WriteAsync(offset, source, fua, cancellationToken);
+
+        public ValueTask FlushAsync(CancellationToken cancellationToken = default) => Client.FlushAsync(cancellationToken);
+
+        public ValueTask TrimAsync(long offset, long length, bool fua, CancellationToken cancellationToken = default) => Client.TrimAsync(offset, length, fua, cancellationToken);
+
+        public ValueTask ZeroAsync(long offset, long length, ZeroFlags flags, CancellationToken cancellationToken = default) => Client.ZeroAsync(offset, length, flags, cancellationToken);
+
+        public ValueTask CacheAsync(long offset, long length, CancellationToken cancellationToken = default) => Client.CacheAsync(offset, length, cancellationToken);
+
+        public async ValueTask<int> GetAllocationAsync(long offset, long length, Memory<Extent> extents, CancellationToken cancellationToken = default)
+        {
+            MetaExtent[] buffer = new MetaExtent[Math.Min(extents.Length, NbdLimits.MaxExtentsPerReply)];
+            int n = await Client.GetExtentsAsync(NbdLimits.BaseAllocation, offset, (uint)Math.Min(length, uint.MaxValue), buffer, buffer.Length == 1, cancellationToken).ConfigureAwait(false);
+            for (int i = 0; i < n; i++)
+            {
+                extents.Span[i] = new Extent(buffer[i].Length, (ExtentFlags)buffer[i].Status);
+            }
+            return n;
+        }
+
+        public void Dispose() => Client.DisposeAsync().AsTask().GetAwaiter().GetResult();
+    }
+}

@@ -1,0 +1,52 @@
+using System.Collections.Concurrent;
+using Gateway.Actors.Exports;
+
+namespace Gateway.Actors.Cluster;
+
+/// <summary>
+/// The exports this node owns right now (cluster mode), by name. Filled by the sharded entities;
+/// read by the peer listener, which serves only what is owned here, and by connections whose
+/// export turned out to be local, which then call the device directly.
+/// </summary>
+public sealed class LocalExports : IExportDirectory
+{
+    private readonly ConcurrentDictionary<string, ExportHandle> _handles = new(StringComparer.Ordinal);
+
+    public void Add(ExportHandle handle) => _handles[handle.Info.Name] = handle;
+
+    public void Remove(ExportHandle handle) => _handles.TryRemove(new KeyValuePair<string, ExportHandle>(handle.Info.Name, handle));
+
+    public ExportHandle? Get(string name) =>
+        _handles.TryGetValue(name, out ExportHandle? handle) && !handle.Closed.IsCancellationRequested ? handle : null;
+
+    public IReadOnlyCollection<ExportHandle> All => [.. _handles.Values];
+
+    public ValueTask<IReadOnlyList<ExportInfo>> ListAsync(CancellationToken cancellationToken) =>
+        new([.. _handles.Values.Where(h => !h.Closed.IsCancellationRequested).Select(h => h.Info)]);
+
+    public ValueTask<ExportHandle?> OpenAsync(string name, CancellationToken cancellationToken) => new(Get(name));
+
+    /// <summary>Makes every completed write of every export owned here durable (graceful shutdown).</summary>
+    public async Task<ExportsFlushed> FlushAllAsync()
+    {
+        int count = 0;
+        var failures = new List<string>();
+        foreach (ExportHandle handle in All)
+        {
+            if (handle.Info.ReadOnly || handle.Closed.IsCancellationRequested)
+            {
+                continue;
+            }
+            try
+            {
+                await handle.Device.FlushAsync().ConfigureAwait(false);
+                count++;
+            }
+            catch (Exception e) when (e is not OutOfMemoryException)
+            {
+                failures.Add($"{handle.Info.Name}: {e.Message}");
+            }
+        }
+        return new ExportsFlushed(count, failures);
+    }
+}

@@ -1,0 +1,69 @@
+using System.CommandLine;
+using System.Net;
+
+namespace Gateway.Host;
+
+/// <summary>
+/// Cluster mode of <c>gateway serve</c> (README "Cluster"). <see cref="Remoting"/> is where Akka
+/// remoting binds; <see cref="PublicHostname"/> is how other nodes reach this one (remoting and
+/// the peer data stream); <see cref="Peer"/> is where the peer data stream listens.
+/// </summary>
+public sealed record ClusterSettings(IPEndPoint Remoting, string PublicHostname, IReadOnlyList<string> Seeds, string Postgres, string NodeName, IPEndPoint Peer)
+{
+    /// <summary>Akka address of a seed given as HOST:PORT.</summary>
+    public static string SeedAddress(string hostPort) => $"akka.tcp://{Kubernetes.ActorSystemName}@{hostPort}";
+}
+
+public static class ClusterCli
+{
+    private static readonly Option<string?> Remoting = new("--remoting") { Description = "Cluster mode: Akka remoting listen address HOST:PORT (e.g. 127.0.0.1:7401)" };
+    private static readonly Option<string?> PublicHostname = new("--public-hostname") { Description = "Cluster mode: the host other nodes use to reach this one (default: the --remoting host)" };
+    private static readonly Option<string[]> Seeds = new("--seed") { Description = "Cluster mode: a seed node's remoting address HOST:PORT, repeatable (default: this node alone)" };
+    private static readonly Option<string?> Postgres = new("--postgres") { Description = "Cluster mode: PostgreSQL connection string (Npgsql) for the journal and snapshots (or Gateway__Cluster__Postgres)" };
+    private static readonly Option<string?> NodeName = new("--node-name") { Description = "Cluster mode: this node's name in status output (default HOST:PORT of --remoting)" };
+    private static readonly Option<string?> Peer = new("--peer") { Description = "Cluster mode: listen address of the node-to-node data stream HOST:PORT (default: remoting host, port + 1)" };
+
+    public static void AddTo(Command serve)
+    {
+        serve.Options.Add(Remoting);
+        serve.Options.Add(PublicHostname);
+        serve.Options.Add(Seeds);
+        serve.Options.Add(Postgres);
+        serve.Options.Add(NodeName);
+        serve.Options.Add(Peer);
+    }
+
+    public static GatewayOptions Apply(GatewayOptions options, ParseResult parse, IConfiguration config)
+    {
+        string? remotingText = parse.GetValue(Remoting) ?? config["Gateway:Cluster:Remoting"];
+        string[] seeds = parse.GetValue(Seeds) is { Length: > 0 } given
+            ? given
+            : config.GetSection("Gateway:Cluster:Seeds").GetChildren().Select(c => c.Value).OfType<string>().ToArray();
+        if (remotingText is null)
+        {
+            if (seeds.Length > 0 || parse.GetValue(Postgres) is not null)
+            {
+                throw new ArgumentException("--seed and --postgres need cluster mode: give --remoting HOST:PORT too");
+            }
+            return options;
+        }
+        IPEndPoint remoting = GatewayOptions.ParseEndpoint(remotingText, "--remoting");
+        string publicHost = parse.GetValue(PublicHostname) ?? config["Gateway:Cluster:PublicHostname"]
+            ?? (remoting.Address.Equals(IPAddress.Any) || remoting.Address.Equals(IPAddress.IPv6Any)
+                ? throw new ArgumentException("--remoting on a wildcard address needs --public-hostname (the address other nodes use)")
+                : remoting.Address.ToString());
+        string postgres = parse.GetValue(Postgres) ?? config["Gateway:Cluster:Postgres"]
+            ?? throw new ArgumentException("cluster mode needs PostgreSQL for the journal: --postgres \"Host=...;Username=...;Password=...;Database=...\"");
+        foreach (string seed in seeds)
+        {
+            _ = GatewayOptions.ParseEndpoint(seed, "--seed");
+        }
+        string? peerText = parse.GetValue(Peer) ?? config["Gateway:Cluster:Peer"];
+        IPEndPoint peer = peerText is null ? new IPEndPoint(remoting.Address, remoting.Port + 1) : GatewayOptions.ParseEndpoint(peerText, "--peer");
+        string name = parse.GetValue(NodeName) ?? config["Gateway:Cluster:NodeName"] ?? $"{publicHost}:{remoting.Port}";
+        return options with
+        {
+            Cluster = new ClusterSettings(remoting, publicHost, seeds.Length > 0 ? seeds : [$"{publicHost}:{remoting.Port}"], postgres, name, peer),
+        };
+    }
+}

@@ -1,0 +1,61 @@
+using Akka.Cluster.Hosting;
+using Akka.Cluster.Hosting.SBR;
+using Akka.Hosting;
+using Akka.Persistence.Sql.Hosting;
+using Akka.Remote.Hosting;
+using Gateway.Actors.Cluster;
+using LinqToDB;
+
+namespace Gateway.Host;
+
+/// <summary>
+/// Akka.Remote, Akka.Cluster and the PostgreSQL journal for cluster mode. Remoting carries
+/// control messages only; export data between nodes goes over the peer listener
+/// (AKKA-NOTES.md: remoting is 10-35x slower for block payloads and stalls heartbeats).
+/// </summary>
+public static class ClusterComposition
+{
+    /// <summary>Member roles carry what status output needs to know of a node.</summary>
+    public const string NodeRolePrefix = "node:";
+    public const string PeerRolePrefix = "peer:";
+
+    public static ClusterNode Node(ClusterSettings cluster) => new(cluster.NodeName, cluster.PublicHostname, cluster.Peer.Port);
+
+    public static void Configure(AkkaConfigurationBuilder akka, ClusterSettings cluster)
+    {
+        akka.WithRemoting(new RemoteOptions
+        {
+            HostName = cluster.Remoting.Address.ToString(),
+            Port = cluster.Remoting.Port,
+            PublicHostName = cluster.PublicHostname,
+            // Export lists and specs are small, but a large catalog must not be dropped silently.
+            MaxFrameSize = 4 * 1024 * 1024,
+        });
+        akka.WithClustering(new ClusterOptions
+        {
+            SeedNodes = [.. cluster.Seeds.Select(ClusterSettings.SeedAddress)],
+            // Keep-majority: the side with more than half of the nodes downs the rest, so two
+            // owners of one export never run at once after a partition, and no lease service is
+            // needed (the Kubernetes lease does not restore here). A 2-node cluster cannot
+            // survive losing either node: run 3 or more.
+            SplitBrainResolver = new KeepMajorityOption(),
+        });
+        // Failover within 10 s of a kill -9: a silent node is unreachable after about 2 s,
+        // the resolver downs it after 2 s more without membership changes, and the registry
+        // wakes its exports on the survivors within 2 s of that.
+        // Roles given in HOCON, quoted: Akka.Cluster.Hosting writes ClusterOptions.Roles unquoted,
+        // and a role holding ':' then fails to parse.
+        string roles = string.Join(", ", new[] { NodeRolePrefix + cluster.NodeName, $"{PeerRolePrefix}{cluster.PublicHostname}:{cluster.Peer.Port}" }
+            .Select(r => "\"" + r.Replace("\\", "\\\\").Replace("\"", "\\\"") + "\""));
+        akka.AddHocon($"akka.cluster.roles = [{roles}]", HoconAddMode.Prepend);
+        akka.AddHocon("""
+            akka.cluster.failure-detector.acceptable-heartbeat-pause = 2s
+            akka.cluster.split-brain-resolver.stable-after = 2s
+            akka.cluster.sharding.rebalance-interval = 5s
+            akka.cluster.sharding.least-shard-allocation-strategy.rebalance-absolute-limit = 5
+            akka.cluster.shutdown-after-unsuccessful-join-seed-nodes = 60s
+            akka.coordinated-shutdown.exit-clr = off
+            """, HoconAddMode.Prepend);
+        akka.WithSqlPersistence(new DataOptions().UseConnectionString(ProviderName.PostgreSQL15, cluster.Postgres), autoInitialize: true);
+    }
+}
