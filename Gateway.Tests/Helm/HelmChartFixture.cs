@@ -1,0 +1,71 @@
+using Xunit;
+
+namespace Gateway.Tests.Helm;
+
+/// <summary>The chart variants every check runs against: defaults and the setups the README describes.</summary>
+public static class ChartVariants
+{
+    public const string Defaults = "defaults";
+    public const string S3Only = "s3-only";
+    public const string FiveReplicas = "replicas-5";
+    public const string NodePort = "nodeport";
+    public const string SharedClaim = "shared-pvc";
+
+    /// <summary>Variant name → helm-render arguments (values files are the chart's ci/ examples).</summary>
+    public static readonly IReadOnlyDictionary<string, string[]> Arguments = new Dictionary<string, string[]>
+    {
+        [Defaults] = [],
+        [S3Only] = ["-f", "ci/s3-values.yaml"],
+        [FiveReplicas] = ["--set", "replicaCount=5"],
+        [NodePort] = ["-f", "ci/nodeport-values.yaml"],
+        [SharedClaim] = ["-f", "ci/shared-pvc-values.yaml"],
+    };
+
+    public static TheoryData<string> All => [.. Arguments.Keys];
+}
+
+/// <summary>
+/// Builds the renderer and renders and checks every variant once for all the Helm tests (a few
+/// seconds), in a scratch folder removed at the end.
+/// </summary>
+public sealed class HelmChartFixture : IDisposable
+{
+    private readonly Dictionary<string, RenderedChart> _variants = [];
+
+    public HelmChartFixture()
+    {
+        Tools = HelmToolchain.Prepare();
+        WorkDirectory = Directory.CreateTempSubdirectory("gateway-helm-").FullName;
+        foreach ((string name, string[] args) in ChartVariants.Arguments)
+        {
+            string[] resolved = [.. args.Select(a => a.StartsWith("ci/", StringComparison.Ordinal) ? Path.Combine(Tools.ChartDirectory, a) : a)];
+            _variants[name] = RenderedChart.TryRender(Tools, Tools.ChartDirectory, $"{name} ({string.Join(' ', args)})", resolved, WorkDirectory, out ProcessResult render)
+                ?? throw new Xunit.Sdk.XunitException($"the chart does not render ({name}):\n{render.Describe()}");
+        }
+    }
+
+    public HelmToolchain Tools { get; }
+
+    /// <summary>Scratch space for the renders and for broken copies of the chart.</summary>
+    public string WorkDirectory { get; }
+
+    public RenderedChart this[string variant] => _variants[variant];
+
+    public void Dispose()
+    {
+        try
+        {
+            Directory.Delete(WorkDirectory, recursive: true);
+        }
+        catch (IOException)
+        {
+            // Leftovers in the temp folder are harmless.
+        }
+    }
+}
+
+[CollectionDefinition(Name)]
+public sealed class HelmChartCollection : ICollectionFixture<HelmChartFixture>
+{
+    public const string Name = "Helm chart";
+}
