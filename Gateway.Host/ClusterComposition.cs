@@ -40,16 +40,16 @@ public static class ClusterComposition
             // survive losing either node: run 3 or more.
             SplitBrainResolver = new KeepMajorityOption(),
         });
-        // Failover within 10 s of a kill -9: a silent node is unreachable after about 2 s,
+        // Failover within 10 s of a kill -9: a silent node is unreachable after about 3-4 s,
         // the resolver downs it after 2 s more without membership changes, and the registry
-        // wakes its exports on the survivors within 2 s of that.
+        // wakes its exports on the survivors within 1 s of that.
         // Roles given in HOCON, quoted: Akka.Cluster.Hosting writes ClusterOptions.Roles unquoted,
         // and a role holding ':' then fails to parse.
         string roles = string.Join(", ", new[] { NodeRolePrefix + cluster.NodeName, $"{PeerRolePrefix}{cluster.PublicHostname}:{cluster.Peer.Port}" }
             .Select(r => "\"" + r.Replace("\\", "\\\\").Replace("\"", "\\\"") + "\""));
         akka.AddHocon($"akka.cluster.roles = [{roles}]", HoconAddMode.Prepend);
         akka.AddHocon("""
-            akka.cluster.failure-detector.acceptable-heartbeat-pause = 2s
+            akka.cluster.failure-detector.acceptable-heartbeat-pause = 3s
             akka.cluster.split-brain-resolver.stable-after = 2s
             akka.cluster.sharding.rebalance-interval = 5s
             akka.cluster.sharding.least-shard-allocation-strategy.rebalance-absolute-limit = 5

@@ -15,16 +15,18 @@ public sealed record ClearBitmap(string ExportName, string Name) : IBitmapComman
 
 public sealed record SetBitmapEnabled(string ExportName, string Name, bool Enabled) : IBitmapCommand;
 
-public sealed record MergeBitmaps(string ExportName, string Target, IReadOnlyList<string> Sources) : IBitmapCommand;
+public sealed record MergeBitmaps(string ExportName, string Target, string[] Sources) : IBitmapCommand;
 
 public sealed record BitmapInfo(string Name, int Granularity, bool Enabled, long DirtyBytes);
 
 /// <summary>The outcome of a bitmap command: the bitmaps it concerns, or the problem.</summary>
 public sealed record BitmapResult(ExportErrorKind? Error, string? Message, IReadOnlyList<BitmapInfo> Bitmaps)
 {
-    public static BitmapResult Ok(params IReadOnlyList<BitmapInfo> bitmaps) => new(null, null, bitmaps);
+    // Arrays, not whatever a collection expression makes: results cross nodes through the JSON
+    // serializer, which cannot rebuild the compiler's own list types.
+    public static BitmapResult Ok(params IReadOnlyList<BitmapInfo> bitmaps) => new(null, null, bitmaps.ToArray());
 
-    public static BitmapResult Fail(ExportErrorKind kind, string message) => new(kind, message, []);
+    public static BitmapResult Fail(ExportErrorKind kind, string message) => new(kind, message, Array.Empty<BitmapInfo>());
 }
 
 /// <summary>Asks the bitmaps actor to delete its events and snapshots and stop (the export was removed).</summary>

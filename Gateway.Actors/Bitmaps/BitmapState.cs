@@ -64,7 +64,7 @@ public sealed partial record BitmapState(long ExportSize, ImmutableSortedDiction
                 {
                     return NotFound(merge.ExportName, merge.Target);
                 }
-                if (merge.Sources.Count == 0)
+                if (merge.Sources.Length == 0)
                 {
                     return Fail(ExportErrorKind.Invalid, "sources is empty: name at least one bitmap to merge");
                 }

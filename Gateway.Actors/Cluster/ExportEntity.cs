@@ -11,9 +11,10 @@ namespace Gateway.Actors.Cluster;
 /// <see cref="LocalExports"/>. Other nodes learn where it is with <see cref="LocateExport"/> and
 /// send their clients' requests over a peer data stream, never through this mailbox.
 /// </summary>
-public sealed class ExportEntity : ReceiveActor
+public sealed class ExportEntity : ReceiveActor, IWithTimers
 {
     private static readonly TimeSpan OpenTimeout = TimeSpan.FromSeconds(30);
+    private static readonly TimeSpan FailedBackoff = TimeSpan.FromSeconds(10);
     private readonly BackendFactory _backends;
     private readonly LocalExports _local;
     private readonly ClusterNode _node;
@@ -21,6 +22,7 @@ public sealed class ExportEntity : ReceiveActor
     private IActorRef? _export;
     private ExportHandle? _handle;
     private IActorRef? _retiredBy;
+    private bool _failed;
 
     public ExportEntity(BackendFactory backends, LocalExports local, ClusterNode node)
     {
@@ -48,23 +50,37 @@ public sealed class ExportEntity : ReceiveActor
             {
                 return;
             }
-            _retiredBy?.Tell(new ExportRetired(Self.Path.Name));
-            // Failed or retired: stop, so the next message starts a fresh export actor.
-            Context.Stop(Self);
+            if (_retiredBy is not null)
+            {
+                _retiredBy.Tell(new ExportRetired(Self.Path.Name));
+                Context.Stop(Self);
+                return;
+            }
+            // Failed to open or broke: answer "not available" for a while, then stop, so that a
+            // later message opens it afresh (without a retry, and an error, every wake).
+            _export = null;
+            _failed = true;
+            Timers.StartSingleTimer("backoff", PoisonPill.Instance, FailedBackoff);
         });
     }
+
+    public ITimerScheduler Timers { get; set; } = null!;
 
     public static Props Props(BackendFactory backends, LocalExports local, ClusterNode node) =>
         Akka.Actor.Props.Create(() => new ExportEntity(backends, local, node));
 
     private void Handle(ExportEnvelope envelope)
     {
+        if (_failed)
+        {
+            if (envelope.Message is not WakeExport)
+            {
+                Sender.Tell(new Status.Failure(new InvalidOperationException($"export '{envelope.Spec.Name}' failed to open on {_node.Name}")));
+            }
+            return;
+        }
         if (_export is null)
         {
-            if (_retiredBy is not null)
-            {
-                return;
-            }
             _export = Context.ActorOf(ExportActor.Props(envelope.Spec, _backends), "export");
             Context.Watch(_export);
             _log.Info("Export {0} homed on node {1}", envelope.Spec.Name, _node.Name);

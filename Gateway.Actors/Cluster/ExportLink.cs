@@ -17,8 +17,8 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
     /// <summary>How long a request waits for the export to be (re-)homed before it fails with EIO.</summary>
     public static readonly TimeSpan ResolveTimeout = TimeSpan.FromSeconds(20);
 
-    private static readonly TimeSpan LocateTimeout = TimeSpan.FromSeconds(3);
-    private static readonly TimeSpan RetryDelay = TimeSpan.FromMilliseconds(250);
+    private static readonly TimeSpan LocateTimeout = TimeSpan.FromSeconds(1);
+    private static readonly TimeSpan RetryDelay = TimeSpan.FromMilliseconds(200);
 
     private readonly ExportSpec _spec;
     private readonly IActorRef _region;

@@ -16,7 +16,7 @@ namespace Gateway.Actors.Exports;
 /// </summary>
 public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithTimers
 {
-    private static readonly TimeSpan WakeInterval = TimeSpan.FromSeconds(2);
+    private static readonly TimeSpan WakeInterval = TimeSpan.FromSeconds(1);
     private static readonly TimeSpan RetireTimeout = TimeSpan.FromSeconds(60);
     private readonly BackendFactory _backends;
     private readonly IActorRef? _region;
@@ -287,7 +287,7 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
     private void ListAll()
     {
         // Sizes and flags come from the specs; children are not asked, so a list never waits on I/O.
-        var list = _catalog.Exports.Values.Select(s => new ExportStatus(s, null)).ToList();
+        ExportStatus[] list = [.. _catalog.Exports.Values.Select(s => new ExportStatus(s, null))];
         Sender.Tell(new ExportList(list));
     }
 

@@ -29,7 +29,8 @@ public sealed record GetExport(string ExportName) : IWithExportName;
 public sealed record OpenExport(string ExportName) : IWithExportName;
 
 // Replies
-public sealed record ExportList(IReadOnlyList<ExportStatus> Exports);
+/// <remarks>Arrays in messages that cross nodes: the JSON serializer cannot rebuild the list types collection expressions make.</remarks>
+public sealed record ExportList(ExportStatus[] Exports);
 
 public sealed record ExportStatus(ExportSpec Spec, ExportInfo? Info);
 
