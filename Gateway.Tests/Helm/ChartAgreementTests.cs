@@ -74,6 +74,38 @@ public sealed class ChartAgreementTests(HelmChartFixture chart)
     public void Only_the_data_folder_and_tmp_are_writable(string variant) =>
         AssertAgrees(chart[variant], GatewayContract.WritablePaths(chart[variant]));
 
+    /// <summary>What the downward API and the Secrets would give pod 0 of the release.</summary>
+    private static string? InPod(V1EnvVar variable) => RenderedChart.EnvironmentSource(variable) switch
+    {
+        "fieldRef:status.podIP" => "10.244.1.7",
+        "fieldRef:metadata.name" => $"{RenderedChart.ReleaseName}-gateway-0",
+        "fieldRef:metadata.namespace" => RenderedChart.Namespace,
+        var source => source,
+    };
+
+    [Theory]
+    [MemberData(nameof(ChartVariants.All), MemberType = typeof(ChartVariants))]
+    public void Gateway_accepts_the_cluster_settings_the_chart_hands_it(string variant)
+    {
+        RenderedChart rendered = chart[variant];
+        IConfiguration config = rendered.GatewayConfiguration(InPod);
+        var serve = new System.CommandLine.Command("serve");
+        ClusterCli.AddTo(serve);
+        var single = new GatewayOptions(config["Gateway:Data"]!,
+            GatewayOptions.ParseEndpoint(config["Gateway:Nbd"]!, "Gateway:Nbd"), GatewayOptions.ParseEndpoint(config["Gateway:Admin"]!, "Gateway:Admin"));
+
+        // The gateway's own reading of its configuration (what `gateway serve` does with it).
+        ClusterSettings cluster = ClusterCli.Apply(single, serve.Parse([]), config).Cluster
+            ?? throw new Xunit.Sdk.XunitException($"{rendered}: the gateway would start as a single node, not in cluster mode");
+
+        int PortNamed(string name) => rendered.Container.Ports.Single(p => p.Name == name).ContainerPort;
+        Assert.Equal(PortNamed(Kubernetes.RemotingPortName), cluster.Remoting.Port);
+        Assert.Equal(PortNamed(Kubernetes.PeerPortName), cluster.Peer.Port);
+        Assert.Equal("10.244.1.7", cluster.PublicHostname);
+        Assert.Equal($"{RenderedChart.ReleaseName}-gateway-0", cluster.NodeName);
+        Assert.StartsWith("secretKeyRef:", cluster.Postgres, StringComparison.Ordinal);
+    }
+
     [Fact]
     public void Defaults_run_three_nodes_each_with_its_own_volume()
     {

@@ -145,13 +145,14 @@ public sealed partial class RenderedChart
     /// A variable set from a Secret or the downward API has its source as the value,
     /// e.g. <c>secretKeyRef:gw-postgres/connectionString</c> or <c>fieldRef:status.podIP</c>.
     /// </summary>
-    public IConfiguration GatewayConfiguration()
+    /// <param name="resolve">Turns a variable into the value the pod would see; default: <see cref="EnvironmentSource"/>.</param>
+    public IConfiguration GatewayConfiguration(Func<V1EnvVar, string?>? resolve = null)
     {
         string json = ConfigFileContent(out string problem) ?? throw new Xunit.Sdk.XunitException(problem);
         var environment = new Dictionary<string, string?>();
         foreach (V1EnvVar variable in Container.Env ?? [])
         {
-            environment[variable.Name.Replace("__", ":", StringComparison.Ordinal)] = EnvironmentSource(variable);
+            environment[variable.Name.Replace("__", ":", StringComparison.Ordinal)] = (resolve ?? EnvironmentSource)(variable);
         }
         return new ConfigurationBuilder()
             .AddJsonStream(new MemoryStream(Encoding.UTF8.GetBytes(json)))
