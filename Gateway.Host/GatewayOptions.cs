@@ -20,6 +20,9 @@ public sealed record GatewayOptions(string DataDirectory, IPEndPoint NbdEndpoint
     /// <summary>NBD connections this node serves at once; null for no limit.</summary>
     public int? MaxConnections { get; init; }
 
+    /// <summary>Where liveness and readiness probes are served (no admin token); null for none.</summary>
+    public IPEndPoint? HealthEndpoint { get; init; }
+
     /// <summary>Cluster mode (Akka.Cluster, PostgreSQL); null on a single node (SQLite).</summary>
     public ClusterSettings? Cluster { get; init; }
 

@@ -13,6 +13,7 @@ serve.Options.Add(nbdOption);
 serve.Options.Add(adminOption);
 SecurityCli.AddTo(serve);
 ClusterCli.AddTo(serve);
+serve.Options.Add(Health.Option);
 serve.SetAction(async (parse, ct) =>
 {
     string? configFile = parse.GetValue(configOption);
@@ -34,6 +35,7 @@ serve.SetAction(async (parse, ct) =>
         };
         options = SecurityCli.Apply(options, parse, config);
         options = ClusterCli.Apply(options, parse, config);
+        options = Health.Apply(options, parse, config);
     }
     catch (ArgumentException e)
     {

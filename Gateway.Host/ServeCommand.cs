@@ -35,7 +35,15 @@ public static class ServeCommand
             o.SingleLine = true;
             o.TimestampFormat = "HH:mm:ss.fff ";
         });
-        builder.WebHost.ConfigureKestrel(k => k.Listen(options.AdminEndpoint));
+        builder.WebHost.ConfigureKestrel(k =>
+        {
+            k.Listen(options.AdminEndpoint);
+            if (options.HealthEndpoint is { } health)
+            {
+                k.Listen(health);
+            }
+        });
+        builder.Services.AddHealthChecks();
         var localExports = new Gateway.Actors.Cluster.LocalExports();
         builder.Services.AddSingleton(localExports);
         builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = Kubernetes.ShutdownTimeout);
@@ -52,6 +60,7 @@ public static class ServeCommand
             // race the drain and could stop export actors under requests still in flight.
             akka.AddHocon("akka.coordinated-shutdown.run-by-clr-shutdown-hook = off", HoconAddMode.Prepend);
             var nbd = services.GetRequiredService<Gateway.Actors.Nbd.NbdServerSettings>();
+            Health.AddChecks(akka, cluster: options.Cluster is not null);
             if (options.Cluster is { } cluster)
             {
                 ClusterComposition.Configure(akka, cluster);
@@ -71,6 +80,7 @@ public static class ServeCommand
         builder.Services.AddGatewayTelemetry();
 
         WebApplication app = builder.Build();
+        app.UseHealthEndpoint(options.HealthEndpoint);
         app.UseAdminAuthentication(options.AdminToken);
         app.MapAdminApi();
         app.MapClusterApi();
