@@ -1,0 +1,1494 @@
+using System.Buffers.Binary;
+using System.Collections.Concurrent;
+using System.Net;
+using System.Net.Sockets;
+using System.Runtime.CompilerServices;
+using System.Text;
+using System.Threading.Tasks.Sources;
+using Gateway.Actors.Exports;
+using Gateway.Actors.Nbd;
+using Gateway.Backends;
+
+namespace Gateway.Actors.Cluster;
+
+/// <summary>
+/// The NBD client end of the data stream from a node to the node that owns an export: a fixed
+/// newstyle handshake (proto.md "Newstyle negotiation"), then the transmission phase with many
+/// requests in flight, matched to their replies by cookie (proto.md "Transmission phase").
+/// <para>
+/// Requests go out through one sender at a time: a caller that finds the sender idle becomes it
+/// and writes its header (and a small payload) with the headers queued behind it in one send, so
+/// concurrent callers share syscalls instead of queueing on a lock. Replies come in on one reader
+/// loop that parses headers from a receive buffer and receives data chunks straight into the
+/// caller's memory (only bytes that arrived in the same receive as their header are copied).
+/// </para>
+/// <para>
+/// When the connection ends for any reason (EOF, reset, a protocol violation by the server,
+/// disposal) every request in flight and every later one fails with
+/// <see cref="BlockErrorKind.Shutdown"/>. A caller's cancellation never touches the stream: a
+/// request not yet sent is dropped, one already sent has its reply read and thrown away.
+/// </para>
+/// </summary>
+public sealed class PeerNbdClient : IAsyncDisposable
+{
+    private const int ReceiveBufferSize = 64 * 1024;
+    private const int SendBufferSize = 64 * 1024;
+
+    /// <summary>Write payloads up to this are copied next to their header (one send); larger ones are sent from the caller's memory.</summary>
+    private const int InlinePayloadLimit = 16 * 1024;
+
+    /// <summary>Trim, zero and cache longer than this are split: the length field is 32 bits.</summary>
+    private const long MaxCommandLength = 1L << 30;
+
+    /// <summary>Largest option reply accepted during the handshake (strings are at most 4 KiB).</summary>
+    private const int MaxOptionReply = 64 * 1024;
+
+    /// <summary>How long disposal waits for NBD_CMD_DISC to go out, and for the reader to stop.</summary>
+    private static readonly TimeSpan DisconnectPatience = TimeSpan.FromSeconds(2);
+
+    private readonly Socket _socket;
+    private readonly TransmissionFlags _flags;
+    private readonly bool _structured;
+    private readonly int _maxPayload;
+    private readonly string[] _contextNames;
+    private readonly uint[] _contextIds;
+    private readonly ConcurrentQueue<PendingRequest> _pool = new();
+    private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private readonly Task _readLoop;
+
+    // Requests on the wire (or about to be), by cookie. The reader is the only one that removes a
+    // sent request; failure is decided under this lock, so no request is added after the drain.
+    private readonly Lock _pendingLock = new();
+    private readonly Dictionary<ulong, PendingRequest> _pending = [];
+    private ulong _nextCookie;
+    private bool _closed;
+    private string? _failure;
+    private Exception? _failureCause;
+    private volatile bool _broken;
+
+    // The send queue, and whether some thread is the sender now.
+    private readonly Lock _sendLock = new();
+    private PendingRequest? _sendHead;
+    private PendingRequest? _sendTail;
+    private bool _sending;
+    private bool _disconnectSent;
+    private readonly byte[] _sendBuffer = new byte[SendBufferSize];
+
+    // The reader's receive buffer: bytes [_rxStart, _rxEnd) are received and not yet parsed.
+    private readonly byte[] _rx = new byte[ReceiveBufferSize];
+    private int _rxStart;
+    private int _rxEnd;
+    private PendingRequest? _claimed;
+    private long _requestsCreated;
+
+    private PeerNbdClient(Socket socket, ExportInfo info, TransmissionFlags flags, bool structured, int maxPayload,
+        List<(string Name, uint Id)> contexts)
+    {
+        _socket = socket;
+        Info = info;
+        _flags = flags;
+        _structured = structured;
+        _maxPayload = maxPayload;
+        _contextNames = [.. contexts.Select(c => c.Name)];
+        _contextIds = [.. contexts.Select(c => c.Id)];
+        MetaContexts = _contextNames;
+        _readLoop = ReadLoopAsync();
+    }
+
+    /// <summary>The export as the owner describes it in its NBD_OPT_GO reply.</summary>
+    public ExportInfo Info { get; }
+
+    /// <summary>The metadata contexts selected on this connection (all the owner offers under <c>base:</c> and <c>qemu:</c>).</summary>
+    public IReadOnlyList<string> MetaContexts { get; }
+
+    /// <summary>True once the connection failed or was disposed: every request fails with Shutdown.</summary>
+    public bool IsBroken => _broken;
+
+    /// <summary>Completes when the connection has ended, for whatever reason, and every request in flight has failed.</summary>
+    public Task Completion => _completion.Task;
+
+    /// <summary>Requests waiting for their reply (tests: nothing may be left behind).</summary>
+    internal int InFlight
+    {
+        get
+        {
+            lock (_pendingLock)
+            {
+                return _pending.Count;
+            }
+        }
+    }
+
+    /// <summary>Request objects ever created (tests: they are pooled, not made per request).</summary>
+    internal long RequestsCreated => Interlocked.Read(ref _requestsCreated);
+
+    /// <summary>OFFSET_HOLE chunks received (tests: sparse reads came back as holes).</summary>
+    internal long HoleChunks { get; private set; }
+
+    // ---------------------------------------------------------------- handshake
+
+    /// <summary>
+    /// Connects and negotiates: fixed newstyle with NO_ZEROES, structured replies, every metadata
+    /// context under <c>base:</c> and <c>qemu:</c>, then NBD_OPT_GO.
+    /// </summary>
+    /// <exception cref="PeerExportUnavailableException">The node does not serve the export (NBD_REP_ERR_UNKNOWN).</exception>
+    /// <exception cref="IOException">The peer broke the handshake, refused the export otherwise, or closed.</exception>
+    /// <exception cref="SocketException">The connection failed.</exception>
+    public static async Task<PeerNbdClient> ConnectAsync(EndPoint endpoint, string exportName, CancellationToken cancellationToken)
+    {
+        ArgumentNullException.ThrowIfNull(endpoint);
+        ArgumentNullException.ThrowIfNull(exportName);
+        Socket socket = endpoint switch
+        {
+            UnixDomainSocketEndPoint => new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified),
+            // Dual mode: the name may resolve to IPv4 or IPv6.
+            DnsEndPoint => new Socket(SocketType.Stream, ProtocolType.Tcp),
+            _ => new Socket(endpoint.AddressFamily, SocketType.Stream, ProtocolType.Tcp),
+        };
+        try
+        {
+            if (socket.ProtocolType == ProtocolType.Tcp)
+            {
+                socket.NoDelay = true;
+            }
+            await socket.ConnectAsync(endpoint, cancellationToken).ConfigureAwait(false);
+            return await HandshakeAsync(socket, endpoint, exportName, cancellationToken).ConfigureAwait(false);
+        }
+        catch
+        {
+            socket.Dispose();
+            throw;
+        }
+    }
+
+    private static async Task<PeerNbdClient> HandshakeAsync(Socket socket, EndPoint endpoint, string exportName, CancellationToken cancellationToken)
+    {
+        // S: 64 bits 'NBDMAGIC', 64 bits 'IHAVEOPT', 16 bits handshake flags
+        byte[] greeting = new byte[18];
+        await ReceiveExactlyAsync(socket, greeting, cancellationToken).ConfigureAwait(false);
+        if (BinaryPrimitives.ReadUInt64BigEndian(greeting) != NbdMagic.InitPassword || BinaryPrimitives.ReadUInt64BigEndian(greeting.AsSpan(8)) != NbdMagic.IHaveOpt)
+        {
+            throw new IOException($"{endpoint} is not an NBD server speaking the newstyle handshake");
+        }
+        var handshake = (HandshakeFlags)BinaryPrimitives.ReadUInt16BigEndian(greeting.AsSpan(16));
+        if (!handshake.HasFlag(HandshakeFlags.FixedNewstyle))
+        {
+            throw new IOException($"NBD server {endpoint} does not speak fixed newstyle");
+        }
+        // C: 32 bits client flags. NO_ZEROES only if offered (proto.md "Client flags").
+        ClientFlags clientFlags = ClientFlags.FixedNewstyle | (handshake.HasFlag(HandshakeFlags.NoZeroes) ? ClientFlags.NoZeroes : 0);
+        byte[] flagBytes = new byte[4];
+        BinaryPrimitives.WriteUInt32BigEndian(flagBytes, (uint)clientFlags);
+        await SendAllAsync(socket, flagBytes, cancellationToken).ConfigureAwait(false);
+
+        // Structured replies: ERR_UNSUP (or any refusal) leaves simple replies and no metadata.
+        await SendOptionAsync(socket, NbdOption.StructuredReply, [], cancellationToken).ConfigureAwait(false);
+        (OptionReplyType structuredReply, _) = await ReadOptionReplyAsync(socket, NbdOption.StructuredReply, cancellationToken).ConfigureAwait(false);
+        bool structured = structuredReply == OptionReplyType.Ack;
+        if (!structured && !IsError(structuredReply))
+        {
+            throw new IOException($"NBD server {endpoint} answered STRUCTURED_REPLY with {structuredReply}");
+        }
+
+        var contexts = new List<(string Name, uint Id)>();
+        if (structured)
+        {
+            // LIST with namespace queries finds every context; SET takes exact names (as qemu-nbd does).
+            List<string> offered = await MetaContextAsync(socket, endpoint, NbdOption.ListMetaContext, exportName, ["base:", "qemu:"], null, cancellationToken).ConfigureAwait(false);
+            if (offered.Count > 0)
+            {
+                await MetaContextAsync(socket, endpoint, NbdOption.SetMetaContext, exportName, offered, contexts, cancellationToken).ConfigureAwait(false);
+            }
+        }
+
+        // C: 32 bits name length, name, 16 bits number of information requests, 16 bits each.
+        byte[] name = Encoding.UTF8.GetBytes(exportName);
+        byte[] go = new byte[4 + name.Length + 2 + 4];
+        BinaryPrimitives.WriteUInt32BigEndian(go, (uint)name.Length);
+        name.CopyTo(go, 4);
+        BinaryPrimitives.WriteUInt16BigEndian(go.AsSpan(4 + name.Length), 2);
+        BinaryPrimitives.WriteUInt16BigEndian(go.AsSpan(6 + name.Length), (ushort)InfoType.Description);
+        BinaryPrimitives.WriteUInt16BigEndian(go.AsSpan(8 + name.Length), (ushort)InfoType.BlockSize);
+        await SendOptionAsync(socket, NbdOption.Go, go, cancellationToken).ConfigureAwait(false);
+
+        long? size = null;
+        var flags = TransmissionFlags.HasFlags;
+        string? description = null;
+        int maxPayload = NbdLimits.MaxPayload;
+        while (true)
+        {
+            (OptionReplyType type, byte[] data) = await ReadOptionReplyAsync(socket, NbdOption.Go, cancellationToken).ConfigureAwait(false);
+            if (type == OptionReplyType.Ack)
+            {
+                break;
+            }
+            if (type == OptionReplyType.ErrUnknown)
+            {
+                throw new PeerExportUnavailableException($"{endpoint} does not serve export '{exportName}': {Encoding.UTF8.GetString(data)}");
+            }
+            if (IsError(type))
+            {
+                throw new IOException($"{endpoint} refused export '{exportName}' with {type}: {Encoding.UTF8.GetString(data)}");
+            }
+            if (type != OptionReplyType.Info || data.Length < 2)
+            {
+                throw new IOException($"{endpoint} answered GO with {type} ({data.Length} bytes)");
+            }
+            switch ((InfoType)BinaryPrimitives.ReadUInt16BigEndian(data))
+            {
+                case InfoType.Export when data.Length == 12:
+                    // 64 bits size, 16 bits transmission flags
+                    size = (long)BinaryPrimitives.ReadUInt64BigEndian(data.AsSpan(2));
+                    flags = (TransmissionFlags)BinaryPrimitives.ReadUInt16BigEndian(data.AsSpan(10));
+                    break;
+                case InfoType.Description:
+                    description = Encoding.UTF8.GetString(data, 2, data.Length - 2);
+                    break;
+                case InfoType.BlockSize when data.Length == 14:
+                    // 32 bits minimum, preferred, maximum: no payload over the maximum (or 32 MiB).
+                    uint maximum = BinaryPrimitives.ReadUInt32BigEndian(data.AsSpan(10));
+                    maxPayload = (int)Math.Clamp(maximum, 4096u, (uint)NbdLimits.MaxPayload);
+                    break;
+                case InfoType.Export or InfoType.BlockSize:
+                    throw new IOException($"{endpoint} sent a malformed NBD_INFO reply ({data.Length} bytes)");
+            }
+        }
+        if (size is not long exportSize || exportSize < 0)
+        {
+            throw new IOException($"{endpoint} ended GO for '{exportName}' without NBD_INFO_EXPORT");
+        }
+
+        var capabilities = BlockCapabilities.None;
+        if (flags.HasFlag(TransmissionFlags.SendTrim)) capabilities |= BlockCapabilities.Trim;
+        if (flags.HasFlag(TransmissionFlags.SendWriteZeroes)) capabilities |= BlockCapabilities.Zero;
+        if (flags.HasFlag(TransmissionFlags.SendFastZero)) capabilities |= BlockCapabilities.FastZero;
+        if (flags.HasFlag(TransmissionFlags.SendCache)) capabilities |= BlockCapabilities.Cache;
+        if (flags.HasFlag(TransmissionFlags.SendFlush)) capabilities |= BlockCapabilities.Flush;
+        var info = new ExportInfo(exportName, description, exportSize, flags.HasFlag(TransmissionFlags.ReadOnly), capabilities);
+        return new PeerNbdClient(socket, info, flags, structured, maxPayload, contexts);
+    }
+
+    /// <summary>
+    /// LIST_META_CONTEXT (returns the names) or SET_META_CONTEXT (fills <paramref name="selected"/>).
+    /// A refusal other than ERR_UNKNOWN just means no metadata on this connection.
+    /// </summary>
+    private static async Task<List<string>> MetaContextAsync(Socket socket, EndPoint endpoint, NbdOption option, string exportName,
+        IReadOnlyList<string> queries, List<(string Name, uint Id)>? selected, CancellationToken cancellationToken)
+    {
+        // C: 32 bits export name length, name, 32 bits number of queries, then per query 32 bits length and the query.
+        byte[] name = Encoding.UTF8.GetBytes(exportName);
+        byte[][] encoded = [.. queries.Select(Encoding.UTF8.GetBytes)];
+        byte[] data = new byte[4 + name.Length + 4 + encoded.Sum(q => 4 + q.Length)];
+        BinaryPrimitives.WriteUInt32BigEndian(data, (uint)name.Length);
+        name.CopyTo(data, 4);
+        int at = 4 + name.Length;
+        BinaryPrimitives.WriteUInt32BigEndian(data.AsSpan(at), (uint)encoded.Length);
+        at += 4;
+        foreach (byte[] query in encoded)
+        {
+            BinaryPrimitives.WriteUInt32BigEndian(data.AsSpan(at), (uint)query.Length);
+            query.CopyTo(data, at + 4);
+            at += 4 + query.Length;
+        }
+        await SendOptionAsync(socket, option, data, cancellationToken).ConfigureAwait(false);
+
+        var names = new List<string>();
+        while (true)
+        {
+            (OptionReplyType type, byte[] reply) = await ReadOptionReplyAsync(socket, option, cancellationToken).ConfigureAwait(false);
+            switch (type)
+            {
+                case OptionReplyType.Ack:
+                    return names;
+                case OptionReplyType.ErrUnknown:
+                    throw new PeerExportUnavailableException($"{endpoint} does not serve export '{exportName}': {Encoding.UTF8.GetString(reply)}");
+                case OptionReplyType.MetaContext when reply.Length > 4:
+                    // 32 bits context id (0 in LIST), then the name.
+                    string context = Encoding.UTF8.GetString(reply, 4, reply.Length - 4);
+                    if (!names.Contains(context))
+                    {
+                        names.Add(context);
+                        selected?.Add((context, BinaryPrimitives.ReadUInt32BigEndian(reply)));
+                    }
+                    break;
+                case var error when IsError(error):
+                    selected?.Clear();
+                    return [];
+                default:
+                    throw new IOException($"{endpoint} answered {option} with {type} ({reply.Length} bytes)");
+            }
+        }
+    }
+
+    private static bool IsError(OptionReplyType type) => ((uint)type & 0x8000_0000u) != 0;
+
+    // C: 64 bits 'IHAVEOPT', 32 bits option, 32 bits length, data
+    private static Task SendOptionAsync(Socket socket, NbdOption option, byte[] data, CancellationToken cancellationToken)
+    {
+        byte[] message = new byte[16 + data.Length];
+        BinaryPrimitives.WriteUInt64BigEndian(message, NbdMagic.IHaveOpt);
+        BinaryPrimitives.WriteUInt32BigEndian(message.AsSpan(8), (uint)option);
+        BinaryPrimitives.WriteUInt32BigEndian(message.AsSpan(12), (uint)data.Length);
+        data.CopyTo(message, 16);
+        return SendAllAsync(socket, message, cancellationToken);
+    }
+
+    // S: 64 bits reply magic, 32 bits option, 32 bits reply type, 32 bits length, data
+    private static async Task<(OptionReplyType Type, byte[] Data)> ReadOptionReplyAsync(Socket socket, NbdOption option, CancellationToken cancellationToken)
+    {
+        byte[] header = new byte[20];
+        await ReceiveExactlyAsync(socket, header, cancellationToken).ConfigureAwait(false);
+        ulong magic = BinaryPrimitives.ReadUInt64BigEndian(header);
+        var echoed = (NbdOption)BinaryPrimitives.ReadUInt32BigEndian(header.AsSpan(8));
+        var type = (OptionReplyType)BinaryPrimitives.ReadUInt32BigEndian(header.AsSpan(12));
+        uint length = BinaryPrimitives.ReadUInt32BigEndian(header.AsSpan(16));
+        if (magic != NbdMagic.OptionReply || echoed != option)
+        {
+            throw new IOException($"bad option reply (magic 0x{magic:x16}, option {echoed}) to {option}");
+        }
+        if (length > MaxOptionReply)
+        {
+            throw new IOException($"option reply of {length} bytes to {option} is over the limit of {MaxOptionReply}");
+        }
+        byte[] data = new byte[length];
+        await ReceiveExactlyAsync(socket, data, cancellationToken).ConfigureAwait(false);
+        return (type, data);
+    }
+
+    private static async Task ReceiveExactlyAsync(Socket socket, Memory<byte> buffer, CancellationToken cancellationToken)
+    {
+        while (!buffer.IsEmpty)
+        {
+            int received = await socket.ReceiveAsync(buffer, SocketFlags.None, cancellationToken).ConfigureAwait(false);
+            if (received == 0)
+            {
+                throw new EndOfStreamException("the NBD server closed the connection during the handshake");
+            }
+            buffer = buffer[received..];
+        }
+    }
+
+    private static async Task SendAllAsync(Socket socket, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
+    {
+        while (!data.IsEmpty)
+        {
+            data = data[await socket.SendAsync(data, SocketFlags.None, cancellationToken).ConfigureAwait(false)..];
+        }
+    }
+
+    // ---------------------------------------------------------------- requests
+
+    /// <summary>Reads <paramref name="destination"/>.Length bytes; holes come back as zeros.</summary>
+    public ValueTask ReadAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken = default)
+    {
+        if (offset < 0)
+        {
+            return Refuse(BlockErrorKind.InvalidArgument, $"negative offset {offset}");
+        }
+        if (destination.Length > _maxPayload)
+        {
+            return ReadSplitAsync(offset, destination, cancellationToken);
+        }
+        if (destination.IsEmpty)
+        {
+            return Nothing();
+        }
+        PendingRequest request = Rent(NbdCommand.Read, CommandFlags.None, offset, (uint)destination.Length);
+        request.Destination = destination;
+        return Submit(request, cancellationToken);
+    }
+
+    public ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken = default)
+    {
+        if (offset < 0)
+        {
+            return Refuse(BlockErrorKind.InvalidArgument, $"negative offset {offset}");
+        }
+        if (source.Length > _maxPayload || (fua && !_flags.HasFlag(TransmissionFlags.SendFua)))
+        {
+            return WriteSlowAsync(offset, source, fua, cancellationToken);
+        }
+        if (source.IsEmpty)
+        {
+            return Nothing();
+        }
+        PendingRequest request = Rent(NbdCommand.Write, fua ? CommandFlags.Fua : CommandFlags.None, offset, (uint)source.Length);
+        request.Payload = source;
+        return Submit(request, cancellationToken);
+    }
+
+    /// <summary>NBD_CMD_FLUSH; nothing to do (and not allowed to send) when the owner does not offer it, as on a read-only export.</summary>
+    public ValueTask FlushAsync(CancellationToken cancellationToken = default) =>
+        _flags.HasFlag(TransmissionFlags.SendFlush) ? Submit(Rent(NbdCommand.Flush, CommandFlags.None, 0, 0), cancellationToken) : Nothing();
+
+    public ValueTask TrimAsync(long offset, long length, bool fua, CancellationToken cancellationToken = default)
+    {
+        if (Info.ReadOnly)
+        {
+            return Refuse(BlockErrorKind.ReadOnly, $"export '{Info.Name}' is read-only");
+        }
+        if (!_flags.HasFlag(TransmissionFlags.SendTrim))
+        {
+            return Refuse(BlockErrorKind.NotSupported, $"the owner of '{Info.Name}' does not offer NBD_CMD_TRIM");
+        }
+        return Command(NbdCommand.Trim, fua ? CommandFlags.Fua : CommandFlags.None, offset, length, cancellationToken);
+    }
+
+    public ValueTask ZeroAsync(long offset, long length, ZeroFlags flags, CancellationToken cancellationToken = default)
+    {
+        if (Info.ReadOnly)
+        {
+            return Refuse(BlockErrorKind.ReadOnly, $"export '{Info.Name}' is read-only");
+        }
+        if (!_flags.HasFlag(TransmissionFlags.SendWriteZeroes))
+        {
+            return Refuse(BlockErrorKind.NotSupported, $"the owner of '{Info.Name}' does not offer NBD_CMD_WRITE_ZEROES");
+        }
+        if (flags.HasFlag(ZeroFlags.FastZero) && !_flags.HasFlag(TransmissionFlags.SendFastZero))
+        {
+            // What FAST_ZERO asks for when zeroing would be slow (proto.md "NBD_CMD_FLAG_FAST_ZERO").
+            return Refuse(BlockErrorKind.NotSupported, $"the owner of '{Info.Name}' does not offer fast zeroing");
+        }
+        var commandFlags = CommandFlags.None;
+        if (flags.HasFlag(ZeroFlags.Fua)) commandFlags |= CommandFlags.Fua;
+        if (flags.HasFlag(ZeroFlags.NoHole)) commandFlags |= CommandFlags.NoHole;
+        if (flags.HasFlag(ZeroFlags.FastZero)) commandFlags |= CommandFlags.FastZero;
+        return Command(NbdCommand.WriteZeroes, commandFlags, offset, length, cancellationToken);
+    }
+
+    /// <summary>NBD_CMD_CACHE; a prefetch is only advice, so without SEND_CACHE it does nothing.</summary>
+    public ValueTask CacheAsync(long offset, long length, CancellationToken cancellationToken = default) =>
+        _flags.HasFlag(TransmissionFlags.SendCache) ? Command(NbdCommand.Cache, CommandFlags.None, offset, length, cancellationToken) : Nothing();
+
+    /// <summary>
+    /// NBD_CMD_BLOCK_STATUS for <paramref name="context"/>: fills <paramref name="extents"/> with that
+    /// context's descriptors (the owner answers for every selected context; the others are skipped)
+    /// and returns how many (at least one).
+    /// </summary>
+    public ValueTask<int> GetExtentsAsync(string context, long offset, uint length, Memory<MetaExtent> extents, bool reqOne, CancellationToken cancellationToken = default)
+    {
+        int index = Array.IndexOf(_contextNames, context);
+        if (index < 0)
+        {
+            return ValueTask.FromException<int>(new BlockDeviceException(BlockErrorKind.NotSupported, $"the owner of '{Info.Name}' does not offer metadata context '{context}'"));
+        }
+        if (offset < 0 || extents.IsEmpty)
+        {
+            return ValueTask.FromException<int>(new BlockDeviceException(BlockErrorKind.InvalidArgument, "negative offset or no room for an extent"));
+        }
+        PendingRequest request = Rent(NbdCommand.BlockStatus, reqOne ? CommandFlags.ReqOne : CommandFlags.None, offset, length);
+        request.ContextId = _contextIds[index];
+        request.Extents = reqOne ? extents[..1] : extents;
+        return SubmitWithResult(request, cancellationToken);
+    }
+
+    private ValueTask Command(NbdCommand command, CommandFlags flags, long offset, long length, CancellationToken cancellationToken)
+    {
+        if (offset < 0 || length < 0)
+        {
+            return Refuse(BlockErrorKind.InvalidArgument, $"negative offset {offset} or length {length}");
+        }
+        if (flags.HasFlag(CommandFlags.Fua) && !_flags.HasFlag(TransmissionFlags.SendFua))
+        {
+            return CommandThenFlushAsync(command, flags & ~CommandFlags.Fua, offset, length, cancellationToken);
+        }
+        if (length > MaxCommandLength)
+        {
+            return CommandSplitAsync(command, flags, offset, length, cancellationToken);
+        }
+        return length == 0 ? Nothing() : Submit(Rent(command, flags, offset, (uint)length), cancellationToken);
+    }
+
+    private async ValueTask CommandSplitAsync(NbdCommand command, CommandFlags flags, long offset, long length, CancellationToken cancellationToken)
+    {
+        while (length > 0)
+        {
+            long piece = Math.Min(length, MaxCommandLength);
+            await Submit(Rent(command, flags, offset, (uint)piece), cancellationToken).ConfigureAwait(false);
+            offset += piece;
+            length -= piece;
+        }
+    }
+
+    private async ValueTask CommandThenFlushAsync(NbdCommand command, CommandFlags flags, long offset, long length, CancellationToken cancellationToken)
+    {
+        // FUA not offered: the same durability from a flush after the command.
+        await Command(command, flags, offset, length, cancellationToken).ConfigureAwait(false);
+        await FlushAsync(cancellationToken).ConfigureAwait(false);
+    }
+
+    /// <summary>Reads over the owner's maximum payload, one piece at a time.</summary>
+    private async ValueTask ReadSplitAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken)
+    {
+        while (!destination.IsEmpty)
+        {
+            int piece = Math.Min(destination.Length, _maxPayload);
+            await ReadAsync(offset, destination[..piece], cancellationToken).ConfigureAwait(false);
+            offset += piece;
+            destination = destination[piece..];
+        }
+    }
+
+    private async ValueTask WriteSlowAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken)
+    {
+        bool nativeFua = fua && _flags.HasFlag(TransmissionFlags.SendFua);
+        while (!source.IsEmpty)
+        {
+            int piece = Math.Min(source.Length, _maxPayload);
+            await WriteAsync(offset, source[..piece], nativeFua, cancellationToken).ConfigureAwait(false);
+            offset += piece;
+            source = source[piece..];
+        }
+        if (fua && !nativeFua)
+        {
+            await FlushAsync(cancellationToken).ConfigureAwait(false);
+        }
+    }
+
+    private ValueTask Nothing() => _broken ? ValueTask.FromException(Lost()) : ValueTask.CompletedTask;
+
+    private static ValueTask Refuse(BlockErrorKind kind, string message) => ValueTask.FromException(new BlockDeviceException(kind, message));
+
+    private PendingRequest Rent(NbdCommand command, CommandFlags flags, long offset, uint length)
+    {
+        if (!_pool.TryDequeue(out PendingRequest? request))
+        {
+            Interlocked.Increment(ref _requestsCreated);
+            request = new PendingRequest(this);
+        }
+        request.Prepare(command, flags, (ulong)offset, length);
+        return request;
+    }
+
+    private ValueTask Submit(PendingRequest request, CancellationToken cancellationToken)
+    {
+        Exception? refused = Start(request, cancellationToken, out short version);
+        return refused is null ? new ValueTask(request, version) : ValueTask.FromException(refused);
+    }
+
+    private ValueTask<int> SubmitWithResult(PendingRequest request, CancellationToken cancellationToken)
+    {
+        Exception? refused = Start(request, cancellationToken, out short version);
+        return refused is null ? new ValueTask<int>(request, version) : ValueTask.FromException<int>(refused);
+    }
+
+    /// <summary>Gives the request a cookie and queues it for sending; or says why it cannot go.</summary>
+    private Exception? Start(PendingRequest request, CancellationToken cancellationToken, out short version)
+    {
+        version = request.Version;
+        if (cancellationToken.IsCancellationRequested)
+        {
+            request.Recycle();
+            return new OperationCanceledException(cancellationToken);
+        }
+        lock (_pendingLock)
+        {
+            if (_closed || _failure is not null)
+            {
+                request.Recycle();
+                return Lost();
+            }
+            request.Cookie = ++_nextCookie;
+            _pending.Add(request.Cookie, request);
+        }
+        request.Arm(cancellationToken);
+        Enqueue(request);
+        return null;
+    }
+
+    /// <summary>A request cancelled before it was sent leaves the table: the server never sees its cookie.</summary>
+    private void ForgetUnsent(PendingRequest request)
+    {
+        bool removed;
+        lock (_pendingLock)
+        {
+            removed = _pending.Remove(request.Cookie);
+        }
+        if (removed)
+        {
+            request.Release();
+        }
+    }
+
+    private BlockDeviceException Lost()
+    {
+        string reason;
+        Exception? cause;
+        lock (_pendingLock)
+        {
+            // After disposal the owner may close first; the caller still learns why.
+            reason = _closed ? "the client was closed" : _failure ?? "unknown";
+            cause = _failureCause;
+        }
+        return new BlockDeviceException(BlockErrorKind.Shutdown, $"connection to the export's owner lost: {reason}", cause);
+    }
+
+    private static BlockDeviceException ToException(PendingRequest request, NbdError error, string? message)
+    {
+        // proto.md "Error values", mapped back to what a local device would have thrown.
+        BlockErrorKind kind = error switch
+        {
+            NbdError.Perm => BlockErrorKind.ReadOnly,
+            NbdError.Inval or NbdError.Overflow => BlockErrorKind.InvalidArgument,
+            NbdError.NoSpc => BlockErrorKind.NoSpace,
+            NbdError.NotSup => BlockErrorKind.NotSupported,
+            NbdError.Shutdown => BlockErrorKind.Shutdown,
+            _ => BlockErrorKind.Io,
+        };
+        string name = Enum.IsDefined(error) ? error.ToString() : ((uint)error).ToString(System.Globalization.CultureInfo.InvariantCulture);
+        string detail = string.IsNullOrEmpty(message) ? "" : $": {message}";
+        return new BlockDeviceException(kind, $"{request.Command} at {request.Offset}+{request.Length} failed on the export's owner with {name}{detail}");
+    }
+
+    // ---------------------------------------------------------------- sending
+
+    private void Enqueue(PendingRequest request)
+    {
+        lock (_sendLock)
+        {
+            if (_sendTail is null)
+            {
+                _sendHead = request;
+            }
+            else
+            {
+                _sendTail.NextToSend = request;
+            }
+            _sendTail = request;
+            if (_sending)
+            {
+                return;
+            }
+            _sending = true;
+        }
+        // Runs on this thread until a send would block; the caller does not wait for it.
+        _ = SendLoopAsync();
+    }
+
+    private async Task SendLoopAsync()
+    {
+        bool yielded = false;
+        while (true)
+        {
+            PendingRequest? batch;
+            lock (_sendLock)
+            {
+                batch = _sendHead;
+                _sendHead = _sendTail = null;
+                if (batch is null)
+                {
+                    _sending = false;
+                    return;
+                }
+            }
+            await SendBatchAsync(batch).ConfigureAwait(false);
+            if (!yielded && Volatile.Read(ref _sendHead) is not null)
+            {
+                // The caller that became the sender has sent its own request: more work goes to the pool.
+                yielded = true;
+                await Task.Yield();
+            }
+        }
+    }
+
+    /// <summary>
+    /// Writes a batch of requests: headers and small payloads gathered in the send buffer, large
+    /// payloads straight from the caller's memory. Never throws: a failed send breaks the connection.
+    /// </summary>
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    private async ValueTask SendBatchAsync(PendingRequest? request)
+    {
+        int fill = 0;
+        PendingRequest? current = null;
+        PendingRequest? next = null;
+        try
+        {
+            while (request is not null)
+            {
+                next = request.NextToSend;
+                request.NextToSend = null;
+                if (_failure is not null || _disconnectSent || !request.TryStartSend())
+                {
+                    request.SkipSend();
+                    request = next;
+                    continue;
+                }
+                current = request;
+                if (fill + NbdLimits.RequestHeaderSize > _sendBuffer.Length)
+                {
+                    await SendAllAsync(_sendBuffer.AsMemory(0, fill)).ConfigureAwait(false);
+                    fill = 0;
+                }
+                new NbdRequest(request.Flags, request.Command, request.Cookie, request.Offset, request.Length).WriteTo(_sendBuffer.AsSpan(fill));
+                fill += NbdLimits.RequestHeaderSize;
+                ReadOnlyMemory<byte> payload = request.Payload;
+                if (request.Command == NbdCommand.Disconnect)
+                {
+                    // proto.md: nothing may follow NBD_CMD_DISC. Disposal waits for it to be out.
+                    _disconnectSent = true;
+                    await SendAllAsync(_sendBuffer.AsMemory(0, fill)).ConfigureAwait(false);
+                    fill = 0;
+                }
+                else if (payload.Length > InlinePayloadLimit)
+                {
+                    await SendAllAsync(_sendBuffer.AsMemory(0, fill)).ConfigureAwait(false);
+                    fill = 0;
+                    await SendAllAsync(payload).ConfigureAwait(false);
+                }
+                else if (!payload.IsEmpty)
+                {
+                    if (fill + payload.Length > _sendBuffer.Length)
+                    {
+                        // Header already in: send it, the payload follows in the emptied buffer.
+                        await SendAllAsync(_sendBuffer.AsMemory(0, fill)).ConfigureAwait(false);
+                        fill = 0;
+                    }
+                    payload.Span.CopyTo(_sendBuffer.AsSpan(fill));
+                    fill += payload.Length;
+                }
+                current = null;
+                request.SendDone();
+                request = next;
+            }
+            if (fill > 0)
+            {
+                await SendAllAsync(_sendBuffer.AsMemory(0, fill)).ConfigureAwait(false);
+            }
+        }
+        catch (Exception e)
+        {
+            Abort($"sending to the owner failed: {e.Message}", e);
+            // Every await in the loop happens with `current` taken from the batch; the rest follows `next`.
+            if (current is not null)
+            {
+                current.SendDone();
+                request = next;
+            }
+            while (request is not null)
+            {
+                PendingRequest? following = request.NextToSend;
+                request.NextToSend = null;
+                request.SkipSend();
+                request = following;
+            }
+        }
+    }
+
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    private async ValueTask SendAllAsync(ReadOnlyMemory<byte> data)
+    {
+        while (!data.IsEmpty)
+        {
+            data = data[await _socket.SendAsync(data, SocketFlags.None).ConfigureAwait(false)..];
+        }
+    }
+
+    // ---------------------------------------------------------------- receiving
+
+    private int Buffered => _rxEnd - _rxStart;
+
+    private async Task ReadLoopAsync()
+    {
+        string reason = "the owner closed the connection";
+        Exception? cause = null;
+        try
+        {
+            while (true)
+            {
+                if (Buffered < 4 && !await FillAsync(4, endAllowed: true).ConfigureAwait(false))
+                {
+                    break;
+                }
+                uint magic = BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart));
+                if (magic == NbdMagic.StructuredReply)
+                {
+                    await StructuredChunkAsync().ConfigureAwait(false);
+                }
+                else if (magic == NbdMagic.SimpleReply)
+                {
+                    await SimpleReplyAsync().ConfigureAwait(false);
+                }
+                else
+                {
+                    throw new NbdProtocolException($"bad reply magic 0x{magic:x8}");
+                }
+            }
+        }
+        catch (NbdProtocolException e)
+        {
+            reason = $"protocol violation: {e.Message}";
+            cause = e;
+        }
+        catch (Exception e)
+        {
+            reason = e.Message;
+            cause = e;
+        }
+        finally
+        {
+            Abort(reason, cause);
+            Drain();
+            _completion.TrySetResult();
+        }
+    }
+
+    // S: 32 bits 0x67446698, 32 bits error, 64 bits cookie, (read data if error is zero)
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    private async ValueTask SimpleReplyAsync()
+    {
+        if (Buffered < NbdLimits.SimpleReplyHeaderSize)
+        {
+            await FillAsync(NbdLimits.SimpleReplyHeaderSize).ConfigureAwait(false);
+        }
+        var error = (NbdError)BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart + 4));
+        ulong cookie = BinaryPrimitives.ReadUInt64BigEndian(_rx.AsSpan(_rxStart + 8));
+        _rxStart += NbdLimits.SimpleReplyHeaderSize;
+        PendingRequest request = Lookup(cookie);
+        if (error != NbdError.None)
+        {
+            request.RecordError(ToException(request, error, null));
+        }
+        else if (request.Command == NbdCommand.Read)
+        {
+            await ReceiveDataAsync(request, 0, (int)request.Length).ConfigureAwait(false);
+        }
+        else if (request.Command == NbdCommand.BlockStatus)
+        {
+            throw new NbdProtocolException($"simple reply to BLOCK_STATUS (cookie {cookie})");
+        }
+        Finish(request);
+    }
+
+    // S: 32 bits 0x668e33ef, 16 bits flags, 16 bits type, 64 bits cookie, 32 bits length, payload
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    private async ValueTask StructuredChunkAsync()
+    {
+        if (Buffered < NbdLimits.StructuredReplyHeaderSize)
+        {
+            await FillAsync(NbdLimits.StructuredReplyHeaderSize).ConfigureAwait(false);
+        }
+        ReadOnlySpan<byte> header = _rx.AsSpan(_rxStart, NbdLimits.StructuredReplyHeaderSize);
+        var flags = (ReplyFlags)BinaryPrimitives.ReadUInt16BigEndian(header[4..]);
+        var type = (ReplyType)BinaryPrimitives.ReadUInt16BigEndian(header[6..]);
+        ulong cookie = BinaryPrimitives.ReadUInt64BigEndian(header[8..]);
+        uint length = BinaryPrimitives.ReadUInt32BigEndian(header[16..]);
+        _rxStart += NbdLimits.StructuredReplyHeaderSize;
+        PendingRequest request = Lookup(cookie);
+
+        switch (type)
+        {
+            case ReplyType.OffsetData:
+            {
+                // 64 bits offset, then the data
+                if (request.Command != NbdCommand.Read || length < 8)
+                {
+                    throw new NbdProtocolException($"OFFSET_DATA of {length} bytes in reply to {request.Command}");
+                }
+                if (Buffered < 8)
+                {
+                    await FillAsync(8).ConfigureAwait(false);
+                }
+                ulong offset = BinaryPrimitives.ReadUInt64BigEndian(_rx.AsSpan(_rxStart));
+                _rxStart += 8;
+                int at = Place(request, offset, length - 8);
+                await ReceiveDataAsync(request, at, (int)(length - 8)).ConfigureAwait(false);
+                break;
+            }
+            case ReplyType.OffsetHole:
+            {
+                // 64 bits offset, 32 bits hole size
+                if (request.Command != NbdCommand.Read || length != 12)
+                {
+                    throw new NbdProtocolException($"OFFSET_HOLE of {length} bytes in reply to {request.Command}");
+                }
+                if (Buffered < 12)
+                {
+                    await FillAsync(12).ConfigureAwait(false);
+                }
+                ulong offset = BinaryPrimitives.ReadUInt64BigEndian(_rx.AsSpan(_rxStart));
+                uint size = BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart + 8));
+                _rxStart += 12;
+                int at = Place(request, offset, size);
+                if (Claim(request))
+                {
+                    request.Destination.Span.Slice(at, (int)size).Clear();
+                    Unclaim(request);
+                }
+                request.Covered += size;
+                HoleChunks++;
+                break;
+            }
+            case ReplyType.BlockStatus:
+                await BlockStatusChunkAsync(request, length).ConfigureAwait(false);
+                break;
+            case ReplyType.None:
+                if (length != 0 || !flags.HasFlag(ReplyFlags.Done))
+                {
+                    throw new NbdProtocolException($"NONE chunk of {length} bytes without DONE (flags {flags})");
+                }
+                break;
+            default:
+                if (((ushort)type & 0x8000) == 0)
+                {
+                    throw new NbdProtocolException($"unexpected reply chunk type {(ushort)type} to {request.Command}");
+                }
+                await ErrorChunkAsync(request, type, length).ConfigureAwait(false);
+                break;
+        }
+        if (flags.HasFlag(ReplyFlags.Done))
+        {
+            Finish(request);
+        }
+    }
+
+    // 32 bits context id, then per extent 32 bits length and 32 bits status
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    private async ValueTask BlockStatusChunkAsync(PendingRequest request, uint length)
+    {
+        if (request.Command != NbdCommand.BlockStatus || length < 12 || (length - 4) % 8 != 0)
+        {
+            throw new NbdProtocolException($"BLOCK_STATUS of {length} bytes in reply to {request.Command}");
+        }
+        if (Buffered < 4)
+        {
+            await FillAsync(4).ConfigureAwait(false);
+        }
+        uint contextId = BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart));
+        _rxStart += 4;
+        long count = (length - 4) / 8;
+        bool mine = contextId == request.ContextId;
+        if (mine && request.ContextSeen)
+        {
+            throw new NbdProtocolException($"two BLOCK_STATUS chunks for context {contextId}");
+        }
+        bool claimed = mine && Claim(request);
+        int room = claimed ? request.Extents.Length : 0;
+        int written = 0;
+        for (long i = 0; i < count; i++)
+        {
+            if (Buffered < 8)
+            {
+                await FillAsync(8).ConfigureAwait(false);
+            }
+            if (written < room)
+            {
+                request.Extents.Span[written++] = new MetaExtent(
+                    BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart)),
+                    BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart + 4)));
+            }
+            _rxStart += 8;
+        }
+        if (mine)
+        {
+            request.ContextSeen = true;
+            request.ExtentCount = written;
+        }
+        if (claimed)
+        {
+            Unclaim(request);
+        }
+    }
+
+    // 32 bits error, 16 bits message length, message, (ERROR_OFFSET: 64 bits offset)
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    private async ValueTask ErrorChunkAsync(PendingRequest request, ReplyType type, uint length)
+    {
+        if (length < 6 || length > _rx.Length)
+        {
+            throw new NbdProtocolException($"error chunk of {length} bytes");
+        }
+        if (Buffered < length)
+        {
+            await FillAsync((int)length).ConfigureAwait(false);
+        }
+        var error = (NbdError)BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart));
+        int messageLength = BinaryPrimitives.ReadUInt16BigEndian(_rx.AsSpan(_rxStart + 4));
+        if (error == NbdError.None || 6 + messageLength > length || (type == ReplyType.ErrorOffset && length != 6 + messageLength + 8))
+        {
+            throw new NbdProtocolException($"malformed {type} chunk (error {(uint)error}, message {messageLength} bytes, chunk {length} bytes)");
+        }
+        string message = Encoding.UTF8.GetString(_rx, _rxStart + 6, messageLength);
+        _rxStart += (int)length;
+        request.RecordError(ToException(request, error, message));
+    }
+
+    /// <summary>Where a read chunk lands in the request's buffer; a chunk outside the request breaks the stream.</summary>
+    private static int Place(PendingRequest request, ulong offset, uint length)
+    {
+        if (offset < request.Offset || offset - request.Offset > request.Length || length > request.Length - (offset - request.Offset))
+        {
+            throw new NbdProtocolException($"chunk {offset}+{length} outside the read {request.Offset}+{request.Length}");
+        }
+        if (request.Covered + length > request.Length)
+        {
+            throw new NbdProtocolException($"chunks of the read {request.Offset}+{request.Length} overlap");
+        }
+        return (int)(offset - request.Offset);
+    }
+
+    /// <summary>Read data into the caller's buffer (or away, if the caller has gone).</summary>
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    private async ValueTask ReceiveDataAsync(PendingRequest request, int at, int length)
+    {
+        if (Claim(request))
+        {
+            await ReceiveIntoAsync(request.Destination.Slice(at, length)).ConfigureAwait(false);
+            Unclaim(request);
+        }
+        else
+        {
+            await DiscardAsync(length).ConfigureAwait(false);
+        }
+        request.Covered += (uint)length;
+    }
+
+    /// <summary>
+    /// Takes the right to write into the caller's memory. Fails once the caller has been answered
+    /// (cancelled): the data is then thrown away.
+    /// </summary>
+    private bool Claim(PendingRequest request)
+    {
+        if (Interlocked.CompareExchange(ref request.ReplyState, PendingRequest.Receiving, PendingRequest.Waiting) != PendingRequest.Waiting)
+        {
+            return false;
+        }
+        _claimed = request;
+        return true;
+    }
+
+    private void Unclaim(PendingRequest request)
+    {
+        _claimed = null;
+        if (Interlocked.CompareExchange(ref request.ReplyState, PendingRequest.Waiting, PendingRequest.Receiving) != PendingRequest.Receiving)
+        {
+            // Cancelled while we wrote: the caller is answered now that its memory is left alone.
+            Volatile.Write(ref request.ReplyState, PendingRequest.Abandoned);
+            request.Resolve(request.AbandonReason ?? Lost());
+        }
+    }
+
+    private PendingRequest Lookup(ulong cookie)
+    {
+        PendingRequest? request;
+        lock (_pendingLock)
+        {
+            _pending.TryGetValue(cookie, out request);
+        }
+        if (request is null || !request.WasSent)
+        {
+            throw new NbdProtocolException($"reply for unknown cookie {cookie}");
+        }
+        return request;
+    }
+
+    /// <summary>The final reply to a request: it leaves the table and its caller is answered.</summary>
+    private void Finish(PendingRequest request)
+    {
+        if (request.Error is null)
+        {
+            if (request.Command == NbdCommand.Read && request.Covered != request.Length)
+            {
+                throw new NbdProtocolException($"reply to the read {request.Offset}+{request.Length} covers {request.Covered} bytes");
+            }
+            if (request.Command == NbdCommand.BlockStatus && !request.ContextSeen)
+            {
+                throw new NbdProtocolException($"reply to BLOCK_STATUS without the context {request.ContextId}");
+            }
+        }
+        lock (_pendingLock)
+        {
+            _pending.Remove(request.Cookie);
+        }
+        if (Interlocked.CompareExchange(ref request.ReplyState, PendingRequest.Finished, PendingRequest.Waiting) == PendingRequest.Waiting)
+        {
+            request.Resolve(request.Error);
+        }
+        request.Release();
+    }
+
+    /// <summary>
+    /// Makes sure <paramref name="count"/> bytes are buffered. False only when
+    /// <paramref name="endAllowed"/> and the stream ended cleanly between replies.
+    /// </summary>
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder<>))]
+    private async ValueTask<bool> FillAsync(int count, bool endAllowed = false)
+    {
+        if (_rx.Length - _rxStart < count)
+        {
+            Buffer.BlockCopy(_rx, _rxStart, _rx, 0, Buffered);
+            _rxEnd = Buffered;
+            _rxStart = 0;
+        }
+        while (Buffered < count)
+        {
+            int received = await _socket.ReceiveAsync(_rx.AsMemory(_rxEnd), SocketFlags.None).ConfigureAwait(false);
+            if (received == 0)
+            {
+                if (endAllowed && Buffered == 0)
+                {
+                    return false;
+                }
+                throw new EndOfStreamException("the owner closed the connection in the middle of a reply");
+            }
+            _rxEnd += received;
+        }
+        return true;
+    }
+
+    /// <summary>What is buffered is copied; the rest is received straight into <paramref name="destination"/>.</summary>
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    private async ValueTask ReceiveIntoAsync(Memory<byte> destination)
+    {
+        int take = Math.Min(Buffered, destination.Length);
+        _rx.AsSpan(_rxStart, take).CopyTo(destination.Span);
+        _rxStart += take;
+        destination = destination[take..];
+        if (Buffered == 0)
+        {
+            _rxStart = _rxEnd = 0;
+        }
+        while (!destination.IsEmpty)
+        {
+            int received = await _socket.ReceiveAsync(destination, SocketFlags.None).ConfigureAwait(false);
+            if (received == 0)
+            {
+                throw new EndOfStreamException("the owner closed the connection in the middle of read data");
+            }
+            destination = destination[received..];
+        }
+    }
+
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    private async ValueTask DiscardAsync(long count)
+    {
+        while (true)
+        {
+            int take = (int)Math.Min(Buffered, count);
+            _rxStart += take;
+            count -= take;
+            if (count == 0)
+            {
+                return;
+            }
+            _rxStart = _rxEnd = 0;
+            int received = await _socket.ReceiveAsync(_rx.AsMemory(), SocketFlags.None).ConfigureAwait(false);
+            if (received == 0)
+            {
+                throw new EndOfStreamException("the owner closed the connection in the middle of read data");
+            }
+            _rxEnd = received;
+        }
+    }
+
+    // ---------------------------------------------------------------- ending
+
+    /// <summary>Breaks the connection (first reason wins): no new request starts, the socket closes, the reader drains.</summary>
+    private void Abort(string reason, Exception? cause)
+    {
+        lock (_pendingLock)
+        {
+            if (_failure is null)
+            {
+                _failure = reason;
+                _failureCause = cause;
+            }
+        }
+        _broken = true;
+        try
+        {
+            _socket.Shutdown(SocketShutdown.Both);
+        }
+        catch (Exception e) when (e is SocketException or ObjectDisposedException)
+        {
+            // Already reset or closed.
+        }
+        _socket.Dispose();
+    }
+
+    /// <summary>Fails every request still waiting for a reply; runs on the reader as it stops.</summary>
+    private void Drain()
+    {
+        if (_claimed is PendingRequest claimed)
+        {
+            // The reader stopped while writing into this caller's memory: it is done with it now.
+            _claimed = null;
+            Volatile.Write(ref claimed.ReplyState, PendingRequest.Abandoned);
+            claimed.Resolve(claimed.AbandonReason ?? Lost());
+        }
+        PendingRequest[] left;
+        lock (_pendingLock)
+        {
+            left = [.. _pending.Values];
+            _pending.Clear();
+        }
+        foreach (PendingRequest request in left)
+        {
+            request.Abandon(Lost());
+            request.Release();
+        }
+    }
+
+    /// <summary>
+    /// Sends NBD_CMD_DISC after what is already queued (bounded wait), closes the socket and fails
+    /// whatever is still waiting for a reply.
+    /// </summary>
+    public async ValueTask DisposeAsync()
+    {
+        bool first;
+        lock (_pendingLock)
+        {
+            first = !_closed;
+            _closed = true;
+        }
+        _broken = true;
+        if (first && Volatile.Read(ref _failure) is null)
+        {
+            PendingRequest disconnect = Rent(NbdCommand.Disconnect, CommandFlags.None, 0, 0);
+            disconnect.PrepareWithoutReply();
+            var sent = new ValueTask(disconnect, disconnect.Version);
+            Enqueue(disconnect);
+            try
+            {
+                await sent.AsTask().WaitAsync(DisconnectPatience).ConfigureAwait(false);
+            }
+            catch (TimeoutException)
+            {
+                // The owner does not take our bytes: close regardless.
+            }
+        }
+        Abort("the client was closed", null);
+        try
+        {
+            await _readLoop.WaitAsync(DisconnectPatience).ConfigureAwait(false);
+        }
+        catch (TimeoutException)
+        {
+            // Cannot happen with the socket closed; never hang a disposal on it.
+        }
+    }
+
+    /// <summary>
+    /// One request from submission to the caller's GetResult; pooled per client. Three parties hold
+    /// it (the caller, the sender, the pending table) and it returns to the pool when all let go.
+    /// The caller is answered when two things are over: the reply (or its abandonment) and the
+    /// sender's use of the caller's payload memory.
+    /// </summary>
+    private sealed class PendingRequest(PeerNbdClient owner) : IValueTaskSource, IValueTaskSource<int>
+    {
+        // Reply side: who may write into the caller's memory.
+        public const int Waiting = 0;
+        public const int Receiving = 1;
+        public const int ReceivingAbandoned = 2;
+        public const int Abandoned = 3;
+        public const int Finished = 4;
+
+        // Send side.
+        private const int Queued = 0;
+        private const int Sending = 1;
+        private const int Sent = 2;
+        private const int Skipped = 3;
+
+        // Continuations go to the pool: the reader loop must not run callers' code.
+        private ManualResetValueTaskSourceCore<int> _core = new() { RunContinuationsAsynchronously = true };
+        private CancellationTokenRegistration _registration;
+        private CancellationToken _token;
+        private Exception? _outcome;
+        private Exception? _abandonReason;
+        private int _holds;
+        private int _references;
+        private int _sendState;
+
+        public int ReplyState;
+
+        public NbdCommand Command { get; private set; }
+        public CommandFlags Flags { get; private set; }
+        public ulong Offset { get; private set; }
+        public uint Length { get; private set; }
+        public ulong Cookie { get; set; }
+        public Memory<byte> Destination { get; set; }
+        public ReadOnlyMemory<byte> Payload { get; set; }
+        public Memory<MetaExtent> Extents { get; set; }
+        public uint ContextId { get; set; }
+        public int ExtentCount { get; set; }
+        public bool ContextSeen { get; set; }
+        public long Covered { get; set; }
+
+        /// <summary>The first error the owner reported for this request.</summary>
+        public Exception? Error { get; private set; }
+
+        public PendingRequest? NextToSend { get; set; }
+
+        public short Version => _core.Version;
+
+        /// <summary>Why the caller stopped waiting while the reader was writing into its memory.</summary>
+        public Exception? AbandonReason => Volatile.Read(ref _abandonReason);
+
+        public bool WasSent => Volatile.Read(ref _sendState) is Sending or Sent;
+
+        public void Prepare(NbdCommand command, CommandFlags flags, ulong offset, uint length)
+        {
+            Command = command;
+            Flags = flags;
+            Offset = offset;
+            Length = length;
+            ReplyState = Waiting;
+            _sendState = Queued;
+            _holds = 2;
+            _references = 3;
+        }
+
+        /// <summary>NBD_CMD_DISC: no reply and no table entry; done once it is sent.</summary>
+        public void PrepareWithoutReply()
+        {
+            _holds = 1;
+            _references = 2;
+        }
+
+        public void Arm(CancellationToken cancellationToken)
+        {
+            _token = cancellationToken;
+            if (cancellationToken.CanBeCanceled)
+            {
+                _registration = cancellationToken.UnsafeRegister(static state => ((PendingRequest)state!).Abandon(null), this);
+            }
+        }
+
+        public void RecordError(Exception error) => Error ??= error;
+
+        public bool TryStartSend() => Interlocked.CompareExchange(ref _sendState, Sending, Queued) == Queued;
+
+        /// <summary>The sender has finished with the caller's payload.</summary>
+        public void SendDone()
+        {
+            Volatile.Write(ref _sendState, Sent);
+            ReleaseHold();
+            Release();
+        }
+
+        /// <summary>The sender drops the request unsent (cancelled, or the connection is gone).</summary>
+        public void SkipSend()
+        {
+            if (Interlocked.CompareExchange(ref _sendState, Skipped, Queued) == Queued)
+            {
+                ReleaseHold();
+            }
+            Release();
+        }
+
+        /// <summary>
+        /// The caller stops waiting (cancellation, or connection loss with <paramref name="reason"/>).
+        /// Unsent, the request is dropped; sent, its reply will be read and thrown away. If the
+        /// reader is writing into the caller's memory right now, the answer waits until it is done.
+        /// </summary>
+        public void Abandon(Exception? reason)
+        {
+            reason ??= new OperationCanceledException(_token);
+            if (Interlocked.CompareExchange(ref _sendState, Skipped, Queued) == Queued)
+            {
+                owner.ForgetUnsent(this);
+                ReleaseHold();
+            }
+            while (true)
+            {
+                int state = Volatile.Read(ref ReplyState);
+                if (state == Waiting)
+                {
+                    if (Interlocked.CompareExchange(ref ReplyState, Abandoned, Waiting) == Waiting)
+                    {
+                        Resolve(reason);
+                        return;
+                    }
+                }
+                else if (state == Receiving)
+                {
+                    Interlocked.CompareExchange(ref _abandonReason, reason, null);
+                    if (Interlocked.CompareExchange(ref ReplyState, ReceivingAbandoned, Receiving) == Receiving)
+                    {
+                        return;
+                    }
+                }
+                else
+                {
+                    return;
+                }
+            }
+        }
+
+        /// <summary>The reply side is over, with <paramref name="error"/> or success.</summary>
+        public void Resolve(Exception? error)
+        {
+            _outcome = error;
+            ReleaseHold();
+        }
+
+        private void ReleaseHold()
+        {
+            if (Interlocked.Decrement(ref _holds) == 0)
+            {
+                if (_outcome is Exception error)
+                {
+                    _core.SetException(error);
+                }
+                else
+                {
+                    _core.SetResult(ExtentCount);
+                }
+            }
+        }
+
+        public void Release()
+        {
+            if (Interlocked.Decrement(ref _references) == 0)
+            {
+                Recycle();
+            }
+        }
+
+        /// <summary>Back to the pool, holding on to no caller memory.</summary>
+        public void Recycle()
+        {
+            _core.Reset();
+            _registration = default;
+            _token = default;
+            _outcome = null;
+            _abandonReason = null;
+            Error = null;
+            Destination = default;
+            Payload = default;
+            Extents = default;
+            ExtentCount = 0;
+            ContextSeen = false;
+            Covered = 0;
+            NextToSend = null;
+            owner._pool.Enqueue(this);
+        }
+
+        public ValueTaskSourceStatus GetStatus(short token) => _core.GetStatus(token);
+
+        public void OnCompleted(Action<object?> continuation, object? state, short token, ValueTaskSourceOnCompletedFlags flags) =>
+            _core.OnCompleted(continuation, state, token, flags);
+
+        public int GetResult(short token)
+        {
+            bool current = token == _core.Version;
+            try
+            {
+                return _core.GetResult(token);
+            }
+            finally
+            {
+                if (current)
+                {
+                    // Waits for a cancellation callback that is running, so none fires on a recycled request.
+                    _registration.Dispose();
+                    Release();
+                }
+            }
+        }
+
+        void IValueTaskSource.GetResult(short token) => GetResult(token);
+    }
+}
+
+/// <summary>The node asked does not serve the export (any more): find its owner again.</summary>
+public sealed class PeerExportUnavailableException(string message) : Exception(message);
