@@ -10,8 +10,21 @@ namespace Gateway.Host;
 /// </summary>
 public sealed record ClusterSettings(IPEndPoint Remoting, string PublicHostname, IReadOnlyList<string> Seeds, string Postgres, string NodeName, IPEndPoint Peer)
 {
+    /// <summary>Kubernetes API discovery (Akka.Management cluster bootstrap) instead of seed nodes; null: seeds.</summary>
+    public KubernetesDiscovery? Discovery { get; init; }
+
     /// <summary>Akka address of a seed given as HOST:PORT.</summary>
     public static string SeedAddress(string hostPort) => $"akka.tcp://{Kubernetes.ActorSystemName}@{hostPort}";
+}
+
+/// <summary>
+/// Cluster bootstrap through the Kubernetes API: pods labelled <c>app=ServiceName</c> in
+/// <see cref="Namespace"/> find each other on the container port named
+/// <see cref="Kubernetes.ManagementPortName"/>; the first <see cref="RequiredContactPoints"/> form the cluster.
+/// </summary>
+public sealed record KubernetesDiscovery(string ServiceName, string? Namespace, int ManagementPort, int RequiredContactPoints)
+{
+    public const int DefaultManagementPort = 8558;
 }
 
 public static class ClusterCli
@@ -61,9 +74,23 @@ public static class ClusterCli
         string? peerText = parse.GetValue(Peer) ?? config["Gateway:Cluster:Peer"];
         IPEndPoint peer = peerText is null ? new IPEndPoint(remoting.Address, remoting.Port + 1) : GatewayOptions.ParseEndpoint(peerText, "--peer");
         string name = parse.GetValue(NodeName) ?? config["Gateway:Cluster:NodeName"] ?? $"{publicHost}:{remoting.Port}";
+        KubernetesDiscovery? discovery = (config["Gateway:Cluster:Discovery"] ?? "seeds") switch
+        {
+            "seeds" => null,
+            "kubernetes" when seeds.Length > 0 => throw new ArgumentException("Gateway:Cluster:Discovery kubernetes and --seed exclude each other"),
+            "kubernetes" => new KubernetesDiscovery(
+                config["Gateway:Cluster:ServiceName"] ?? Kubernetes.ActorSystemName,
+                config["Gateway:Cluster:Namespace"],
+                int.TryParse(config["Gateway:Cluster:ManagementPort"], out int port) ? port : KubernetesDiscovery.DefaultManagementPort,
+                int.TryParse(config["Gateway:Cluster:RequiredContactPoints"], out int points) ? points : 2),
+            string other => throw new ArgumentException($"Gateway:Cluster:Discovery '{other}' is not one of seeds, kubernetes"),
+        };
         return options with
         {
-            Cluster = new ClusterSettings(remoting, publicHost, seeds.Length > 0 ? seeds : [$"{publicHost}:{remoting.Port}"], postgres, name, peer),
+            Cluster = new ClusterSettings(remoting, publicHost, discovery is not null ? [] : seeds.Length > 0 ? seeds : [$"{publicHost}:{remoting.Port}"], postgres, name, peer)
+            {
+                Discovery = discovery,
+            },
         };
     }
 }

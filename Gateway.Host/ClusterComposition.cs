@@ -1,5 +1,8 @@
 using Akka.Cluster.Hosting;
 using Akka.Cluster.Hosting.SBR;
+using Akka.Discovery.KubernetesApi;
+using Akka.Management;
+using Akka.Management.Cluster.Bootstrap;
 using Akka.Hosting;
 using Akka.Persistence.Sql.Hosting;
 using Akka.Remote.Hosting;
@@ -56,6 +59,21 @@ public static class ClusterComposition
             akka.cluster.shutdown-after-unsuccessful-join-seed-nodes = 60s
             akka.coordinated-shutdown.exit-clr = off
             """, HoconAddMode.Prepend);
+        if (cluster.Discovery is { } discovery)
+        {
+            // Kubernetes: no seed list; pods find each other through the API (RBAC: pods get/watch/list).
+            akka.WithKubernetesDiscovery(o =>
+            {
+                o.PodLabelSelector = Kubernetes.PodLabelSelector;
+                if (discovery.Namespace is { } ns)
+                {
+                    o.PodNamespace = ns;
+                }
+            });
+            akka.WithAkkaManagement(hostName: cluster.PublicHostname, port: discovery.ManagementPort, bindHostname: "0.0.0.0", bindPort: discovery.ManagementPort);
+            akka.WithClusterBootstrap(serviceName: discovery.ServiceName, serviceNamespace: discovery.Namespace, portName: Kubernetes.ManagementPortName,
+                requiredContactPoints: discovery.RequiredContactPoints);
+        }
         akka.WithSqlPersistence(new DataOptions().UseConnectionString(ProviderName.PostgreSQL15, cluster.Postgres), autoInitialize: true);
     }
 }
