@@ -127,6 +127,27 @@ public sealed class PeerNbdClient : IAsyncDisposable
 
     // ---------------------------------------------------------------- handshake
 
+    /// <summary>Unacknowledged data older than this breaks the stream (TCP_USER_TIMEOUT).</summary>
+    private static readonly TimeSpan DeadOwnerTimeout = TimeSpan.FromSeconds(10);
+
+    /// <summary>
+    /// An owner whose machine vanished sends no reset: without these the stream would wait for
+    /// TCP's own timeouts (minutes) and requests in flight would hang instead of failing, so the
+    /// link could look for the new owner. Keepalive probes cover an idle stream.
+    /// </summary>
+    private static void DetectDeadOwner(Socket socket)
+    {
+        socket.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.KeepAlive, true);
+        socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveTime, 5);
+        socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveInterval, 1);
+        socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveRetryCount, 5);
+        if (OperatingSystem.IsLinux())
+        {
+            const int IpProtoTcp = 6, TcpUserTimeout = 18;
+            socket.SetRawSocketOption(IpProtoTcp, TcpUserTimeout, BitConverter.GetBytes((int)DeadOwnerTimeout.TotalMilliseconds));
+        }
+    }
+
     /// <summary>
     /// Connects and negotiates: fixed newstyle with NO_ZEROES, structured replies, every metadata
     /// context under <c>base:</c> and <c>qemu:</c>, then NBD_OPT_GO.
@@ -150,6 +171,7 @@ public sealed class PeerNbdClient : IAsyncDisposable
             if (socket.ProtocolType == ProtocolType.Tcp)
             {
                 socket.NoDelay = true;
+                DetectDeadOwner(socket);
             }
             await socket.ConnectAsync(endpoint, cancellationToken).ConfigureAwait(false);
             return await HandshakeAsync(socket, endpoint, exportName, cancellationToken).ConfigureAwait(false);
