@@ -152,6 +152,7 @@ public sealed class BrokenChartTests(HelmChartFixture chart)
     public void Chart_that_disagrees_with_the_gateway_fails_the_contract(string template, string find, string replace, string violation)
     {
         RenderedChart broken = RenderBroken(template, find, replace);
+        Assert.True(broken.Validation.Passed, $"the mistake should be valid Kubernetes, seen only by the contract:\n{broken.Validation.Describe()}");
         string[] violations;
         try
         {

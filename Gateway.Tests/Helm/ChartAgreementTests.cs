@@ -173,6 +173,18 @@ public sealed class ChartAgreementTests(HelmChartFixture chart)
     }
 
     [Fact]
+    public void Tls_certificates_are_mounted_read_only_where_the_gateway_looks()
+    {
+        RenderedChart rendered = chart[ChartVariants.TlsIpv6];
+        IConfiguration config = rendered.GatewayConfiguration();
+        Assert.Equal("[::]:10809", config["Gateway:Nbd"]);
+        V1VolumeMount mount = Assert.Single(rendered.Container.VolumeMounts, m => m.MountPath == config["Gateway:Tls:Certificates"]);
+        Assert.True(mount.ReadOnlyProperty);
+        Assert.Equal("gateway-tls", Assert.Single(rendered.PodSpec.Volumes, v => v.Name == mount.Name).Secret.SecretName);
+        Assert.Equal("per-export", config["Gateway:Tls:Mode"]);
+    }
+
+    [Fact]
     public void Two_releases_in_one_namespace_do_not_discover_each_other()
     {
         RenderedChart other = RenderedChart.TryRender(chart.Tools, chart.Tools.ChartDirectory, "second release", [], chart.WorkDirectory,

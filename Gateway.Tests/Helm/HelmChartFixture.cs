@@ -10,6 +10,7 @@ public static class ChartVariants
     public const string FiveReplicas = "replicas-5";
     public const string NodePort = "nodeport";
     public const string SharedClaim = "shared-pvc";
+    public const string TlsIpv6 = "tls-ipv6";
 
     /// <summary>Variant name → helm-render arguments (values files are the chart's ci/ examples).</summary>
     public static readonly IReadOnlyDictionary<string, string[]> Arguments = new Dictionary<string, string[]>
@@ -19,6 +20,7 @@ public static class ChartVariants
         [FiveReplicas] = ["--set", "replicaCount=5"],
         [NodePort] = ["-f", "ci/nodeport-values.yaml"],
         [SharedClaim] = ["-f", "ci/shared-pvc-values.yaml"],
+        [TlsIpv6] = ["--set", "tls.enabled=true,tls.existingSecret=gateway-tls", "--set", "listenAddress=::"],
     };
 
     public static TheoryData<string> All => [.. Arguments.Keys];

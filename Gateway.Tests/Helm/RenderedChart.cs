@@ -105,9 +105,11 @@ public sealed partial class RenderedChart
             }
         }
         IReadOnlyList<object> objects = strict.Count == 0 ? KubernetesYaml.LoadAllFromString(stream, typeMap: null, strict: true) : [];
-        ProcessResult models = HelmToolchain.Run(tools.Node, [tools.ModelsScript, "--modules", tools.NodeModules, output]);
-        ProcessResult yamllint = HelmToolchain.Run(tools.Yamllint, ["--strict", "-f", "parsable", "-c", tools.YamllintConfig, output]);
-        return new RenderedChart(label, stream, File.ReadAllText(notes), documents, objects, new ChartValidation(strict, models, yamllint));
+        // The two external checks run side by side (each is mostly process start-up).
+        Task<ProcessResult> models = Task.Run(() => HelmToolchain.Run(tools.Node, [tools.ModelsScript, "--modules", tools.NodeModules, output]));
+        Task<ProcessResult> yamllint = Task.Run(() => HelmToolchain.Run(tools.Yamllint, ["--strict", "-f", "parsable", "-c", tools.YamllintConfig, output]));
+        var validation = new ChartValidation(strict, models.GetAwaiter().GetResult(), yamllint.GetAwaiter().GetResult());
+        return new RenderedChart(label, stream, File.ReadAllText(notes), documents, objects, validation);
     }
 
     private static string Messages(Exception e)
