@@ -85,12 +85,13 @@ public sealed class ChartAgreementTests(HelmChartFixture chart)
 
     [Theory]
     [MemberData(nameof(ChartVariants.All), MemberType = typeof(ChartVariants))]
-    public void Gateway_accepts_the_cluster_settings_the_chart_hands_it(string variant)
+    public void Gateway_reads_the_chart_settings_as_kubernetes_discovery_of_its_own_pods(string variant)
     {
         RenderedChart rendered = chart[variant];
         IConfiguration config = rendered.GatewayConfiguration(InPod);
         var serve = new System.CommandLine.Command("serve");
         ClusterCli.AddTo(serve);
+        serve.Options.Add(Health.Option);
         var single = new GatewayOptions(config["Gateway:Data"]!,
             GatewayOptions.ParseEndpoint(config["Gateway:Nbd"]!, "Gateway:Nbd"), GatewayOptions.ParseEndpoint(config["Gateway:Admin"]!, "Gateway:Admin"));
 
@@ -104,6 +105,15 @@ public sealed class ChartAgreementTests(HelmChartFixture chart)
         Assert.Equal("10.244.1.7", cluster.PublicHostname);
         Assert.Equal($"{RenderedChart.ReleaseName}-gateway-0", cluster.NodeName);
         Assert.StartsWith("secretKeyRef:", cluster.Postgres, StringComparison.Ordinal);
+
+        KubernetesDiscovery discovery = cluster.Discovery
+            ?? throw new Xunit.Sdk.XunitException($"{rendered}: the gateway would use seed nodes, not Kubernetes discovery");
+        Assert.Empty(cluster.Seeds);
+        Assert.Equal(rendered.PodLabels["app"], discovery.ServiceName);
+        Assert.Equal(RenderedChart.Namespace, discovery.Namespace);
+        Assert.Equal(PortNamed(Kubernetes.ManagementPortName), discovery.ManagementPort);
+        Assert.Equal(Math.Min(3, rendered.StatefulSet.Spec.Replicas ?? 1), discovery.RequiredContactPoints);
+        Assert.Equal(PortNamed(Kubernetes.HealthPortName), Health.Apply(single, serve.Parse([]), config).HealthEndpoint?.Port);
     }
 
     [Fact]
