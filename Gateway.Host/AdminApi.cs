@@ -54,7 +54,7 @@ public static class AdminApi
                 : Results.Json(ExportDto.From(found.Export.Spec), AdminJson.Default.ExportDto);
         });
 
-        app.MapPost("/v1/exports", async (HttpRequest request, IRequiredActor<ExportRegistryKey> registry, CancellationToken ct) =>
+        app.MapPost("/v1/exports", async (HttpRequest request, IRequiredActor<ExportRegistryKey> registry, IConfiguration config, CancellationToken ct) =>
         {
             CreateExportRequest? body;
             try
@@ -69,7 +69,7 @@ public static class AdminApi
             {
                 return Error(StatusCodes.Status400BadRequest, "request body must be a JSON object");
             }
-            if (ToSpec(body, out string? problem) is not ExportSpec spec)
+            if (ToSpec(body, out string? problem, S3Defaults(config)) is not ExportSpec spec)
             {
                 return Error(StatusCodes.Status400BadRequest, problem!);
             }
@@ -92,8 +92,19 @@ public static class AdminApi
         return app;
     }
 
+    /// <summary>
+    /// Where S3 exports go when a request names no endpoint or bucket: <c>Gateway:S3:ServiceUrl</c>,
+    /// <c>Gateway:S3:Bucket</c>, <c>Gateway:S3:Region</c> (the helm chart sets them), with the
+    /// export's name as its prefix unless the request gives one. Credentials
+    /// then come from the AWS SDK's usual places (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY).
+    /// </summary>
+    public static S3Spec? S3Defaults(IConfiguration config) =>
+        config["Gateway:S3:ServiceUrl"] is null && config["Gateway:S3:Bucket"] is null
+            ? null
+            : new S3Spec(config["Gateway:S3:ServiceUrl"], config["Gateway:S3:Bucket"], null, config["Gateway:S3:Region"]);
+
     /// <summary>Turns a request into a spec, or says what is wrong with it.</summary>
-    public static ExportSpec? ToSpec(CreateExportRequest body, out string? problem)
+    public static ExportSpec? ToSpec(CreateExportRequest body, out string? problem, S3Spec? s3Defaults = null)
     {
         problem = null;
         if (string.IsNullOrEmpty(body.Name))
@@ -120,7 +131,19 @@ public static class AdminApi
             problem = "layers are made by the gateway (snapshot), not given";
             return null;
         }
-        var spec = new ExportSpec(body.Name, size, new BackendSpec(body.Backend?.Type ?? "file", body.Backend?.Path, Base: body.Backend?.Base, BaseImage: body.Backend?.BaseImage, S3: body.Backend?.S3), body.ReadOnly ?? false, body.Description,
+        S3Spec? s3 = body.Backend?.S3;
+        if (body.Backend?.Type == "s3" && s3Defaults is not null)
+        {
+            // In the shared default bucket each export gets its own prefix unless it names one.
+            s3 = (s3 ?? s3Defaults) with
+            {
+                Endpoint = s3?.Endpoint ?? s3Defaults.Endpoint,
+                Bucket = s3?.Bucket ?? s3Defaults.Bucket,
+                Region = s3?.Region ?? s3Defaults.Region,
+                Prefix = s3?.Prefix ?? body.Name + "/",
+            };
+        }
+        var spec = new ExportSpec(body.Name, size, new BackendSpec(body.Backend?.Type ?? "file", body.Backend?.Path, Base: body.Backend?.Base, BaseImage: body.Backend?.BaseImage, S3: s3), body.ReadOnly ?? false, body.Description,
             body.Access == ExportAccess.Open ? null : body.Access);
         problem = ExportRules.Validate(spec);
         return problem is null ? spec : null;
