@@ -181,9 +181,7 @@ public sealed class ClusterFixture : IAsyncLifetime
     public async Task<ClusterView> ViewAsync(ClusterNode? via = null)
     {
         via ??= Running.FirstOrDefault() ?? throw new Xunit.Sdk.XunitException($"no node is running\n{Describe()}");
-        using HttpResponseMessage response = await via.Http.GetAsync("v1/cluster");
-        string body = await response.Content.ReadAsStringAsync();
-        Assert.True(response.StatusCode == HttpStatusCode.OK, $"GET /v1/cluster on {via} answered {(int)response.StatusCode}: {body}\n{Describe()}");
+        string body = await AdminAsync(HttpStatusCode.OK, via, HttpMethod.Get, "v1/cluster");
         return JsonSerializer.Deserialize<ClusterView>(body, JsonSerializerOptions.Web)
             ?? throw new Xunit.Sdk.XunitException($"GET /v1/cluster on {via} answered null");
     }
@@ -265,12 +263,40 @@ public sealed class ClusterFixture : IAsyncLifetime
         }
     }
 
-    public async Task CreateExportAsync(ClusterNode via, object request)
+    /// <summary>
+    /// One admin API call through <paramref name="via"/>: the status and body. A call that gets
+    /// no answer (timeout, refused) fails with every node's log rather than a bare HttpClient error.
+    /// </summary>
+    public async Task<(HttpStatusCode Status, string Body)> AdminAsync(ClusterNode via, HttpMethod method, string path, object? json = null)
     {
-        using HttpResponseMessage response = await via.Http.PostAsJsonAsync("v1/exports", request);
-        Assert.True(response.StatusCode == HttpStatusCode.Created,
-            $"creating an export through {via} answered {(int)response.StatusCode}: {await response.Content.ReadAsStringAsync()}\n{Describe()}");
+        using var request = new HttpRequestMessage(method, path);
+        if (json is not null)
+        {
+            request.Content = JsonContent.Create(json);
+        }
+        var clock = Stopwatch.StartNew();
+        try
+        {
+            using HttpResponseMessage response = await via.Http.SendAsync(request);
+            return (response.StatusCode, await response.Content.ReadAsStringAsync());
+        }
+        catch (Exception e) when (e is HttpRequestException or TaskCanceledException)
+        {
+            Assert.Fail($"{method} /{path} through {via} got no answer after {clock.Elapsed.TotalSeconds:F1} s: {e.Message}\n{Describe()}");
+            throw;
+        }
     }
+
+    /// <summary><see cref="AdminAsync"/> that must answer <paramref name="expected"/>; returns the body.</summary>
+    public async Task<string> AdminAsync(HttpStatusCode expected, ClusterNode via, HttpMethod method, string path, object? json = null)
+    {
+        (HttpStatusCode status, string body) = await AdminAsync(via, method, path, json);
+        Assert.True(status == expected, $"{method} /{path} through {via} answered {(int)status}, expected {(int)expected}: {body}\n{Describe()}");
+        return body;
+    }
+
+    public Task CreateExportAsync(ClusterNode via, object request) =>
+        AdminAsync(HttpStatusCode.Created, via, HttpMethod.Post, "v1/exports", request);
 
     /// <summary>Runs a tool; a failure carries every node's log.</summary>
     public Task<ToolResult> RunAsync(string tool, IEnumerable<string> args, TimeSpan? timeout = null, bool check = true) =>
@@ -324,11 +350,50 @@ public sealed class ClusterFixture : IAsyncLifetime
         return text.ToString();
     }
 
+    // Remoting and peer ports come from below the kernel's ephemeral range, never handed out
+    // twice: GatewayProcess picks the NBD and admin ports with bind(0), from the ephemeral range,
+    // and a remoting port that bind(0) handed out again became another node's NBD port (Akka's
+    // dual-stack socket and the NBD listener both bound it, and the other nodes' remoting
+    // reconnected to an NBD server).
+    private static readonly HashSet<int> Reserved = [];
+
     private static int FreePort()
     {
-        using var listener = new TcpListener(IPAddress.Loopback, 0);
-        listener.Start();
-        return ((IPEndPoint)listener.LocalEndpoint).Port;
+        int low = 32768;
+        try
+        {
+            string[] range = File.ReadAllText("/proc/sys/net/ipv4/ip_local_port_range").Split((char[])['\t', ' ', '\n'], StringSplitOptions.RemoveEmptyEntries);
+            low = int.Parse(range[0], System.Globalization.CultureInfo.InvariantCulture);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or FormatException or IndexOutOfRangeException)
+        {
+        }
+        int first = Math.Max(1024, low - 12000);
+        int span = Math.Max(1, low - first);
+        lock (Reserved)
+        {
+            int start = Random.Shared.Next(span);
+            for (int i = 0; i < span; i++)
+            {
+                int port = first + (start + i) % span;
+                if (Reserved.Contains(port))
+                {
+                    continue;
+                }
+                try
+                {
+                    using var listener = new TcpListener(IPAddress.Loopback, port);
+                    listener.Start();
+                }
+                catch (SocketException)
+                {
+                    continue;
+                }
+                Reserved.Add(port);
+                return port;
+            }
+        }
+        throw new Xunit.Sdk.XunitException($"no free loopback port in [{first}, {first + span})");
     }
 
     private async Task ExecuteAsync(string sql)

@@ -47,7 +47,7 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
         string body = "";
         while (clock.Elapsed < TimeSpan.FromSeconds(10))
         {
-            body = await via.Http.GetStringAsync("v1/exports");
+            body = await cluster.AdminAsync(HttpStatusCode.OK, via, HttpMethod.Get, "v1/exports");
             using JsonDocument doc = JsonDocument.Parse(body);
             if (doc.RootElement.EnumerateArray().Any(e => e.GetProperty("name").GetString() == export))
             {
@@ -58,12 +58,8 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
         Assert.Fail($"GET /v1/exports on {via} does not list {export} 10 s after it was created: {body}\n{cluster.Describe()}");
     }
 
-    private async Task AddBitmapAsync(ClusterNode via, string export, string bitmap, string granularity)
-    {
-        using HttpResponseMessage response = await via.Http.PostAsJsonAsync($"v1/exports/{export}/bitmaps", new { name = bitmap, granularity, enabled = true });
-        Assert.True(response.StatusCode == HttpStatusCode.Created,
-            $"adding bitmap {bitmap} through {via} answered {(int)response.StatusCode}: {await response.Content.ReadAsStringAsync()}\n{cluster.Describe()}");
-    }
+    private Task AddBitmapAsync(ClusterNode via, string export, string bitmap, string granularity) =>
+        cluster.AdminAsync(HttpStatusCode.Created, via, HttpMethod.Post, $"v1/exports/{export}/bitmaps", new { name = bitmap, granularity, enabled = true });
 
     private Task<ToolResult> QemuIoAsync(ClusterNode via, string export, params string[] commands) =>
         cluster.RunAsync("qemu-io", ["-f", "raw", via.NbdUri(export), .. commands.SelectMany(c => new[] { "-c", c })], TimeSpan.FromSeconds(120));
@@ -170,9 +166,7 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
             await QemuIoAsync(notOverlayOwner[layer % 2], "maps-overlay", layers[layer]);
             if (layer < layers.Length - 1)
             {
-                using HttpResponseMessage snapshot = await notOverlayOwner[(layer + 1) % 2].Http.PostAsync("v1/exports/maps-overlay/snapshot", null);
-                Assert.True(snapshot.StatusCode == HttpStatusCode.OK,
-                    $"snapshot through {notOverlayOwner[(layer + 1) % 2]} answered {(int)snapshot.StatusCode}: {await snapshot.Content.ReadAsStringAsync()}\n{cluster.Describe()}");
+                await cluster.AdminAsync(HttpStatusCode.OK, notOverlayOwner[(layer + 1) % 2], HttpMethod.Post, "v1/exports/maps-overlay/snapshot");
             }
         }
         (long, long, long)[] depths =
@@ -257,16 +251,17 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
     /// One connection that writes a 4 KiB block, reads it back and flushes every 8th cycle, on and
     /// on, through the node it was given. A read must return the last acknowledged write of its
     /// block or a write that failed since (an EIO leaves it undecided whether the data landed);
-    /// anything else is wrong data. Errors other than EIO and ESHUTDOWN, and a connection that
-    /// the node closes, are failures too. Creates STARTED after 50 good cycles; KILLED appears
-    /// holding the kill's wall-clock time; stops 15 s after it, or after SECONDS. Prints JSON.
+    /// anything else is wrong data. Errors other than EIO and ESHUTDOWN, a connection that the
+    /// node closes, and a request without a reply for HANG seconds are failures too. Creates
+    /// STARTED after 50 good cycles; KILLED appears holding the kill's wall-clock time; stops 20 s
+    /// after it, or after SECONDS. Prints a JSON summary, whatever happened.
     /// </summary>
     private const string LoadScript = """
         import errno, json, os, sys, time
         import nbd
 
         uri, started, killed_file = sys.argv[1], sys.argv[2], sys.argv[3]
-        start, length, seconds = int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
+        start, length, seconds, hang = int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]), float(sys.argv[7])
         block = 4096
         blocks = length // block
         zero = bytes(block)
@@ -276,11 +271,20 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
         killed = None
         possible = {}
         s = {"cycles": 0, "good": 0, "good_after_kill": 0, "good_since_last_error": 0, "errors": {},
-             "unexpected": [], "wrong": [], "dead": None, "first_error": None, "last_error": None}
+             "unexpected": [], "wrong": [], "dead": None, "hung": None, "first_error": None, "last_error": None}
+
+        class Hung(Exception):
+            pass
+
+        def wait(op, off, cookie):
+            # Raises nbd.Error when the command failed; Hung when it got no reply in time.
+            sent = time.time()
+            while not h.aio_command_completed(cookie):
+                if time.time() - sent > hang:
+                    raise Hung(f"{op} at offset {off} sent {sent - killed if killed else -1:.1f} s after the kill got no reply within {hang} s")
+                h.poll(100)
 
         def failed(op, e):
-            global ok
-            ok = False
             name = e.errno or str(e.errnum)
             s["errors"][name] = s["errors"].get(name, 0) + 1
             now = time.time()
@@ -292,49 +296,59 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
                 s["unexpected"].append(f"{op}: {e.string} (errno {name})")
 
         i = 0
-        while time.time() < deadline:
-            if killed is None and os.path.exists(killed_file):
-                with open(killed_file) as f:
-                    text = f.read().strip()
-                if text:
-                    killed = float(text)
-                    deadline = min(deadline, killed + 15)
-            b = i % blocks
-            off = start + b * block
-            data = (b"%015d\n" % i) * (block // 16)
-            ok = True
-            try:
-                h.pwrite(data, off)
-                possible[b] = {data}
-            except nbd.Error as e:
-                failed("write", e)
-                possible.setdefault(b, {zero}).add(data)
-            try:
-                got = h.pread(block, off)
-                if got in possible.get(b, {zero}):
-                    possible[b] = {got}
-                elif len(s["wrong"]) < 10:
-                    s["wrong"].append(f"offset {off}: read {got[:16]!r}, expected one of {[p[:16] for p in possible.get(b, {zero})]}")
-            except nbd.Error as e:
-                failed("read", e)
-            if i % 8 == 7:
+        try:
+            while time.time() < deadline:
+                if killed is None and os.path.exists(killed_file):
+                    with open(killed_file) as f:
+                        text = f.read().strip()
+                    if text:
+                        killed = float(text)
+                        deadline = min(deadline, killed + 20)
+                b = i % blocks
+                off = start + b * block
+                data = (b"%015d\n" % i) * (block // 16)
+                ok = True
                 try:
-                    h.flush()
+                    wait("write", off, h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), off))
+                    possible[b] = {data}
                 except nbd.Error as e:
-                    failed("flush", e)
-            if h.aio_is_dead() or h.aio_is_closed():
-                s["dead"] = f"the connection died after {i} cycles"
-                break
-            s["cycles"] += 1
-            if ok:
-                s["good"] += 1
-                s["good_since_last_error"] += 1
-                if killed is not None:
-                    s["good_after_kill"] += 1
-                if s["good"] == 50:
-                    open(started, "w").close()
-            i += 1
-            time.sleep(0.002)  # load, not starvation: the 2-core machine also runs the cluster
+                    ok = False
+                    failed("write", e)
+                    possible.setdefault(b, {zero}).add(data)
+                try:
+                    buf = nbd.Buffer(block)
+                    wait("read", off, h.aio_pread(buf, off))
+                    got = bytes(buf.to_bytearray())
+                    if got in possible.get(b, {zero}):
+                        possible[b] = {got}
+                    elif len(s["wrong"]) < 10:
+                        s["wrong"].append(f"offset {off}: read {got[:16]!r}, expected one of {[p[:16] for p in possible.get(b, {zero})]}")
+                except nbd.Error as e:
+                    ok = False
+                    failed("read", e)
+                if i % 8 == 7:
+                    try:
+                        wait("flush", off, h.aio_flush())
+                    except nbd.Error as e:
+                        ok = False
+                        failed("flush", e)
+                if h.aio_is_dead() or h.aio_is_closed():
+                    s["dead"] = f"the connection died after {i} cycles"
+                    break
+                s["cycles"] += 1
+                if ok:
+                    s["good"] += 1
+                    s["good_since_last_error"] += 1
+                    if killed is not None:
+                        s["good_after_kill"] += 1
+                    if s["good"] == 50:
+                        open(started, "w").close()
+                i += 1
+                time.sleep(0.002)  # load, not starvation: the 2-core machine also runs the cluster
+        except Hung as e:
+            s["hung"] = str(e)
+        except nbd.Error as e:
+            s["dead"] = f"after {i} cycles: {e.string}"
         s["killed"] = killed
         for k in ("first_error", "last_error"):
             if s[k] is not None and killed is not None:
@@ -373,7 +387,7 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
             string killed = Path.Combine(cluster.DataDirectory, "failover.killed");
             string load = await ScriptAsync("load.py", LoadScript);
             Task<ToolResult> loading = cluster.RunAsync(Python,
-                [load, loader.NbdUri(Export), started, killed, (32 * MiB).ToString(), (32 * MiB).ToString(), "90"], TimeSpan.FromSeconds(120), check: false);
+                [load, loader.NbdUri(Export), started, killed, (32 * MiB).ToString(), (32 * MiB).ToString(), "90", "20"], TimeSpan.FromSeconds(120), check: false);
             var clock = Stopwatch.StartNew();
             while (!File.Exists(started) && !loading.IsCompleted && clock.Elapsed < TimeSpan.FromSeconds(30))
             {
@@ -404,13 +418,15 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
                 lastProbe = probe?.Describe() ?? "qemu-io did not finish within 5 s";
                 await Task.Delay(100);
             }
-            Assert.True(servedAfter is not null, $"{Export} was not served through {writer} within 30 s of kill -9 of its owner {owner}; last probe:\n{lastProbe}\n{cluster.Describe()}");
-            Assert.True(servedAfter <= FailoverDeadline,
-                $"{Export} was served again {servedAfter!.Value.TotalSeconds:F1} s after kill -9 of its owner {owner}, more than {FailoverDeadline.TotalSeconds} s\n{cluster.Describe()}");
-
-            // The proxying connection: errors allowed, wrong data and a dropped connection not, and it works again.
+            // The load stops by itself 20 s after the kill; its summary goes into every failure below.
             ToolResult loaded = await loading;
             string summary = loaded.Stdout.Split('\n', StringSplitOptions.RemoveEmptyEntries).LastOrDefault() ?? "";
+            Assert.True(servedAfter is not null,
+                $"{Export} was not served through {writer} within 30 s of kill -9 of its owner {owner}; last probe:\n{lastProbe}\nload: {summary}\n{cluster.Describe()}");
+            Assert.True(servedAfter <= FailoverDeadline,
+                $"{Export} was served again {servedAfter!.Value.TotalSeconds:F1} s after kill -9 of its owner {owner}, more than {FailoverDeadline.TotalSeconds} s\nload: {summary}\n{cluster.Describe()}");
+
+            // The proxying connection: errors allowed, wrong data and a dropped connection not, and it works again.
             Assert.True(loaded.Succeeded && summary.StartsWith('{'), $"the load through {loader} failed\n{loaded.Describe()}\n{cluster.Describe()}");
             using (JsonDocument doc = JsonDocument.Parse(summary))
             {
@@ -419,6 +435,7 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
                 Assert.True(s.GetProperty("wrong").GetArrayLength() == 0, "wrong data: " + context);
                 Assert.True(s.GetProperty("unexpected").GetArrayLength() == 0, "errors other than EIO/ESHUTDOWN: " + context);
                 Assert.True(s.GetProperty("dead").ValueKind == JsonValueKind.Null, "the connection was dropped: " + context);
+                Assert.True(s.GetProperty("hung").ValueKind == JsonValueKind.Null, "a request got no reply: " + context);
                 Assert.True(s.GetProperty("good_since_last_error").GetInt32() >= 20, "the connection did not work again after re-homing: " + context);
                 Assert.True(s.GetProperty("good_after_kill").GetInt32() >= 20, "too few good cycles after the kill: " + context);
             }
@@ -435,7 +452,7 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
             Assert.True(newOwner != owner, $"/v1/cluster still names the killed node {owner} as the owner of {Export}");
 
             // The bitmap kept the granules dirtied before the kill (the load dirtied [32M, 64M) on top).
-            using (JsonDocument bitmaps = JsonDocument.Parse(await writer.Http.GetStringAsync($"v1/exports/{Export}/bitmaps")))
+            using (JsonDocument bitmaps = JsonDocument.Parse(await cluster.AdminAsync(HttpStatusCode.OK, writer, HttpMethod.Get, $"v1/exports/{Export}/bitmaps")))
             {
                 JsonElement since = bitmaps.RootElement.EnumerateArray().SingleOrDefault(e => e.GetProperty("name").GetString() == "since");
                 Assert.True(since.ValueKind == JsonValueKind.Object, $"bitmap 'since' is gone after the failover: {bitmaps.RootElement}");
@@ -539,7 +556,7 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
         (ClusterNode a, ClusterNode b, ClusterNode c) = Three();
         await cluster.CreateExportAsync(a, new { name = "anywhere", size = 32 * MiB, description = "made through " + a.Name });
         await WaitListedAsync(c, "anywhere");
-        using (JsonDocument shown = JsonDocument.Parse(await c.Http.GetStringAsync("v1/exports/anywhere")))
+        using (JsonDocument shown = JsonDocument.Parse(await cluster.AdminAsync(HttpStatusCode.OK, c, HttpMethod.Get, "v1/exports/anywhere")))
         {
             Assert.Equal(32 * MiB, shown.RootElement.GetProperty("size").GetInt64());
             Assert.Equal("made through " + a.Name, shown.RootElement.GetProperty("description").GetString());
@@ -549,17 +566,12 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
         ToolResult list = await b.Gateway.CliAsync("export", "list");
         Assert.True(list.Succeeded && list.Stdout.Contains("anywhere", StringComparison.Ordinal), list.Describe());
 
-        using (HttpResponseMessage removed = await c.Http.DeleteAsync("v1/exports/anywhere"))
-        {
-            Assert.True(removed.StatusCode == HttpStatusCode.NoContent,
-                $"removing through {c} answered {(int)removed.StatusCode}: {await removed.Content.ReadAsStringAsync()}\n{cluster.Describe()}");
-        }
+        await cluster.AdminAsync(HttpStatusCode.NoContent, c, HttpMethod.Delete, "v1/exports/anywhere");
         HttpStatusCode afterRemove = HttpStatusCode.OK;
         for (int i = 0; i < 100 && (afterRemove != HttpStatusCode.NotFound || File.Exists(file)); i++)
         {
             await Task.Delay(i == 0 ? 0 : 100);
-            using HttpResponseMessage response = await a.Http.GetAsync("v1/exports/anywhere");
-            afterRemove = response.StatusCode;
+            (afterRemove, _) = await cluster.AdminAsync(a, HttpMethod.Get, "v1/exports/anywhere");
         }
         Assert.True(afterRemove == HttpStatusCode.NotFound, $"GET through {a} answers {(int)afterRemove} 10 s after the removal through {c}");
         Assert.False(File.Exists(file), $"{file} is still there 10 s after the removal through {c}");
