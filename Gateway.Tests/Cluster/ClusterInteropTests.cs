@@ -271,7 +271,7 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
         killed = None
         possible = {}
         s = {"cycles": 0, "good": 0, "good_after_kill": 0, "good_since_last_error": 0, "errors": {},
-             "unexpected": [], "wrong": [], "dead": None, "hung": None, "first_error": None, "last_error": None}
+             "unexpected": [], "wrong": [], "dead": None, "hung": None, "first_error": None, "last_error": None, "max_wait_s": 0}
 
         class Hung(Exception):
             pass
@@ -283,6 +283,7 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
                 if time.time() - sent > hang:
                     raise Hung(f"{op} at offset {off} sent {sent - killed if killed else -1:.1f} s after the kill got no reply within {hang} s")
                 h.poll(100)
+            s["max_wait_s"] = max(s["max_wait_s"], round(time.time() - sent, 3))
 
         def failed(op, e):
             name = e.errno or str(e.errnum)
