@@ -53,6 +53,19 @@ public static class ClusterComposition
         akka.AddHocon($"akka.cluster.roles = [{roles}]", HoconAddMode.Prepend);
         akka.AddHocon("""
             akka.cluster.failure-detector.acceptable-heartbeat-pause = 3s
+            # Each node writes to another over its own outbound connection. With passive
+            # connections, a node under full load sometimes opened a second association while the
+            # first was in use; the peer dropped the first one's system-message buffers and
+            # quarantined the node (measured here: 2 of 5 two-node starts under fio load).
+            akka.remote.use-passive-connections = off
+            # Heartbeats and gossip on their own threads: on the thread pool they queue behind
+            # the data path's work items, and a saturated node looked dead to the others.
+            akka.cluster.use-dispatcher = gateway-cluster-dispatcher
+            gateway-cluster-dispatcher {
+              type = ForkJoinDispatcher
+              throughput = 100
+              dedicated-thread-pool { thread-count = 2, threadtype = background }
+            }
             akka.cluster.split-brain-resolver.stable-after = 2s
             akka.cluster.sharding.rebalance-interval = 5s
             akka.cluster.sharding.least-shard-allocation-strategy.rebalance-absolute-limit = 5

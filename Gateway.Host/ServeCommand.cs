@@ -64,6 +64,11 @@ public static class ServeCommand
             if (options.Cluster is { } cluster)
             {
                 ClusterComposition.Configure(akka, cluster);
+                // Operators' own Akka settings (e.g. failure-detector timings), over the above.
+                if (services.GetRequiredService<IConfiguration>()["Gateway:Akka:Hocon"] is { Length: > 0 } hocon)
+                {
+                    akka.AddHocon(hocon, HoconAddMode.Prepend);
+                }
                 akka.WithGatewayCluster(backends, initial, ClusterComposition.Node(cluster), localExports, nbd, options.MaxConnections);
                 return;
             }

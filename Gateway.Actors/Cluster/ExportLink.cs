@@ -92,6 +92,17 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
 
     public bool IsLocal => _localHandle is { Closed.IsCancellationRequested: false };
 
+    /// <summary>Requests go over a working peer stream (nothing blocks before the reply comes back).</summary>
+    public bool IsRemote => _localHandle is null && _peer is { Client.IsBroken: false };
+
+    /// <summary>The peer stream requests go over now, held back until uncorked (see <see cref="PeerNbdClient.Cork"/>); null when local.</summary>
+    public PeerNbdClient? Cork()
+    {
+        PeerNbdClient? client = _localHandle is null ? _peer?.Client : null;
+        client?.Cork();
+        return client;
+    }
+
     public ValueTask ReadAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken = default) =>
         Current() is { } device ? device.ReadAsync(offset, destination, cancellationToken) : ReadSlowAsync(offset, destination, cancellationToken);
 

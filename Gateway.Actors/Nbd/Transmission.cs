@@ -43,6 +43,7 @@ public sealed class Transmission
     private readonly CancellationTokenSource _aborted = new();
 
     private RequestWork? _batch;
+    private Cluster.PeerNbdClient? _corked;
     private int _inFlight;
     private long _inFlightBytes;
     private volatile bool _draining;
@@ -322,6 +323,14 @@ public sealed class Transmission
             work.Next = _batch;
             _batch = work;
         }
+        else if (_device is Cluster.ExportLink { IsRemote: true } link)
+        {
+            // Forwarded to the owner: the request only has to be written to the peer stream
+            // (no blocking I/O here), and its reply completes it on the stream's reader. The
+            // stream is corked until the batch is parsed, so the batch goes in one write.
+            _corked ??= link.Cork();
+            work.Execute();
+        }
         else
         {
             ThreadPool.UnsafeQueueUserWorkItem(work, preferLocal: false);
@@ -330,6 +339,11 @@ public sealed class Transmission
 
     private void FlushBatch()
     {
+        if (_corked is { } corked)
+        {
+            _corked = null;
+            corked.Uncork();
+        }
         if (_batch is RequestWork head)
         {
             _batch = null;
