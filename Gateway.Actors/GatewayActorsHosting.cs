@@ -62,6 +62,7 @@ public static class GatewayActorsHosting
             var directory = new ClusterExportDirectory(registry.Get<ExportRegistryKey>(), registry.Get<ExportRegionKey>(), local, node);
             registry.Register<ConnectionSupervisorKey>(system.ActorOf(
                 ConnectionSupervisor.Props(directory, loggers.CreateLogger("Gateway.Nbd"), nbd, maxConnections), "connections"));
+            system.ActorOf(JournalWarmup.Props(), "journal-warmup");
             // Peers speak plain NBD on the cluster's network: no TLS, no client limit.
             registry.Register<PeerConnectionSupervisorKey>(system.ActorOf(
                 ConnectionSupervisor.Props(local, loggers.CreateLogger("Gateway.Peer")), "peer-connections"));

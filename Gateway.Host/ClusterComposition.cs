@@ -43,21 +43,33 @@ public static class ClusterComposition
             // survive losing either node: run 3 or more.
             SplitBrainResolver = new KeepMajorityOption(),
         });
-        // Failover within 10 s of a kill -9: a silent node is unreachable after about 3-4 s,
-        // the resolver downs it after 2 s more without membership changes, and the registry
-        // wakes its exports on the survivors within 1 s of that.
+        // Failover within 10 s of a kill -9: a silent node is unreachable after about 3 s
+        // (heartbeats every 0.5 s, 2 s of silence allowed, on dedicated threads so a busy node
+        // is not mistaken for a dead one), the resolver downs it 1.5 s later, and the registry
+        // wakes its exports on the survivors as soon as it is removed.
         // Roles given in HOCON, quoted: Akka.Cluster.Hosting writes ClusterOptions.Roles unquoted,
         // and a role holding ':' then fails to parse.
         string roles = string.Join(", ", new[] { NodeRolePrefix + cluster.NodeName, $"{PeerRolePrefix}{cluster.PublicHostname}:{cluster.Peer.Port}" }
             .Select(r => "\"" + r.Replace("\\", "\\\\").Replace("\"", "\\\"") + "\""));
         akka.AddHocon($"akka.cluster.roles = [{roles}]", HoconAddMode.Prepend);
         akka.AddHocon("""
-            akka.cluster.failure-detector.acceptable-heartbeat-pause = 3s
+            akka.cluster.failure-detector.heartbeat-interval = 500ms
+            akka.cluster.failure-detector.acceptable-heartbeat-pause = 2s
+            # Removing a downed node and handing its singletons (registry, shard coordinator)
+            # over come on the leader's tick and the hand-over retry: 1 s each by default.
+            akka.cluster.leader-actions-interval = 500ms
+            akka.cluster.singleton.hand-over-retry-interval = 200ms
+            # How often a region asks again where a shard lives while its messages wait (2 s):
+            # after a node is removed, the re-homed export's first messages wait on this.
+            akka.cluster.sharding.retry-interval = 500ms
             # Each node writes to another over its own outbound connection. With passive
             # connections, a node under full load sometimes opened a second association while the
             # first was in use; the peer dropped the first one's system-message buffers and
             # quarantined the node (measured here: 2 of 5 two-node starts under fio load).
             akka.remote.use-passive-connections = off
+            # A failed association drops messages to that node until the gate opens again: keep
+            # the gap short (queries on the data path's setup ask again; default 5 s).
+            akka.remote.retry-gate-closed-for = 1s
             # Heartbeats and gossip on their own threads: on the thread pool they queue behind
             # the data path's work items, and a saturated node looked dead to the others.
             akka.cluster.use-dispatcher = gateway-cluster-dispatcher
@@ -66,7 +78,10 @@ public static class ClusterComposition
               throughput = 100
               dedicated-thread-pool { thread-count = 2, threadtype = background }
             }
-            akka.cluster.split-brain-resolver.stable-after = 2s
+            akka.cluster.split-brain-resolver.stable-after = 1.5s
+            # Downing every node because the membership kept changing is for long instability,
+            # not a busy few seconds (the default would derive 1.1 s from stable-after).
+            akka.cluster.split-brain-resolver.down-all-when-unstable = 15s
             akka.cluster.sharding.rebalance-interval = 5s
             akka.cluster.sharding.least-shard-allocation-strategy.rebalance-absolute-limit = 5
             akka.cluster.shutdown-after-unsuccessful-join-seed-nodes = 60s

@@ -10,17 +10,35 @@ namespace Gateway.Actors.Cluster;
 /// </summary>
 public sealed class ClusterExportDirectory(IActorRef registry, IActorRef region, LocalExports local, ClusterNode self) : IExportDirectory
 {
-    private static readonly TimeSpan Timeout = TimeSpan.FromSeconds(10);
+    /// <summary>One ask; a lost message (the registry moving, a remoting association being
+    /// re-established) is asked again until <see cref="ExportLink.ResolveTimeout"/>.</summary>
+    private static readonly TimeSpan AskTimeout = TimeSpan.FromSeconds(2);
 
     public async ValueTask<IReadOnlyList<ExportInfo>> ListAsync(CancellationToken cancellationToken)
     {
-        ExportList list = await registry.Ask<ExportList>(ListExports.Instance, Timeout, cancellationToken).ConfigureAwait(false);
+        ExportList list = await AskRegistryAsync<ExportList>(ListExports.Instance, cancellationToken).ConfigureAwait(false);
         return [.. list.Exports.Select(e => e.Info ?? new ExportInfo(e.Spec.Name, e.Spec.Description, e.Spec.Size, e.Spec.ReadOnly, default) { Access = e.Spec.Access ?? ExportAccess.Open })];
     }
 
     public async ValueTask<ExportHandle?> OpenAsync(string name, CancellationToken cancellationToken)
     {
-        ExportSpecFound found = await registry.Ask<ExportSpecFound>(new GetExportSpec(name), Timeout, cancellationToken).ConfigureAwait(false);
+        ExportSpecFound found = await AskRegistryAsync<ExportSpecFound>(new GetExportSpec(name), cancellationToken).ConfigureAwait(false);
         return found.Spec is { } spec ? await ExportLink.OpenAsync(spec, region, local, self, cancellationToken).ConfigureAwait(false) : null;
+    }
+
+    private async Task<T> AskRegistryAsync<T>(object query, CancellationToken cancellationToken)
+    {
+        DateTime deadline = DateTime.UtcNow + ExportLink.ResolveTimeout;
+        while (true)
+        {
+            try
+            {
+                return await registry.Ask<T>(query, AskTimeout, cancellationToken).ConfigureAwait(false);
+            }
+            catch (AskTimeoutException) when (DateTime.UtcNow < deadline)
+            {
+                // Queries are idempotent: ask again.
+            }
+        }
     }
 }

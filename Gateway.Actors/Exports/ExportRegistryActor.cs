@@ -50,8 +50,11 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
             }
             if (_region is not null)
             {
-                // Exports whose node died come back without waiting for a client to ask.
+                // Exports whose node died come back without waiting for a client to ask: at
+                // once when the node is removed, and every second in case a wake was lost.
                 Timers.StartPeriodicTimer("wake", WakeAll.Instance, WakeInterval);
+                Akka.Cluster.Cluster.Get(Context.System).Subscribe(Self, Akka.Cluster.ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents,
+                    typeof(Akka.Cluster.ClusterEvent.MemberRemoved));
             }
             if (_catalog.Exports.Count == 0 && initialExport is not null)
             {
@@ -78,6 +81,7 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
         Command<SnapshotThenCreate>(CreateOnSnapshot);
         Command<CreateOnOverlayBase>(CreateOnOverlayBase);
         Command<ListExports>(_ => ListAll());
+        Command<Akka.Cluster.ClusterEvent.MemberRemoved>(_ => Self.Tell(WakeAll.Instance));
         Command<WakeAll>(_ =>
         {
             foreach (ExportSpec spec in _catalog.Exports.Values)
@@ -310,6 +314,15 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
         {
             SaveSnapshot(_catalog.Exports.Values.ToArray());
         }
+    }
+
+    protected override void PostStop()
+    {
+        if (_region is not null)
+        {
+            Akka.Cluster.Cluster.Get(Context.System).Unsubscribe(Self);
+        }
+        base.PostStop();
     }
 
     protected override void OnPersistFailure(Exception cause, object @event, long sequenceNr)
