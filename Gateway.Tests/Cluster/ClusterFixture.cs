@@ -155,6 +155,9 @@ public sealed class ClusterFixture : IAsyncLifetime
         return node;
     }
 
+    /// <summary>The seeds' remoting addresses (HOST:PORT), for a process started outside the fixture.</summary>
+    public IReadOnlyList<string> Seeds => _seeds;
+
     /// <summary>SIGKILL, no leave, no flush. Returns a clock started just before the signal.</summary>
     public static Stopwatch Kill(ClusterNode node)
     {
@@ -357,7 +360,7 @@ public sealed class ClusterFixture : IAsyncLifetime
     // reconnected to an NBD server).
     private static readonly HashSet<int> Reserved = [];
 
-    private static int FreePort()
+    internal static int FreePort()
     {
         int low = 32768;
         try

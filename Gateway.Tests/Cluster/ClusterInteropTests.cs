@@ -592,4 +592,78 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
         }
         Assert.Contains(view.Leader ?? "(no leader)", running.Select(n => n.Name));
     }
+
+    [Fact]
+    public async Task Readiness_is_true_only_once_the_node_has_joined_the_cluster()
+    {
+        // A node whose only seed does not answer runs (liveness) but is not ready.
+        int lonelyHealth = ClusterFixture.FreePort();
+        await using (GatewayProcess lonely = GatewayProcess.StartUnready(
+        [
+            "--remoting", $"127.0.0.1:{ClusterFixture.FreePort()}", "--seed", $"127.0.0.1:{ClusterFixture.FreePort()}",
+            "--postgres", cluster.Postgres, "--node-name", "lonely", "--health", $"127.0.0.1:{lonelyHealth}",
+        ]))
+        {
+            Assert.Equal(HttpStatusCode.OK, await ProbeAsync(lonelyHealth, Gateway.Host.Kubernetes.LivenessPath, HttpStatusCode.OK, lonely));
+            for (int i = 0; i < 3; i++)
+            {
+                await Task.Delay(1000);
+                Assert.Equal(HttpStatusCode.ServiceUnavailable, await ProbeAsync(lonelyHealth, Gateway.Host.Kubernetes.ReadinessPath, null, lonely));
+            }
+        }
+
+        // The same with the cluster's seeds: ready once it has joined, and it then serves.
+        int health = ClusterFixture.FreePort();
+        await using GatewayProcess joining = GatewayProcess.StartUnready(
+        [
+            "--remoting", $"127.0.0.1:{ClusterFixture.FreePort()}", "--peer", $"127.0.0.1:{ClusterFixture.FreePort()}",
+            .. cluster.Seeds.SelectMany(seed => new[] { "--seed", seed }),
+            "--postgres", cluster.Postgres, "--node-name", "joiner", "--health", $"127.0.0.1:{health}",
+        ], cluster.DataDirectory);
+        Assert.Equal(HttpStatusCode.OK, await ProbeAsync(health, Gateway.Host.Kubernetes.ReadinessPath, HttpStatusCode.OK, joining));
+        // Ready means joined: the leader moves it to Up on its next gossip rounds.
+        ClusterView view = await cluster.ViewAsync();
+        for (int i = 0; i < 50 && !view.Members.Any(m => m.Node == "joiner" && m.Status == "Up"); i++)
+        {
+            await Task.Delay(200);
+            view = await cluster.ViewAsync();
+        }
+        Assert.True(view.Members.Any(m => m.Node == "joiner" && m.Status == "Up"), $"ready, but not Up 10 s later in {JsonSerializer.Serialize(view)}");
+        await joining.TerminateAsync();
+        // It leaves gracefully; the other tests count the members.
+        for (int i = 0; i < 150 && view.Members.Any(m => m.Node == "joiner"); i++)
+        {
+            await Task.Delay(200);
+            view = await cluster.ViewAsync();
+        }
+        Assert.False(view.Members.Any(m => m.Node == "joiner"), $"the joiner is still a member 30 s after it stopped: {JsonSerializer.Serialize(view)}");
+        await cluster.WaitUntilUpAsync();
+    }
+
+    /// <summary>GET on the health port; with <paramref name="until"/>, polls (at most 60 s) until that status.</summary>
+    private static async Task<HttpStatusCode> ProbeAsync(int port, string path, HttpStatusCode? until, GatewayProcess gateway)
+    {
+        using var http = new HttpClient { Timeout = TimeSpan.FromSeconds(5) };
+        var clock = Stopwatch.StartNew();
+        HttpStatusCode? last = null;
+        string error = "";
+        while (clock.Elapsed < TimeSpan.FromSeconds(60))
+        {
+            try
+            {
+                using HttpResponseMessage response = await http.GetAsync($"http://127.0.0.1:{port}{path}");
+                last = response.StatusCode;
+                if (until is null || last == until)
+                {
+                    return last.Value;
+                }
+            }
+            catch (HttpRequestException e)
+            {
+                error = e.Message;
+            }
+            await Task.Delay(200);
+        }
+        throw new Xunit.Sdk.XunitException($"{path} on port {port}: last {last?.ToString() ?? error}, wanted {until}\n{gateway.Describe()}");
+    }
 }

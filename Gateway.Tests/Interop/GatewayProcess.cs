@@ -114,9 +114,12 @@ public sealed partial class GatewayProcess : IAsyncDisposable
     }
 
     /// <summary>Starts a gateway on a new temporary data folder and returns at once, before it is ready.</summary>
-    public static GatewayProcess StartUnready()
+    public static GatewayProcess StartUnready(IEnumerable<string>? extraArgs = null, string? dataDirectory = null)
     {
-        var gateway = new GatewayProcess(Directory.CreateTempSubdirectory("gateway-interop-").FullName, ownsDataDirectory: true);
+        var gateway = new GatewayProcess(dataDirectory ?? Directory.CreateTempSubdirectory("gateway-interop-").FullName, ownsDataDirectory: dataDirectory is null)
+        {
+            ExtraArgs = [.. extraArgs ?? []],
+        };
         (gateway.NbdPort, gateway.AdminPort) = (FreePort(), FreePort());
         gateway.Http = new HttpClient { BaseAddress = gateway.AdminUri, Timeout = TimeSpan.FromSeconds(30) };
         gateway.Spawn();
