@@ -25,7 +25,9 @@ public sealed record LocateExport
 /// The owner's answer: its node, its peer data endpoint, and what a client attaching to the
 /// export needs before any I/O (size, flags, context names), so a handshake costs no data stream.
 /// </summary>
-public sealed record ExportLocated(string Name, string Node, string PeerHost, int PeerPort, long Size, bool ReadOnly, int Capabilities, string[] Contexts);
+/// <remarks><paramref name="Generation"/> is new each time the export is opened somewhere: a link
+/// that sees it change knows the owner changed (see <see cref="ExportLink.FlushAsync"/>).</remarks>
+public sealed record ExportLocated(string Name, string Node, string PeerHost, int PeerPort, long Size, bool ReadOnly, int Capabilities, string[] Contexts, string Generation);
 
 /// <summary>The export was removed: purge its bitmaps, close it, answer <see cref="ExportRetired"/>.</summary>
 public sealed record RetireExport

@@ -21,6 +21,7 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers
     private readonly ILoggingAdapter _log = Context.GetLogger();
     private IActorRef? _export;
     private ExportHandle? _handle;
+    private string _generation = "";
     private IActorRef? _retiredBy;
     private bool _failed;
 
@@ -82,6 +83,7 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers
         if (_export is null)
         {
             _export = Context.ActorOf(ExportActor.Props(envelope.Spec, _backends), "export");
+            _generation = Guid.NewGuid().ToString("N");
             Context.Watch(_export);
             _log.Info("Export {0} homed on node {1}", envelope.Spec.Name, _node.Name);
         }
@@ -108,7 +110,7 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers
     }
 
     private ExportLocated Located(ExportHandle handle) => new(handle.Info.Name, _node.Name, _node.PeerHost, _node.PeerPort,
-        handle.Info.Size, handle.Info.ReadOnly, (int)handle.Info.Capabilities, [.. handle.MetaContexts.Select(c => c.Name)]);
+        handle.Info.Size, handle.Info.ReadOnly, (int)handle.Info.Capabilities, [.. handle.MetaContexts.Select(c => c.Name)], _generation);
 
     protected override SupervisorStrategy SupervisorStrategy() =>
         // As on a single node: an export whose backend fails to open is stopped, not restarted in

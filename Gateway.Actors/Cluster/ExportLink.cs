@@ -19,6 +19,8 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
 
     private static readonly TimeSpan LocateTimeout = TimeSpan.FromSeconds(1);
     private static readonly TimeSpan RetryDelay = TimeSpan.FromMilliseconds(200);
+    /// <summary>A silent address (a vanished machine) must not use up the whole resolve time.</summary>
+    private static readonly TimeSpan ConnectTimeout = TimeSpan.FromSeconds(2);
 
     private readonly ExportSpec _spec;
     private readonly IActorRef _region;
@@ -27,6 +29,9 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
     private readonly CancellationTokenSource _disposed = new();
     private readonly Lock _gate = new();
     private ExportLocated? _located;
+    private ExportLocated? _first;
+    /// <summary>The owner generation the last successful FLUSH (or the attach) went to.</summary>
+    private string _flushedGeneration;
     private ExportHandle? _localHandle;
     private PeerDevice? _peer;
     private Task? _resolving;
@@ -37,7 +42,8 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
         _region = region;
         _local = local;
         _self = self;
-        _located = located;
+        _first = located;
+        _flushedGeneration = located.Generation;
         Size = located.Size;
         IsReadOnly = located.ReadOnly;
         Capabilities = (BlockCapabilities)located.Capabilities;
@@ -72,14 +78,24 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
             catch (Exception e) when (e is AskTimeoutException or InvalidOperationException && !deadline.IsCancellationRequested)
             {
                 // The shard is moving (its node died or left): ask again until it is home.
+            }
+            catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
+            {
+                throw NoOwner(spec);
+            }
+            try
+            {
                 await Task.Delay(RetryDelay, deadline.Token).ConfigureAwait(false);
             }
             catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
             {
-                throw new BlockDeviceException(BlockErrorKind.Io, $"export '{spec.Name}' has no owner in the cluster after {ResolveTimeout.TotalSeconds:0} s");
+                throw NoOwner(spec);
             }
         }
     }
+
+    private static BlockDeviceException NoOwner(ExportSpec spec) =>
+        new(BlockErrorKind.Io, $"export '{spec.Name}' has no owner in the cluster after {ResolveTimeout.TotalSeconds:0} s");
 
     public long Size { get; }
 
@@ -109,8 +125,24 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
     public ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken = default) =>
         Current() is { } device ? device.WriteAsync(offset, source, fua, cancellationToken) : WriteSlowAsync(offset, source, fua, cancellationToken);
 
-    public async ValueTask FlushAsync(CancellationToken cancellationToken = default) =>
-        await (await TargetAsync(cancellationToken).ConfigureAwait(false)).FlushAsync(cancellationToken).ConfigureAwait(false);
+    /// <summary>
+    /// FLUSH through the current owner. When the owner changed since this link's last flush (the
+    /// old one died, or the export moved), writes completed through the old owner, on this or
+    /// any other connection, may never have reached storage: that flush fails with EIO once,
+    /// instead of answering success for writes it cannot vouch for (multi-conn).
+    /// </summary>
+    public async ValueTask FlushAsync(CancellationToken cancellationToken = default)
+    {
+        IBlockDevice target = await TargetAsync(cancellationToken).ConfigureAwait(false);
+        string generation = _located?.Generation ?? _flushedGeneration;
+        await target.FlushAsync(cancellationToken).ConfigureAwait(false);
+        if (generation != _flushedGeneration)
+        {
+            _flushedGeneration = generation;
+            throw new BlockDeviceException(BlockErrorKind.Io,
+                $"export '{_spec.Name}' changed owner since the last flush: writes completed through the old owner may be lost");
+        }
+    }
 
     public async ValueTask TrimAsync(long offset, long length, bool fua, CancellationToken cancellationToken = default) =>
         await (await TargetAsync(cancellationToken).ConfigureAwait(false)).TrimAsync(offset, length, fua, cancellationToken).ConfigureAwait(false);
@@ -127,12 +159,18 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
     /// <summary>Block status of one context, from the owner's device or over the peer stream.</summary>
     public async ValueTask<int> GetExtentsAsync(string context, long offset, uint length, Memory<MetaExtent> extents, CancellationToken cancellationToken)
     {
-        IBlockDevice target = await TargetAsync(cancellationToken).ConfigureAwait(false);
+        ExportHandle? handle = _localHandle;
+        IBlockDevice target = handle is { Closed.IsCancellationRequested: false } ? handle.Device : await TargetAsync(cancellationToken).ConfigureAwait(false);
         if (target is PeerDevice peer)
         {
             return await peer.Client.GetExtentsAsync(context, offset, length, extents, extents.Length == 1, cancellationToken).ConfigureAwait(false);
         }
-        MetaContext local = _localHandle?.MetaContexts.FirstOrDefault(c => c.Name == context)
+        handle = _localHandle;
+        if (handle is null || !ReferenceEquals(handle.Device, target))
+        {
+            throw new BlockDeviceException(BlockErrorKind.Shutdown, $"export '{_spec.Name}' moved during the request");
+        }
+        MetaContext local = handle.MetaContexts.FirstOrDefault(c => c.Name == context)
             ?? throw new BlockDeviceException(BlockErrorKind.NotSupported, $"context {context} is gone from export '{_spec.Name}'");
         return await local.GetExtentsAsync(offset, length, extents, cancellationToken).ConfigureAwait(false);
     }
@@ -173,7 +211,8 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
         {
             if (_resolving is null || _resolving.IsCompleted)
             {
-                _resolving = ResolveCoreAsync();
+                // Not under the lock, not on the caller: the resolution outlives any one request.
+                _resolving = Task.Run(ResolveCoreAsync, CancellationToken.None);
             }
             resolving = _resolving;
         }
@@ -195,8 +234,8 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
         }
         using var deadline = CancellationTokenSource.CreateLinkedTokenSource(_disposed.Token);
         deadline.CancelAfter(ResolveTimeout);
-        ExportLocated? located = _located;
-        _located = null;
+        // The owner found at attach is tried first, once; after a failure, always ask again.
+        ExportLocated? located = Interlocked.Exchange(ref _first, null);
         while (true)
         {
             try
@@ -213,9 +252,29 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
                 }
                 else
                 {
-                    _peer = new PeerDevice(await PeerNbdClient.ConnectAsync(new DnsEndPoint(located.PeerHost, located.PeerPort), _spec.Name, deadline.Token).ConfigureAwait(false));
-                    _located = located;
-                    return;
+                    using var attempt = CancellationTokenSource.CreateLinkedTokenSource(deadline.Token);
+                    attempt.CancelAfter(ConnectTimeout);
+                    PeerNbdClient client;
+                    try
+                    {
+                        client = await PeerNbdClient.ConnectAsync(new DnsEndPoint(located.PeerHost, located.PeerPort), _spec.Name, attempt.Token).ConfigureAwait(false);
+                    }
+                    catch (OperationCanceledException) when (!deadline.IsCancellationRequested)
+                    {
+                        throw new IOException($"no answer from {located.PeerHost}:{located.PeerPort} within {ConnectTimeout.TotalSeconds:0} s");
+                    }
+                    lock (_gate)
+                    {
+                        if (!_disposed.IsCancellationRequested)
+                        {
+                            _peer = new PeerDevice(client);
+                            _located = located;
+                            return;
+                        }
+                    }
+                    // The connection ended while this one was being made: nobody will close it.
+                    await client.DisposeAsync().ConfigureAwait(false);
+                    throw new BlockDeviceException(BlockErrorKind.Shutdown, "the connection ended");
                 }
             }
             catch (Exception e) when (e is PeerExportUnavailableException or IOException or System.Net.Sockets.SocketException or BlockDeviceException && !deadline.IsCancellationRequested)
@@ -241,7 +300,10 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
 
     public async ValueTask DisposeAsync()
     {
-        _disposed.Cancel();
+        lock (_gate)
+        {
+            _disposed.Cancel();
+        }
         if (_peer is { } peer)
         {
             await peer.Client.DisposeAsync().ConfigureAwait(false);

@@ -21,10 +21,16 @@ public sealed class LocalExports : IExportDirectory
 
     public IReadOnlyCollection<ExportHandle> All => [.. _handles.Values];
 
+    // As the peer listener's directory: the node that forwards a client has already applied the
+    // export's TLS, client-certificate and connection rules to that client; the peer stream
+    // itself is not a client (README: bind it to the cluster's own network).
     public ValueTask<IReadOnlyList<ExportInfo>> ListAsync(CancellationToken cancellationToken) =>
-        new([.. _handles.Values.Where(h => !h.Closed.IsCancellationRequested).Select(h => h.Info)]);
+        new([.. _handles.Values.Where(h => !h.Closed.IsCancellationRequested).Select(h => h.Info with { Access = ExportAccess.Open })]);
 
-    public ValueTask<ExportHandle?> OpenAsync(string name, CancellationToken cancellationToken) => new(Get(name));
+    public ValueTask<ExportHandle?> OpenAsync(string name, CancellationToken cancellationToken) =>
+        new(Get(name) is { } handle
+            ? new ExportHandle(handle.Info with { Access = ExportAccess.Open }, handle.Device, handle.MetaContexts, handle.Closed)
+            : null);
 
     /// <summary>Makes every completed write of every export owned here durable (graceful shutdown).</summary>
     public async Task<ExportsFlushed> FlushAllAsync()

@@ -129,7 +129,9 @@ public sealed class PeerNbdClient : IAsyncDisposable
     // ---------------------------------------------------------------- handshake
 
     /// <summary>Unacknowledged data older than this breaks the stream (TCP_USER_TIMEOUT).</summary>
-    private static readonly TimeSpan DeadOwnerTimeout = TimeSpan.FromSeconds(10);
+    // Long enough for an owner whose backend stalls (its window stays shut while it is at its
+    // in-flight limit) not to be taken for dead; cluster failover re-homes the export meanwhile.
+    private static readonly TimeSpan DeadOwnerTimeout = TimeSpan.FromSeconds(30);
 
     /// <summary>
     /// An owner whose machine vanished sends no reset: without these the stream would wait for

@@ -666,4 +666,53 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
         }
         throw new Xunit.Sdk.XunitException($"{path} on port {port}: last {last?.ToString() ?? error}, wanted {until}\n{gateway.Describe()}");
     }
+
+    private const string UnflushedScript = """
+        import nbd, os, sys, time
+        uri, pid = sys.argv[1], int(sys.argv[2])
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        h.pwrite(os.urandom(65536), 0)          # acknowledged by the owner, never flushed
+        os.kill(pid, 9)
+        deadline = time.time() + 30
+        while True:                              # the same connection, until the export is back
+            try:
+                h.pread(4096, 0)
+                break
+            except nbd.Error:
+                if time.time() > deadline:
+                    sys.exit("not served again within 30 s")
+                time.sleep(0.05)
+        try:
+            h.flush()
+            sys.exit("FLUSH after the owner died answered success for a write it cannot vouch for")
+        except nbd.Error as e:
+            if e.errnum != 5:
+                sys.exit(f"FLUSH failed with {e}, wanted EIO")
+        h.flush()                                # the loss was reported once; new writes flush as usual
+        h.shutdown()
+        print("ok: EIO once, then flushes")
+        """;
+
+    [Fact]
+    public async Task A_flush_after_the_owner_died_with_unflushed_writes_fails_with_EIO_once()
+    {
+        const string Export = "unflushed";
+        await cluster.CreateExportAsync(Three().A, new { name = Export, size = 8 * MiB });
+        ClusterNode owner = await cluster.OwnerAsync(Export);
+        ClusterNode via = cluster.Running.First(n => n != owner);
+        try
+        {
+            string script = await ScriptAsync("unflushed.py", UnflushedScript);
+            ToolResult result = await cluster.RunAsync(Python, [script, via.NbdUri(Export), owner.Gateway.ProcessId.ToString(System.Globalization.CultureInfo.InvariantCulture)]);
+            Assert.Contains("ok: EIO once, then flushes", result.Stdout);
+        }
+        finally
+        {
+            if (!owner.Gateway.IsRunning)
+            {
+                await TryRestoreAsync(() => cluster.RestartAsync(owner));
+            }
+        }
+    }
 }

@@ -38,7 +38,7 @@ public sealed class ClusterMessageSerializationTests : Akka.TestKit.Xunit2.TestK
         { "envelope+top-empty", new ExportEnvelope(Overlay, QueryTopEmpty.Instance) },
         { "envelope+add-bitmap", new ExportEnvelope(Overlay, new AddBitmap("vm1", "b1", 65536, true)) },
         { "envelope+merge", new ExportEnvelope(Overlay, new MergeBitmaps("vm1", "b1", ["b2", "b3"])) },
-        { "located", new ExportLocated("vm1", "gw2", "10.0.0.2", 4054, 1L << 30, false, 19, ["base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b1"]) },
+        { "located", new ExportLocated("vm1", "gw2", "10.0.0.2", 4054, 1L << 30, false, 19, ["base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b1"], "0f1e2d3c") },
         { "retired", new ExportRetired("vm1") },
         { "spec?", new GetExportSpec("") },
         { "spec", new ExportSpecFound(S3) },

@@ -52,6 +52,9 @@ public sealed partial class GatewayProcess : IAsyncDisposable
     public HttpClient Http { get; private set; } = null!;
     public bool IsRunning => _process is { HasExited: false };
 
+    /// <summary>The running process's id (for a client that kills the gateway itself at a chosen moment).</summary>
+    public int ProcessId => _process?.Id ?? throw new InvalidOperationException("the gateway is not started");
+
     /// <summary>The gateway's stdout and stderr so far (across restarts).</summary>
     public string Output
     {
