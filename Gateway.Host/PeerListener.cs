@@ -14,9 +14,12 @@ public sealed class PeerListener(GatewayOptions options, IRequiredActor<PeerConn
 {
     private Socket? _listener;
 
+    /// <remarks>
+    /// Starts before the actor system (and stops after it, see ServeCommand): it binds here and
+    /// waits for the peer supervisor in <see cref="ExecuteAsync"/>, which runs in the background.
+    /// </remarks>
     public override async Task StartAsync(CancellationToken cancellationToken)
     {
-        await peers.GetAsync(cancellationToken).ConfigureAwait(false);
         _listener = NbdListener.ListenTcp(options.Cluster!.Peer);
         logger.LogInformation("Peer data stream listening on {Endpoint}", _listener.LocalEndPoint);
         await base.StartAsync(cancellationToken).ConfigureAwait(false);

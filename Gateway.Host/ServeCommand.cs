@@ -52,6 +52,12 @@ public static class ServeCommand
 
         var backends = new BackendFactory(options.DataDirectory);
         var initial = new ExportSpec("disk0", GatewayOptions.InitialExportSize, new BackendSpec("file"), ReadOnly: false, "default export");
+        if (options.Cluster is not null)
+        {
+            // Registered before Akka, so it stops after Akka: other nodes keep reaching the exports
+            // this node owns until CoordinatedShutdown has handed their shards over.
+            builder.Services.AddHostedService<PeerListener>();
+        }
         builder.Services.AddAkka("gateway", (akka, services) =>
         {
             akka.ConfigureLoggers(loggers => loggers.AddLoggerFactory());
@@ -78,10 +84,6 @@ public static class ServeCommand
             akka.WithGatewayActors(backends, initial, nbd, options.MaxConnections);
         });
         builder.Services.AddHostedService<NbdListener>();
-        if (options.Cluster is not null)
-        {
-            builder.Services.AddHostedService<PeerListener>();
-        }
         builder.Services.AddGatewayTelemetry();
 
         WebApplication app = builder.Build();
