@@ -17,7 +17,7 @@ public sealed class ClusterExportDirectory(IActorRef registry, IActorRef region,
     public async ValueTask<IReadOnlyList<ExportInfo>> ListAsync(CancellationToken cancellationToken)
     {
         ExportList list = await AskRegistryAsync<ExportList>(ListExports.Instance, cancellationToken).ConfigureAwait(false);
-        return [.. list.Exports.Select(e => e.Info ?? new ExportInfo(e.Spec.Name, e.Spec.Description, e.Spec.Size, e.Spec.ReadOnly, default) { Access = e.Spec.Access ?? ExportAccess.Open })];
+        return [.. list.Exports.Select(e => e.ListedInfo())];
     }
 
     public async ValueTask<ExportHandle?> OpenAsync(string name, CancellationToken cancellationToken)

@@ -103,11 +103,6 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
 
     public BlockCapabilities Capabilities { get; }
 
-    /// <summary>The node serving this link's requests now (null before the first request).</summary>
-    public string? OwnerNode => _located?.Node;
-
-    public bool IsLocal => _localHandle is { Closed.IsCancellationRequested: false };
-
     /// <summary>Requests go over a working peer stream (nothing blocks before the reply comes back).</summary>
     public bool IsRemote => _localHandle is null && _peer is { Client.IsBroken: false };
 

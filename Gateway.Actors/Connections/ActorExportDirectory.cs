@@ -11,7 +11,7 @@ public sealed class ActorExportDirectory(IActorRef registry) : IExportDirectory
     public async ValueTask<IReadOnlyList<ExportInfo>> ListAsync(CancellationToken cancellationToken)
     {
         ExportList list = await registry.Ask<ExportList>(ListExports.Instance, Timeout, cancellationToken).ConfigureAwait(false);
-        return [.. list.Exports.Select(e => e.Info ?? new ExportInfo(e.Spec.Name, e.Spec.Description, e.Spec.Size, e.Spec.ReadOnly, default) { Access = e.Spec.Access ?? ExportAccess.Open })];
+        return [.. list.Exports.Select(e => e.ListedInfo())];
     }
 
     public async ValueTask<ExportHandle?> OpenAsync(string name, CancellationToken cancellationToken)

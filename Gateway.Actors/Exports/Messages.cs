@@ -32,7 +32,11 @@ public sealed record OpenExport(string ExportName) : IWithExportName;
 /// <remarks>Arrays in messages that cross nodes: the JSON serializer cannot rebuild the list types collection expressions make.</remarks>
 public sealed record ExportList(ExportStatus[] Exports);
 
-public sealed record ExportStatus(ExportSpec Spec, ExportInfo? Info);
+public sealed record ExportStatus(ExportSpec Spec, ExportInfo? Info)
+{
+    /// <summary>What NBD_OPT_LIST shows: the open export's info, else what the spec says (no capabilities yet).</summary>
+    public ExportInfo ListedInfo() => Info ?? new ExportInfo(Spec.Name, Spec.Description, Spec.Size, Spec.ReadOnly, default) { Access = Spec.Access ?? ExportAccess.Open };
+}
 
 public sealed record ExportOpened(ExportHandle? Handle);
 

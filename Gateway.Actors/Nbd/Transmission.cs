@@ -61,6 +61,7 @@ public sealed class Transmission
         _nonBlocking = _device as INonBlockingIo;
         _contexts = [.. session.Contexts];
         Structured = session.StructuredReplies;
+        SparseReads = Structured && _device is not Cluster.ExportLink;
         _logger = logger;
         _metrics = GatewayTelemetry.Enabled ? GatewayTelemetry.For(_export.Info.Name) : null;
     }
@@ -71,7 +72,7 @@ public sealed class Transmission
     /// Reads may be answered with holes: structured replies, and a device whose allocation is a
     /// local call (a cluster link's would be a second round trip to the owner for every read).
     /// </summary>
-    internal bool SparseReads => Structured && _device is not Cluster.ExportLink;
+    internal bool SparseReads { get; }
 
     /// <summary>Requests received on this connection so far.</summary>
     public long Requests { get; private set; }

@@ -90,47 +90,6 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
 
     // ---- cross-node multi-conn ----
 
-    /// <summary>Three connections, each through its own node: writes, zeroes, flushes and reads rotate among them.</summary>
-    private const string MultiConnScript = """
-        import os, sys
-        import nbd
-
-        names = sys.argv[1::2]
-        conns = []
-        for uri in sys.argv[2::2]:
-            h = nbd.NBD()
-            h.connect_uri(uri)
-            conns.append(h)
-        for name, h in zip(names, conns):
-            if not h.can_multi_conn():
-                sys.exit(f"the connection through {name} does not advertise NBD_FLAG_CAN_MULTI_CONN")
-        size = conns[0].get_size()
-        offsets = [0, 4096, 1 << 20, 3 * (1 << 20) + 512, 7 * (1 << 20) + 12345, size - 65536]
-        for n, off in enumerate(offsets):
-            # First round: write through the 2nd node, flush through the 3rd, read through the 1st;
-            # then the roles rotate, so every node writes, flushes and reads for the others.
-            w, f, r = (n + 1) % 3, (n + 2) % 3, n % 3
-            length = min(65536 - (n * 1000), size - off)
-            data = os.urandom(length)
-            conns[w].pwrite(data, off)
-            conns[f].flush()
-            got = conns[r].pread(length, off)
-            if got != data:
-                sys.exit(f"offset {off}: read through {names[r]} differs from the write through {names[w]} (flushed through {names[f]})")
-            # Zero on the reader, flush on the writer, read on the flusher: a stale copy would show.
-            conns[r].zero(length, off)
-            conns[w].flush()
-            if conns[f].pread(length, off) != bytes(length):
-                sys.exit(f"offset {off}: zero through {names[r]} not seen through {names[f]}")
-            data = os.urandom(length)
-            conns[f].pwrite(data, off)
-            conns[r].flush()
-            if conns[w].pread(length, off) != data:
-                sys.exit(f"offset {off}: rewrite through {names[f]} not seen through {names[w]}")
-        for h in conns:
-            h.shutdown()
-        print(f"ok: {len(offsets)} offsets consistent across {len(conns)} nodes")
-        """;
 
     [Fact]
     public async Task Multi_conn_holds_across_nodes_a_write_through_B_and_a_flush_through_C_are_read_through_A()
@@ -141,11 +100,11 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
         ClusterNode owner = await cluster.OwnerAsync("multiconn");
         Assert.Contains(owner, new[] { a, b, c }); // so at least two of the three connections go through a non-owner
 
-        string script = await ScriptAsync("multi_conn.py", MultiConnScript);
+        string script = await ScriptAsync("multi_conn.py", MultiConn.Script);
         ToolResult result = await cluster.RunAsync(Python,
             [script, a.Name, a.NbdUri("multiconn"), b.Name, b.NbdUri("multiconn"), c.Name, c.NbdUri("multiconn")]);
 
-        Assert.Contains("ok: 6 offsets consistent across 3 nodes", result.Stdout);
+        Assert.Contains("ok: 6 offsets consistent across 3 connections", result.Stdout);
     }
 
     // ---- cross-node maps ----

@@ -237,54 +237,15 @@ public sealed partial class NbdClientInteropTests(GatewayFixture fixture) : ICla
         Assert.DoesNotContain("verify:", fio.Stderr);
     }
 
-    /// <summary>For /usr/bin/python3 with the libnbd <c>nbd</c> module: three connections to one export.</summary>
-    private const string MultiConnScript = """
-        import os, sys
-        try:
-            import nbd
-        except ImportError:
-            sys.exit("the python nbd module is missing: apt-get install python3-libnbd")
-
-        uri = sys.argv[1]
-        conns = []
-        for _ in range(3):
-            h = nbd.NBD()
-            h.connect_uri(uri)
-            conns.append(h)
-        for i, h in enumerate(conns):
-            if not h.can_multi_conn():
-                sys.exit(f"connection {i + 1} does not advertise NBD_FLAG_CAN_MULTI_CONN")
-        size = conns[0].get_size()
-        offsets = [0, 4096, 1 << 20, 3 * (1 << 20) + 512, 7 * (1 << 20) + 12345, size - 65536]
-        for n, off in enumerate(offsets):
-            # First round: write on 1, flush on 2, read on 3; then the roles rotate.
-            w, f, r = n % 3, (n + 1) % 3, (n + 2) % 3
-            length = min(65536 - (n * 1000), size - off)
-            data = os.urandom(length)
-            conns[w].pwrite(data, off)
-            conns[f].flush()
-            got = conns[r].pread(length, off)
-            if got != data:
-                sys.exit(f"offset {off}: connection {r + 1} read other data than connection {w + 1} wrote (flushed on {f + 1})")
-            # And again over the same range, so a stale cached copy would show.
-            data = os.urandom(length)
-            conns[r].pwrite(data, off)
-            conns[w].flush()
-            if conns[f].pread(length, off) != data:
-                sys.exit(f"offset {off}: rewrite on connection {r + 1} not seen by connection {f + 1}")
-        for h in conns:
-            h.shutdown()
-        print(f"ok: {len(offsets)} offsets consistent across 3 connections")
-        """;
-
     [Fact]
     public async Task Multi_conn_write_on_one_connection_flush_on_another_is_read_on_a_third()
     {
         await CreateExportAsync("multiconn", 16 * MiB);
         string script = Path.Combine(_gateway.DataDirectory, "multi_conn.py");
-        await File.WriteAllTextAsync(script, MultiConnScript);
+        await File.WriteAllTextAsync(script, MultiConn.Script);
 
-        ToolResult result = await _gateway.RunAsync("/usr/bin/python3", [script, _gateway.NbdUri("multiconn")]);
+        string uri = _gateway.NbdUri("multiconn");
+        ToolResult result = await _gateway.RunAsync("/usr/bin/python3", [script, "connection 1", uri, "connection 2", uri, "connection 3", uri]);
 
         Assert.Contains("ok: 6 offsets consistent across 3 connections", result.Stdout);
     }
