@@ -270,7 +270,7 @@ public sealed class PeerNbdClient : IAsyncDisposable
                     description = Encoding.UTF8.GetString(data, 2, data.Length - 2);
                     break;
                 case InfoType.BlockSize when data.Length == 14:
-                    // 32 bits minimum, preferred, maximum: no payload over the maximum (or 32 MiB).
+                    // 32 bits minimum, preferred, maximum: no payload over the maximum (or NbdLimits.MaxPayload).
                     uint maximum = BinaryPrimitives.ReadUInt32BigEndian(data.AsSpan(10));
                     maxPayload = (int)Math.Clamp(maximum, 4096u, (uint)NbdLimits.MaxPayload);
                     break;

@@ -171,7 +171,19 @@ public static class NbdLimits
 
     public const int MinBlockSize = 1;
     public const int PreferredBlockSize = 4096;
-    public const int MaxPayload = 32 * 1024 * 1024;
+    /// <summary>
+    /// Largest READ or WRITE served, and the maximum block size advertised: 64 MiB, as nbdkit
+    /// and libnbd (whose own requests stop there); nbd-tester-client's integrityhuge log sends
+    /// up to 47.6 MiB.
+    /// </summary>
+    public const int MaxPayload = 64 * 1024 * 1024;
+
+    /// <summary>
+    /// Largest refused WRITE payload read and skipped to answer the error and go on; beyond it
+    /// the server answers the error and closes the connection (reading gigabytes to stay in
+    /// step is worse than a reconnect).
+    /// </summary>
+    public const uint MaxDiscard = 1024 * 1024 * 1024;
 
     /// <summary>Descriptors per BLOCK_STATUS chunk; the client asks again for the rest.</summary>
     public const int MaxExtentsPerReply = 1024;

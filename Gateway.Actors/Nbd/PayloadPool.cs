@@ -3,7 +3,7 @@ using System.Numerics;
 namespace Gateway.Actors.Nbd;
 
 /// <summary>
-/// Payload buffers for reads and writes, by power-of-two size class (4 KiB to 32 MiB). Unlike
+/// Payload buffers for reads and writes, by power-of-two size class (4 KiB to 64 MiB). Unlike
 /// the shared array pool, which keeps a few dozen arrays per size and core, a class here keeps
 /// up to 8 MiB of arrays, so a connection with hundreds of requests in flight reuses its buffers
 /// instead of allocating past the pool. Rentals are counted, so a buffer never returned (or
@@ -12,7 +12,7 @@ namespace Gateway.Actors.Nbd;
 public static class PayloadPool
 {
     private const int MinShift = 12;
-    private const int MaxShift = 25;
+    private const int MaxShift = 26;
     private const int RetainedBytesPerClass = 8 * 1024 * 1024;
 
     private static readonly SizeClass[] Classes =

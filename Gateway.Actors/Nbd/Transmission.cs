@@ -122,9 +122,11 @@ public sealed class Transmission
             }
             ReadOnlySequence<byte> buffer = result.Buffer;
             RequestWork? partial = null;
+            RequestWork? refused = null;
             int filled = 0;
             long discard = 0;
             bool disconnect = false;
+            ulong oversized = 0;
             bool leftover;
             try
             {
@@ -156,14 +158,25 @@ public sealed class Transmission
                     long available = Math.Min(buffer.Length, request.Length);
                     if (error != NbdError.None)
                     {
-                        // The payload must still be consumed to stay in step with the stream.
+                        if (request.Length > NbdLimits.MaxDiscard)
+                        {
+                            // More than the server will ever read to stay in step: the error, then
+                            // a hard disconnect (proto.md "Block size constraints" allows one).
+                            Start(work);
+                            oversized = request.Length;
+                            break;
+                        }
+                        // The payload is consumed before the error is answered: a client that
+                        // reads replies while it is still sending (libnbd) must never see a
+                        // reply in the middle of its own payload.
                         buffer = buffer.Slice(available);
-                        Start(work);
                         if (available < request.Length)
                         {
+                            refused = work;
                             discard = request.Length - available;
                             break;
                         }
+                        Start(work);
                         continue;
                     }
 
@@ -209,13 +222,33 @@ public sealed class Transmission
                 FlushBatch();
                 continue;
             }
-            if (discard > 0)
+            if (refused is not null)
             {
-                if (!await DiscardAsync(discard, stopping).ConfigureAwait(false))
+                bool discarded;
+                try
                 {
+                    discarded = await DiscardAsync(discard, stopping).ConfigureAwait(false);
+                }
+                catch
+                {
+                    Release(refused);
+                    throw;
+                }
+                if (!discarded)
+                {
+                    _logger.LogInformation("Client of export {Export} disconnected in the middle of a refused write payload", _export.Info.Name);
+                    Release(refused);
                     return;
                 }
+                Start(refused);
+                FlushBatch();
                 continue;
+            }
+            if (oversized > 0)
+            {
+                _logger.LogWarning("Client of export {Export} sent a {Length}-byte write, more than the {Limit} bytes the server skips: disconnecting",
+                    _export.Info.Name, oversized, NbdLimits.MaxDiscard);
+                return;
             }
             if (disconnect)
             {

@@ -52,7 +52,7 @@ public sealed partial class NbdClientInteropTests(GatewayFixture fixture) : ICla
         Assert.Contains("base:allocation", contexts);
         Assert.Equal(1, disk0.GetProperty("block_size_minimum").GetInt64());
         Assert.Equal(4096, disk0.GetProperty("block_size_preferred").GetInt64());
-        Assert.Equal(32 * MiB, disk0.GetProperty("block_size_maximum").GetInt64());
+        Assert.Equal(64 * MiB, disk0.GetProperty("block_size_maximum").GetInt64());
     }
 
     [Fact]
@@ -222,6 +222,70 @@ public sealed partial class NbdClientInteropTests(GatewayFixture fixture) : ICla
         Assert.True(truth.SequenceEqual(nbd),
             $"nbdinfo --map disagrees with the file\nfile:    {FileExtents.Format(truth)}\nnbdinfo: {FileExtents.Format(nbd)}\n{nbdMap.Stdout}");
     }
+
+    /// <summary>
+    /// Writes up to the advertised 64 MiB maximum from libnbd and qemu-io, and refused writes of
+    /// 4 and 40 MiB: libnbd reads replies while it is still sending a payload, so an error
+    /// answered before the payload was read would desynchronise it ("no matching cookie").
+    /// </summary>
+    [Fact]
+    public async Task Writes_up_to_64_MiB_succeed_and_refused_large_writes_keep_the_connection()
+    {
+        await CreateExportAsync("big", 256 * MiB);
+        await CreateExportAsync("big-ro", 64 * MiB, readOnly: true);
+        string script = Path.Combine(_gateway.DataDirectory, "large_requests.py");
+        await File.WriteAllTextAsync(script, LargeRequestsScript);
+
+        ToolResult result = await _gateway.RunAsync("/usr/bin/python3", [script, _gateway.NbdUri("big"), _gateway.NbdUri("big-ro")],
+            timeout: TimeSpan.FromSeconds(120));
+
+        Assert.Contains("ok: 33, 48, 64 MiB written and read back; 4, 40 MiB refused writes answered EPERM, ENOSPC, EINVAL in step", result.Stdout);
+
+        ToolResult qemu = await QemuIoAsync("big",
+            "write -P 0x21 0 33M", "write -P 0x30 40M 48M", "write -P 0x40 96M 64M", "write -P 0x41 160M 65M",
+            "read -P 0x21 0 33M", "read -P 0x30 40M 48M", "read -P 0x40 96M 64M", "read -P 0x41 160M 65M");
+        Assert.DoesNotContain("failed", qemu.Stdout + qemu.Stderr);
+        Assert.Equal(4, Regex.Matches(qemu.Stdout, @"^read \d+/\d+ bytes", RegexOptions.Multiline).Count);
+    }
+
+    private const string LargeRequestsScript = """
+        import errno
+        import sys
+        import nbd
+
+        MiB = 1 << 20
+        rw = nbd.NBD()
+        rw.connect_uri(sys.argv[1])
+        assert rw.get_block_size(nbd.SIZE_MAXIMUM) == 64 * MiB, rw.get_block_size(nbd.SIZE_MAXIMUM)
+        for size in (33, 48, 64):
+            data = bytes([size]) * (size * MiB)
+            rw.pwrite(data, MiB)
+            assert rw.pread(size * MiB, MiB) == data, f"{size} MiB read back differs"
+
+        # Not strict: libnbd then sends what it would refuse itself, and the server must answer.
+        def refused(handle, expected, size, offset, flags=0):
+            try:
+                handle.pwrite(bytes(size * MiB), offset, flags)
+            except nbd.Error as e:
+                assert e.errnum == expected, f"{size} MiB write: {e}"
+            else:
+                sys.exit(f"{size} MiB write at {offset} was not refused")
+            assert handle.pread(4096, 0) is not None  # the same connection goes on
+
+        ro = nbd.NBD()
+        ro.set_strict_mode(0)
+        ro.connect_uri(sys.argv[2])
+        strict_off = nbd.NBD()
+        strict_off.set_strict_mode(0)
+        strict_off.connect_uri(sys.argv[1])
+        size = strict_off.get_size()
+        for mib in (4, 40):
+            refused(ro, errno.EPERM, mib, 0)
+            refused(strict_off, errno.ENOSPC, mib, size - 2 * MiB)  # past the end
+            refused(strict_off, errno.EINVAL, mib, 0, 0x80)         # a flag WRITE does not take
+        assert strict_off.pread(64, MiB) == bytes([64]) * 64
+        print("ok: 33, 48, 64 MiB written and read back; 4, 40 MiB refused writes answered EPERM, ENOSPC, EINVAL in step")
+        """;
 
     [Fact]
     public async Task Fio_nbd_engine_random_writes_verify_with_crc32c()

@@ -26,7 +26,7 @@ public sealed class BadInputTests : IAsyncLifetime
 {
     private const int KiB = 1024;
     private const int MiB = 1024 * KiB;
-    private const long RwSize = 64L * MiB; // larger than NBD's 32 MiB payload limit
+    private const long RwSize = 128L * MiB; // larger than the 64 MiB payload limit
     private const long RoSize = 1L * MiB;
     private const string Rw = "rw";
     private const string Ro = "ro";
@@ -197,7 +197,7 @@ public sealed class BadInputTests : IAsyncLifetime
         Assert.False(client.ExportFlags.HasFlag(TransmissionFlags.ReadOnly));
         Assert.Equal(Rw, Encoding.UTF8.GetString(infos[InfoType.Name]));
         Assert.Equal("read-write test export", Encoding.UTF8.GetString(infos[InfoType.Description]));
-        Assert.Equal(Convert.FromHexString("00000001" + "00001000" + "02000000"), infos[InfoType.BlockSize]);
+        Assert.Equal(Convert.FromHexString("00000001" + "00001000" + "04000000"), infos[InfoType.BlockSize]);
     }
 
     [Theory]
@@ -627,7 +627,7 @@ public sealed class BadInputTests : IAsyncLifetime
     }
 
     [Fact]
-    public async Task Read_over_32_MiB_returns_EINVAL()
+    public async Task Read_over_the_maximum_payload_returns_EINVAL()
     {
         await using RawClient client = await OpenAsync();
 
@@ -638,7 +638,7 @@ public sealed class BadInputTests : IAsyncLifetime
     }
 
     [Fact]
-    public async Task Read_of_exactly_32_MiB_succeeds()
+    public async Task Read_of_exactly_the_maximum_payload_succeeds()
     {
         await using RawClient client = await OpenAsync(Rw, structured: false);
         await _rw.WriteAsync(NbdLimits.MaxPayload - 1, new byte[] { 0x5A }, fua: false);
@@ -650,7 +650,22 @@ public sealed class BadInputTests : IAsyncLifetime
     }
 
     [Fact]
-    public async Task Write_over_32_MiB_returns_EINVAL_and_skips_the_payload()
+    public async Task Write_of_exactly_the_maximum_payload_succeeds()
+    {
+        await using RawClient client = await OpenAsync();
+        byte[] payload = RawClient.Pattern(NbdLimits.MaxPayload, 3);
+
+        NbdReply reply = await client.WriteAsync(MiB, payload);
+
+        Assert.Equal(NbdError.None, reply.Error);
+        byte[] stored = new byte[payload.Length];
+        await _rw.ReadAsync(MiB, stored);
+        Assert.True(stored.AsSpan().SequenceEqual(payload), "the 64 MiB write did not store its payload");
+        await client.AssertWorksAsync();
+    }
+
+    [Fact]
+    public async Task Write_over_the_maximum_payload_returns_EINVAL_and_skips_the_payload()
     {
         await using RawClient client = await OpenAsync();
         int length = NbdLimits.MaxPayload + 1;
@@ -661,6 +676,53 @@ public sealed class BadInputTests : IAsyncLifetime
         Assert.Equal(NbdError.Inval, reply.Error);
         Assert.Equal(new byte[64 * KiB], (await client.ReadAsync(0, 64 * KiB)).Data(0, 64 * KiB));
         await client.AssertWorksAsync();
+    }
+
+    /// <summary>
+    /// A refused WRITE is answered only once its whole payload has been read (proto.md: the
+    /// server must stay in step with the stream): a client that reads replies while it is still
+    /// sending (libnbd) would otherwise take the reply for part of a later one, or wait forever.
+    /// </summary>
+    [Theory]
+    [InlineData(Ro, 0u, 0u, 4 * MiB, NbdError.Perm)]                       // read-only export
+    [InlineData(Rw, 0u, 0x80u, 4 * MiB, NbdError.Inval)]                   // a flag WRITE does not take
+    [InlineData(Rw, 126u * MiB, 0u, 4 * MiB, NbdError.NoSpc)]              // past the end
+    [InlineData(Rw, 0u, 0u, NbdLimits.MaxPayload + 1, NbdError.Inval)]     // over the maximum payload
+    public async Task Refused_write_is_answered_after_its_whole_payload(string export, uint offset, uint flags, int length, NbdError expected)
+    {
+        await using RawClient client = await OpenAsync(export);
+        byte[] payload = PayloadLookingLikeRequests(length);
+        const ulong cookie = 0x51;
+        client.Expect(NbdCommand.Write, cookie, (uint)length);
+
+        byte[] header = RawClient.Request(NbdCommand.Write, (CommandFlags)flags, cookie, offset, (uint)length);
+        await client.SendAsync(header);
+        await client.SendAsync(payload.AsMemory(0, MiB));
+        Assert.True(client.SilentFor(TimeSpan.FromMilliseconds(500)), "the server replied in the middle of the write's payload");
+        await client.SendAsync(payload.AsMemory(MiB));
+        NbdReply reply = await client.ReadReplyAsync();
+
+        Assert.Equal(cookie, reply.Cookie);
+        Assert.Equal(expected, reply.Error);
+        NbdReply read = await client.ReadAsync(0, 4096);
+        Assert.Equal(NbdError.None, read.Error);
+        Assert.Equal(new byte[4096], read.Data(0, 4096)); // the refused write wrote nothing
+    }
+
+    [Fact]
+    public async Task Write_beyond_what_the_server_skips_gets_EINVAL_then_a_clean_close()
+    {
+        await using RawClient client = await OpenAsync();
+        const ulong cookie = 0x52;
+        client.Expect(NbdCommand.Write, cookie, NbdLimits.MaxDiscard + 1);
+
+        await client.SendAsync(RawClient.Request(NbdCommand.Write, CommandFlags.None, cookie, 0, NbdLimits.MaxDiscard + 1));
+        NbdReply reply = await client.ReadReplyAsync();
+
+        Assert.Equal(cookie, reply.Cookie);
+        Assert.Equal(NbdError.Inval, reply.Error);
+        Assert.True(await client.ServerClosedAsync(), "the server kept a connection whose payload it will not read");
+        await AssertServerStillWorksAsync();
     }
 
     [Theory]

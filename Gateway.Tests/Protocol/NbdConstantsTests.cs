@@ -178,7 +178,7 @@ public sealed class NbdConstantsTests
     public void Limits_and_header_sizes_match_the_spec()
     {
         Assert.Equal(4096, NbdLimits.MaxString);            // "Strings ... MUST be no longer than 4096 bytes"
-        Assert.Equal(32 * 1024 * 1024, NbdLimits.MaxPayload);
+        Assert.Equal(64 * 1024 * 1024, NbdLimits.MaxPayload);
         Assert.Equal(1, NbdLimits.MinBlockSize);
         Assert.Equal(4096, NbdLimits.PreferredBlockSize);
         Assert.Equal(4 + 2 + 2 + 8 + 8 + 4, NbdLimits.RequestHeaderSize);

@@ -587,6 +587,9 @@ public sealed class RawClient : IAsyncDisposable
         }
     }
 
+    /// <summary>True when the server sends nothing (and does not close) for <paramref name="period"/>.</summary>
+    public bool SilentFor(TimeSpan period) => !_socket.Poll(period, SelectMode.SelectRead);
+
     /// <summary>Closes the connection abortively: the server sees a reset rather than an orderly close.</summary>
     public void Reset()
     {
