@@ -18,7 +18,7 @@ public sealed class DirtyBitmapContext(string bitmapName, DirtyBitmap bits) : Me
 
     public DirtyBitmap Bits { get; } = bits;
 
-    public override ValueTask<int> GetExtentsAsync(long offset, uint length, Memory<MetaExtent> extents, CancellationToken cancellationToken)
+    public override ValueTask<int> GetExtentsAsync(long offset, long length, Memory<MetaExtent> extents, CancellationToken cancellationToken)
     {
         int max = Math.Min(extents.Length, 64);
         Span<long> lengths = stackalloc long[max];
@@ -27,13 +27,13 @@ public sealed class DirtyBitmapContext(string bitmapName, DirtyBitmap bits) : Me
         if (n == 0)
         {
             // Beyond what the bitmap covers (cannot happen for checked requests): report clean.
-            extents.Span[0] = new MetaExtent(length, 0);
+            extents.Span[0] = new MetaExtent((ulong)length, 0);
             return new ValueTask<int>(1);
         }
         Span<MetaExtent> span = extents.Span;
         for (int i = 0; i < n; i++)
         {
-            span[i] = new MetaExtent((uint)lengths[i], dirty[i] ? StateDirty : 0);
+            span[i] = new MetaExtent((ulong)lengths[i], dirty[i] ? StateDirty : 0);
         }
         return new ValueTask<int>(n);
     }

@@ -152,13 +152,14 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
         await (await TargetAsync(cancellationToken).ConfigureAwait(false)).GetAllocationAsync(offset, length, extents, cancellationToken).ConfigureAwait(false);
 
     /// <summary>Block status of one context, from the owner's device or over the peer stream.</summary>
-    public async ValueTask<int> GetExtentsAsync(string context, long offset, uint length, Memory<MetaExtent> extents, CancellationToken cancellationToken)
+    public async ValueTask<int> GetExtentsAsync(string context, long offset, long length, Memory<MetaExtent> extents, CancellationToken cancellationToken)
     {
         ExportHandle? handle = _localHandle;
         IBlockDevice target = handle is { Closed.IsCancellationRequested: false } ? handle.Device : await TargetAsync(cancellationToken).ConfigureAwait(false);
         if (target is PeerDevice peer)
         {
-            return await peer.Client.GetExtentsAsync(context, offset, length, extents, extents.Length == 1, cancellationToken).ConfigureAwait(false);
+            // The peer stream has compact headers: the hint is capped at 32 bits (the owner MAY answer less).
+            return await peer.Client.GetExtentsAsync(context, offset, (uint)Math.Min(length, uint.MaxValue), extents, extents.Length == 1, cancellationToken).ConfigureAwait(false);
         }
         handle = _localHandle;
         if (handle is null || !ReferenceEquals(handle.Device, target))
@@ -310,7 +311,7 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
     /// <summary>A metadata context of the export, answered wherever the export lives.</summary>
     private sealed class LinkContext(string name, ExportLink link) : MetaContext(name)
     {
-        public override ValueTask<int> GetExtentsAsync(long offset, uint length, Memory<MetaExtent> extents, CancellationToken cancellationToken) =>
+        public override ValueTask<int> GetExtentsAsync(long offset, long length, Memory<MetaExtent> extents, CancellationToken cancellationToken) =>
             link.GetExtentsAsync(Name, offset, length, extents, cancellationToken);
     }
 
@@ -343,7 +344,7 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
             int n = await Client.GetExtentsAsync(NbdLimits.BaseAllocation, offset, (uint)Math.Min(length, uint.MaxValue), buffer, buffer.Length == 1, cancellationToken).ConfigureAwait(false);
             for (int i = 0; i < n; i++)
             {
-                extents.Span[i] = new Extent(buffer[i].Length, (ExtentFlags)buffer[i].Status);
+                extents.Span[i] = new Extent((long)buffer[i].Length, (ExtentFlags)buffer[i].Status);
             }
             return n;
         }

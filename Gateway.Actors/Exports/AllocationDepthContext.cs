@@ -12,14 +12,14 @@ public sealed class AllocationDepthContext(OverlayBackend overlay) : MetaContext
     public new const string Name = "qemu:allocation-depth";
     private const int Batch = 64;
 
-    public override ValueTask<int> GetExtentsAsync(long offset, uint length, Memory<MetaExtent> extents, CancellationToken cancellationToken)
+    public override ValueTask<int> GetExtentsAsync(long offset, long length, Memory<MetaExtent> extents, CancellationToken cancellationToken)
     {
         Span<DepthExtent> depths = stackalloc DepthExtent[Math.Min(Batch, extents.Length)];
         int n = overlay.GetDepth(offset, length, depths);
         Span<MetaExtent> span = extents.Span;
         for (int i = 0; i < n; i++)
         {
-            span[i] = new MetaExtent((uint)depths[i].Length, depths[i].Depth);
+            span[i] = new MetaExtent((ulong)depths[i].Length, depths[i].Depth);
         }
         return ValueTask.FromResult(n);
     }

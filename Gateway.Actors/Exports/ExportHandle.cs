@@ -54,7 +54,7 @@ public abstract class MetaContext(string name)
     /// Fills <paramref name="extents"/> with consecutive descriptors from <paramref name="offset"/>
     /// covering at most <paramref name="length"/> bytes; returns how many (at least one).
     /// </summary>
-    public abstract ValueTask<int> GetExtentsAsync(long offset, uint length, Memory<MetaExtent> extents, CancellationToken cancellationToken);
+    public abstract ValueTask<int> GetExtentsAsync(long offset, long length, Memory<MetaExtent> extents, CancellationToken cancellationToken);
 }
 
 /// <summary><c>base:allocation</c> read from the device's allocation map.</summary>
@@ -62,7 +62,7 @@ public sealed class BaseAllocationContext(IBlockDevice device) : MetaContext(Nbd
 {
     private const int Batch = 64;
 
-    public override async ValueTask<int> GetExtentsAsync(long offset, uint length, Memory<MetaExtent> extents, CancellationToken cancellationToken)
+    public override async ValueTask<int> GetExtentsAsync(long offset, long length, Memory<MetaExtent> extents, CancellationToken cancellationToken)
     {
         Extent[] buffer = System.Buffers.ArrayPool<Extent>.Shared.Rent(Math.Min(Batch, extents.Length));
         try
@@ -71,7 +71,7 @@ public sealed class BaseAllocationContext(IBlockDevice device) : MetaContext(Nbd
             Span<MetaExtent> span = extents.Span;
             for (int i = 0; i < n; i++)
             {
-                span[i] = new MetaExtent((uint)buffer[i].Length, (uint)buffer[i].Flags);
+                span[i] = new MetaExtent((ulong)buffer[i].Length, (uint)buffer[i].Flags);
             }
             return n;
         }

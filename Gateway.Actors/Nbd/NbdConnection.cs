@@ -44,8 +44,9 @@ public static class NbdConnection
             {
                 return;
             }
-            logger.LogInformation("NBD connection from {Client} to export {Export}: {Transport}, structured replies {Structured}, contexts [{Contexts}]",
-                client, session.Export.Info.Name, tls is null ? "plaintext" : $"{tls.SslProtocol} {tls.NegotiatedCipherSuite}", session.StructuredReplies,
+            logger.LogInformation("NBD connection from {Client} to export {Export}: {Transport}, {Headers} headers, structured replies {Structured}, contexts [{Contexts}]",
+                client, session.Export.Info.Name, tls is null ? "plaintext" : $"{tls.SslProtocol} {tls.NegotiatedCipherSuite}",
+                session.ExtendedHeaders ? "extended" : "compact", session.StructuredReplies || session.ExtendedHeaders,
                 string.Join(", ", session.Contexts.Select(c => c.Context.Name)));
             // Large reads go straight to the stream under the pipe: after STARTTLS that is the TLS stream.
             var transmission = new Transmission(input, output, tls ?? stream, session, logger);

@@ -17,6 +17,12 @@ public static class NbdMagic
     public const uint Request = 0x25609513;
     public const uint SimpleReply = 0x67446698;
     public const uint StructuredReply = 0x668e33ef;
+
+    /// <summary>NBD_EXTENDED_REQUEST_MAGIC: the 32-byte request header of extended headers.</summary>
+    public const uint ExtendedRequest = 0x21e41c71;
+
+    /// <summary>NBD_EXTENDED_REPLY_MAGIC: the 32-byte reply chunk header of extended headers.</summary>
+    public const uint ExtendedReply = 0x6e8a278c;
 }
 
 [Flags]
@@ -191,6 +197,8 @@ public static class NbdLimits
     public const int RequestHeaderSize = 28;
     public const int SimpleReplyHeaderSize = 16;
     public const int StructuredReplyHeaderSize = 20;
+    public const int ExtendedRequestHeaderSize = 32;
+    public const int ExtendedReplyHeaderSize = 32;
 
     public const string BaseAllocation = "base:allocation";
 }

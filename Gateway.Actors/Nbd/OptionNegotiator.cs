@@ -10,7 +10,8 @@ using Microsoft.Extensions.Logging;
 namespace Gateway.Actors.Nbd;
 
 /// <summary>What the handshake settled: the export and the mode of the transmission phase.</summary>
-public sealed record NegotiatedSession(ExportHandle Export, bool StructuredReplies, IReadOnlyList<SelectedContext> Contexts);
+/// <param name="ExtendedHeaders">NBD_OPT_EXTENDED_HEADERS was acknowledged: 32-byte headers, 64-bit lengths, chunked replies only.</param>
+public sealed record NegotiatedSession(ExportHandle Export, bool StructuredReplies, IReadOnlyList<SelectedContext> Contexts, bool ExtendedHeaders = false);
 
 /// <summary>A metadata context selected with SET_META_CONTEXT, under the id the client was given.</summary>
 public sealed record SelectedContext(uint Id, MetaContext Context);
@@ -43,6 +44,7 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
 {
     private readonly NbdServerSettings _settings = settings ?? NbdServerSettings.Default;
     private bool _structured;
+    private bool _extended;
     private bool _noZeroes;
     private string? _contextExport;
     private List<(uint Id, string Name)> _selected = [];
@@ -88,6 +90,7 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
         _tls = true;
         _identity = identity;
         _structured = false;
+        _extended = false;
         _contextExport = null;
         _selected = [];
         return OptionsAsync(cancellationToken);
@@ -153,6 +156,12 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
             switch (option)
             {
                 case NbdOption.ExportName:
+                    if (_extended)
+                    {
+                        // proto.md: "a client that has used NBD_OPT_EXTENDED_HEADERS ... MUST NOT use this option",
+                        // and EXPORT_NAME has no error reply.
+                        throw new NbdProtocolException("EXPORT_NAME after extended headers were negotiated");
+                    }
                     return await ExportNameAsync(data, cancellationToken).ConfigureAwait(false);
                 case NbdOption.Abort:
                     // The spec lets the server answer ACK before closing; clients tolerate either.
@@ -174,12 +183,34 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
                     {
                         await ReplyErrorAsync(option, OptionReplyType.ErrInvalid, "STRUCTURED_REPLY takes no data", cancellationToken).ConfigureAwait(false);
                     }
+                    else if (_extended)
+                    {
+                        // Extended headers take precedence and cannot be downgraded.
+                        await ReplyErrorAsync(option, OptionReplyType.ErrExtHeaderReqd, "extended headers are already negotiated", cancellationToken).ConfigureAwait(false);
+                    }
                     else if (_structured)
                     {
                         await ReplyErrorAsync(option, OptionReplyType.ErrInvalid, "structured replies already negotiated", cancellationToken).ConfigureAwait(false);
                     }
                     else
                     {
+                        _structured = true;
+                        await ReplyAsync(option, OptionReplyType.Ack, ReadOnlyMemory<byte>.Empty, cancellationToken).ConfigureAwait(false);
+                    }
+                    break;
+                case NbdOption.ExtendedHeaders:
+                    if (length != 0)
+                    {
+                        await ReplyErrorAsync(option, OptionReplyType.ErrInvalid, "EXTENDED_HEADERS takes no data", cancellationToken).ConfigureAwait(false);
+                    }
+                    else if (_extended)
+                    {
+                        await ReplyErrorAsync(option, OptionReplyType.ErrInvalid, "extended headers already negotiated", cancellationToken).ConfigureAwait(false);
+                    }
+                    else
+                    {
+                        // Extended headers imply chunked replies: everything structured replies allow.
+                        _extended = true;
                         _structured = true;
                         await ReplyAsync(option, OptionReplyType.Ack, ReadOnlyMemory<byte>.Empty, cancellationToken).ConfigureAwait(false);
                     }
@@ -201,9 +232,22 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
         }
     }
 
-    // proto.md "Transmission flags": SEND_DF "MUST [be left] clear if structured replies have not been negotiated".
-    private TransmissionFlags AdvertisedFlags(ExportInfo info) =>
-        _structured ? info.TransmissionFlags : info.TransmissionFlags & ~TransmissionFlags.SendDf;
+    // proto.md "Transmission flags": SEND_DF "MUST [be left] clear if structured replies have not been
+    // negotiated"; BLOCK_STATUS_PAYLOAD MUST NOT be set without extended headers, and SHOULD NOT be
+    // without metadata contexts selected.
+    private TransmissionFlags AdvertisedFlags(ExportInfo info)
+    {
+        TransmissionFlags flags = info.TransmissionFlags & ~TransmissionFlags.BlockStatusPayload;
+        if (!_structured)
+        {
+            flags &= ~TransmissionFlags.SendDf;
+        }
+        if (_extended && _selected.Count > 0 && _contextExport == info.Name)
+        {
+            flags |= TransmissionFlags.BlockStatusPayload;
+        }
+        return flags;
+    }
 
     /// <summary>
     /// NBD_OPT_STARTTLS (proto.md "TLS support"). True once ACKed: the caller must then start the
@@ -314,7 +358,7 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
         span[10..size].Clear();
         output.Advance(size);
         await output.FlushAsync(cancellationToken).ConfigureAwait(false);
-        return new NegotiationOutcome(NegotiationEnd.Attached, new NegotiatedSession(export, _structured, ResolveContexts(export)));
+        return new NegotiationOutcome(NegotiationEnd.Attached, new NegotiatedSession(export, _structured, ResolveContexts(export), _extended));
     }
 
     private async Task ListAsync(byte[] data, CancellationToken cancellationToken)
@@ -431,7 +475,7 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
         {
             _selected = [];
         }
-        return new NegotiatedSession(export, _structured, ResolveContexts(export));
+        return new NegotiatedSession(export, _structured, ResolveContexts(export), _extended);
     }
 
     private IReadOnlyList<SelectedContext> ResolveContexts(ExportHandle export)

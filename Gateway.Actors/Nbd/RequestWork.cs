@@ -44,6 +44,7 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
         ErrorOffset = null;
         Bytes = bytes;
         _segmentCount = 0;
+        _skipContext = null;
     }
 
     public void Execute() => _ = ExecuteAsync();
@@ -99,17 +100,17 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
                     await device.FlushAsync(cancel).ConfigureAwait(false);
                     break;
                 case NbdCommand.Trim:
-                    await device.TrimAsync(offset, request.Length, request.Flags.HasFlag(CommandFlags.Fua), cancel).ConfigureAwait(false);
+                    await device.TrimAsync(offset, (long)request.Length, request.Flags.HasFlag(CommandFlags.Fua), cancel).ConfigureAwait(false);
                     break;
                 case NbdCommand.WriteZeroes:
                     var flags = ZeroFlags.None;
                     if (request.Flags.HasFlag(CommandFlags.Fua)) flags |= ZeroFlags.Fua;
                     if (request.Flags.HasFlag(CommandFlags.NoHole)) flags |= ZeroFlags.NoHole;
                     if (request.Flags.HasFlag(CommandFlags.FastZero)) flags |= ZeroFlags.FastZero;
-                    await device.ZeroAsync(offset, request.Length, flags, cancel).ConfigureAwait(false);
+                    await device.ZeroAsync(offset, (long)request.Length, flags, cancel).ConfigureAwait(false);
                     break;
                 case NbdCommand.Cache:
-                    await device.CacheAsync(offset, request.Length, cancel).ConfigureAwait(false);
+                    await device.CacheAsync(offset, (long)request.Length, cancel).ConfigureAwait(false);
                     break;
                 case NbdCommand.BlockStatus:
                     await BlockStatusAsync(offset, cancel).ConfigureAwait(false);
@@ -187,11 +188,51 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
             _statusExtents = new MetaExtent[contexts.Length * NbdLimits.MaxExtentsPerReply];
             _statusCounts = new int[contexts.Length];
         }
+        long length = (long)Request.Length;
+        if (Request.Flags.HasFlag(CommandFlags.PayloadLen))
+        {
+            length = SelectContexts(contexts);
+        }
         for (int i = 0; i < contexts.Length; i++)
         {
-            _statusCounts![i] = await contexts[i].Context.GetExtentsAsync(offset, Request.Length,
+            _statusCounts![i] = _skipContext?[i] == true ? 0 : await contexts[i].Context.GetExtentsAsync(offset, length,
                 _statusExtents.AsMemory(i * NbdLimits.MaxExtentsPerReply, max), cancel).ConfigureAwait(false);
         }
+    }
+
+    private bool[]? _skipContext;
+
+    /// <summary>
+    /// The payload form of NBD_CMD_BLOCK_STATUS (extended headers, NBD_FLAG_BLOCK_STATUS_PAYLOAD):
+    /// 64 bits effect length, then n * 32 bits ids of the contexts to answer for. Marks the others
+    /// to skip and returns the effect length; duplicate or unknown ids are EINVAL (proto.md).
+    /// </summary>
+    private long SelectContexts(SelectedContext[] contexts)
+    {
+        int payload = (int)Request.Length;
+        if (payload < 12 || (payload - 8) % 4 != 0)
+        {
+            throw new BlockDeviceException(BlockErrorKind.InvalidArgument, $"a BLOCK_STATUS payload of {payload} bytes is not 8 + n*4 with n > 0");
+        }
+        ReadOnlySpan<byte> data = Buffer.AsSpan(0, payload);
+        ulong effect = System.Buffers.Binary.BinaryPrimitives.ReadUInt64BigEndian(data);
+        if (effect == 0 || Request.Offset > owner.ExportSize || effect > owner.ExportSize - Request.Offset)
+        {
+            throw new BlockDeviceException(BlockErrorKind.InvalidArgument, $"effect length {effect} at {Request.Offset} is zero or beyond the end");
+        }
+        _skipContext ??= new bool[contexts.Length];
+        _skipContext.AsSpan().Fill(true);
+        for (int at = 8; at < payload; at += 4)
+        {
+            uint id = System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(data[at..]);
+            int index = Array.FindIndex(contexts, c => c.Id == id);
+            if (index < 0 || !_skipContext[index])
+            {
+                throw new BlockDeviceException(BlockErrorKind.InvalidArgument, $"context id {id} is unknown or named twice");
+            }
+            _skipContext[index] = false;
+        }
+        return (long)effect;
     }
 
     /// <summary>Data chunks at least this long go straight from the payload buffer to the socket
@@ -206,12 +247,14 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
     public ValueTask WriteReplyAsync(PipeWriter output, Stream direct)
     {
         ulong cookie = Request.Cookie;
+        // Extended headers answer everything with (extended) chunks; never a simple reply.
         bool structured = owner.Structured;
+        var to = new ReplyTo(cookie, Request.Offset, owner.Extended);
         if (Error != NbdError.None)
         {
             if (structured)
             {
-                Replies.WriteError(output, cookie, Error, ErrorOffset);
+                Replies.WriteError(output, to, Error, ErrorOffset);
             }
             else
             {
@@ -227,20 +270,28 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
                 return WriteDataAsync(output, direct, Buffer.AsMemory(0, (int)Request.Length));
             case NbdCommand.Read:
                 return _segmentCount == 1 && (_segments![0].Flags & ExtentFlags.Hole) == 0
-                    ? WriteSingleChunkAsync(output, direct)
-                    : WriteChunksAsync(output, direct);
+                    ? WriteSingleChunkAsync(output, direct, to)
+                    : WriteChunksAsync(output, direct, to);
             case NbdCommand.BlockStatus:
                 SelectedContext[] contexts = owner.Contexts;
-                for (int i = 0; i < contexts.Length; i++)
+                int last = contexts.Length - 1;
+                while (last > 0 && _skipContext?[last] == true)
                 {
-                    Replies.WriteBlockStatus(output, cookie, i == contexts.Length - 1, contexts[i].Id,
-                        _statusExtents.AsSpan(i * NbdLimits.MaxExtentsPerReply, _statusCounts![i]));
+                    last--;
+                }
+                for (int i = 0; i <= last; i++)
+                {
+                    if (_skipContext?[i] != true)
+                    {
+                        Replies.WriteBlockStatus(output, to, i == last, contexts[i].Id,
+                            _statusExtents.AsSpan(i * NbdLimits.MaxExtentsPerReply, _statusCounts![i]));
+                    }
                 }
                 return ValueTask.CompletedTask;
             default:
                 if (structured)
                 {
-                    Replies.WriteDone(output, cookie);
+                    Replies.WriteDone(output, to);
                 }
                 else
                 {
@@ -250,13 +301,13 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
         }
     }
 
-    private ValueTask WriteSingleChunkAsync(PipeWriter output, Stream direct)
+    private ValueTask WriteSingleChunkAsync(PipeWriter output, Stream direct, ReplyTo to)
     {
-        Replies.WriteOffsetDataHeader(output, Request.Cookie, done: true, Request.Offset, (int)Request.Length);
+        Replies.WriteOffsetDataHeader(output, to, done: true, Request.Offset, (int)Request.Length);
         return WriteDataAsync(output, direct, Buffer.AsMemory(0, (int)Request.Length));
     }
 
-    private async ValueTask WriteChunksAsync(PipeWriter output, Stream direct)
+    private async ValueTask WriteChunksAsync(PipeWriter output, Stream direct, ReplyTo to)
     {
         long at = 0;
         for (int i = 0; i < _segmentCount; i++)
@@ -266,11 +317,11 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
             ulong chunkOffset = Request.Offset + (ulong)at;
             if ((segment.Flags & ExtentFlags.Hole) != 0)
             {
-                Replies.WriteOffsetHole(output, Request.Cookie, done, chunkOffset, (uint)segment.Length);
+                Replies.WriteOffsetHole(output, to, done, chunkOffset, (uint)segment.Length);
             }
             else
             {
-                Replies.WriteOffsetDataHeader(output, Request.Cookie, done, chunkOffset, (int)segment.Length);
+                Replies.WriteOffsetDataHeader(output, to, done, chunkOffset, (int)segment.Length);
                 await WriteDataAsync(output, direct, Buffer.AsMemory((int)at, (int)segment.Length)).ConfigureAwait(false);
             }
             at += segment.Length;

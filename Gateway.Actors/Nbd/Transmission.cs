@@ -22,6 +22,9 @@ public sealed class Transmission
     /// <summary>Payload bytes in flight per connection before the reader waits.</summary>
     public const long MaxInFlightBytes = 64L * 1024 * 1024;
 
+    /// <summary>Largest BLOCK_STATUS payload (8 bytes of effect length, 4 per context id).</summary>
+    private const int MaxBlockStatusPayload = 8 + 4 * 1024;
+
     /// <summary>Reads at least this long are checked for holes and answered with OFFSET_HOLE chunks;
     /// below it a hole check costs more than the zeros it saves.</summary>
     public const int SparseReadThreshold = 64 * 1024;
@@ -60,13 +63,20 @@ public sealed class Transmission
         _device = session.Export.Device;
         _nonBlocking = _device as INonBlockingIo;
         _contexts = [.. session.Contexts];
-        Structured = session.StructuredReplies;
+        Extended = session.ExtendedHeaders;
+        Structured = session.StructuredReplies || Extended;
         SparseReads = Structured && _device is not Cluster.ExportLink;
         _logger = logger;
         _metrics = GatewayTelemetry.Enabled ? GatewayTelemetry.For(_export.Info.Name) : null;
     }
 
+    /// <summary>Replies are chunks (structured replies or extended headers), never simple replies.</summary>
     public bool Structured { get; }
+
+    /// <summary>Extended headers: 32-byte requests and replies with 64-bit lengths.</summary>
+    public bool Extended { get; }
+
+    internal ulong ExportSize => (ulong)_export.Info.Size;
 
     /// <summary>
     /// Reads may be answered with holes: structured replies, and a device whose allocation is a
@@ -130,7 +140,7 @@ public sealed class Transmission
             bool leftover;
             try
             {
-                while (NbdRequest.TryRead(ref buffer, out NbdRequest request))
+                while (NbdRequest.TryRead(ref buffer, Extended, out NbdRequest request))
                 {
                     if (request.Command == NbdCommand.Disconnect)
                     {
@@ -140,7 +150,8 @@ public sealed class Transmission
 
                     Requests++;
                     NbdError error = Validate(request);
-                    long bytes = error == NbdError.None && request.Command is NbdCommand.Read or NbdCommand.Write ? request.Length : 0;
+                    bool hasPayload = request.HasPayloadIn(Extended);
+                    long bytes = error == NbdError.None && (hasPayload || request.Command == NbdCommand.Read) ? (long)request.Length : 0;
                     if (Volatile.Read(ref _inFlight) >= MaxInFlightRequests || Volatile.Read(ref _inFlightBytes) + bytes > MaxInFlightBytes)
                     {
                         // Capacity comes back as replies are written: hand over what is done first.
@@ -149,13 +160,13 @@ public sealed class Transmission
                     }
 
                     RequestWork work = Rent(request, error, bytes);
-                    if (!request.HasPayload)
+                    if (!hasPayload)
                     {
                         Start(work);
                         continue;
                     }
 
-                    long available = Math.Min(buffer.Length, request.Length);
+                    long available = (long)Math.Min((ulong)buffer.Length, request.Length);
                     if (error != NbdError.None)
                     {
                         if (request.Length > NbdLimits.MaxDiscard)
@@ -170,10 +181,10 @@ public sealed class Transmission
                         // reads replies while it is still sending (libnbd) must never see a
                         // reply in the middle of its own payload.
                         buffer = buffer.Slice(available);
-                        if (available < request.Length)
+                        if ((ulong)available < request.Length)
                         {
                             refused = work;
-                            discard = request.Length - available;
+                            discard = (long)request.Length - available;
                             break;
                         }
                         Start(work);
@@ -183,7 +194,7 @@ public sealed class Transmission
                     work.Buffer = PayloadPool.Rent((int)request.Length);
                     buffer.Slice(0, available).CopyTo(work.Buffer);
                     buffer = buffer.Slice(available);
-                    if (available < request.Length)
+                    if ((ulong)available < request.Length)
                     {
                         partial = work;
                         filled = (int)available;
@@ -270,19 +281,22 @@ public sealed class Transmission
     /// Checks a request before it runs (proto.md "Request types" and "Error values"):
     /// unknown commands and flags EINVAL, writes to a read-only export EPERM, writes beyond the
     /// end ENOSPC, other requests beyond the end EINVAL, zero or over-limit lengths EINVAL.
+    /// With extended headers a WRITE may carry NBD_CMD_FLAG_PAYLOAD_LEN, BLOCK_STATUS may (its
+    /// payload form), and any other command with a payload is EINVAL once the payload is skipped.
     /// </summary>
     public NbdError Validate(in NbdRequest request)
     {
         ExportInfo info = _export.Info;
         CommandFlags allowed;
         bool isWrite = false;
+        ulong effect = request.Length;
         switch (request.Command)
         {
             case NbdCommand.Read:
                 allowed = CommandFlags.Fua | (Structured ? CommandFlags.DontFragment : 0);
                 break;
             case NbdCommand.Write:
-                allowed = CommandFlags.Fua;
+                allowed = CommandFlags.Fua | (Extended ? CommandFlags.PayloadLen : 0);
                 isWrite = true;
                 break;
             case NbdCommand.Flush:
@@ -303,7 +317,12 @@ public sealed class Transmission
                 {
                     return NbdError.Inval;
                 }
-                allowed = CommandFlags.ReqOne | CommandFlags.Fua;
+                allowed = CommandFlags.ReqOne | CommandFlags.Fua | (Extended ? CommandFlags.PayloadLen : 0);
+                if (request.Flags.HasFlag(CommandFlags.PayloadLen))
+                {
+                    // The effect length is in the payload, checked when the payload is in.
+                    return (request.Flags & ~allowed) != 0 || request.Length > MaxBlockStatusPayload ? NbdError.Inval : NbdError.None;
+                }
                 break;
             default:
                 return NbdError.Inval;
@@ -325,7 +344,7 @@ public sealed class Transmission
         {
             return NbdError.Inval;
         }
-        if (request.Offset > (ulong)info.Size || request.Length > (ulong)info.Size - request.Offset)
+        if (request.Offset > (ulong)info.Size || effect > (ulong)info.Size - request.Offset)
         {
             return request.Command is NbdCommand.Write or NbdCommand.WriteZeroes ? NbdError.NoSpc : NbdError.Inval;
         }

@@ -896,7 +896,7 @@ public sealed class PeerNbdClientTests : IDisposable
             await Stream.ReadExactlyAsync(header).AsTask().WaitAsync(Bound);
             var sequence = new ReadOnlySequence<byte>(header);
             Assert.True(NbdRequest.TryRead(ref sequence, out NbdRequest request));
-            byte[] payload = new byte[request.HasPayload ? request.Length : 0];
+            byte[] payload = new byte[request.HasPayloadIn(extended: false) ? request.Length : 0];
             await Stream.ReadExactlyAsync(payload).AsTask().WaitAsync(Bound);
             return (request, payload);
         }
@@ -907,11 +907,11 @@ public sealed class PeerNbdClientTests : IDisposable
 
         public static byte[] Simple(ulong cookie, NbdError error) => Build(w => Replies.WriteSimple(w, cookie, error));
 
-        public static byte[] Done(ulong cookie) => Build(w => Replies.WriteDone(w, cookie));
+        public static byte[] Done(ulong cookie) => Build(w => Replies.WriteDone(w, new ReplyTo(cookie)));
 
-        public static byte[] Data(ulong cookie, ulong offset, byte[] data, bool done) => Build(w => Replies.WriteOffsetData(w, cookie, done, offset, data));
+        public static byte[] Data(ulong cookie, ulong offset, byte[] data, bool done) => Build(w => Replies.WriteOffsetData(w, new ReplyTo(cookie), done, offset, data));
 
-        public static byte[] Hole(ulong cookie, ulong offset, uint length, bool done) => Build(w => Replies.WriteOffsetHole(w, cookie, done, offset, length));
+        public static byte[] Hole(ulong cookie, ulong offset, uint length, bool done) => Build(w => Replies.WriteOffsetHole(w, new ReplyTo(cookie), done, offset, length));
 
         public static byte[] Error(ulong cookie, NbdError error, string message, ulong offset, bool done)
         {
@@ -924,7 +924,7 @@ public sealed class PeerNbdClientTests : IDisposable
             BinaryPrimitives.WriteUInt64BigEndian(payload.AsSpan(6 + text.Length), offset);
             return Build(w =>
             {
-                Replies.WriteChunkHeader(w, cookie, done ? ReplyFlags.Done : ReplyFlags.None, ReplyType.ErrorOffset, (uint)payload.Length);
+                Replies.WriteChunkHeader(w, new ReplyTo(cookie), done ? ReplyFlags.Done : ReplyFlags.None, ReplyType.ErrorOffset, (uint)payload.Length);
                 w.Write(payload);
             });
         }

@@ -202,7 +202,6 @@ public sealed class BadInputTests : IAsyncLifetime
 
     [Theory]
     [InlineData((uint)NbdOption.PeekExport)]
-    [InlineData((uint)NbdOption.ExtendedHeaders)]
     [InlineData(12u)]
     [InlineData(0xDEADu)]
     [InlineData(0u)]

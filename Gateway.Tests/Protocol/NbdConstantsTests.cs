@@ -39,6 +39,8 @@ public sealed class NbdConstantsTests
         Assert.Equal(0x25609513u, NbdMagic.Request);
         Assert.Equal(0x67446698u, NbdMagic.SimpleReply);
         Assert.Equal(0x668e33efu, NbdMagic.StructuredReply);
+        Assert.Equal(0x21e41c71u, NbdMagic.ExtendedRequest);   // NBD_EXTENDED_REQUEST_MAGIC
+        Assert.Equal(0x6e8a278cu, NbdMagic.ExtendedReply);     // NBD_EXTENDED_REPLY_MAGIC
     }
 
     [Fact]
@@ -184,6 +186,8 @@ public sealed class NbdConstantsTests
         Assert.Equal(4 + 2 + 2 + 8 + 8 + 4, NbdLimits.RequestHeaderSize);
         Assert.Equal(4 + 4 + 8, NbdLimits.SimpleReplyHeaderSize);
         Assert.Equal(4 + 2 + 2 + 8 + 4, NbdLimits.StructuredReplyHeaderSize);
+        Assert.Equal(4 + 2 + 2 + 8 + 8 + 8, NbdLimits.ExtendedRequestHeaderSize);
+        Assert.Equal(4 + 2 + 2 + 8 + 8 + 8, NbdLimits.ExtendedReplyHeaderSize);
         Assert.True(NbdLimits.MaxOptionLength >= NbdLimits.MaxString + 8, "an option must hold a full-length string and its framing");
         Assert.True(NbdLimits.MaxOptionDiscard >= NbdLimits.MaxOptionLength);
     }
@@ -282,7 +286,7 @@ public sealed class NbdRequestTests
     [InlineData(NbdCommand.WriteZeroes, false)]
     [InlineData(NbdCommand.BlockStatus, false)]
     public void Only_writes_carry_a_payload(NbdCommand command, bool hasPayload) =>
-        Assert.Equal(hasPayload, (Sample with { Command = command }).HasPayload);
+        Assert.Equal(hasPayload, (Sample with { Command = command }).HasPayloadIn(extended: false));
 
     /// <summary>Splits <paramref name="bytes"/> into segments after each of the given lengths.</summary>
     internal static ReadOnlySequence<byte> Segmented(byte[] bytes, int[] cuts)

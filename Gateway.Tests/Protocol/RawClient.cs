@@ -37,6 +37,12 @@ public sealed record ReplyChunk(ReplyFlags Flags, ReplyType Type, ulong Cookie, 
             BinaryPrimitives.ReadUInt32BigEndian(Payload.AsSpan(4 + 8 * i)),
             BinaryPrimitives.ReadUInt32BigEndian(Payload.AsSpan(8 + 8 * i))))];
 
+    /// <summary>NBD_REPLY_TYPE_BLOCK_STATUS_EXT: 64-bit lengths, after the id and the descriptor count.</summary>
+    public IReadOnlyList<(ulong Length, uint Status)> ExtendedDescriptors =>
+        [.. Enumerable.Range(0, (Payload.Length - 8) / 16).Select(i => (
+            BinaryPrimitives.ReadUInt64BigEndian(Payload.AsSpan(8 + 16 * i)),
+            BinaryPrimitives.ReadUInt32BigEndian(Payload.AsSpan(20 + 16 * i))))];
+
     public override string ToString() => Type switch
     {
         ReplyType.OffsetData or ReplyType.OffsetHole => $"{Type}({Offset}, {Length}){(Done ? " done" : "")}",
@@ -105,7 +111,7 @@ public sealed class RawClient : IAsyncDisposable
     private readonly Socket _socket;
     private Stream _stream;
     private readonly SemaphoreSlim _sendLock = new(1, 1);
-    private readonly Dictionary<ulong, (NbdCommand Command, uint Length)> _pending = [];
+    private readonly Dictionary<ulong, (NbdCommand Command, ulong Offset, ulong Length)> _pending = [];
     private readonly Dictionary<ulong, List<ReplyChunk>> _partial = [];
 
     public RawClient(Socket socket)
@@ -148,8 +154,11 @@ public sealed class RawClient : IAsyncDisposable
         return client;
     }
 
-    /// <summary>Whether structured replies were acknowledged.</summary>
+    /// <summary>Whether structured replies (or extended headers) were acknowledged.</summary>
     public bool Structured { get; private set; }
+
+    /// <summary>Whether extended headers were acknowledged: 32-byte requests and replies.</summary>
+    public bool Extended { get; private set; }
 
     /// <summary>Export size from NBD_INFO_EXPORT (GO/INFO) or the EXPORT_NAME reply.</summary>
     public ulong ExportSize { get; private set; }
@@ -243,6 +252,10 @@ public sealed class RawClient : IAsyncDisposable
                 if (option == NbdOption.StructuredReply && reply.Type == OptionReplyType.Ack)
                 {
                     Structured = true;
+                }
+                if (option == NbdOption.ExtendedHeaders && reply.Type == OptionReplyType.Ack)
+                {
+                    Structured = Extended = true;
                 }
                 return replies;
             }
@@ -343,35 +356,41 @@ public sealed class RawClient : IAsyncDisposable
 
     // ---- Transmission ----------------------------------------------------------------------
 
-    /// <summary>The bytes of one request: header, then <paramref name="payload"/> if any.</summary>
-    public static byte[] Request(NbdCommand command, CommandFlags flags, ulong cookie, ulong offset, uint length, ReadOnlySpan<byte> payload = default)
+    /// <summary>The bytes of one request, compact or extended: header, then <paramref name="payload"/> if any.</summary>
+    public static byte[] Request(NbdCommand command, CommandFlags flags, ulong cookie, ulong offset, ulong length, ReadOnlySpan<byte> payload = default, bool extended = false)
     {
-        byte[] bytes = new byte[NbdLimits.RequestHeaderSize + payload.Length];
-        new NbdRequest(flags, command, cookie, offset, length).WriteTo(bytes);
-        payload.CopyTo(bytes.AsSpan(NbdLimits.RequestHeaderSize));
+        int header = NbdRequest.HeaderSize(extended);
+        byte[] bytes = new byte[header + payload.Length];
+        new NbdRequest(flags, command, cookie, offset, length).WriteTo(bytes, extended);
+        payload.CopyTo(bytes.AsSpan(header));
         return bytes;
     }
 
     /// <summary>Records a request about to be sent, so its simple reply can be parsed (a READ's carries data).</summary>
-    public void Expect(NbdCommand command, ulong cookie, uint length)
+    public void Expect(NbdCommand command, ulong cookie, ulong length, ulong offset = 0)
     {
         lock (_pending)
         {
-            if (!_pending.TryAdd(cookie, (command, length)))
+            if (!_pending.TryAdd(cookie, (command, offset, length)))
             {
                 throw new InvalidOperationException($"cookie {cookie} is already in flight");
             }
         }
     }
 
-    public async Task SendRequestAsync(NbdCommand command, CommandFlags flags, ulong cookie, ulong offset, uint length, ReadOnlyMemory<byte> payload = default)
+    /// <summary>Sends a request in the negotiated header style; with extended headers a WRITE gets NBD_CMD_FLAG_PAYLOAD_LEN.</summary>
+    public async Task SendRequestAsync(NbdCommand command, CommandFlags flags, ulong cookie, ulong offset, ulong length, ReadOnlyMemory<byte> payload = default)
     {
-        Expect(command, cookie, length);
-        await SendAsync(Request(command, flags, cookie, offset, length, payload.Span));
+        if (Extended && command == NbdCommand.Write)
+        {
+            flags |= CommandFlags.PayloadLen;
+        }
+        Expect(command, cookie, length, offset);
+        await SendAsync(Request(command, flags, cookie, offset, length, payload.Span, Extended));
     }
 
     /// <summary>Sends one request and reads the reply, which must be to that request.</summary>
-    public async Task<NbdReply> RequestAsync(NbdCommand command, CommandFlags flags, ulong cookie, ulong offset, uint length, ReadOnlyMemory<byte> payload = default)
+    public async Task<NbdReply> RequestAsync(NbdCommand command, CommandFlags flags, ulong cookie, ulong offset, ulong length, ReadOnlyMemory<byte> payload = default)
     {
         await SendRequestAsync(command, flags, cookie, offset, length, payload);
         NbdReply reply = await ReadReplyAsync();
@@ -418,30 +437,46 @@ public sealed class RawClient : IAsyncDisposable
             uint magic = BinaryPrimitives.ReadUInt32BigEndian(magicBytes);
             if (magic == NbdMagic.SimpleReply)
             {
+                if (Extended)
+                {
+                    throw new InvalidDataException("simple reply although extended headers were negotiated");
+                }
                 byte[] rest = await ReadExactAsync(12);
                 var error = (NbdError)BinaryPrimitives.ReadUInt32BigEndian(rest);
                 ulong cookie = BinaryPrimitives.ReadUInt64BigEndian(rest.AsSpan(4));
-                (NbdCommand command, uint length) = Complete(cookie);
+                (NbdCommand command, _, ulong length) = Complete(cookie);
                 byte[]? data = error == NbdError.None && command == NbdCommand.Read ? await ReadExactAsync((int)length) : null;
                 return new NbdReply(cookie, false, error, data, []);
             }
-            if (magic != NbdMagic.StructuredReply)
+            if (magic != (Extended ? NbdMagic.ExtendedReply : NbdMagic.StructuredReply))
             {
-                throw new InvalidDataException($"bad reply magic 0x{magic:x8}");
+                throw new InvalidDataException($"bad reply magic 0x{magic:x8} (extended headers: {Extended})");
             }
             if (!Structured)
             {
                 throw new InvalidDataException("structured reply without STRUCTURED_REPLY negotiated");
             }
 
-            byte[] header = await ReadExactAsync(16);
+            byte[] header = await ReadExactAsync(Extended ? 28 : 16);
             var flags = (ReplyFlags)BinaryPrimitives.ReadUInt16BigEndian(header);
             var type = (ReplyType)BinaryPrimitives.ReadUInt16BigEndian(header.AsSpan(2));
             ulong chunkCookie = BinaryPrimitives.ReadUInt64BigEndian(header.AsSpan(4));
-            uint payloadLength = BinaryPrimitives.ReadUInt32BigEndian(header.AsSpan(12));
+            ulong payloadLength = Extended ? BinaryPrimitives.ReadUInt64BigEndian(header.AsSpan(20)) : BinaryPrimitives.ReadUInt32BigEndian(header.AsSpan(12));
             if (payloadLength > NbdLimits.MaxPayload + 64)
             {
                 throw new InvalidDataException($"chunk payload of {payloadLength} bytes");
+            }
+            if (Extended)
+            {
+                // proto.md "Extended reply chunk message": the offset MUST match the request's.
+                ulong echoed = BinaryPrimitives.ReadUInt64BigEndian(header.AsSpan(12));
+                lock (_pending)
+                {
+                    if (_pending.TryGetValue(chunkCookie, out var pending) && pending.Offset != echoed)
+                    {
+                        throw new InvalidDataException($"extended reply to cookie {chunkCookie} echoes offset {echoed}, the request's was {pending.Offset}");
+                    }
+                }
             }
             var chunk = new ReplyChunk(flags, type, chunkCookie, await ReadExactAsync((int)payloadLength));
             CheckChunk(chunk);
@@ -473,11 +508,11 @@ public sealed class RawClient : IAsyncDisposable
         }
     }
 
-    private (NbdCommand Command, uint Length) Complete(ulong cookie)
+    private (NbdCommand Command, ulong Offset, ulong Length) Complete(ulong cookie)
     {
         lock (_pending)
         {
-            if (!_pending.Remove(cookie, out (NbdCommand, uint) request))
+            if (!_pending.Remove(cookie, out (NbdCommand, ulong, ulong) request))
             {
                 throw new InvalidDataException($"reply to cookie {cookie}, which is not in flight (answered twice?)");
             }
@@ -494,6 +529,8 @@ public sealed class RawClient : IAsyncDisposable
             ReplyType.OffsetData => n > 8,
             ReplyType.OffsetHole => n == 12 && chunk.Length > 0,
             ReplyType.BlockStatus => n >= 12 && (n - 4) % 8 == 0,
+            ReplyType.BlockStatusExt => n >= 24 && (n - 8) % 16 == 0
+                && BinaryPrimitives.ReadUInt32BigEndian(chunk.Payload.AsSpan(4)) is uint count && (count == 0 || count == (n - 8) / 16),
             ReplyType.Error => n >= 6 && n == 6 + BinaryPrimitives.ReadUInt16BigEndian(chunk.Payload.AsSpan(4)) && chunk.Error != NbdError.None,
             ReplyType.ErrorOffset => n >= 14 && n == 14 + BinaryPrimitives.ReadUInt16BigEndian(chunk.Payload.AsSpan(4)) && chunk.Error != NbdError.None,
             _ => false,
