@@ -15,9 +15,13 @@ public sealed partial class BackendFactory
     private void CreateOverlay(ExportSpec spec)
     {
         string[] layers = spec.Backend.Layers ?? throw new InvalidOperationException($"overlay export '{spec.Name}' has no layers");
-        if (spec.Backend.BaseImage is { } image && !File.Exists(BaseImagePath(image)))
+        if (spec.Backend.BaseImage is { } image)
         {
-            throw new InvalidOperationException($"base image '{BaseImagePath(image)}' does not exist");
+            if (!File.Exists(BaseImagePath(image)))
+            {
+                throw new InvalidOperationException($"base image '{BaseImagePath(image)}' does not exist");
+            }
+            RefuseNonRaw(BaseImagePath(image));
         }
         foreach (string lower in layers.Skip(1))
         {
@@ -27,6 +31,19 @@ public sealed partial class BackendFactory
             }
         }
         CreateLayer(layers[0], spec.Size);
+    }
+
+    /// <summary>
+    /// Base images are served as raw bytes: an image in another format (qcow2, vmdk...) would hand
+    /// the guest its header and tables as data, so it is refused with the conversion to run.
+    /// </summary>
+    private static void RefuseNonRaw(string path)
+    {
+        if (ImageFormat.DetectNonRaw(path) is { } format)
+        {
+            throw new InvalidOperationException(
+                $"base image '{path}' is a {format} image, not raw: only raw base images are served; convert it with `qemu-img convert -O raw {path} IMAGE.raw`");
+        }
     }
 
     /// <summary>Creates an empty layer, durable on return.</summary>
@@ -50,6 +67,8 @@ public sealed partial class BackendFactory
             }
             if (spec.Backend.BaseImage is { } image)
             {
+                // Checked again at every open: the file may have been replaced since the export was made.
+                RefuseNonRaw(BaseImagePath(image));
                 layers.Add(LayerFiles.OpenRaw(BaseImagePath(image)));
             }
             return new OverlayBackend(layers, spec.Size, spec.ReadOnly);

@@ -175,6 +175,42 @@ public sealed class OverlayInteropTests
         }
     }
 
+    /// <summary>
+    /// A base image in another format than raw is refused at creation, naming the format and the
+    /// conversion: served as raw, its header and tables would be the guest's disk. A raw base
+    /// next to it is served byte for byte.
+    /// </summary>
+    [Fact]
+    public async Task Base_images_that_are_not_raw_are_refused_and_a_raw_one_is_served()
+    {
+        await using GatewayProcess gateway = await GatewayProcess.StartAsync();
+        string raw = Path.Combine(gateway.DataDirectory, "golden.raw");
+        await gateway.RunAsync("qemu-img", ["create", "-f", "raw", raw, "8M"]);
+        await QemuIoAsync(gateway, raw, "write -P 0x6d 1M 64k");
+        foreach (string format in new[] { "qcow2", "vmdk", "vdi", "vhdx", "qed", "vpc" })
+        {
+            string image = Path.Combine(gateway.DataDirectory, "golden." + format);
+            await gateway.RunAsync("qemu-img", ["convert", "-f", "raw", "-O", format, raw, image]);
+
+            using HttpResponseMessage response = await gateway.Http.PostAsJsonAsync("v1/exports",
+                new { name = "on-" + format, size = 8 * MiB, backend = new { type = "overlay", baseImage = image } });
+            string body = await response.Content.ReadAsStringAsync();
+
+            Assert.True(response.StatusCode == HttpStatusCode.BadRequest, $"{format} base image answered {(int)response.StatusCode}: {body}");
+            Assert.Contains($"is a {format} image, not raw", body);
+            Assert.Contains("qemu-img convert -O raw", body);
+            using HttpResponseMessage listed = await gateway.Http.GetAsync("v1/exports/on-" + format);
+            Assert.Equal(HttpStatusCode.NotFound, listed.StatusCode);
+        }
+
+        await CreateAsync(gateway, new { name = "on-raw", size = 8 * MiB, backend = new { type = "overlay", baseImage = raw } });
+        await QemuIoAsync(gateway, gateway.NbdUri("on-raw"), "read -P 0x6d 1M 64k", "read -P 0 0 1M");
+        string copy = Path.Combine(gateway.DataDirectory, "copy.raw");
+        await gateway.RunAsync("nbdcopy", [gateway.NbdUri("on-raw"), copy]);
+        ToolResult cmp = await gateway.RunAsync("cmp", [raw, copy], check: false);
+        Assert.True(cmp.Succeeded, cmp.Describe());
+    }
+
     private static async Task CreateAsync(GatewayProcess gateway, object request)
     {
         using HttpResponseMessage response = await gateway.Http.PostAsJsonAsync("v1/exports", request);
