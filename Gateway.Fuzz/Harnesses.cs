@@ -34,6 +34,9 @@ public static class Harnesses
         var exports = new TestExportDirectory();
         exports.Add("disk0", new MemoryBackend(ExportSize), "fuzzed export");
         exports.Add("ro", new MemoryBackend(ExportSize, readOnly: true));
+        // Refused without TLS (the server offers none here), and one with a connection limit.
+        exports.Add("tls", new MemoryBackend(ExportSize), access: new ExportAccess(TlsRequired: true));
+        exports.Add("one", new MemoryBackend(ExportSize), access: new ExportAccess(MaxConnections: 1));
         using var stream = new ClientStream(input);
         await NbdConnection.ServeAsync(stream, exports, NullLogger.Instance, CancellationToken.None);
         CheckPayloadPool();
