@@ -459,6 +459,10 @@ public sealed class Transmission
     private async Task DrainAsync()
     {
         _draining = true;
+        // A full fence between the store and the load: Release decrements, then reads _draining;
+        // without it the store can still sit in this core's store buffer while the load runs
+        // (x86 reorders a store with a later load), both sides miss and _drained never fires.
+        Interlocked.MemoryBarrier();
         if (Volatile.Read(ref _inFlight) != 0)
         {
             await _drained.Task.ConfigureAwait(false);
