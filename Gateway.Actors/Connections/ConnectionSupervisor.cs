@@ -14,12 +14,12 @@ namespace Gateway.Actors.Connections;
 /// </summary>
 public sealed class ConnectionSupervisor : ReceiveActor
 {
-    private readonly CancellationTokenSource _stopping = new();
-    private readonly HashSet<IActorRef> _connections = [];
-    private readonly List<IActorRef> _drainWaiters = [];
     private const int MaxRefusing = 64;
     private static readonly TimeSpan RefusalTimeout = TimeSpan.FromSeconds(5);
 
+    private readonly CancellationTokenSource _stopping = new();
+    private readonly HashSet<IActorRef> _connections = [];
+    private readonly List<IActorRef> _drainWaiters = [];
     private readonly ILogger _logger;
     private long _accepted;
     private int _refusing;
