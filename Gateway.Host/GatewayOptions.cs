@@ -18,7 +18,13 @@ public sealed record GatewayOptions(string DataDirectory, IPEndPoint NbdEndpoint
     public TlsFiles? Tls { get; init; }
 
     /// <summary>NBD connections this node serves at once; null for no limit.</summary>
-    public int? MaxConnections { get; init; }
+    public int? MaxConnections { get; init; } = DefaultMaxConnections;
+
+    /// <summary>qemu's default <c>max-connections</c> of <c>nbd-server-start</c>.</summary>
+    public const int DefaultMaxConnections = 100;
+
+    /// <summary>How long a client may take over the NBD handshake; zero for no limit.</summary>
+    public TimeSpan HandshakeTimeout { get; init; } = Gateway.Actors.Nbd.NbdServerSettings.DefaultHandshakeTimeout;
 
     /// <summary>Where liveness and readiness probes are served (no admin token); null for none.</summary>
     public IPEndPoint? HealthEndpoint { get; init; }

@@ -68,12 +68,13 @@ public static class SecurityCli
     private static readonly Option<string?> TlsCa = new("--tls-ca") { Description = "CA bundle (PEM) client certificates must chain to; without it, none are asked for" };
     private static readonly Option<bool> TlsRequireClientCert = new("--tls-require-client-cert") { Description = "Refuse TLS clients without a valid client certificate" };
     private static readonly Option<string?> SocketMode = new("--nbd-socket-mode") { Description = "File mode of NBD Unix sockets, octal (default 0660)" };
-    private static readonly Option<int?> MaxConnections = new("--max-connections") { Description = "NBD connections this node serves at once (default: no limit)" };
+    private static readonly Option<int?> MaxConnections = new("--max-connections") { Description = $"NBD connections this node serves at once, those still in the handshake included; a client beyond it is refused with ERR_POLICY (default {GatewayOptions.DefaultMaxConnections}, as qemu's; 0: no limit)" };
+    private static readonly Option<double?> HandshakeTimeout = new("--handshake-timeout") { Description = $"Seconds a client may take to finish the NBD handshake (TLS included) before it is disconnected (default {NbdServerSettings.DefaultHandshakeTimeout.TotalSeconds:0}, as qemu's; 0: no limit)" };
     private static readonly Option<string?> AdminTokenFile = new("--admin-token-file") { Description = $"File holding the admin API bearer token (or ${AdminToken.EnvironmentVariable}); required unless the admin API is on loopback" };
 
     public static void AddTo(Command serve)
     {
-        foreach (Option option in new Option[] { TlsMode, TlsCertificates, TlsCert, TlsKey, TlsCa, TlsRequireClientCert, SocketMode, MaxConnections, AdminTokenFile })
+        foreach (Option option in new Option[] { TlsMode, TlsCertificates, TlsCert, TlsKey, TlsCa, TlsRequireClientCert, SocketMode, MaxConnections, HandshakeTimeout, AdminTokenFile })
         {
             serve.Options.Add(option);
         }
@@ -129,10 +130,24 @@ public static class SecurityCli
         }
         var socketMode = (UnixFileMode)Convert.ToInt32(socketModeText, 8);
 
-        int? maxConnections = parse.GetValue(MaxConnections) ?? (int.TryParse(config["Gateway:MaxConnections"], out int fromConfig) ? fromConfig : null);
-        if (maxConnections is <= 0)
+        string? maxConnectionsText = config["Gateway:MaxConnections"];
+        int maxConnections = parse.GetValue(MaxConnections)
+            ?? (maxConnectionsText is null ? GatewayOptions.DefaultMaxConnections
+                : int.TryParse(maxConnectionsText, NumberStyles.None, CultureInfo.InvariantCulture, out int fromConfig) ? fromConfig
+                : throw new ArgumentException($"Gateway:MaxConnections '{maxConnectionsText}' is not a number"));
+        if (maxConnections < 0)
         {
-            throw new ArgumentException($"--max-connections {maxConnections} must be positive");
+            throw new ArgumentException($"--max-connections {maxConnections} must be 0 (no limit) or positive");
+        }
+
+        string? handshakeText = config["Gateway:NbdHandshakeTimeout"];
+        double handshakeSeconds = parse.GetValue(HandshakeTimeout)
+            ?? (handshakeText is null ? NbdServerSettings.DefaultHandshakeTimeout.TotalSeconds
+                : double.TryParse(handshakeText, NumberStyles.Float, CultureInfo.InvariantCulture, out double fromConfigSeconds) ? fromConfigSeconds
+                : throw new ArgumentException($"Gateway:NbdHandshakeTimeout '{handshakeText}' is not a number of seconds"));
+        if (!(handshakeSeconds >= 0 && handshakeSeconds <= int.MaxValue / 1000))
+        {
+            throw new ArgumentException($"--handshake-timeout {handshakeSeconds} must be 0 (no limit) or a positive number of seconds");
         }
 
         string? token = AdminToken.Read(parse.GetValue(AdminTokenFile) ?? config["Gateway:AdminTokenFile"]);
@@ -144,15 +159,19 @@ public static class SecurityCli
         {
             Tls = tls,
             NbdSocketMode = socketMode,
-            MaxConnections = maxConnections,
+            MaxConnections = maxConnections == 0 ? null : maxConnections,
+            HandshakeTimeout = TimeSpan.FromSeconds(handshakeSeconds),
             AdminToken = token is null ? null : new AdminToken(token),
         };
     }
 
     /// <summary>The NBD settings every connection shares; the TLS files are loaded (and later reloaded) here.</summary>
     public static NbdServerSettings NbdSettings(GatewayOptions options, ILoggerFactory loggers) => options.Tls is not TlsFiles tls
-        ? NbdServerSettings.Default
-        : new NbdServerSettings(tls.Mode, new TlsCredentials(tls.Certificate, tls.Key, tls.Ca, tls.RequireClientCertificate, loggers.CreateLogger("Gateway.Tls")));
+        ? new NbdServerSettings { HandshakeTimeout = options.HandshakeTimeout }
+        : new NbdServerSettings(tls.Mode, new TlsCredentials(tls.Certificate, tls.Key, tls.Ca, tls.RequireClientCertificate, loggers.CreateLogger("Gateway.Tls")))
+        {
+            HandshakeTimeout = options.HandshakeTimeout,
+        };
 
     private static string? InFolder(string? folder, string file) => folder is null ? null : Path.Combine(folder, file);
 }

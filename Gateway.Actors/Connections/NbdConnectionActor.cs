@@ -42,6 +42,14 @@ public sealed class NbdConnectionActor : ReceiveActor
         if (_socket.ProtocolType == ProtocolType.Tcp)
         {
             _socket.NoDelay = true;
+            // A client that vanished without a FIN or RST (power loss, a dropped network) would
+            // otherwise hold its place under the node's connection limit forever while idle:
+            // probes after 60 s of silence find it gone within about two minutes. Live idle
+            // clients answer the probes and stay.
+            _socket.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.KeepAlive, true);
+            _socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveTime, 60);
+            _socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveInterval, 10);
+            _socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveRetryCount, 6);
         }
         NbdConnection.ServeAsync(_stream, _exports, _logger, _stopping, ClientName(_socket), _settings)
             .PipeTo(Self, success: () => SessionEnded.Instance, failure: e => new SessionFailed(e));

@@ -5,6 +5,7 @@ using System.Net.Sockets;
 using System.Security.Authentication;
 using System.Security.Cryptography.X509Certificates;
 using Gateway.Actors.Exports;
+using Gateway.Actors.Telemetry;
 using Gateway.Actors.Tls;
 using Microsoft.Extensions.Logging;
 
@@ -27,19 +28,43 @@ public static class NbdConnection
         (PipeReader input, PipeWriter output) = CreatePipes(stream);
         SslStream? tls = null;
         using var negotiator = new OptionNegotiator(input, output, exports, logger, settings, client);
+        // One deadline over the whole handshake, TLS included: every await of the negotiation is
+        // on the socket and takes this token, so a silent or trickling client holds no thread
+        // and is cut off at the deadline whatever step it stalls in.
+        using var handshake = CancellationTokenSource.CreateLinkedTokenSource(stopping);
+        if (settings.HandshakeTimeout > TimeSpan.Zero)
+        {
+            handshake.CancelAfter(settings.HandshakeTimeout);
+        }
         try
         {
-            NegotiationOutcome outcome = await negotiator.NegotiateAsync(stopping).ConfigureAwait(false);
-            if (outcome.End == NegotiationEnd.StartTls)
+            NegotiationOutcome outcome;
+            string phase = "option negotiation";
+            try
             {
-                // The ACK is flushed and nothing of the client's is buffered (the negotiator checked):
-                // the plaintext pipes can go, and the next byte on the stream is the ClientHello.
-                await input.CompleteAsync().ConfigureAwait(false);
-                await output.CompleteAsync().ConfigureAwait(false);
-                (tls, ClientIdentity? identity) = await UpgradeAsync(stream, settings, client, logger, stopping).ConfigureAwait(false);
-                (input, output) = CreatePipes(tls);
-                outcome = await negotiator.ResumeAfterTlsAsync(input, output, identity, stopping).ConfigureAwait(false);
+                outcome = await negotiator.NegotiateAsync(handshake.Token).ConfigureAwait(false);
+                if (outcome.End == NegotiationEnd.StartTls)
+                {
+                    // The ACK is flushed and nothing of the client's is buffered (the negotiator checked):
+                    // the plaintext pipes can go, and the next byte on the stream is the ClientHello.
+                    await input.CompleteAsync().ConfigureAwait(false);
+                    await output.CompleteAsync().ConfigureAwait(false);
+                    phase = "TLS handshake";
+                    (tls, ClientIdentity? identity) = await UpgradeAsync(stream, settings, client, logger, handshake.Token).ConfigureAwait(false);
+                    (input, output) = CreatePipes(tls);
+                    phase = "option negotiation over TLS";
+                    outcome = await negotiator.ResumeAfterTlsAsync(input, output, identity, handshake.Token).ConfigureAwait(false);
+                }
             }
+            catch (OperationCanceledException) when (handshake.IsCancellationRequested && !stopping.IsCancellationRequested)
+            {
+                GatewayTelemetry.HandshakeTimedOut();
+                logger.LogWarning("Closing NBD connection from {Client}: handshake not finished within {Timeout} s (stalled in {Phase})",
+                    client, settings.HandshakeTimeout.TotalSeconds, phase);
+                return;
+            }
+            // Attached (or closed): the deadline no longer applies; an idle attached client is fine.
+            handshake.CancelAfter(Timeout.InfiniteTimeSpan);
             if (outcome.Session is not NegotiatedSession session)
             {
                 return;

@@ -5,11 +5,21 @@ namespace Gateway.Actors.Nbd;
 
 /// <summary>
 /// What every connection of a node shares: the TLS mode and credentials (null when off) and the
-/// per-export connection counts. <see cref="Default"/> is plaintext with no limits.
+/// per-export connection counts. <see cref="Default"/> is plaintext, with the default
+/// handshake timeout and no per-export limits.
 /// </summary>
 public sealed record NbdServerSettings(TlsMode TlsMode = TlsMode.Off, TlsCredentials? Tls = null)
 {
     public static readonly NbdServerSettings Default = new();
+
+    /// <summary>qemu 10's default (its <c>handshake-max-seconds</c>, and qemu-nbd's <c>--handshake-limit</c>).</summary>
+    public static readonly TimeSpan DefaultHandshakeTimeout = TimeSpan.FromSeconds(10);
+
+    /// <summary>
+    /// How long a client may take from connecting to a successful GO or EXPORT_NAME, TLS included;
+    /// a client still negotiating then is disconnected. <see cref="TimeSpan.Zero"/>: no limit.
+    /// </summary>
+    public TimeSpan HandshakeTimeout { get; init; } = DefaultHandshakeTimeout;
 
     /// <summary>How long a client may take over the TLS handshake after STARTTLS.</summary>
     public TimeSpan TlsHandshakeTimeout { get; init; } = TimeSpan.FromSeconds(30);

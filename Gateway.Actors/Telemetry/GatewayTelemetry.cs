@@ -36,6 +36,18 @@ public static class GatewayTelemetry
         "gateway.bitmap.persist.batch_size", "{write}", "Writes whose first touches were committed together",
         advice: new InstrumentAdvice<int> { HistogramBucketBoundaries = [1, 2, 4, 8, 16, 32, 64, 128, 256] });
 
+    private static readonly Counter<long> HandshakeTimeouts = Meter.CreateCounter<long>(
+        "nbd.handshake.timeouts", "{connection}", "NBD connections closed because the client had not finished the handshake in time");
+
+    private static readonly Counter<long> RefusedConnections = Meter.CreateCounter<long>(
+        "nbd.connections.refused", "{connection}", "NBD connections refused because this node serves its limit of connections");
+
+    /// <summary>A client was disconnected for not finishing the handshake within the timeout.</summary>
+    public static void HandshakeTimedOut() => HandshakeTimeouts.Add(1);
+
+    /// <summary>A connection beyond the node's limit was refused.</summary>
+    public static void ConnectionRefused() => RefusedConnections.Add(1);
+
     /// <summary>One group commit of dirty granules, by export.</summary>
     public static void BitmapPersisted(string export, TimeSpan elapsed, int writes)
     {
