@@ -52,7 +52,7 @@ public static class GatewayActorsHosting
     {
         builder.WithCustomSerializer(BitmapSerializer.Name, [typeof(IBitmapPersisted)], system => new BitmapSerializer(system));
         builder.WithShardRegion<ExportRegionKey>("export", _ => ExportEntity.Props(backends, local, node), new ExportMessageExtractor(),
-            new ShardOptions { StateStoreMode = StateStoreMode.DData, RememberEntities = false });
+            new ShardOptions { StateStoreMode = StateStoreMode.DData, RememberEntities = false, HandOffStopMessage = CloseExport.Instance });
         builder.WithSingleton<ExportRegistryKey>("export-registry",
             (_, registry, _) => ExportRegistryActor.Props(backends, initialExport, registry.Get<ExportRegionKey>()),
             new ClusterSingletonOptions(), createProxyToo: true);

@@ -23,6 +23,7 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers
     private ExportHandle? _handle;
     private string _generation = "";
     private IActorRef? _retiredBy;
+    private bool _handingOff;
     private bool _failed;
 
     public ExportEntity(BackendFactory backends, LocalExports local, ClusterNode node)
@@ -32,6 +33,22 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers
         _node = node;
 
         Receive<ExportEnvelope>(Handle);
+        // Sharding's hand-off stop message (GatewayActorsHosting): the export closes in order
+        // (requests in flight, flush, then bitmaps) before this entity stops and the shard moves.
+        Receive<CloseExport>(_ =>
+        {
+            if (_export is null)
+            {
+                Context.Stop(Self);
+                return;
+            }
+            if (!_handingOff)
+            {
+                _handingOff = true;
+                _log.Info("Export {0} handing over from node {1}: finishing requests in flight, then flushing", Self.Path.Name, _node.Name);
+                _export.Tell(CloseExport.Instance);
+            }
+        });
         Receive<Opened>(opened =>
         {
             if (opened.Handle is { } handle && _export is not null)
@@ -57,6 +74,11 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers
                 Context.Stop(Self);
                 return;
             }
+            if (_handingOff)
+            {
+                Context.Stop(Self);
+                return;
+            }
             // Failed to open or broke: answer "not available" for a while, then stop, so that a
             // later message opens it afresh (without a retry, and an error, every wake).
             _export = null;
@@ -72,6 +94,15 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers
 
     private void Handle(ExportEnvelope envelope)
     {
+        if (_handingOff && envelope.Message is not RetireExport)
+        {
+            // Closing here: the next owner answers once the shard has moved.
+            if (envelope.Message is not WakeExport)
+            {
+                Sender.Tell(new Status.Failure(new InvalidOperationException($"export '{envelope.Spec.Name}' is being handed over from {_node.Name}")));
+            }
+            return;
+        }
         if (_failed)
         {
             if (envelope.Message is not WakeExport)

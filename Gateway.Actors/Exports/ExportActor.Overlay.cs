@@ -36,7 +36,8 @@ public sealed partial class ExportActor
             Layer layer = _backends.OpenTopLayer(push.LayerId);
             try
             {
-                await _overlay.PushTopAsync(layer).ConfigureAwait(false);
+                // No ConfigureAwait(false): the continuation must run on the actor, which sets _spec and replies.
+                await _overlay.PushTopAsync(layer);
             }
             catch
             {

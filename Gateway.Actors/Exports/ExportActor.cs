@@ -9,16 +9,33 @@ namespace Gateway.Actors.Exports;
 /// Owns one export's backend for as long as the export exists on this node. Connections get
 /// the device itself in an <see cref="ExportHandle"/> and call it directly; the actor handles
 /// lifecycle only (open, flush, close).
+/// <para>
+/// A planned stop (<see cref="CloseExport"/>, or the removal's <see cref="PurgeBitmaps"/>) goes in
+/// this order: the handle closes, so connections stop reading requests and finish those they
+/// hold; the actor waits for the device's requests in flight to end; flushes; and only then stops
+/// the bitmaps actor and itself. The other order (Akka stops children first) refused the writes
+/// still arriving with EIO, because their granules could no longer be recorded (issue 30).
+/// </para>
+/// <para>
+/// Nothing here awaits on the actor's behalf and then touches <c>Sender</c>, <c>Self</c> or
+/// state: asynchronous work is piped back to <c>Self</c> (or straight to the asker) as a message.
+/// </para>
 /// </summary>
 public sealed partial class ExportActor : ReceiveActor
 {
+    /// <summary>How long a planned stop waits for requests in flight before it flushes anyway.</summary>
+    public static readonly TimeSpan DrainTimeout = TimeSpan.FromSeconds(20);
+
     private ExportSpec _spec;
     private readonly BackendFactory _backends;
     private readonly CancellationTokenSource _closed = new();
     private readonly ILoggingAdapter _log = Context.GetLogger();
     private IBlockDevice? _device;
+    private DrainingDevice? _gate;
     private ExportHandle? _handle;
     private IActorRef _bitmaps = ActorRefs.Nobody;
+    private CloseReason? _closing;
+    private bool _flushedOnClose;
 
     public ExportActor(ExportSpec spec, BackendFactory backends)
     {
@@ -50,30 +67,20 @@ public sealed partial class ExportActor : ReceiveActor
         Receive<QueryTopEmpty>(_ => Sender.Tell(_overlay is { TopIsEmpty: true }));
         Receive<IBitmapCommand>(command => _bitmaps.Forward(command));
         Receive<BitmapsPurged>(_ => Context.Stop(Self));
-        Receive<PurgeBitmaps>(purge =>
+        Receive<PurgeBitmaps>(_ => BeginClose(CloseReason.Removed));
+        Receive<CloseExport>(_ => BeginClose(CloseReason.HandedOff));
+        Receive<Drained>(OnDrained);
+        Receive<FlushAllExports>(_ =>
         {
-            // The export was removed: its bitmaps' events go too, then this actor stops.
-            Context.Unwatch(_bitmaps);
-            // A custom message, not PoisonPill: a PoisonPill delivered as a termination message
-            // arrives as an ordinary message and would not stop this actor.
-            Context.WatchWith(_bitmaps, BitmapsPurged.Instance);
-            _bitmaps.Tell(purge);
-        });
-        ReceiveAsync<FlushAllExports>(async _ =>
-        {
-            try
+            if (_device is not { IsReadOnly: false } device)
             {
-                if (_device is { IsReadOnly: false })
-                {
-                    await _device.FlushAsync().ConfigureAwait(false);
-                }
                 Sender.Tell(new ExportsFlushed(1, []));
+                return;
             }
-            catch (Exception e)
-            {
-                _log.Error(e, "Flushing export {0} failed", _spec.Name);
-                Sender.Tell(new ExportsFlushed(0, [_spec.Name]));
-            }
+            string name = _spec.Name;
+            device.FlushAsync().AsTask().PipeTo(Sender,
+                success: () => new ExportsFlushed(1, []),
+                failure: e => new ExportsFlushed(0, [$"{name}: {e.Message}"]));
         });
     }
 
@@ -82,11 +89,12 @@ public sealed partial class ExportActor : ReceiveActor
 
     protected override void PreStart()
     {
-        _device = _backends.Open(_spec);
-        _overlay = _device as Gateway.Backends.Overlay.OverlayBackend;
-        _device = TrackDirtyGranules(_device);
+        IBlockDevice opened = _backends.Open(_spec);
+        _overlay = opened as Gateway.Backends.Overlay.OverlayBackend;
+        _device = TrackDirtyGranules(opened);
+        _gate = new DrainingDevice(_device);
         var info = new ExportInfo(_spec.Name, _spec.Description, _spec.Size, _spec.ReadOnly || _device.IsReadOnly, _device.Capabilities) { Access = _spec.Access ?? ExportAccess.Open };
-        _handle = new ExportHandle(info, _device, [new BaseAllocationContext(_device), .. OverlayContexts()], _closed.Token);
+        _handle = new ExportHandle(info, _gate, [new BaseAllocationContext(_gate), .. OverlayContexts()], _closed.Token);
         _bitmaps.Tell(new AttachExportHandle(_handle));
         _log.Info("Export {0} open: {1} bytes, {2}", _spec.Name, _spec.Size, _spec.ReadOnly ? "read-only" : "read-write");
     }
@@ -101,27 +109,111 @@ public sealed partial class ExportActor : ReceiveActor
         return new DirtyTrackingDevice(device, tracker);
     }
 
+    /// <summary>Closes the handle, then drains and flushes off the actor; <see cref="Drained"/> comes back.</summary>
+    private void BeginClose(CloseReason reason)
+    {
+        if (_closing is not null)
+        {
+            // A removal during a handoff's drain still purges the bitmaps once the drain is done.
+            if (reason == CloseReason.Removed)
+            {
+                _closing = reason;
+            }
+            return;
+        }
+        _closing = reason;
+        // Connections stop reading and finish the requests they hold (Transmission.RunAsync).
+        _closed.Cancel();
+        if (_gate is not { } gate || _device is not { } device)
+        {
+            Self.Tell(new Drained(true, null));
+            return;
+        }
+        DrainAndFlushAsync(gate, device).PipeTo(Self, failure: e => new Drained(true, e));
+    }
+
+    private static async Task<Drained> DrainAndFlushAsync(DrainingDevice gate, IBlockDevice device)
+    {
+        bool drained = await gate.DrainAsync(DrainTimeout).ConfigureAwait(false);
+        if (!device.IsReadOnly)
+        {
+            // The device under the gate: the gate is shut now, and the bitmaps are still running.
+            await device.FlushAsync().ConfigureAwait(false);
+        }
+        return new Drained(drained, null);
+    }
+
+    private void OnDrained(Drained drained)
+    {
+        if (!drained.AllFinished)
+        {
+            _log.Warning("Export {0}: requests still running {1} s after the export began to close; flushed and closing anyway",
+                _spec.Name, DrainTimeout.TotalSeconds);
+        }
+        if (drained.Failure is { } failure)
+        {
+            _log.Error(failure, "Final flush of export {0} failed", _spec.Name);
+        }
+        else
+        {
+            _flushedOnClose = true;
+        }
+        if (_closing == CloseReason.Removed && !_bitmaps.IsNobody())
+        {
+            // The export was removed: its bitmaps' events go too, then this actor stops.
+            Context.Unwatch(_bitmaps);
+            // A custom message, not PoisonPill: a PoisonPill delivered as a termination message
+            // arrives as an ordinary message and would not stop this actor.
+            Context.WatchWith(_bitmaps, BitmapsPurged.Instance);
+            _bitmaps.Tell(PurgeBitmaps.Instance);
+            return;
+        }
+        Context.Stop(Self);
+    }
+
     protected override void PostStop()
     {
         // Connections still attached see the export close and end their sessions.
         _closed.Cancel();
-        if (_device is not null)
+        _closed.Dispose();
+        if (_device is not { } device)
+        {
+            return;
+        }
+        if (_flushedOnClose || device.IsReadOnly)
+        {
+            device.Dispose();
+            return;
+        }
+        // Stopped without a planned close (the actor system ending, a supervisor's stop): flush
+        // and release the backend off the actor thread rather than block it on the store.
+        string name = _spec.Name;
+        ILoggingAdapter log = _log;
+        _ = Task.Run(async () =>
         {
             try
             {
-                if (!_device.IsReadOnly)
-                {
-                    _device.FlushAsync().AsTask().GetAwaiter().GetResult();
-                }
+                await device.FlushAsync().ConfigureAwait(false);
             }
             catch (Exception e)
             {
-                _log.Error(e, "Final flush of export {0} failed", _spec.Name);
+                log.Error(e, "Final flush of export {0} failed", name);
             }
-            _device.Dispose();
-        }
-        _closed.Dispose();
+            finally
+            {
+                device.Dispose();
+            }
+        });
     }
+
+    private enum CloseReason
+    {
+        HandedOff,
+        Removed,
+    }
+
+    /// <summary>The drain and the final flush ended (<paramref name="AllFinished"/>: no request was left running).</summary>
+    private sealed record Drained(bool AllFinished, Exception? Failure);
 
     private sealed record BitmapsPurged
     {

@@ -17,6 +17,15 @@ public sealed record FlushAllExports
     public static readonly FlushAllExports Instance = new();
 }
 
+/// <summary>
+/// A planned stop of one export on this node (a cluster handoff): stop taking requests, finish
+/// those in flight, flush, and only then stop the bitmaps and the export actor.
+/// </summary>
+public sealed record CloseExport
+{
+    public static readonly CloseExport Instance = new();
+}
+
 // Queries
 public sealed record ListExports
 {

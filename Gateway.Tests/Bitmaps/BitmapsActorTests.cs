@@ -43,10 +43,18 @@ public sealed class GatedJournal : MemoryJournal
     }
 }
 
+/// <summary>Tests that open and close <see cref="GatedJournal"/>'s static gate run one at a time.</summary>
+[CollectionDefinition(Name)]
+public sealed class GatedJournalCollection
+{
+    public const string Name = "Gated journal (serial)";
+}
+
 /// <summary>The bitmaps actor: group commit of first touches, durability before the write, recovery.</summary>
+[Collection(GatedJournalCollection.Name)]
 public sealed class BitmapsActorTests : Akka.TestKit.Xunit2.TestKit
 {
-    private const string Config = """
+    internal const string Config = """
         akka.loglevel = INFO
         akka.persistence.journal.plugin = "akka.persistence.journal.gated"
         akka.persistence.journal.gated {
