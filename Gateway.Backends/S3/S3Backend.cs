@@ -426,8 +426,9 @@ public sealed class S3Backend : IBlockDevice
         {
             int n = await StoreAsync(() => _store.GetAsync(Key(chunk.Index), 0, stored.AsMemory(0, _objectSize), ct), "GET", chunk.Index, ct).ConfigureAwait(false);
             // Before the listing, a chunk written only to the cache legitimately has no object; one
-            // the gateway stored must still have it. The data lock keeps trims and this chunk's own
-            // upload from changing _stored meanwhile.
+            // the gateway stored must still have it. No race here: the data lock keeps trims out, and
+            // a chunk with sectors left to load has no upload of its own in flight (an upload loads
+            // them, under this lock, before it lets go of it to PUT).
             if (n < 0 && _stored.Get(chunk.Index))
             {
                 ThrowMissing(chunk.Index);
