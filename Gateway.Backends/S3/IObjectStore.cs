@@ -9,7 +9,9 @@ public interface IObjectStore : IDisposable
 {
     /// <summary>
     /// Reads the object's bytes from <paramref name="start"/> into <paramref name="destination"/>; returns how
-    /// many it read (fewer when the object is shorter), or -1 when the object does not exist.
+    /// many it read (fewer when the object is shorter), or -1 only when the store says the key does not
+    /// exist (S3's NoSuchKey). Any other "not found" (a missing bucket, a 404 without an S3 error code)
+    /// throws: the backend reads -1 as zeros, so it must never stand for data that may still exist.
     /// </summary>
     Task<int> GetAsync(string key, long start, Memory<byte> destination, CancellationToken cancellationToken);
 

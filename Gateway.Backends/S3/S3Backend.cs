@@ -6,7 +6,9 @@ namespace Gateway.Backends.S3;
 /// <summary>
 /// A disk in an S3-compatible object store, cut into objects of <see cref="S3DeviceOptions.ObjectSize"/>
 /// bytes named <c>PREFIX/%016x</c> (nbdkit's S3 plugin layout, so either can serve a disk the other
-/// wrote); a missing object reads as zeros and is a hole for <c>base:allocation</c>.
+/// wrote); a chunk without an object reads as zeros and is a hole for <c>base:allocation</c>. A chunk
+/// whose object the gateway stored or listed and that has since gone (deleted behind its back) is
+/// EIO, never zeros: only a trim makes a stored chunk a hole.
 /// <para>
 /// Writes land in a bounded write-back cache of whole chunks. A chunk is uploaded when a chunk's
 /// worth has been written to it, when it has been idle for <see cref="S3DeviceOptions.WritebackDelay"/>,
@@ -33,6 +35,13 @@ public sealed class S3Backend : IBlockDevice
     private readonly SemaphoreSlim _io;
     private readonly ConcurrentDictionary<long, Chunk> _chunks = new();
     private readonly ChunkMap _allocated;
+    // Chunks known to have an object: listed at open or uploaded since, until a trim deletes it. Not
+    // _allocated, which writes still in the cache also set: a GET that finds no object for one of
+    // these means the object was lost, and reading it as zeros would silently corrupt the disk.
+    private readonly ChunkMap _stored;
+    private readonly ConcurrentDictionary<long, byte> _missing = new();
+    // Trims that cleared a _stored bit: a lock-free read uses it to tell a trim crossing its GET from a loss.
+    private long _drops;
     private readonly CancellationTokenSource _stopping = new();
     private readonly Timer? _writeback;
     private readonly SemaphoreSlim _listing = new(1, 1);
@@ -56,6 +65,7 @@ public sealed class S3Backend : IBlockDevice
         _writebackTicks = (long)options.WritebackDelay.TotalMilliseconds;
         _io = new SemaphoreSlim(options.Parallelism, options.Parallelism);
         _allocated = new ChunkMap((size + _objectSize - 1) >> _objectShift);
+        _stored = new ChunkMap(_allocated.ChunkCount);
         if (!readOnly)
         {
             TimeSpan period = TimeSpan.FromMilliseconds(Math.Max(10, _writebackTicks / 4));
@@ -125,6 +135,7 @@ public sealed class S3Backend : IBlockDevice
             foreach (long index in found)
             {
                 _allocated.Set(index, true);
+                _stored.Set(index, true);
             }
             _mapLoaded = true;
         }
@@ -147,6 +158,12 @@ public sealed class S3Backend : IBlockDevice
 
     /// <summary>Background write-backs that failed (they stay dirty and are retried); for tests and metrics.</summary>
     public long BackgroundFailures => Interlocked.Read(ref _backgroundFailures);
+
+    /// <summary>
+    /// Chunks whose object was found missing although the gateway had stored or listed it (each counted
+    /// once); their reads fail with EIO. For tests and metrics: the connection logs each failed request.
+    /// </summary>
+    public long MissingObjects => _missing.Count;
 
     /// <summary>Bytes of chunk buffers held by the cache.</summary>
     public long CachedBytes => Interlocked.Read(ref _cachedBytes);
@@ -292,7 +309,7 @@ public sealed class S3Backend : IBlockDevice
 
     private async Task ReadPartAsync(long index, int start, Memory<byte> destination, CancellationToken ct)
     {
-        while (true)
+        for (int attempt = 1; ; attempt++)
         {
             if (!_chunks.TryGetValue(index, out Chunk? chunk))
             {
@@ -305,7 +322,23 @@ public sealed class S3Backend : IBlockDevice
                 // would spend the cache and the link on bytes nobody asked for.
                 if (destination.Length < _objectSize / 4)
                 {
+                    // Lock-free, so the chunk may be uploaded or trimmed while the GET is out. Read in
+                    // this order (a trim clears _stored, then counts): storedBefore true means no trim
+                    // of this chunk had counted yet when drops was read.
+                    long drops = Interlocked.Read(ref _drops);
+                    bool storedBefore = _stored.Get(index);
                     int n = await StoreAsync(() => _store.GetAsync(Key(index), start, destination, ct), "GET", index, ct).ConfigureAwait(false);
+                    // Not stored when the GET left: a PUT racing it may have come too late for it, and
+                    // zeros are what the chunk held before that write. Stored since and still stored:
+                    // lost, unless a trim (and a new upload) crossed the GET, so look again.
+                    if (n < 0 && storedBefore && _stored.Get(index))
+                    {
+                        if (Interlocked.Read(ref _drops) != drops && attempt < 4)
+                        {
+                            continue;
+                        }
+                        ThrowMissing(index);
+                    }
                     destination.Span[Math.Max(n, 0)..].Clear();
                     return;
                 }
@@ -392,6 +425,14 @@ public sealed class S3Backend : IBlockDevice
         try
         {
             int n = await StoreAsync(() => _store.GetAsync(Key(chunk.Index), 0, stored.AsMemory(0, _objectSize), ct), "GET", chunk.Index, ct).ConfigureAwait(false);
+            // Before the listing, a chunk written only to the cache legitimately has no object; one
+            // the gateway stored must still have it. No race here: the data lock keeps trims out, and
+            // a chunk with sectors left to load has no upload of its own in flight (an upload loads
+            // them, under this lock, before it lets go of it to PUT).
+            if (n < 0 && _stored.Get(chunk.Index))
+            {
+                ThrowMissing(chunk.Index);
+            }
             stored.AsSpan(Math.Max(n, 0), _objectSize - Math.Max(n, 0)).Clear();
             int sectors = _objectSize >> SectorShift;
             for (int s = 0; s < sectors;)
@@ -548,11 +589,25 @@ public sealed class S3Backend : IBlockDevice
                     }
                     if (_allocated.Get(index))
                     {
-                        await StoreAsync(async () =>
+                        // Cleared before the DELETE: a small read bypasses these locks, and once the
+                        // object may be gone its missing object is the trim's doing, not a loss.
+                        bool wasStored = _stored.Get(index);
+                        _stored.Set(index, false);
+                        Interlocked.Increment(ref _drops); // after the clear: see ReadPartAsync
+                        try
                         {
-                            await _store.DeleteAsync(Key(index), ct).ConfigureAwait(false);
-                            return 0;
-                        }, "DELETE", index, ct).ConfigureAwait(false);
+                            await StoreAsync(async () =>
+                            {
+                                await _store.DeleteAsync(Key(index), ct).ConfigureAwait(false);
+                                return 0;
+                            }, "DELETE", index, ct).ConfigureAwait(false);
+                        }
+                        catch
+                        {
+                            // The trim failed and the chunk keeps its data, as far as anyone knows.
+                            _stored.Set(index, wasStored);
+                            throw;
+                        }
                         _allocated.Set(index, false);
                     }
                     RemoveLocked(chunk);
@@ -622,6 +677,8 @@ public sealed class S3Backend : IBlockDevice
                 await _store.PutAsync(Key(chunk.Index), snapshot, _objectSize, CancellationToken.None).ConfigureAwait(false);
                 return 0;
             }, "PUT", chunk.Index, CancellationToken.None).ConfigureAwait(false);
+            // Under the upload lock, which a trim takes too: no DELETE of this chunk runs meanwhile.
+            _stored.Set(chunk.Index, true);
             Volatile.Write(ref chunk.CleanVersion, version);
             if (chunk.IsDirty)
             {
@@ -788,6 +845,14 @@ public sealed class S3Backend : IBlockDevice
     // ---------------------------------------------------------------- helpers
 
     private string Key(long index) => S3DeviceOptions.Key(_prefix, index);
+
+    /// <summary>A GET found no object for a chunk the gateway stored or listed: the data is lost, which is EIO, not zeros.</summary>
+    [System.Diagnostics.CodeAnalysis.DoesNotReturn]
+    private void ThrowMissing(long index)
+    {
+        _missing.TryAdd(index, 0);
+        throw new BlockDeviceException(BlockErrorKind.Io, $"S3 object {Key(index)} is missing although it was stored: refusing to read it as zeros");
+    }
 
     private delegate Task PartAction(long index, int start, int at, int length);
 

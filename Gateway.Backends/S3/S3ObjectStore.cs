@@ -65,9 +65,16 @@ public sealed class S3ObjectStore : IObjectStore
             }
             return total;
         }
-        catch (AmazonS3Exception e) when (e.StatusCode == HttpStatusCode.NotFound && e.ErrorCode != "NoSuchBucket")
+        catch (AmazonS3Exception e) when (e.StatusCode == HttpStatusCode.NotFound && e.ErrorCode == "NoSuchKey")
         {
-            return -1;
+            return -1; // the store's own word that the key does not exist
+        }
+        catch (AmazonS3Exception e) when (e.StatusCode == HttpStatusCode.NotFound)
+        {
+            // NoSuchBucket, or a 404 from a proxy or store whose body the SDK could not parse: the
+            // object may well exist, and reading it as a hole would turn stored data into zeros.
+            string code = string.IsNullOrEmpty(e.ErrorCode) ? "none" : e.ErrorCode;
+            throw new IOException($"S3 answered {(int)e.StatusCode} with error code '{code}' for {key}: the object's absence is not proven", e);
         }
         catch (AmazonS3Exception e) when (e.StatusCode == HttpStatusCode.RequestedRangeNotSatisfiable)
         {
