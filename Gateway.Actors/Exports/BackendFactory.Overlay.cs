@@ -12,7 +12,7 @@ public sealed partial class BackendFactory
     public string BaseImagePath(string path) => Path.GetFullPath(path, DataDirectory);
 
     /// <summary>Creates an overlay's top layer (the lower layers exist already and are shared).</summary>
-    private void CreateOverlay(ExportSpec spec)
+    private async Task CreateOverlayAsync(ExportSpec spec, CancellationToken cancellationToken)
     {
         string[] layers = spec.Backend.Layers ?? throw new InvalidOperationException($"overlay export '{spec.Name}' has no layers");
         if (spec.Backend.BaseImage is { } image)
@@ -30,7 +30,7 @@ public sealed partial class BackendFactory
                 throw new InvalidOperationException($"layer '{lower}' does not exist");
             }
         }
-        CreateLayer(layers[0], spec.Size);
+        await CreateLayerAsync(layers[0], spec.Size, cancellationToken).ConfigureAwait(false);
     }
 
     /// <summary>
@@ -46,16 +46,16 @@ public sealed partial class BackendFactory
         }
     }
 
-    /// <summary>Creates an empty layer, durable on return.</summary>
-    public void CreateLayer(string id, long size) =>
-        LayerFiles.CreateAsync(LayerDirectory, id, size).AsTask().GetAwaiter().GetResult();
+    /// <summary>Creates an empty layer, durable once the task completes.</summary>
+    public async Task CreateLayerAsync(string id, long size, CancellationToken cancellationToken) =>
+        await LayerFiles.CreateAsync(LayerDirectory, id, size, cancellationToken: cancellationToken).ConfigureAwait(false);
 
-    /// <summary>Opens a layer made by <see cref="CreateLayer"/> as a writable top.</summary>
-    public Layer OpenTopLayer(string id) =>
-        LayerFiles.OpenAsync(LayerDirectory, id, writable: true).AsTask().GetAwaiter().GetResult();
+    /// <summary>Opens a layer made by <see cref="CreateLayerAsync"/> as a writable top.</summary>
+    public async Task<Layer> OpenTopLayerAsync(string id, CancellationToken cancellationToken) =>
+        await LayerFiles.OpenAsync(LayerDirectory, id, writable: true, cancellationToken).ConfigureAwait(false);
 
     /// <summary>Opens the chain: the top writable (unless the export is read-only), the rest read-only.</summary>
-    private OverlayBackend OpenOverlay(ExportSpec spec)
+    private async Task<OverlayBackend> OpenOverlayAsync(ExportSpec spec, CancellationToken cancellationToken)
     {
         string[] ids = spec.Backend.Layers ?? throw new InvalidOperationException($"overlay export '{spec.Name}' has no layers");
         var layers = new List<Layer>();
@@ -63,7 +63,7 @@ public sealed partial class BackendFactory
         {
             for (int i = 0; i < ids.Length; i++)
             {
-                layers.Add(LayerFiles.OpenAsync(LayerDirectory, ids[i], writable: i == 0 && !spec.ReadOnly).AsTask().GetAwaiter().GetResult());
+                layers.Add(await LayerFiles.OpenAsync(LayerDirectory, ids[i], writable: i == 0 && !spec.ReadOnly, cancellationToken).ConfigureAwait(false));
             }
             if (spec.Backend.BaseImage is { } image)
             {

@@ -6,7 +6,8 @@ namespace Gateway.Actors.Exports;
 /// <summary>S3 exports: the objects live in the bucket; nothing of them is kept in the data folder.</summary>
 public sealed partial class BackendFactory
 {
-    private static readonly TimeSpan S3CreateTimeout = TimeSpan.FromSeconds(60);
+    /// <summary>How long a create waits for the bucket to answer. Settable so tests need not wait a minute.</summary>
+    internal TimeSpan S3CreateTimeout { get; set; } = TimeSpan.FromSeconds(60);
 
     // Short: a store that is down must not keep the export from opening (it lists again later).
     private static readonly TimeSpan S3ListTimeout = TimeSpan.FromSeconds(5);
@@ -18,26 +19,30 @@ public sealed partial class BackendFactory
     /// key fails the create instead of every later request. Existing objects under the prefix are
     /// adopted: that is how a disk written by nbdkit's S3 plugin (or another gateway) is served.
     /// </summary>
-    private static void CreateS3(ExportSpec spec)
+    private async Task CreateS3Async(ExportSpec spec, CancellationToken cancellationToken)
     {
         S3Spec s3 = spec.Backend.S3 ?? throw new InvalidOperationException($"s3 export '{spec.Name}' has no s3 settings");
         using var store = new S3ObjectStore(s3.ToLocation());
-        using var timeout = new CancellationTokenSource(S3CreateTimeout);
+        using var timeout = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        timeout.CancelAfter(S3CreateTimeout);
         try
         {
-            store.CheckBucketAsync(timeout.Token).GetAwaiter().GetResult();
+            await store.CheckBucketAsync(timeout.Token).ConfigureAwait(false);
         }
-        catch (Exception e) when (e is not OperationCanceledException || timeout.IsCancellationRequested)
+        // A store that does not answer in time is as unusable as one that refuses; only the
+        // caller's own cancellation stays a cancellation.
+        catch (Exception e) when (e is not OperationCanceledException || (timeout.IsCancellationRequested && !cancellationToken.IsCancellationRequested))
         {
             throw new InvalidOperationException($"s3 bucket '{s3.Bucket}' at {s3.Endpoint} is not usable: {e.Message}", e);
         }
     }
 
-    private static S3Backend OpenS3(ExportSpec spec)
+    private static async Task<S3Backend> OpenS3Async(ExportSpec spec, CancellationToken cancellationToken)
     {
         S3Spec s3 = spec.Backend.S3 ?? throw new InvalidOperationException($"s3 export '{spec.Name}' has no s3 settings");
-        using var timeout = new CancellationTokenSource(S3ListTimeout);
-        return S3Backend.OpenAsync(new S3ObjectStore(s3.ToLocation()), s3.Prefix!, spec.Size, spec.ReadOnly, s3.ToDeviceOptions(), ownsStore: true, timeout.Token)
-            .GetAwaiter().GetResult();
+        using var timeout = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        timeout.CancelAfter(S3ListTimeout);
+        return await S3Backend.OpenAsync(new S3ObjectStore(s3.ToLocation()), s3.Prefix!, spec.Size, spec.ReadOnly, s3.ToDeviceOptions(), ownsStore: true, timeout.Token)
+            .ConfigureAwait(false);
     }
 }

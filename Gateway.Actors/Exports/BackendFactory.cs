@@ -15,20 +15,27 @@ public sealed partial class BackendFactory(string dataDirectory)
 
     /// <summary>
     /// Creates the export's storage. An existing file at an explicit path is adopted (its size must
-    /// fit); the default path must be free, so a new export never inherits old data.
+    /// fit); the default path must be free, so a new export never inherits old data. Asynchronous
+    /// because an S3 bucket check or a layer's creation may wait on I/O: the registry must not
+    /// block its thread meanwhile. A file is made synchronously (a quick local call).
     /// </summary>
-    public void Create(ExportSpec spec)
+    public async Task CreateAsync(ExportSpec spec, CancellationToken cancellationToken)
     {
         if (spec.IsOverlay())
         {
-            CreateOverlay(spec);
+            await CreateOverlayAsync(spec, cancellationToken).ConfigureAwait(false);
             return;
         }
         if (IsS3(spec))
         {
-            CreateS3(spec);
+            await CreateS3Async(spec, cancellationToken).ConfigureAwait(false);
             return;
         }
+        CreateFile(spec);
+    }
+
+    private void CreateFile(ExportSpec spec)
+    {
         string path = FilePath(spec);
         if (spec.Backend.Path is { Length: > 0 } && File.Exists(path))
         {
@@ -69,8 +76,19 @@ public sealed partial class BackendFactory(string dataDirectory)
         return missing;
     }
 
-    public IBlockDevice Open(ExportSpec spec) =>
-        spec.IsOverlay() ? OpenOverlay(spec) : IsS3(spec) ? OpenS3(spec) : FileBackend.Open(FilePath(spec), spec.ReadOnly);
+    /// <summary>Opens the export's device; the caller owns (and disposes) it.</summary>
+    public async Task<IBlockDevice> OpenAsync(ExportSpec spec, CancellationToken cancellationToken)
+    {
+        if (spec.IsOverlay())
+        {
+            return await OpenOverlayAsync(spec, cancellationToken).ConfigureAwait(false);
+        }
+        if (IsS3(spec))
+        {
+            return await OpenS3Async(spec, cancellationToken).ConfigureAwait(false);
+        }
+        return FileBackend.Open(FilePath(spec), spec.ReadOnly);
+    }
 
     /// <summary>Deletes storage the gateway made itself; a file the user named is left in place.</summary>
     public void Delete(ExportSpec spec)

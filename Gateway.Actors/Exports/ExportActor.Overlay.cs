@@ -33,7 +33,8 @@ public sealed partial class ExportActor
                 sender.Tell(CommandResult.Ok(new ExportStatus(_spec, _handle?.Info)));
                 return;
             }
-            Layer layer = _backends.OpenTopLayer(push.LayerId);
+            // No ConfigureAwait(false): the continuation must run on the actor.
+            Layer layer = await _backends.OpenTopLayerAsync(push.LayerId, CancellationToken.None);
             try
             {
                 // No ConfigureAwait(false): the continuation must run on the actor, which sets _spec and replies.

@@ -17,11 +17,16 @@ namespace Gateway.Actors.Exports;
 /// still arriving with EIO, because their granules could no longer be recorded (issue 30).
 /// </para>
 /// <para>
+/// The backend opens asynchronously (an S3 export lists its bucket first): until it is open the
+/// actor stashes every message, then serves them in order; a failed open fails the actor, and
+/// its parent's strategy stops it. No thread waits on the store meanwhile (issue 30).
+/// </para>
+/// <para>
 /// Nothing here awaits on the actor's behalf and then touches <c>Sender</c>, <c>Self</c> or
 /// state: asynchronous work is piped back to <c>Self</c> (or straight to the asker) as a message.
 /// </para>
 /// </summary>
-public sealed partial class ExportActor : ReceiveActor
+public sealed partial class ExportActor : ReceiveActor, IWithUnboundedStash
 {
     /// <summary>How long a planned stop waits for requests in flight before it flushes anyway.</summary>
     public static readonly TimeSpan DrainTimeout = TimeSpan.FromSeconds(20);
@@ -36,12 +41,26 @@ public sealed partial class ExportActor : ReceiveActor
     private IActorRef _bitmaps = ActorRefs.Nobody;
     private CloseReason? _closing;
     private bool _flushedOnClose;
+    private Task<IBlockDevice>? _opening;
 
     public ExportActor(ExportSpec spec, BackendFactory backends)
     {
         _spec = spec;
         _backends = backends;
 
+        // Opening: there is no device to serve, flush or close yet, so every other message waits
+        // (in order) until the open ends; a failed open fails the actor, which its parent stops.
+        Receive<BackendOpened>(OnBackendOpened);
+        Receive<BackendOpenFailed>(failed =>
+            throw new InvalidOperationException($"export '{_spec.Name}' could not be opened: {failed.Cause.Message}", failed.Cause));
+        ReceiveAny(_ => Stash.Stash());
+    }
+
+    public IStash Stash { get; set; } = null!;
+
+    /// <summary>The backend is open: the export serves, flushes and closes.</summary>
+    private void Ready()
+    {
         // Answered by the bitmaps actor once it has recovered, so no client sees the export
         // without its qemu:dirty-bitmap contexts; by this actor if the bitmaps actor has stopped.
         Receive<OpenExport>(open =>
@@ -87,9 +106,20 @@ public sealed partial class ExportActor : ReceiveActor
     public static Props Props(ExportSpec spec, BackendFactory backends) =>
         Akka.Actor.Props.Create(() => new ExportActor(spec, backends));
 
+    /// <summary>
+    /// Opens the backend off the actor (an S3 store lists its objects first, for up to seconds);
+    /// the outcome comes back as <see cref="BackendOpened"/> or <see cref="BackendOpenFailed"/>.
+    /// </summary>
     protected override void PreStart()
     {
-        IBlockDevice opened = _backends.Open(_spec);
+        // The stop token: an export stopped while opening gives up on a slow store.
+        _opening = _backends.OpenAsync(_spec, _closed.Token);
+        _opening.PipeTo(Self, success: d => new BackendOpened(d), failure: e => new BackendOpenFailed(e));
+    }
+
+    private void OnBackendOpened(BackendOpened backendOpened)
+    {
+        IBlockDevice opened = backendOpened.Device;
         _overlay = opened as Gateway.Backends.Overlay.OverlayBackend;
         _device = TrackDirtyGranules(opened);
         _gate = new DrainingDevice(_device);
@@ -97,6 +127,8 @@ public sealed partial class ExportActor : ReceiveActor
         _handle = new ExportHandle(info, _gate, [new BaseAllocationContext(_gate), .. OverlayContexts()], _closed.Token);
         _bitmaps.Tell(new AttachExportHandle(_handle));
         _log.Info("Export {0} open: {1} bytes, {2}", _spec.Name, _spec.Size, _spec.ReadOnly ? "read-only" : "read-write");
+        Become(Ready);
+        Stash.UnstashAll();
     }
 
     /// <summary>Every change reaches the device only once the export's enabled bitmaps record it durably.</summary>
@@ -178,6 +210,15 @@ public sealed partial class ExportActor : ReceiveActor
         _closed.Dispose();
         if (_device is not { } device)
         {
+            // Stopped before the open was taken in: the device, if the open still succeeds (or
+            // did, with its message left unread), is nobody's but this continuation's.
+            _ = _opening?.ContinueWith(static t =>
+            {
+                if (t.IsCompletedSuccessfully)
+                {
+                    t.Result.Dispose();
+                }
+            }, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
             return;
         }
         if (_flushedOnClose || device.IsReadOnly)
@@ -211,6 +252,10 @@ public sealed partial class ExportActor : ReceiveActor
         HandedOff,
         Removed,
     }
+
+    private sealed record BackendOpened(IBlockDevice Device);
+
+    private sealed record BackendOpenFailed(Exception Cause);
 
     /// <summary>The drain and the final flush ended (<paramref name="AllFinished"/>: no request was left running).</summary>
     private sealed record Drained(bool AllFinished, Exception? Failure);

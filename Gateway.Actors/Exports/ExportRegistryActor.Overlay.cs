@@ -104,34 +104,45 @@ public sealed partial class ExportRegistryActor
     /// </summary>
     private void Snapshot(SnapshotExport snapshot, IActorRef replyTo, CreateExport? thenCreate)
     {
-        // The span covers deciding and recording the new chain; the switch itself is the export actor's.
-        using System.Diagnostics.Activity? activity = Telemetry.GatewayTelemetry.ActivitySource.StartActivity("export.snapshot");
+        // The span covers deciding, making the layer and recording the new chain; the switch itself is the export actor's.
+        System.Diagnostics.Activity? activity = Telemetry.GatewayTelemetry.ActivitySource.StartActivity("export.snapshot");
         activity?.SetTag("export", snapshot.ExportName);
         string layerId = OverlayRules.NewLayerId(snapshot.ExportName);
         snapshot = snapshot with { LayerId = layerId };
         (IExportEvent? @event, CommandResult? error) = _catalog.Decide(snapshot);
         if (error is not null)
         {
+            activity?.Dispose();
             replyTo.Tell(error);
             return;
         }
         ExportSpec spec = _catalog.Exports[snapshot.ExportName];
-        try
+        // Off the actor: the layer is made durable (fsync) before it is recorded.
+        Task made = _backends.CreateLayerAsync(layerId, spec.Size, CancellationToken.None);
+        BeginStorageStep(made, success: () => new LayerCreated(spec, layerId, @event!, replyTo, thenCreate, activity, null),
+            failure: e => new LayerCreated(spec, layerId, @event!, replyTo, thenCreate, activity, e), holdQueries: false);
+    }
+
+    private void OnLayerCreated(LayerCreated made)
+    {
+        EndStorageStep();
+        (ExportSpec spec, string layerId, IActorRef replyTo, CreateExport? thenCreate) = (made.Spec, made.LayerId, made.ReplyTo, made.ThenCreate);
+        if (made.Failure is { } failure)
         {
-            _backends.CreateLayer(layerId, spec.Size);
-        }
-        catch (Exception e)
-        {
-            _log.Warning("Creating a layer for export {0} failed: {1}", spec.Name, e.Message);
-            replyTo.Tell(CommandResult.Fail(ExportErrorKind.Failed, $"creating a layer for '{spec.Name}' failed: {e.Message}"));
+            _log.Warning("Creating a layer for export {0} failed: {1}", spec.Name, failure.Message);
+            replyTo.Tell(CommandResult.Fail(ExportErrorKind.Failed, $"creating a layer for '{spec.Name}' failed: {failure.Message}"));
+            made.Activity?.SetStatus(System.Diagnostics.ActivityStatusCode.Error, failure.Message);
+            made.Activity?.Dispose();
+            Stash.UnstashAll();
             return;
         }
-        Persist(@event!, e =>
+        Persist(made.Event, e =>
         {
             _catalog = _catalog.Apply(e);
             JournalDurability.Sync();
             ExportSpec updated = _catalog.Exports[spec.Name];
             _log.Info("Export {0} snapshotted: chain {1}", spec.Name, string.Join(" > ", updated.Backend.Layers!));
+            made.Activity?.Dispose();
             MaybeSnapshot();
             Task<CommandResult> pushed = TryAskExport(spec.Name, new PushLayer(updated, layerId), PushTimeout, out Task<CommandResult> answer)
                 ? answer
@@ -146,8 +157,13 @@ public sealed partial class ExportRegistryActor
                     success: r => new SnapshotThenCreate(r, thenCreate),
                     failure: f => new SnapshotThenCreate(CommandResult.Fail(ExportErrorKind.Failed, $"snapshotting base '{spec.Name}' failed: {f.Message}"), thenCreate));
             }
+            Stash.UnstashAll();
         });
     }
+
+    /// <summary>A snapshot's new layer was made (<paramref name="Failure"/> null) or could not be.</summary>
+    private sealed record LayerCreated(ExportSpec Spec, string LayerId, IExportEvent Event, IActorRef ReplyTo, CreateExport? ThenCreate,
+        System.Diagnostics.Activity? Activity, Exception? Failure);
 
     private sealed record SnapshotThenCreate(CommandResult Result, CreateExport Create);
 }

@@ -59,12 +59,22 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
             if (_catalog.Exports.Count == 0 && initialExport is not null)
             {
                 // First start: make the default export so the server is useful at once. Created
-                // here, not by a message to self: the persist holds back every command that
-                // arrived during recovery, so no client is told disk0 does not exist.
-                Create(new CreateExport(initialExport));
+                // here, not by a message to self, and holding back queries too until it is
+                // recorded: no client that came during recovery is told disk0 does not exist.
+                Create(new CreateExport(initialExport), holdQueries: true);
             }
         });
 
+        CatalogCommands();
+        OtherCommands();
+    }
+
+    /// <summary>
+    /// Commands that Decide against the catalog and change it. While a storage step is pending they
+    /// wait in the stash, so each is decided against the catalog its predecessors left.
+    /// </summary>
+    private void CatalogCommands()
+    {
         Command<CreateExport>(create =>
         {
             if (create.Spec.IsOverlay() && create.Spec.Backend.Layers is null)
@@ -80,6 +90,11 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
         Command<SnapshotExport>(snapshot => Snapshot(snapshot, Sender, thenCreate: null));
         Command<SnapshotThenCreate>(CreateOnSnapshot);
         Command<CreateOnOverlayBase>(CreateOnOverlayBase);
+    }
+
+    /// <summary>Lookups, routing and housekeeping: none of them changes the catalog.</summary>
+    private void OtherCommands()
+    {
         Command<ListExports>(_ => ListAll());
         Command<Akka.Cluster.ClusterEvent.MemberRemoved>(_ => Self.Tell(WakeAll.Instance));
         Command<WakeAll>(_ =>
@@ -186,7 +201,7 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
             return Directive.Stop;
         });
 
-    private void Create(CreateExport create)
+    private void Create(CreateExport create, bool holdQueries = false)
     {
         Activity? activity = GatewayTelemetry.ActivitySource.StartActivity("export.create");
         activity?.SetTag("export", create.Spec.Name);
@@ -199,27 +214,34 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
             return;
         }
         ExportSpec spec = create.Spec;
-        try
+        IActorRef sender = Sender;
+        // Storage first: if it can't be made, nothing is recorded. Off the actor: an S3 bucket
+        // check may wait up to a minute, and this actor is the whole cluster's registry.
+        Task made = _backends.CreateAsync(spec, CancellationToken.None);
+        BeginStorageStep(made, success: () => new StorageCreated(spec, @event!, sender, activity, null),
+            failure: e => new StorageCreated(spec, @event!, sender, activity, e), holdQueries);
+    }
+
+    private void OnStorageCreated(StorageCreated made)
+    {
+        EndStorageStep();
+        (ExportSpec spec, IActorRef sender, Activity? activity) = (made.Spec, made.ReplyTo, made.Activity);
+        if (made.Failure is { } failure)
         {
-            // Storage first: if it can't be made, nothing is recorded.
-            _backends.Create(spec);
-        }
-        catch (Exception e)
-        {
-            _log.Warning("Creating storage for export {0} failed: {1}", spec.Name, e.Message);
+            _log.Warning("Creating storage for export {0} failed: {1}", spec.Name, failure.Message);
             // What the request asked for can't be made here (bad path, file too small, too big for
             // the filesystem): the client's to fix, so 4xx; anything else is the server's.
-            ExportErrorKind kind = e is IOException or UnauthorizedAccessException or InvalidOperationException or ArgumentException
+            ExportErrorKind kind = failure is IOException or UnauthorizedAccessException or InvalidOperationException or ArgumentException
                 ? ExportErrorKind.Invalid
                 : ExportErrorKind.Failed;
-            Sender.Tell(CommandResult.Fail(kind, $"creating storage for '{spec.Name}' failed: {e.Message}"));
-            activity?.SetStatus(ActivityStatusCode.Error, e.Message);
+            sender.Tell(CommandResult.Fail(kind, $"creating storage for '{spec.Name}' failed: {failure.Message}"));
+            activity?.SetStatus(ActivityStatusCode.Error, failure.Message);
             activity?.Dispose();
+            Stash.UnstashAll();
             return;
         }
         _creating = spec;
-        IActorRef sender = Sender;
-        Persist(@event!, e =>
+        Persist(made.Event, e =>
         {
             _creating = null;
             _catalog = _catalog.Apply(e);
@@ -229,8 +251,39 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
             _log.Info("Export {0} created ({1} bytes)", spec.Name, spec.Size);
             activity?.Dispose();
             MaybeSnapshot();
+            Stash.UnstashAll();
         });
     }
+
+    /// <summary>
+    /// Runs a storage step off the actor and pipes its outcome back to it. Until that outcome is
+    /// handled, catalog commands are stashed (they are decided in arrival order, as when the step
+    /// blocked) while lookups are still answered from the current catalog: a slow store stalls no
+    /// list, status or connection. With <paramref name="holdQueries"/> lookups wait too.
+    /// </summary>
+    private void BeginStorageStep(Task step, Func<object> success, Func<Exception, object> failure, bool holdQueries)
+    {
+        step.PipeTo(Self, success: success, failure: failure);
+        BecomeStacked(() =>
+        {
+            Command<StorageCreated>(OnStorageCreated);
+            Command<LayerCreated>(OnLayerCreated);
+            if (holdQueries)
+            {
+                CommandAny(_ => Stash.Stash());
+                return;
+            }
+            Command<CreateExport>(_ => Stash.Stash());
+            Command<RemoveExport>(_ => Stash.Stash());
+            Command<SnapshotExport>(_ => Stash.Stash());
+            Command<SnapshotThenCreate>(_ => Stash.Stash());
+            Command<CreateOnOverlayBase>(_ => Stash.Stash());
+            OtherCommands();
+        });
+    }
+
+    /// <summary>The step's outcome is in: back to the usual behaviour (the caller unstashes once the catalog is settled).</summary>
+    private void EndStorageStep() => UnbecomeStacked();
 
     private void Remove(RemoveExport remove)
     {
@@ -366,4 +419,7 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
     }
 
     private sealed record ExportFailed(string Name, IActorRef Child);
+
+    /// <summary>A create's storage step ended (<paramref name="Failure"/> null: the storage is there).</summary>
+    private sealed record StorageCreated(ExportSpec Spec, IExportEvent Event, IActorRef ReplyTo, Activity? Activity, Exception? Failure);
 }

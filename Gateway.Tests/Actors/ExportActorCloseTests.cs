@@ -46,7 +46,7 @@ public sealed class ExportActorCloseTests : Akka.TestKit.Xunit2.TestKit
     {
         var backends = new BackendFactory(_data);
         ExportSpec spec = Spec("handoff");
-        backends.Create(spec);
+        await backends.CreateAsync(spec, CancellationToken.None);
         (IActorRef actor, ExportHandle handle) = await OpenAsync(backends, spec);
         BitmapResult added = await actor.Ask<BitmapResult>(new AddBitmap(spec.Name, "since", K64, true), Patience);
         Assert.True(added.Error is null, added.Message);
@@ -95,7 +95,7 @@ public sealed class ExportActorCloseTests : Akka.TestKit.Xunit2.TestKit
     {
         var backends = new BackendFactory(_data);
         ExportSpec spec = Spec("idle");
-        backends.Create(spec);
+        await backends.CreateAsync(spec, CancellationToken.None);
         (IActorRef actor, ExportHandle handle) = await OpenAsync(backends, spec);
         await handle.Device.WriteAsync(K64, Pattern(0x5A), fua: false);
         Watch(actor);
