@@ -49,10 +49,11 @@ public sealed partial class ExportActor : ReceiveActor, IWithUnboundedStash
         _backends = backends;
 
         // Opening: there is no device to serve, flush or close yet, so every other message waits
-        // (in order) until the open ends; a failed open fails the actor, which its parent stops.
+        // (in order) until the open ends. A failed open fails the actor as a throwing PreStart
+        // did: an initialization failure, which every strategy (the default one too) stops.
         Receive<BackendOpened>(OnBackendOpened);
         Receive<BackendOpenFailed>(failed =>
-            throw new InvalidOperationException($"export '{_spec.Name}' could not be opened: {failed.Cause.Message}", failed.Cause));
+            throw new ActorInitializationException(Self, $"export '{_spec.Name}' could not be opened: {failed.Cause.Message}", failed.Cause));
         ReceiveAny(_ => Stash.Stash());
     }
 
