@@ -16,7 +16,7 @@ namespace Gateway.Tests.Cluster;
 /// kills or adds a node puts the cluster back to three nodes before it ends.
 /// </summary>
 [Collection(ClusterCollection.Name)]
-public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<ClusterFixture>
+public sealed class ClusterInteropTests(ClusterFixture cluster, Xunit.Abstractions.ITestOutputHelper output) : IClassFixture<ClusterFixture>
 {
     private const long KiB = 1 << 10;
     private const long MiB = 1 << 20;
@@ -425,6 +425,84 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
             Assert.True(dirty.Any(d => d.Offset + d.Length > 32 * MiB), $"the load's writes left no dirty granule: {Format(dirty)}");
 
             // Back to three nodes for the tests that follow: the killed node rejoins.
+            await cluster.RestartAsync(owner);
+            restored = true;
+        }
+        finally
+        {
+            if (!restored && !owner.Gateway.IsRunning)
+            {
+                await TryRestoreAsync(() => cluster.RestartAsync(owner));
+            }
+        }
+    }
+
+    // ---- graceful stop of an owner ----
+
+    /// <summary>
+    /// Issue 30 (3): SIGTERM of the owner under a write load through another node. The export
+    /// closes in order (requests in flight, flush, then its bitmaps), so no write is refused because
+    /// the bitmaps stopped first, which happened in 4 of 12 such handoffs before. The cluster issue
+    /// (17) asks for no client error at all on a graceful handoff; the errors that remain (the
+    /// forwarded requests cut with the peer stream, the one EIO of the first FLUSH after an owner
+    /// change) are counted and printed, not yet forbidden.
+    /// </summary>
+    [Fact]
+    public async Task SIGTERM_of_the_owner_under_load_refuses_no_write_for_stopped_bitmaps_and_loses_nothing_flushed()
+    {
+        const string Export = "graceful";
+        ClusterNode first = Three().A;
+        await cluster.CreateExportAsync(first, new { name = Export, size = 64 * MiB });
+        ClusterNode owner = await cluster.OwnerAsync(Export);
+        ClusterNode[] survivors = [.. cluster.Running.Where(n => n != owner)];
+        (ClusterNode writer, ClusterNode loader) = (survivors[0], survivors[1]);
+        bool restored = false;
+        try
+        {
+            await AddBitmapAsync(loader, Export, "since", "64K");
+            await QemuIoAsync(writer, Export, "write -P 0x6a 16M 1M", "flush");
+
+            string started = Path.Combine(cluster.DataDirectory, "graceful.started");
+            string stopping = Path.Combine(cluster.DataDirectory, "graceful.stopping");
+            string load = await ScriptAsync("load.py", LoadScript);
+            Task<ToolResult> loading = cluster.RunAsync(Python,
+                [load, loader.NbdUri(Export), started, stopping, (32 * MiB).ToString(), (32 * MiB).ToString(), "90", "20"], TimeSpan.FromSeconds(120), check: false);
+            var clock = Stopwatch.StartNew();
+            while (!File.Exists(started) && !loading.IsCompleted && clock.Elapsed < TimeSpan.FromSeconds(30))
+            {
+                await Task.Delay(50);
+            }
+            Assert.True(File.Exists(started), $"the load through {loader} did not get going\n{(loading.IsCompleted ? (await loading).Describe() : "still running")}\n{cluster.Describe()}");
+
+            double stoppedAt = DateTimeOffset.UtcNow.ToUnixTimeMilliseconds() / 1000.0;
+            await File.WriteAllTextAsync(stopping, stoppedAt.ToString("F3", System.Globalization.CultureInfo.InvariantCulture));
+            var sinceStop = Stopwatch.StartNew();
+            await cluster.StopAsync(owner); // SIGTERM; exit code 0 asserted
+            TimeSpan exited = sinceStop.Elapsed;
+            string ownerLog = owner.Gateway.Output;
+
+            ToolResult loaded = await loading;
+            string summary = loaded.Stdout.Split('\n', StringSplitOptions.RemoveEmptyEntries).LastOrDefault() ?? "";
+            output.WriteLine($"SIGTERM of owner {owner}: exited after {exited.TotalSeconds:F1} s; load through {loader}: {summary}");
+            Assert.True(loaded.Succeeded && summary.StartsWith('{'), $"the load through {loader} failed\n{loaded.Describe()}\n{cluster.Describe()}");
+            string context = $"load through {loader} while the owner {owner} stopped: {summary}\n{cluster.Describe()}";
+            Assert.False(ownerLog.Contains("cannot be recorded", StringComparison.Ordinal) || ownerLog.Contains("stopped before the change was recorded", StringComparison.Ordinal),
+                "the stopping owner refused a change because its bitmaps had stopped: " + context);
+            using (JsonDocument doc = JsonDocument.Parse(summary))
+            {
+                JsonElement s = doc.RootElement;
+                Assert.True(s.GetProperty("wrong").GetArrayLength() == 0, "wrong data: " + context);
+                Assert.True(s.GetProperty("unexpected").GetArrayLength() == 0, "errors other than EIO/ESHUTDOWN: " + context);
+                Assert.True(s.GetProperty("dead").ValueKind == JsonValueKind.Null, "the connection was dropped: " + context);
+                Assert.True(s.GetProperty("hung").ValueKind == JsonValueKind.Null, "a request got no reply: " + context);
+                Assert.True(s.GetProperty("good_since_last_error").GetInt32() >= 20, "the connection did not work again after the handoff: " + context);
+            }
+
+            // Flushed before the stop, and the bitmap with it, on the new owner.
+            await QemuIoAsync(writer, Export, "read -P 0x6a 16M 1M", "read -P 0 8M 8M");
+            List<(long Offset, long Length)> dirty = Dirty(await MapAsync(writer, Export, "qemu:dirty-bitmap:since"));
+            Assert.True(dirty.Any(d => d.Offset <= 16 * MiB && d.Offset + d.Length >= 17 * MiB), $"the bitmap lost the flushed write's granules: {Format(dirty)}");
+
             await cluster.RestartAsync(owner);
             restored = true;
         }
