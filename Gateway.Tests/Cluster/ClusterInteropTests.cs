@@ -206,6 +206,35 @@ public sealed class ClusterInteropTests(ClusterFixture cluster, Xunit.Abstractio
         print(sha.hexdigest())
         """;
 
+    /// <summary>Creates a 64 MiB export; returns its owner and the two other nodes (a writer and a loader).</summary>
+    private async Task<(ClusterNode Owner, ClusterNode Writer, ClusterNode Loader)> CreateOwnedElsewhereAsync(string export)
+    {
+        await cluster.CreateExportAsync(Three().A, new { name = export, size = 64 * MiB });
+        ClusterNode owner = await cluster.OwnerAsync(export);
+        ClusterNode[] others = [.. cluster.Running.Where(n => n != owner)];
+        return (owner, others[0], others[1]);
+    }
+
+    /// <summary>
+    /// Starts <see cref="LoadScript"/> through <paramref name="loader"/> on [32M, 64M) of the export
+    /// and waits until it runs; returns it and the file to write the disruption's time into.
+    /// </summary>
+    private async Task<(Task<ToolResult> Loading, string Disrupted)> StartLoadAsync(ClusterNode loader, string export, string name)
+    {
+        string started = Path.Combine(cluster.DataDirectory, name + ".started");
+        string disrupted = Path.Combine(cluster.DataDirectory, name + ".disrupted");
+        string load = await ScriptAsync("load.py", LoadScript);
+        Task<ToolResult> loading = cluster.RunAsync(Python,
+            [load, loader.NbdUri(export), started, disrupted, (32 * MiB).ToString(), (32 * MiB).ToString(), "90", "20"], TimeSpan.FromSeconds(120), check: false);
+        var clock = Stopwatch.StartNew();
+        while (!File.Exists(started) && !loading.IsCompleted && clock.Elapsed < TimeSpan.FromSeconds(30))
+        {
+            await Task.Delay(50);
+        }
+        Assert.True(File.Exists(started), $"the load through {loader} did not get going\n{(loading.IsCompleted ? (await loading).Describe() : "still running")}\n{cluster.Describe()}");
+        return (loading, disrupted);
+    }
+
     /// <summary>
     /// One connection that writes a 4 KiB block, reads it back and flushes every 8th cycle, on and
     /// on, through the node it was given. A read must return the last acknowledged write of its
@@ -320,11 +349,8 @@ public sealed class ClusterInteropTests(ClusterFixture cluster, Xunit.Abstractio
     public async Task Kill_9_of_the_owner_under_load_re_homes_the_export_within_10_s_with_flushed_data_and_bitmaps_intact()
     {
         const string Export = "failover";
-        ClusterNode first = Three().A;
-        await cluster.CreateExportAsync(first, new { name = Export, size = 64 * MiB });
-        ClusterNode owner = await cluster.OwnerAsync(Export);
-        ClusterNode[] survivors = [.. cluster.Running.Where(n => n != owner)];
-        (ClusterNode writer, ClusterNode loader) = (survivors[0], survivors[1]);
+        (ClusterNode owner, ClusterNode writer, ClusterNode loader) = await CreateOwnedElsewhereAsync(Export);
+        ClusterNode[] survivors = [writer, loader];
         bool restored = false;
         try
         {
@@ -343,17 +369,7 @@ public sealed class ClusterInteropTests(ClusterFixture cluster, Xunit.Abstractio
             List<(long, long)> dirtied = Dirtied(64 * KiB, (16 * MiB, 64 * KiB), (20 * MiB + 4 * KiB, 4 * KiB), (30 * MiB, 1 * MiB));
 
             // Load through the other survivor, proxying to the owner, on [32M, 64M).
-            string started = Path.Combine(cluster.DataDirectory, "failover.started");
-            string killed = Path.Combine(cluster.DataDirectory, "failover.killed");
-            string load = await ScriptAsync("load.py", LoadScript);
-            Task<ToolResult> loading = cluster.RunAsync(Python,
-                [load, loader.NbdUri(Export), started, killed, (32 * MiB).ToString(), (32 * MiB).ToString(), "90", "20"], TimeSpan.FromSeconds(120), check: false);
-            var clock = Stopwatch.StartNew();
-            while (!File.Exists(started) && !loading.IsCompleted && clock.Elapsed < TimeSpan.FromSeconds(30))
-            {
-                await Task.Delay(50);
-            }
-            Assert.True(File.Exists(started), $"the load through {loader} did not get going\n{(loading.IsCompleted ? (await loading).Describe() : "still running")}\n{cluster.Describe()}");
+            (Task<ToolResult> loading, string killed) = await StartLoadAsync(loader, Export, "failover");
 
             double killedAt = DateTimeOffset.UtcNow.ToUnixTimeMilliseconds() / 1000.0;
             Stopwatch sinceKill = ClusterFixture.Kill(owner);
@@ -451,28 +467,14 @@ public sealed class ClusterInteropTests(ClusterFixture cluster, Xunit.Abstractio
     public async Task SIGTERM_of_the_owner_under_load_refuses_no_write_for_stopped_bitmaps_and_loses_nothing_flushed()
     {
         const string Export = "graceful";
-        ClusterNode first = Three().A;
-        await cluster.CreateExportAsync(first, new { name = Export, size = 64 * MiB });
-        ClusterNode owner = await cluster.OwnerAsync(Export);
-        ClusterNode[] survivors = [.. cluster.Running.Where(n => n != owner)];
-        (ClusterNode writer, ClusterNode loader) = (survivors[0], survivors[1]);
+        (ClusterNode owner, ClusterNode writer, ClusterNode loader) = await CreateOwnedElsewhereAsync(Export);
         bool restored = false;
         try
         {
             await AddBitmapAsync(loader, Export, "since", "64K");
             await QemuIoAsync(writer, Export, "write -P 0x6a 16M 1M", "flush");
 
-            string started = Path.Combine(cluster.DataDirectory, "graceful.started");
-            string stopping = Path.Combine(cluster.DataDirectory, "graceful.stopping");
-            string load = await ScriptAsync("load.py", LoadScript);
-            Task<ToolResult> loading = cluster.RunAsync(Python,
-                [load, loader.NbdUri(Export), started, stopping, (32 * MiB).ToString(), (32 * MiB).ToString(), "90", "20"], TimeSpan.FromSeconds(120), check: false);
-            var clock = Stopwatch.StartNew();
-            while (!File.Exists(started) && !loading.IsCompleted && clock.Elapsed < TimeSpan.FromSeconds(30))
-            {
-                await Task.Delay(50);
-            }
-            Assert.True(File.Exists(started), $"the load through {loader} did not get going\n{(loading.IsCompleted ? (await loading).Describe() : "still running")}\n{cluster.Describe()}");
+            (Task<ToolResult> loading, string stopping) = await StartLoadAsync(loader, Export, "graceful");
 
             double stoppedAt = DateTimeOffset.UtcNow.ToUnixTimeMilliseconds() / 1000.0;
             await File.WriteAllTextAsync(stopping, stoppedAt.ToString("F3", System.Globalization.CultureInfo.InvariantCulture));
