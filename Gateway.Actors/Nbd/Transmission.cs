@@ -569,6 +569,21 @@ public sealed class Transmission
         _ => NbdError.Io,
     };
 
-    internal void LogFailure(in NbdRequest request, Exception exception) =>
-        _logger.LogWarning(exception, "{Command} at {Offset}+{Length} on export {Export} failed", request.Command, request.Offset, request.Length, _export.Info.Name);
+    internal void LogFailure(in NbdRequest request, Exception exception)
+    {
+        // Once per distinct failure and minute (IoFailureLog): a retrying guest must not flood the log.
+        if (!IoFailureLog.ShouldLog(_export.Info.Name, exception.Message, out long repeats))
+        {
+            return;
+        }
+        if (repeats == 0)
+        {
+            _logger.LogWarning(exception, "{Command} at {Offset}+{Length} on export {Export} failed", request.Command, request.Offset, request.Length, _export.Info.Name);
+        }
+        else
+        {
+            _logger.LogWarning("{Command} at {Offset}+{Length} on export {Export} failed: {Reason} ({Repeats} more requests failed the same way in the last minute)",
+                request.Command, request.Offset, request.Length, _export.Info.Name, exception.Message, repeats);
+        }
+    }
 }

@@ -16,7 +16,7 @@ namespace Gateway.Tests.Cluster;
 /// kills or adds a node puts the cluster back to three nodes before it ends.
 /// </summary>
 [Collection(ClusterCollection.Name)]
-public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<ClusterFixture>
+public sealed class ClusterInteropTests(ClusterFixture cluster, Xunit.Abstractions.ITestOutputHelper output) : IClassFixture<ClusterFixture>
 {
     private const long KiB = 1 << 10;
     private const long MiB = 1 << 20;
@@ -206,6 +206,35 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
         print(sha.hexdigest())
         """;
 
+    /// <summary>Creates a 64 MiB export; returns its owner and the two other nodes (a writer and a loader).</summary>
+    private async Task<(ClusterNode Owner, ClusterNode Writer, ClusterNode Loader)> CreateOwnedElsewhereAsync(string export)
+    {
+        await cluster.CreateExportAsync(Three().A, new { name = export, size = 64 * MiB });
+        ClusterNode owner = await cluster.OwnerAsync(export);
+        ClusterNode[] others = [.. cluster.Running.Where(n => n != owner)];
+        return (owner, others[0], others[1]);
+    }
+
+    /// <summary>
+    /// Starts <see cref="LoadScript"/> through <paramref name="loader"/> on [32M, 64M) of the export
+    /// and waits until it runs; returns it and the file to write the disruption's time into.
+    /// </summary>
+    private async Task<(Task<ToolResult> Loading, string Disrupted)> StartLoadAsync(ClusterNode loader, string export, string name)
+    {
+        string started = Path.Combine(cluster.DataDirectory, name + ".started");
+        string disrupted = Path.Combine(cluster.DataDirectory, name + ".disrupted");
+        string load = await ScriptAsync("load.py", LoadScript);
+        Task<ToolResult> loading = cluster.RunAsync(Python,
+            [load, loader.NbdUri(export), started, disrupted, (32 * MiB).ToString(), (32 * MiB).ToString(), "90", "20"], TimeSpan.FromSeconds(120), check: false);
+        var clock = Stopwatch.StartNew();
+        while (!File.Exists(started) && !loading.IsCompleted && clock.Elapsed < TimeSpan.FromSeconds(30))
+        {
+            await Task.Delay(50);
+        }
+        Assert.True(File.Exists(started), $"the load through {loader} did not get going\n{(loading.IsCompleted ? (await loading).Describe() : "still running")}\n{cluster.Describe()}");
+        return (loading, disrupted);
+    }
+
     /// <summary>
     /// One connection that writes a 4 KiB block, reads it back and flushes every 8th cycle, on and
     /// on, through the node it was given. A read must return the last acknowledged write of its
@@ -320,11 +349,8 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
     public async Task Kill_9_of_the_owner_under_load_re_homes_the_export_within_10_s_with_flushed_data_and_bitmaps_intact()
     {
         const string Export = "failover";
-        ClusterNode first = Three().A;
-        await cluster.CreateExportAsync(first, new { name = Export, size = 64 * MiB });
-        ClusterNode owner = await cluster.OwnerAsync(Export);
-        ClusterNode[] survivors = [.. cluster.Running.Where(n => n != owner)];
-        (ClusterNode writer, ClusterNode loader) = (survivors[0], survivors[1]);
+        (ClusterNode owner, ClusterNode writer, ClusterNode loader) = await CreateOwnedElsewhereAsync(Export);
+        ClusterNode[] survivors = [writer, loader];
         bool restored = false;
         try
         {
@@ -343,17 +369,7 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
             List<(long, long)> dirtied = Dirtied(64 * KiB, (16 * MiB, 64 * KiB), (20 * MiB + 4 * KiB, 4 * KiB), (30 * MiB, 1 * MiB));
 
             // Load through the other survivor, proxying to the owner, on [32M, 64M).
-            string started = Path.Combine(cluster.DataDirectory, "failover.started");
-            string killed = Path.Combine(cluster.DataDirectory, "failover.killed");
-            string load = await ScriptAsync("load.py", LoadScript);
-            Task<ToolResult> loading = cluster.RunAsync(Python,
-                [load, loader.NbdUri(Export), started, killed, (32 * MiB).ToString(), (32 * MiB).ToString(), "90", "20"], TimeSpan.FromSeconds(120), check: false);
-            var clock = Stopwatch.StartNew();
-            while (!File.Exists(started) && !loading.IsCompleted && clock.Elapsed < TimeSpan.FromSeconds(30))
-            {
-                await Task.Delay(50);
-            }
-            Assert.True(File.Exists(started), $"the load through {loader} did not get going\n{(loading.IsCompleted ? (await loading).Describe() : "still running")}\n{cluster.Describe()}");
+            (Task<ToolResult> loading, string killed) = await StartLoadAsync(loader, Export, "failover");
 
             double killedAt = DateTimeOffset.UtcNow.ToUnixTimeMilliseconds() / 1000.0;
             Stopwatch sinceKill = ClusterFixture.Kill(owner);
@@ -425,6 +441,70 @@ public sealed class ClusterInteropTests(ClusterFixture cluster) : IClassFixture<
             Assert.True(dirty.Any(d => d.Offset + d.Length > 32 * MiB), $"the load's writes left no dirty granule: {Format(dirty)}");
 
             // Back to three nodes for the tests that follow: the killed node rejoins.
+            await cluster.RestartAsync(owner);
+            restored = true;
+        }
+        finally
+        {
+            if (!restored && !owner.Gateway.IsRunning)
+            {
+                await TryRestoreAsync(() => cluster.RestartAsync(owner));
+            }
+        }
+    }
+
+    // ---- graceful stop of an owner ----
+
+    /// <summary>
+    /// Issue 30 (3): SIGTERM of the owner under a write load through another node. The export
+    /// closes in order (requests in flight, flush, then its bitmaps), so no write is refused because
+    /// the bitmaps stopped first, which happened in 4 of 12 such handoffs before. The cluster issue
+    /// (17) asks for no client error at all on a graceful handoff; the errors that remain (the
+    /// forwarded requests cut with the peer stream, the one EIO of the first FLUSH after an owner
+    /// change) are counted and printed, not yet forbidden.
+    /// </summary>
+    [Fact]
+    public async Task SIGTERM_of_the_owner_under_load_refuses_no_write_for_stopped_bitmaps_and_loses_nothing_flushed()
+    {
+        const string Export = "graceful";
+        (ClusterNode owner, ClusterNode writer, ClusterNode loader) = await CreateOwnedElsewhereAsync(Export);
+        bool restored = false;
+        try
+        {
+            await AddBitmapAsync(loader, Export, "since", "64K");
+            await QemuIoAsync(writer, Export, "write -P 0x6a 16M 1M", "flush");
+
+            (Task<ToolResult> loading, string stopping) = await StartLoadAsync(loader, Export, "graceful");
+
+            double stoppedAt = DateTimeOffset.UtcNow.ToUnixTimeMilliseconds() / 1000.0;
+            await File.WriteAllTextAsync(stopping, stoppedAt.ToString("F3", System.Globalization.CultureInfo.InvariantCulture));
+            var sinceStop = Stopwatch.StartNew();
+            await cluster.StopAsync(owner); // SIGTERM; exit code 0 asserted
+            TimeSpan exited = sinceStop.Elapsed;
+            string ownerLog = owner.Gateway.Output;
+
+            ToolResult loaded = await loading;
+            string summary = loaded.Stdout.Split('\n', StringSplitOptions.RemoveEmptyEntries).LastOrDefault() ?? "";
+            output.WriteLine($"SIGTERM of owner {owner}: exited after {exited.TotalSeconds:F1} s; load through {loader}: {summary}");
+            Assert.True(loaded.Succeeded && summary.StartsWith('{'), $"the load through {loader} failed\n{loaded.Describe()}\n{cluster.Describe()}");
+            string context = $"load through {loader} while the owner {owner} stopped: {summary}\n{cluster.Describe()}";
+            Assert.False(ownerLog.Contains("cannot be recorded", StringComparison.Ordinal) || ownerLog.Contains("stopped before the change was recorded", StringComparison.Ordinal),
+                "the stopping owner refused a change because its bitmaps had stopped: " + context);
+            using (JsonDocument doc = JsonDocument.Parse(summary))
+            {
+                JsonElement s = doc.RootElement;
+                Assert.True(s.GetProperty("wrong").GetArrayLength() == 0, "wrong data: " + context);
+                Assert.True(s.GetProperty("unexpected").GetArrayLength() == 0, "errors other than EIO/ESHUTDOWN: " + context);
+                Assert.True(s.GetProperty("dead").ValueKind == JsonValueKind.Null, "the connection was dropped: " + context);
+                Assert.True(s.GetProperty("hung").ValueKind == JsonValueKind.Null, "a request got no reply: " + context);
+                Assert.True(s.GetProperty("good_since_last_error").GetInt32() >= 20, "the connection did not work again after the handoff: " + context);
+            }
+
+            // Flushed before the stop, and the bitmap with it, on the new owner.
+            await QemuIoAsync(writer, Export, "read -P 0x6a 16M 1M", "read -P 0 8M 8M");
+            List<(long Offset, long Length)> dirty = Dirty(await MapAsync(writer, Export, "qemu:dirty-bitmap:since"));
+            Assert.True(dirty.Any(d => d.Offset <= 16 * MiB && d.Offset + d.Length >= 17 * MiB), $"the bitmap lost the flushed write's granules: {Format(dirty)}");
+
             await cluster.RestartAsync(owner);
             restored = true;
         }
