@@ -53,6 +53,7 @@ public sealed class DrainingDevice(IBlockDevice inner) : IBlockDevice, INonBlock
         return drained;
     }
 
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     public async ValueTask ReadAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken = default)
     {
         Enter();

@@ -157,12 +157,8 @@ public sealed partial class ExportActor : ReceiveActor, IWithUnboundedStash
         _closing = reason;
         // Connections stop reading and finish the requests they hold (Transmission.RunAsync).
         _closed.Cancel();
-        if (_gate is not { } gate || _device is not { } device)
-        {
-            Self.Tell(new Drained(true, null));
-            return;
-        }
-        DrainAndFlushAsync(gate, device).PipeTo(Self, failure: e => new Drained(true, e));
+        // Only in Ready, so the backend is open: both are set.
+        DrainAndFlushAsync(_gate!, _device!).PipeTo(Self, failure: e => new Drained(true, e));
     }
 
     private static async Task<Drained> DrainAndFlushAsync(DrainingDevice gate, IBlockDevice device)

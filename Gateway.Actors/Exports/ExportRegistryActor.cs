@@ -268,17 +268,13 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
         {
             Command<StorageCreated>(OnStorageCreated);
             Command<LayerCreated>(OnLayerCreated);
-            if (holdQueries)
+            if (!holdQueries)
             {
-                CommandAny(_ => Stash.Stash());
-                return;
+                OtherCommands();
             }
-            Command<CreateExport>(_ => Stash.Stash());
-            Command<RemoveExport>(_ => Stash.Stash());
-            Command<SnapshotExport>(_ => Stash.Stash());
-            Command<SnapshotThenCreate>(_ => Stash.Stash());
-            Command<CreateOnOverlayBase>(_ => Stash.Stash());
-            OtherCommands();
+            // Whatever is left (the catalog commands; with holdQueries, everything) waits its turn:
+            // derived, not listed, so a new catalog command cannot be forgotten here.
+            CommandAny(_ => Stash.Stash());
         });
     }
 

@@ -27,11 +27,15 @@ public static class IoFailureLog
 
     internal static bool ShouldLog(string export, string message, long now, out long repeats)
     {
-        if (Seen.Count >= MaxRemembered)
+        if (!Seen.TryGetValue((export, message), out Entry? entry))
         {
-            Seen.Clear();
+            // A new failure: only here is the size checked (Count takes every lock of the dictionary).
+            if (Seen.Count >= MaxRemembered)
+            {
+                Seen.Clear();
+            }
+            entry = Seen.GetOrAdd((export, message), static (_, now) => new Entry(now), now);
         }
-        Entry entry = Seen.GetOrAdd((export, message), static (_, now) => new Entry(now), now);
         lock (entry)
         {
             if (entry.Fresh)

@@ -22,18 +22,29 @@ public sealed class ExportActorCloseTests : Akka.TestKit.Xunit2.TestKit
     private const int K64 = 64 << 10;
     private static readonly TimeSpan Patience = TimeSpan.FromSeconds(10);
     private readonly string _data = Directory.CreateTempSubdirectory("gateway-export-close-").FullName;
+    private readonly BackendFactory _backends;
 
     public ExportActorCloseTests(ITestOutputHelper output) : base(BitmapsActorTests.Config, output)
     {
         GatedJournal.Open();
         GatedJournal.Written.Clear();
+        _backends = new BackendFactory(_data);
     }
 
     private ExportSpec Spec(string name) => new(name, Size, new BackendSpec(BackendSpec.File), ReadOnly: false, Description: null);
 
-    private async Task<(IActorRef Actor, ExportHandle Handle)> OpenAsync(BackendFactory backends, ExportSpec spec)
+    /// <summary>A new file export of <paramref name="name"/>, open: its actor and handle.</summary>
+    private async Task<(ExportSpec Spec, IActorRef Actor, ExportHandle Handle)> CreateAndOpenAsync(string name)
     {
-        IActorRef actor = Sys.ActorOf(ExportActor.Props(spec, backends));
+        ExportSpec spec = Spec(name);
+        await _backends.CreateAsync(spec, CancellationToken.None);
+        (IActorRef actor, ExportHandle handle) = await OpenAsync(spec);
+        return (spec, actor, handle);
+    }
+
+    private async Task<(IActorRef Actor, ExportHandle Handle)> OpenAsync(ExportSpec spec)
+    {
+        IActorRef actor = Sys.ActorOf(ExportActor.Props(spec, _backends));
         ExportOpened opened = await actor.Ask<ExportOpened>(new OpenExport(spec.Name), Patience);
         Assert.NotNull(opened.Handle);
         return (actor, opened.Handle!);
@@ -44,10 +55,7 @@ public sealed class ExportActorCloseTests : Akka.TestKit.Xunit2.TestKit
     [Fact]
     public async Task Writes_in_flight_when_the_export_closes_are_served_recorded_and_flushed_before_the_bitmaps_stop()
     {
-        var backends = new BackendFactory(_data);
-        ExportSpec spec = Spec("handoff");
-        await backends.CreateAsync(spec, CancellationToken.None);
-        (IActorRef actor, ExportHandle handle) = await OpenAsync(backends, spec);
+        (ExportSpec spec, IActorRef actor, ExportHandle handle) = await CreateAndOpenAsync("handoff");
         BitmapResult added = await actor.Ask<BitmapResult>(new AddBitmap(spec.Name, "since", K64, true), Patience);
         Assert.True(added.Error is null, added.Message);
 
@@ -76,7 +84,7 @@ public sealed class ExportActorCloseTests : Akka.TestKit.Xunit2.TestKit
         Assert.Equal(BlockErrorKind.Shutdown, late.Kind);
 
         // Both writes are on disk (flushed at the close) and both granules are in the bitmap.
-        using (FileBackend file = FileBackend.Open(backends.FilePath(spec), readOnly: true))
+        using (FileBackend file = FileBackend.Open(_backends.FilePath(spec), readOnly: true))
         {
             byte[] read = new byte[4096];
             await file.ReadAsync(0, read);
@@ -84,7 +92,7 @@ public sealed class ExportActorCloseTests : Akka.TestKit.Xunit2.TestKit
             await file.ReadAsync(2 * K64, read);
             Assert.Equal(Pattern(0xB2), read);
         }
-        (IActorRef reopened, _) = await OpenAsync(backends, spec);
+        (IActorRef reopened, _) = await OpenAsync(spec);
         BitmapResult listed = await reopened.Ask<BitmapResult>(new ListBitmaps(spec.Name), Patience);
         Assert.True(listed.Error is null, listed.Message);
         Assert.Equal(2L * K64, Assert.Single(listed.Bitmaps).DirtyBytes);
@@ -93,16 +101,13 @@ public sealed class ExportActorCloseTests : Akka.TestKit.Xunit2.TestKit
     [Fact]
     public async Task A_close_with_nothing_in_flight_flushes_and_stops_at_once()
     {
-        var backends = new BackendFactory(_data);
-        ExportSpec spec = Spec("idle");
-        await backends.CreateAsync(spec, CancellationToken.None);
-        (IActorRef actor, ExportHandle handle) = await OpenAsync(backends, spec);
+        (ExportSpec spec, IActorRef actor, ExportHandle handle) = await CreateAndOpenAsync("idle");
         await handle.Device.WriteAsync(K64, Pattern(0x5A), fua: false);
         Watch(actor);
         actor.Tell(CloseExport.Instance);
         ExpectTerminated(actor, Patience);
         Assert.True(handle.Closed.IsCancellationRequested);
-        using FileBackend file = FileBackend.Open(backends.FilePath(spec), readOnly: true);
+        using FileBackend file = FileBackend.Open(_backends.FilePath(spec), readOnly: true);
         byte[] read = new byte[4096];
         await file.ReadAsync(K64, read);
         Assert.Equal(Pattern(0x5A), read);
