@@ -490,21 +490,27 @@ public sealed class GatedObjectStore(MemoryObjectStore inner, string gatedKey) :
 public readonly record struct FakeResponse(int Status, string ContentType, string Body);
 
 /// <summary>
-/// A loopback HTTP/1.1 server (port 0) that answers every request from a function of its method and
-/// target, one request per connection: enough to play a store or proxy the SDK cannot parse.
+/// A loopback HTTP server (HttpListener, on a free port) that answers every request from a function
+/// of its method and target: enough to play a store or proxy the SDK cannot parse.
 /// </summary>
 public sealed class FakeS3Server : IDisposable
 {
-    private readonly TcpListener _listener = new(IPAddress.Loopback, 0);
+    private readonly HttpListener _listener = new();
     private readonly Func<string, string, FakeResponse> _respond;
-    private readonly CancellationTokenSource _stop = new();
 
     public FakeS3Server(Func<string, string, FakeResponse> respond)
     {
         _respond = respond;
+        int port;
+        using (var probe = new TcpListener(IPAddress.Loopback, 0))
+        {
+            probe.Start();
+            port = ((IPEndPoint)probe.LocalEndpoint).Port;
+        }
+        Endpoint = $"http://127.0.0.1:{port}";
+        _listener.Prefixes.Add(Endpoint + "/");
         _listener.Start();
-        Endpoint = $"http://127.0.0.1:{((IPEndPoint)_listener.LocalEndpoint).Port}";
-        _ = AcceptAsync();
+        _ = ServeAsync();
     }
 
     public string Endpoint { get; }
@@ -512,75 +518,39 @@ public sealed class FakeS3Server : IDisposable
     /// <summary>"METHOD target" of every request served.</summary>
     public ConcurrentQueue<string> Requests { get; } = new();
 
-    private async Task AcceptAsync()
+    private async Task ServeAsync()
     {
         while (true)
         {
-            TcpClient client;
+            HttpListenerContext context;
             try
             {
-                client = await _listener.AcceptTcpClientAsync(_stop.Token);
+                context = await _listener.GetContextAsync();
             }
-            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException or SocketException)
+            catch (Exception e) when (e is HttpListenerException or ObjectDisposedException or InvalidOperationException)
             {
                 return;
             }
-            _ = ServeAsync(client);
-        }
-    }
-
-    private async Task ServeAsync(TcpClient client)
-    {
-        using (client)
-        {
+            string method = context.Request.HttpMethod;
+            string target = context.Request.RawUrl ?? "/";
+            Requests.Enqueue($"{method} {target}");
+            FakeResponse answer = _respond(method, target);
+            byte[] body = Encoding.UTF8.GetBytes(answer.Body);
+            HttpListenerResponse response = context.Response;
+            response.StatusCode = answer.Status;
+            response.ContentType = answer.ContentType;
+            response.ContentLength64 = body.Length;
+            response.Headers["x-amz-request-id"] = "fake";
             try
             {
-                NetworkStream stream = client.GetStream();
-                var head = new List<byte>();
-                byte[] buffer = new byte[4096];
-                // Requests here are GETs without a body: the head ends the request.
-                while (!EndsHead(head))
-                {
-                    int n = await stream.ReadAsync(buffer, _stop.Token);
-                    if (n == 0)
-                    {
-                        return;
-                    }
-                    head.AddRange(buffer.AsSpan(0, n));
-                }
-                string[] requestLine = Encoding.ASCII.GetString(head.ToArray()).Split("\r\n")[0].Split(' ');
-                Requests.Enqueue($"{requestLine[0]} {requestLine[1]}");
-                FakeResponse response = _respond(requestLine[0], requestLine[1]);
-                byte[] body = Encoding.UTF8.GetBytes(response.Body);
-                string reason = response.Status switch { 200 => "OK", 404 => "Not Found", _ => "Status" };
-                string header = $"HTTP/1.1 {response.Status} {reason}\r\nContent-Type: {response.ContentType}\r\nContent-Length: {body.Length}\r\n" +
-                    "x-amz-request-id: fake\r\nConnection: close\r\n\r\n";
-                await stream.WriteAsync(Encoding.ASCII.GetBytes(header), _stop.Token);
-                await stream.WriteAsync(body, _stop.Token);
-                await stream.FlushAsync(_stop.Token);
+                await response.OutputStream.WriteAsync(body);
+                response.Close();
             }
-            catch (Exception e) when (e is IOException or OperationCanceledException or ObjectDisposedException or SocketException)
+            catch (Exception e) when (e is HttpListenerException or IOException or ObjectDisposedException)
             {
             }
         }
     }
 
-    private static bool EndsHead(List<byte> head)
-    {
-        for (int i = 3; i < head.Count; i++)
-        {
-            if (head[i - 3] == '\r' && head[i - 2] == '\n' && head[i - 1] == '\r' && head[i] == '\n')
-            {
-                return true;
-            }
-        }
-        return false;
-    }
-
-    public void Dispose()
-    {
-        _stop.Cancel();
-        _listener.Stop();
-        _listener.Dispose();
-    }
+    public void Dispose() => _listener.Close();
 }
