@@ -25,9 +25,10 @@ public sealed record LocateExport
 /// The owner's answer: its node, its peer data endpoint, and what a client attaching to the
 /// export needs before any I/O (size, flags, context names), so a handshake costs no data stream.
 /// </summary>
-/// <remarks><paramref name="Generation"/> is new each time the export is opened somewhere: a link
-/// that sees it change knows the owner changed (see <see cref="ExportLink.FlushAsync"/>).</remarks>
-public sealed record ExportLocated(string Name, string Node, string PeerHost, int PeerPort, long Size, bool ReadOnly, int Capabilities, string[] Contexts, string Generation);
+/// <remarks><paramref name="Epoch"/> is the owner's durability epoch (<see cref="ExportTerms"/>): it
+/// changes when an owner took over from one that did not hand over cleanly, and a link that sees
+/// it change cannot vouch for writes completed before (see <see cref="ExportLink.FlushAsync"/>).</remarks>
+public sealed record ExportLocated(string Name, string Node, string PeerHost, int PeerPort, long Size, bool ReadOnly, int Capabilities, string[] Contexts, long Epoch);
 
 /// <summary>The export was removed: purge its bitmaps, close it, answer <see cref="ExportRetired"/>.</summary>
 public sealed record RetireExport

@@ -19,11 +19,18 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers
     private readonly LocalExports _local;
     private readonly ClusterNode _node;
     private readonly ILoggingAdapter _log = Context.GetLogger();
+    /// <summary>How long a handoff waits for the journal to record that the term ended cleanly.</summary>
+    private static readonly TimeSpan EndTermTimeout = TimeSpan.FromSeconds(5);
+    /// <summary>Stopped (Terminated) may overtake the export's last message, its <see cref="ExportClosed"/>.</summary>
+    private static readonly TimeSpan CloseReportGrace = TimeSpan.FromSeconds(1);
     private IActorRef? _export;
+    private IActorRef? _terms;
+    private Task<TermBegun>? _beginning;
+    private TermBegun? _term;
     private ExportHandle? _handle;
-    private string _generation = "";
     private IActorRef? _retiredBy;
     private bool _handingOff;
+    private bool _closeReported;
     private bool _failed;
 
     public ExportEntity(BackendFactory backends, LocalExports local, ClusterNode node)
@@ -49,13 +56,39 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers
                 _export.Tell(CloseExport.Instance);
             }
         });
+        // The export closed in order: if it was clean, the journal records that this term ended
+        // cleanly before the shard moves, so the next owner keeps the durability epoch.
+        Receive<ExportClosed>(closed =>
+        {
+            _closeReported = true;
+            if (closed.Clean && _term is { } term && _terms is not null)
+            {
+                _terms.Ask<TermEnded>(new EndTerm(term.Term), EndTermTimeout).PipeTo(Self,
+                    success: ended => ended,
+                    failure: e => new TermEndFailed(e));
+            }
+            else
+            {
+                _log.Warning("Export {0} did not close cleanly on node {1}: the next owner starts a new durability epoch", Self.Path.Name, _node.Name);
+                Context.Stop(Self);
+            }
+        });
+        Receive<TermEnded>(_ => Context.Stop(Self));
+        Receive<TermEndFailed>(failed =>
+        {
+            _log.Warning("Export {0}: the clean end of its term could not be recorded ({1}); the next owner starts a new durability epoch",
+                Self.Path.Name, failed.Cause.Message);
+            Context.Stop(Self);
+        });
+        Receive<CloseReportMissing>(_ => Context.Stop(Self));
         Receive<Opened>(opened =>
         {
-            if (opened.Handle is { } handle && _export is not null)
+            if (opened.Handle is { } handle && opened.Term is { } term && _export is not null)
             {
                 _handle = handle;
+                _term = term;
                 _local.Add(handle);
-                opened.ReplyTo.Tell(Located(handle));
+                opened.ReplyTo.Tell(Located(handle, term));
             }
             else
             {
@@ -64,6 +97,15 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers
         });
         Receive<Terminated>(t =>
         {
+            if (t.ActorRef.Equals(_terms) && !_handingOff && _retiredBy is null)
+            {
+                // The journal refused a term (ExportTerms stops on a persist failure): close the
+                // export here in order; the next request opens it again in a new term.
+                _log.Warning("Export {0}: its ownership terms stopped (journal failure); closing it on node {1}", Self.Path.Name, _node.Name);
+                _terms = null;
+                Self.Tell(CloseExport.Instance);
+                return;
+            }
             if (!t.ActorRef.Equals(_export))
             {
                 return;
@@ -76,7 +118,12 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers
             }
             if (_handingOff)
             {
-                Context.Stop(Self);
+                if (!_closeReported)
+                {
+                    // Its ExportClosed may still be in the mailbox behind this; if it never comes
+                    // (the export failed while closing), stop without recording a clean end.
+                    Timers.StartSingleTimer("close-report", CloseReportMissing.Instance, CloseReportGrace);
+                }
                 return;
             }
             // Failed to open or broke: answer "not available" for a while, then stop, so that a
@@ -114,21 +161,23 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers
         if (_export is null)
         {
             _export = Context.ActorOf(ExportActor.Props(envelope.Spec, _backends), "export");
-            _generation = Guid.NewGuid().ToString("N");
+            _terms = Context.ActorOf(ExportTerms.Props(envelope.Spec.Name), "terms");
+            _beginning = _terms.Ask<TermBegun>(BeginTerm.Instance, OpenTimeout);
             Context.Watch(_export);
+            Context.Watch(_terms);
             _log.Info("Export {0} homed on node {1}", envelope.Spec.Name, _node.Name);
         }
         switch (envelope.Message)
         {
             case WakeExport:
                 break;
-            case LocateExport when _handle is { Closed.IsCancellationRequested: false } handle:
-                Sender.Tell(Located(handle));
+            case LocateExport when _handle is { Closed.IsCancellationRequested: false } handle && _term is { } term:
+                Sender.Tell(Located(handle, term));
                 break;
             case LocateExport:
                 IActorRef replyTo = Sender;
-                _export.Ask<ExportOpened>(new OpenExport(envelope.Spec.Name), OpenTimeout)
-                    .PipeTo(Self, success: o => new Opened(o.Handle, replyTo), failure: _ => new Opened(null, replyTo));
+                OpenInTermAsync(_export.Ask<ExportOpened>(new OpenExport(envelope.Spec.Name), OpenTimeout), _beginning!)
+                    .PipeTo(Self, success: o => o with { ReplyTo = replyTo }, failure: _ => new Opened(null, null, replyTo));
                 break;
             case RetireExport:
                 _retiredBy = Sender;
@@ -140,8 +189,15 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers
         }
     }
 
-    private ExportLocated Located(ExportHandle handle) => new(handle.Info.Name, _node.Name, _node.PeerHost, _node.PeerPort,
-        handle.Info.Size, handle.Info.ReadOnly, (int)handle.Info.Capabilities, [.. handle.MetaContexts.Select(c => c.Name)], _generation);
+    private static async Task<Opened> OpenInTermAsync(Task<ExportOpened> opening, Task<TermBegun> beginning)
+    {
+        ExportOpened opened = await opening.ConfigureAwait(false);
+        TermBegun term = await beginning.ConfigureAwait(false);
+        return new Opened(opened.Handle, term, ActorRefs.Nobody);
+    }
+
+    private ExportLocated Located(ExportHandle handle, TermBegun term) => new(handle.Info.Name, _node.Name, _node.PeerHost, _node.PeerPort,
+        handle.Info.Size, handle.Info.ReadOnly, (int)handle.Info.Capabilities, [.. handle.MetaContexts.Select(c => c.Name)], term.Epoch);
 
     protected override SupervisorStrategy SupervisorStrategy() =>
         // As on a single node: an export whose backend fails to open is stopped, not restarted in
@@ -160,5 +216,12 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers
         }
     }
 
-    private sealed record Opened(ExportHandle? Handle, IActorRef ReplyTo);
+    private sealed record Opened(ExportHandle? Handle, TermBegun? Term, IActorRef ReplyTo);
+
+    private sealed record TermEndFailed(Exception Cause);
+
+    private sealed record CloseReportMissing
+    {
+        public static readonly CloseReportMissing Instance = new();
+    }
 }

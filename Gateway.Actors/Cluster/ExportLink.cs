@@ -1,4 +1,6 @@
+using System.Diagnostics;
 using System.Net;
+using System.Runtime.CompilerServices;
 using Akka.Actor;
 using Gateway.Actors.Exports;
 using Gateway.Actors.Nbd;
@@ -9,8 +11,12 @@ namespace Gateway.Actors.Cluster;
 /// <summary>
 /// One client connection's way to an export in a cluster: the device itself when this node owns
 /// the export, else a <see cref="PeerNbdClient"/> stream to the owner. When the owner goes away
-/// (its node died, the shard moved), requests in flight fail with ESHUTDOWN, and the next request
-/// finds the new owner, so the client's connection keeps working once the export is re-homed.
+/// (it hands the export over, its node died, the shard moved), a request that fails with
+/// ESHUTDOWN, because the owner refused it while closing or the stream ended before its reply,
+/// is sent again to the new owner once the export is re-homed: the client sees a pause, not an
+/// error. Sending it again is safe: the request was not acknowledged, so the client cannot have
+/// ordered anything after it, and the old owner applies nothing more once the new one serves
+/// (a graceful owner drains before it lets go).
 /// </summary>
 public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
 {
@@ -30,8 +36,8 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
     private readonly Lock _gate = new();
     private ExportLocated? _located;
     private ExportLocated? _first;
-    /// <summary>The owner generation the last successful FLUSH (or the attach) went to.</summary>
-    private string _flushedGeneration;
+    /// <summary>The durability epoch the last successful FLUSH (or the attach) went to.</summary>
+    private long _flushedEpoch;
     private ExportHandle? _localHandle;
     private PeerDevice? _peer;
     private Task? _resolving;
@@ -43,7 +49,7 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
         _local = local;
         _self = self;
         _first = located;
-        _flushedGeneration = located.Generation;
+        _flushedEpoch = located.Epoch;
         Size = located.Size;
         IsReadOnly = located.ReadOnly;
         Capabilities = (BlockCapabilities)located.Capabilities;
@@ -104,7 +110,7 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
     public BlockCapabilities Capabilities { get; }
 
     /// <summary>Requests go over a working peer stream (nothing blocks before the reply comes back).</summary>
-    public bool IsRemote => _localHandle is null && _peer is { Client.IsBroken: false };
+    public bool IsRemote => _localHandle is null && _peer is { Client.IsBroken: false, Retired: false };
 
     /// <summary>The peer stream requests go over now, held back until uncorked (see <see cref="PeerNbdClient.Cork"/>); null when local.</summary>
     public PeerNbdClient? Cork()
@@ -115,60 +121,196 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
     }
 
     public ValueTask ReadAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken = default) =>
-        Current() is { } device ? device.ReadAsync(offset, destination, cancellationToken) : ReadSlowAsync(offset, destination, cancellationToken);
+        Run((offset, destination), static (device, s, ct) => device.ReadAsync(s.offset, s.destination, ct), cancellationToken);
 
     public ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken = default) =>
-        Current() is { } device ? device.WriteAsync(offset, source, fua, cancellationToken) : WriteSlowAsync(offset, source, fua, cancellationToken);
+        Run((offset, source, fua), static (device, s, ct) => device.WriteAsync(s.offset, s.source, s.fua, ct), cancellationToken);
 
     /// <summary>
-    /// FLUSH through the current owner. When the owner changed since this link's last flush (the
-    /// old one died, or the export moved), writes completed through the old owner, on this or
-    /// any other connection, may never have reached storage: that flush fails with EIO once,
-    /// instead of answering success for writes it cannot vouch for (multi-conn).
+    /// FLUSH through the current owner. When the durability epoch changed since this link's last
+    /// flush (an owner died with writes it had acknowledged and not flushed), writes completed
+    /// through the old owner, on this or any other connection, may never have reached storage:
+    /// that flush fails with EIO once, instead of answering success for writes it cannot vouch for
+    /// (multi-conn). A graceful handoff keeps the epoch (<see cref="ExportTerms"/>), so the FLUSH
+    /// after it answers success.
     /// </summary>
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     public async ValueTask FlushAsync(CancellationToken cancellationToken = default)
     {
-        IBlockDevice target = await TargetAsync(cancellationToken).ConfigureAwait(false);
-        string generation = _located?.Generation ?? _flushedGeneration;
-        await target.FlushAsync(cancellationToken).ConfigureAwait(false);
-        if (generation != _flushedGeneration)
+        long started = Stopwatch.GetTimestamp();
+        IBlockDevice? failed = null;
+        while (true)
         {
-            _flushedGeneration = generation;
-            throw new BlockDeviceException(BlockErrorKind.Io,
-                $"export '{_spec.Name}' changed owner since the last flush: writes completed through the old owner may be lost");
+            IBlockDevice target = await RetargetAsync(failed, cancellationToken).ConfigureAwait(false);
+            long epoch = _located?.Epoch ?? _flushedEpoch;
+            try
+            {
+                await target.FlushAsync(cancellationToken).ConfigureAwait(false);
+            }
+            catch (BlockDeviceException e) when (MaySendAgain(e, target, started))
+            {
+                failed = target;
+                continue;
+            }
+            if (epoch != _flushedEpoch)
+            {
+                _flushedEpoch = epoch;
+                throw new BlockDeviceException(BlockErrorKind.Io,
+                    $"export '{_spec.Name}' changed owner since the last flush and the old owner did not hand over cleanly: writes completed through it may be lost");
+            }
+            return;
         }
     }
 
-    public async ValueTask TrimAsync(long offset, long length, bool fua, CancellationToken cancellationToken = default) =>
-        await (await TargetAsync(cancellationToken).ConfigureAwait(false)).TrimAsync(offset, length, fua, cancellationToken).ConfigureAwait(false);
+    public ValueTask TrimAsync(long offset, long length, bool fua, CancellationToken cancellationToken = default) =>
+        Run((offset, length, fua), static (device, s, ct) => device.TrimAsync(s.offset, s.length, s.fua, ct), cancellationToken);
 
-    public async ValueTask ZeroAsync(long offset, long length, ZeroFlags flags, CancellationToken cancellationToken = default) =>
-        await (await TargetAsync(cancellationToken).ConfigureAwait(false)).ZeroAsync(offset, length, flags, cancellationToken).ConfigureAwait(false);
+    public ValueTask ZeroAsync(long offset, long length, ZeroFlags flags, CancellationToken cancellationToken = default) =>
+        Run((offset, length, flags), static (device, s, ct) => device.ZeroAsync(s.offset, s.length, s.flags, ct), cancellationToken);
 
-    public async ValueTask CacheAsync(long offset, long length, CancellationToken cancellationToken = default) =>
-        await (await TargetAsync(cancellationToken).ConfigureAwait(false)).CacheAsync(offset, length, cancellationToken).ConfigureAwait(false);
+    public ValueTask CacheAsync(long offset, long length, CancellationToken cancellationToken = default) =>
+        Run((offset, length), static (device, s, ct) => device.CacheAsync(s.offset, s.length, ct), cancellationToken);
 
-    public async ValueTask<int> GetAllocationAsync(long offset, long length, Memory<Extent> extents, CancellationToken cancellationToken = default) =>
-        await (await TargetAsync(cancellationToken).ConfigureAwait(false)).GetAllocationAsync(offset, length, extents, cancellationToken).ConfigureAwait(false);
+    public ValueTask<int> GetAllocationAsync(long offset, long length, Memory<Extent> extents, CancellationToken cancellationToken = default) =>
+        Run((offset, length, extents), static (device, s, ct) => device.GetAllocationAsync(s.offset, s.length, s.extents, ct), cancellationToken);
 
     /// <summary>Block status of one context, from the owner's device or over the peer stream.</summary>
-    public async ValueTask<int> GetExtentsAsync(string context, long offset, long length, Memory<MetaExtent> extents, CancellationToken cancellationToken)
+    public ValueTask<int> GetExtentsAsync(string context, long offset, long length, Memory<MetaExtent> extents, CancellationToken cancellationToken) =>
+        Run((link: this, context, offset, length, extents), static (device, s, ct) => s.link.GetExtentsOnAsync(device, s.context, s.offset, s.length, s.extents, ct), cancellationToken);
+
+    private ValueTask<int> GetExtentsOnAsync(IBlockDevice target, string context, long offset, long length, Memory<MetaExtent> extents, CancellationToken cancellationToken)
     {
-        ExportHandle? handle = _localHandle;
-        IBlockDevice target = handle is { Closed.IsCancellationRequested: false } ? handle.Device : await TargetAsync(cancellationToken).ConfigureAwait(false);
         if (target is PeerDevice peer)
         {
             // The peer stream has compact headers: the hint is capped at 32 bits (the owner MAY answer less).
-            return await peer.Client.GetExtentsAsync(context, offset, (uint)Math.Min(length, uint.MaxValue), extents, extents.Length == 1, cancellationToken).ConfigureAwait(false);
+            return peer.Client.GetExtentsAsync(context, offset, (uint)Math.Min(length, uint.MaxValue), extents, extents.Length == 1, cancellationToken);
         }
-        handle = _localHandle;
+        ExportHandle? handle = _localHandle;
         if (handle is null || !ReferenceEquals(handle.Device, target))
         {
-            throw new BlockDeviceException(BlockErrorKind.Shutdown, $"export '{_spec.Name}' moved during the request");
+            return ValueTask.FromException<int>(new BlockDeviceException(BlockErrorKind.Shutdown, $"export '{_spec.Name}' moved during the request"));
         }
-        MetaContext local = handle.MetaContexts.FirstOrDefault(c => c.Name == context)
-            ?? throw new BlockDeviceException(BlockErrorKind.NotSupported, $"context {context} is gone from export '{_spec.Name}'");
-        return await local.GetExtentsAsync(offset, length, extents, cancellationToken).ConfigureAwait(false);
+        MetaContext? local = handle.MetaContexts.FirstOrDefault(c => c.Name == context);
+        return local is null
+            ? ValueTask.FromException<int>(new BlockDeviceException(BlockErrorKind.NotSupported, $"context {context} is gone from export '{_spec.Name}'"))
+            : local.GetExtentsAsync(offset, length, extents, cancellationToken);
+    }
+
+    /// <summary>
+    /// Runs one request on the owner. The fast path is the call itself (no state machine when it
+    /// completes at once); a request that fails with ESHUTDOWN goes to <see cref="RetryAsync{TState}"/>.
+    /// </summary>
+    private ValueTask Run<TState>(TState state, Func<IBlockDevice, TState, CancellationToken, ValueTask> operation, CancellationToken cancellationToken)
+    {
+        if (Current() is not { } device)
+        {
+            return RetryAsync(null, null, state, operation, cancellationToken);
+        }
+        ValueTask pending = operation(device, state, cancellationToken);
+        return pending.IsCompletedSuccessfully ? pending : RetryAsync(pending, device, state, operation, cancellationToken);
+    }
+
+    private ValueTask<int> Run<TState>(TState state, Func<IBlockDevice, TState, CancellationToken, ValueTask<int>> operation, CancellationToken cancellationToken)
+    {
+        if (Current() is not { } device)
+        {
+            return RetryAsync(null, null, state, operation, cancellationToken);
+        }
+        ValueTask<int> pending = operation(device, state, cancellationToken);
+        return pending.IsCompletedSuccessfully ? pending : RetryAsync(pending, device, state, operation, cancellationToken);
+    }
+
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    private async ValueTask RetryAsync<TState>(ValueTask? first, IBlockDevice? device, TState state,
+        Func<IBlockDevice, TState, CancellationToken, ValueTask> operation, CancellationToken cancellationToken)
+    {
+        long started = Stopwatch.GetTimestamp();
+        if (first is { } pending)
+        {
+            try
+            {
+                await pending.ConfigureAwait(false);
+                return;
+            }
+            catch (BlockDeviceException e) when (MaySendAgain(e, device!, started))
+            {
+            }
+        }
+        while (true)
+        {
+            IBlockDevice target = await RetargetAsync(device, cancellationToken).ConfigureAwait(false);
+            try
+            {
+                await operation(target, state, cancellationToken).ConfigureAwait(false);
+                return;
+            }
+            catch (BlockDeviceException e) when (MaySendAgain(e, target, started))
+            {
+                device = target;
+            }
+        }
+    }
+
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder<>))]
+    private async ValueTask<int> RetryAsync<TState>(ValueTask<int>? first, IBlockDevice? device, TState state,
+        Func<IBlockDevice, TState, CancellationToken, ValueTask<int>> operation, CancellationToken cancellationToken)
+    {
+        long started = Stopwatch.GetTimestamp();
+        if (first is { } pending)
+        {
+            try
+            {
+                return await pending.ConfigureAwait(false);
+            }
+            catch (BlockDeviceException e) when (MaySendAgain(e, device!, started))
+            {
+            }
+        }
+        while (true)
+        {
+            IBlockDevice target = await RetargetAsync(device, cancellationToken).ConfigureAwait(false);
+            try
+            {
+                return await operation(target, state, cancellationToken).ConfigureAwait(false);
+            }
+            catch (BlockDeviceException e) when (MaySendAgain(e, target, started))
+            {
+                device = target;
+            }
+        }
+    }
+
+    /// <summary>
+    /// ESHUTDOWN from the owner (it refused the request while closing, or the stream ended before
+    /// the reply) means "not here any more", not "failed": the request goes again to whoever owns
+    /// the export next, for as long as a resolution may take. The stream that said so takes no
+    /// new requests.
+    /// </summary>
+    private bool MaySendAgain(BlockDeviceException e, IBlockDevice target, long started)
+    {
+        if (e.Kind != BlockErrorKind.Shutdown || _disposed.IsCancellationRequested || Stopwatch.GetElapsedTime(started) > ResolveTimeout)
+        {
+            return false;
+        }
+        if (target is PeerDevice peer)
+        {
+            peer.Retire();
+        }
+        return true;
+    }
+
+    /// <summary>The device to send a request to; after <paramref name="failed"/> refused one, a different one, or the same after a pause.</summary>
+    private async ValueTask<IBlockDevice> RetargetAsync(IBlockDevice? failed, CancellationToken cancellationToken)
+    {
+        IBlockDevice target = await TargetAsync(cancellationToken).ConfigureAwait(false);
+        if (failed is not null && ReferenceEquals(target, failed))
+        {
+            // The owner's device said ESHUTDOWN and is still the one this node serves: the export
+            // is closing here and its handle not yet marked closed. Wait, do not spin.
+            await Task.Delay(RetryDelay, cancellationToken).ConfigureAwait(false);
+            target = await TargetAsync(cancellationToken).ConfigureAwait(false);
+        }
+        return target;
     }
 
     public bool TryReadNoWait(long offset, Span<byte> destination) =>
@@ -180,14 +322,8 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
     /// <summary>The owner's device when it is on this node, else the stream to it; null when neither is usable.</summary>
     private IBlockDevice? Current() =>
         _localHandle is { Closed.IsCancellationRequested: false } handle ? handle.Device
-        : _peer is { Client.IsBroken: false } peer ? peer
+        : _peer is { Client.IsBroken: false, Retired: false } peer ? peer
         : null;
-
-    private async ValueTask ReadSlowAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken) =>
-        await (await TargetAsync(cancellationToken).ConfigureAwait(false)).ReadAsync(offset, destination, cancellationToken).ConfigureAwait(false);
-
-    private async ValueTask WriteSlowAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken) =>
-        await (await TargetAsync(cancellationToken).ConfigureAwait(false)).WriteAsync(offset, source, fua, cancellationToken).ConfigureAwait(false);
 
     private async ValueTask<IBlockDevice> TargetAsync(CancellationToken cancellationToken)
     {
@@ -318,7 +454,14 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
     /// <summary>The peer stream as a device (allocation = the owner's base:allocation).</summary>
     private sealed class PeerDevice(PeerNbdClient client) : IBlockDevice
     {
+        private volatile bool _retired;
+
         public PeerNbdClient Client { get; } = client;
+
+        /// <summary>The owner answered ESHUTDOWN on this stream: it is closing the export, so new requests look for the next owner.</summary>
+        public bool Retired => _retired;
+
+        public void Retire() => _retired = true;
 
         public long Size => Client.Info.Size;
 

@@ -40,6 +40,7 @@ public sealed partial class ExportActor : ReceiveActor, IWithUnboundedStash
     private ExportHandle? _handle;
     private IActorRef _bitmaps = ActorRefs.Nobody;
     private CloseReason? _closing;
+    private IActorRef _closeRequester = ActorRefs.Nobody;
     private bool _flushedOnClose;
     private Task<IBlockDevice>? _opening;
 
@@ -155,6 +156,7 @@ public sealed partial class ExportActor : ReceiveActor, IWithUnboundedStash
             return;
         }
         _closing = reason;
+        _closeRequester = Sender;
         // Connections stop reading and finish the requests they hold (Transmission.RunAsync).
         _closed.Cancel();
         // Only in Ready, so the backend is open: both are set.
@@ -186,6 +188,12 @@ public sealed partial class ExportActor : ReceiveActor, IWithUnboundedStash
         else
         {
             _flushedOnClose = true;
+        }
+        if (_closing == CloseReason.HandedOff)
+        {
+            // The next owner's first FLUSH may answer success only if nothing acknowledged here
+            // can still be missing from storage (ExportTerms).
+            _closeRequester.Tell(new ExportClosed(drained.AllFinished && drained.Failure is null));
         }
         if (_closing == CloseReason.Removed && !_bitmaps.IsNobody())
         {

@@ -26,6 +26,13 @@ public sealed record CloseExport
     public static readonly CloseExport Instance = new();
 }
 
+/// <summary>
+/// The answer to <see cref="CloseExport"/>, sent just before the export actor stops:
+/// <paramref name="Clean"/> when no request was left running and the final flush succeeded, so
+/// every write the export acknowledged is on storage.
+/// </summary>
+public sealed record ExportClosed(bool Clean);
+
 // Queries
 public sealed record ListExports
 {

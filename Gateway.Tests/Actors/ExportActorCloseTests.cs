@@ -77,7 +77,7 @@ public sealed class ExportActorCloseTests : Akka.TestKit.Xunit2.TestKit
         Exception? secondError = await Record.ExceptionAsync(() => second.WaitAsync(Patience));
         Assert.True(firstError is null, $"the write in flight when the export began to close failed: {firstError}");
         Assert.True(secondError is null, $"the write that arrived during the drain was refused: {secondError}");
-        ExpectTerminated(actor, Patience);
+        ExpectClosedCleanlyAndTerminated(actor);
 
         // After the drain the device is shut: a straggler gets ESHUTDOWN, never EIO.
         BlockDeviceException late = await Assert.ThrowsAsync<BlockDeviceException>(() => handle.Device.WriteAsync(4 * K64, Pattern(0xC3), fua: false).AsTask());
@@ -105,12 +105,23 @@ public sealed class ExportActorCloseTests : Akka.TestKit.Xunit2.TestKit
         await handle.Device.WriteAsync(K64, Pattern(0x5A), fua: false);
         Watch(actor);
         actor.Tell(CloseExport.Instance);
-        ExpectTerminated(actor, Patience);
+        ExpectClosedCleanlyAndTerminated(actor);
         Assert.True(handle.Closed.IsCancellationRequested);
         using FileBackend file = FileBackend.Open(_backends.FilePath(spec), readOnly: true);
         byte[] read = new byte[4096];
         await file.ReadAsync(K64, read);
         Assert.Equal(Pattern(0x5A), read);
+    }
+
+    /// <summary>
+    /// The closer hears <see cref="ExportClosed"/> (clean: everything acknowledged is flushed), and
+    /// the actor stops; Terminated may come first, it is a system message.
+    /// </summary>
+    private void ExpectClosedCleanlyAndTerminated(IActorRef actor)
+    {
+        IReadOnlyCollection<object> received = ReceiveN(2, Patience);
+        Assert.Contains(received, m => m is ExportClosed { Clean: true });
+        Assert.Contains(received, m => m is Terminated t && t.ActorRef.Equals(actor));
     }
 
     protected override void Dispose(bool disposing)

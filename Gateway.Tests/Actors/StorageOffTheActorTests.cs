@@ -82,7 +82,7 @@ public sealed class StorageOffTheActorTests : Akka.TestKit.Xunit2.TestKit
         ExportFound found = await client.ExpectMsgAsync<ExportFound>(Patience);
         Assert.NotNull(found.Export?.Info);
         Watch(export);
-        export.Tell(CloseExport.Instance);
+        export.Tell(CloseExport.Instance, ActorRefs.NoSender);
         await ExpectTerminatedAsync(export, Patience);
     }
 

@@ -464,7 +464,7 @@ public sealed class ClusterInteropTests(ClusterFixture cluster, Xunit.Abstractio
     /// change) are counted and printed, not yet forbidden.
     /// </summary>
     [Fact]
-    public async Task SIGTERM_of_the_owner_under_load_refuses_no_write_for_stopped_bitmaps_and_loses_nothing_flushed()
+    public async Task SIGTERM_of_the_owner_under_load_gives_a_client_on_another_node_a_pause_not_an_error_and_loses_nothing()
     {
         const string Export = "graceful";
         (ClusterNode owner, ClusterNode writer, ClusterNode loader) = await CreateOwnedElsewhereAsync(Export);
@@ -494,11 +494,15 @@ public sealed class ClusterInteropTests(ClusterFixture cluster, Xunit.Abstractio
             {
                 JsonElement s = doc.RootElement;
                 Assert.True(s.GetProperty("wrong").GetArrayLength() == 0, "wrong data: " + context);
-                Assert.True(s.GetProperty("unexpected").GetArrayLength() == 0, "errors other than EIO/ESHUTDOWN: " + context);
+                // Issue 17 (1): a graceful handoff is a pause. Requests the stopping owner refused
+                // or never read are sent again to the next owner (ExportLink), and the FLUSH after
+                // the change answers success: the old owner ended its term cleanly (ExportTerms).
+                Assert.True(!s.GetProperty("errors").EnumerateObject().Any(), "errors on a graceful handoff: " + context);
                 Assert.True(s.GetProperty("dead").ValueKind == JsonValueKind.Null, "the connection was dropped: " + context);
                 Assert.True(s.GetProperty("hung").ValueKind == JsonValueKind.Null, "a request got no reply: " + context);
-                Assert.True(s.GetProperty("good_since_last_error").GetInt32() >= 20, "the connection did not work again after the handoff: " + context);
+                Assert.True(s.GetProperty("good_after_kill").GetInt32() >= 20, "the connection did not work again after the handoff: " + context);
             }
+            Assert.True(ownerLog.Contains("handing over from node", StringComparison.Ordinal), "the owner did not hand the export over in order: " + context);
 
             // Flushed before the stop, and the bitmap with it, on the new owner.
             await QemuIoAsync(writer, Export, "read -P 0x6a 16M 1M", "read -P 0 8M 8M");
