@@ -29,7 +29,7 @@ public static class GatewayActorsHosting
     public static AkkaConfigurationBuilder WithGatewayActors(this AkkaConfigurationBuilder builder, BackendFactory backends, ExportSpec? initialExport,
         Nbd.NbdServerSettings? nbd = null, int? maxConnections = null)
     {
-        // Bitmap events are written on the data path: binary, not JSON (AKKA-NOTES.md).
+        // Bitmap events are written on the data path: binary, not JSON (docs/akka.md#persistence-on-sqlite).
         builder.WithCustomSerializer(BitmapSerializer.Name, [typeof(IBitmapPersisted)], system => new BitmapSerializer(system));
         return builder.WithActors((system, registry, resolver) =>
         {

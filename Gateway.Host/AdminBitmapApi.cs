@@ -8,7 +8,7 @@ using Gateway.Actors.Exports;
 
 namespace Gateway.Host;
 
-/// <summary>JSON shapes of the bitmap endpoints (ARCHITECTURE.md, "The interface contract").</summary>
+/// <summary>JSON shapes of the bitmap endpoints (docs/architecture.md#the-interface-contract).</summary>
 public sealed record CreateBitmapRequest(string? Name, JsonElement? Granularity, bool? Enabled);
 
 public sealed record MergeBitmapsRequest(string[]? Sources);

@@ -4,8 +4,8 @@ using Akka.Serialization;
 namespace Gateway.Actors.Bitmaps;
 
 /// <summary>
-/// Binary format of the bitmap events and snapshots (AKKA-NOTES.md: JSON is 2-4x slower to write
-/// and to recover). Integers are 7-bit varints; strings UTF-8 with a varint length; ranges and
+/// Binary format of the bitmap events and snapshots (docs/akka.md#persistence-on-sqlite: 100k
+/// events recovered in 1.3-3.8 s binary against 5.6-12 s as JSON). Integers are 7-bit varints; strings UTF-8 with a varint length; ranges and
 /// runs are delta-encoded, so a batch of nearby first touches or a mostly-clean snapshot is small.
 /// The manifest names the type; never change a layout without a new manifest.
 /// </summary>

@@ -14,7 +14,8 @@ public sealed record S3BucketLocation(string Endpoint, string Bucket, string? Re
 }
 
 /// <summary>
-/// <see cref="IObjectStore"/> over AWSSDK.S3, set up for S3-compatible stores as S3-NOTES.md measured:
+/// <see cref="IObjectStore"/> over AWSSDK.S3, set up for S3-compatible stores as measured in docs/s3.md
+/// (#s3rver-the-loopback-server-of-the-tests, #the-sdk-with-s3-compatible-stores):
 /// path-style addressing, a custom endpoint, no aws-chunked uploads (s3rver stores the framing inside
 /// the object), explicit byte ranges only, and the SDK's own bounded retries.
 /// </summary>

@@ -268,7 +268,7 @@ public sealed class AdminInteropTests(GatewayFixture fixture) : IClassFixture<Ga
     [InlineData("path-not-creatable")]
     public async Task Create_whose_storage_cannot_be_made_answers_4xx_naming_the_problem(string problem)
     {
-        // ARCHITECTURE.md: "Errors: 4xx with {error} naming what was wrong". Both are the caller's
+        // docs/architecture.md#the-interface-contract: "Errors: 4xx with {error} naming what was wrong". Both are the caller's
         // doing (a path that cannot hold the export), not a server fault.
         string path;
         if (problem == "file-too-small")

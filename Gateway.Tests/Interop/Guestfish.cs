@@ -5,7 +5,7 @@ namespace Gateway.Tests.Interop;
 
 /// <summary>
 /// Real guests through <c>guestfish</c>: a libguestfs appliance (a QEMU VM with a Debian kernel)
-/// whose disks are NBD exports of the gateway. Settings from ../shared/VM-NOTES.md: the direct
+/// whose disks are NBD exports of the gateway. Settings from docs/vm.md: the direct
 /// backend under software emulation (the nested /dev/kvm here hangs stock kernels at boot),
 /// 512 MiB of guest memory, and raw shell commands address disks by id, never as sdX (the
 /// kernel's names race). Each launch costs about 20 s, so tests do several steps per guest.
