@@ -51,7 +51,7 @@ public static class GatewayActorsHosting
         ClusterNode node, LocalExports local, Nbd.NbdServerSettings? nbd = null, int? maxConnections = null)
     {
         builder.WithCustomSerializer(BitmapSerializer.Name, [typeof(IBitmapPersisted)], system => new BitmapSerializer(system));
-        builder.WithShardRegion<ExportRegionKey>("export", _ => ExportEntity.Props(backends, local, node), new ExportMessageExtractor(),
+        builder.WithShardRegion<ExportRegionKey>("export", (_, registry) => _ => ExportEntity.Props(backends, local, node, registry.Get<ExportRegistryKey>()), new ExportMessageExtractor(),
             new ShardOptions { StateStoreMode = StateStoreMode.DData, RememberEntities = false, HandOffStopMessage = CloseExport.Instance });
         builder.WithSingleton<ExportRegistryKey>("export-registry",
             (_, registry, _) => ExportRegistryActor.Props(backends, initialExport, registry.Get<ExportRegionKey>()),

@@ -30,6 +30,12 @@ public sealed record LocateExport
 /// it change cannot vouch for writes completed before (see <see cref="ExportLink.FlushAsync"/>).</remarks>
 public sealed record ExportLocated(string Name, string Node, string PeerHost, int PeerPort, long Size, bool ReadOnly, int Capabilities, string[] Contexts, long Epoch);
 
+/// <summary>
+/// The answer to a <see cref="LocateExport"/> whose spec is of an export since removed (or removed
+/// and created again under its name): the connection that asked gets EIO from now on.
+/// </summary>
+public sealed record ExportGone(string Name, string Reason);
+
 /// <summary>The export was removed: purge its bitmaps, close it, answer <see cref="ExportRetired"/>.</summary>
 public sealed record RetireExport
 {

@@ -11,13 +11,15 @@ namespace Gateway.Actors.Cluster;
 /// <see cref="LocalExports"/>. Other nodes learn where it is with <see cref="LocateExport"/> and
 /// send their clients' requests over a peer data stream, never through this mailbox.
 /// </summary>
-public sealed class ExportEntity : ReceiveActor, IWithTimers
+public sealed class ExportEntity : ReceiveActor, IWithTimers, IWithUnboundedStash
 {
     private static readonly TimeSpan OpenTimeout = TimeSpan.FromSeconds(30);
     private static readonly TimeSpan FailedBackoff = TimeSpan.FromSeconds(10);
     private readonly BackendFactory _backends;
     private readonly LocalExports _local;
     private readonly ClusterNode _node;
+    private readonly IActorRef? _registry;
+    private ExportSpec? _spec;
     private readonly ILoggingAdapter _log = Context.GetLogger();
     /// <summary>How long a handoff waits for the journal to record that the term ended cleanly.</summary>
     private static readonly TimeSpan EndTermTimeout = TimeSpan.FromSeconds(5);
@@ -33,11 +35,12 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers
     private bool _closeReported;
     private bool _failed;
 
-    public ExportEntity(BackendFactory backends, LocalExports local, ClusterNode node)
+    public ExportEntity(BackendFactory backends, LocalExports local, ClusterNode node, IActorRef? registry)
     {
         _backends = backends;
         _local = local;
         _node = node;
+        _registry = registry;
 
         Receive<ExportEnvelope>(Handle);
         // Sharding's hand-off stop message (GatewayActorsHosting): the export closes in order
@@ -136,10 +139,70 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers
 
     public ITimerScheduler Timers { get; set; } = null!;
 
-    public static Props Props(BackendFactory backends, LocalExports local, ClusterNode node) =>
-        Akka.Actor.Props.Create(() => new ExportEntity(backends, local, node));
+    public IStash Stash { get; set; } = null!;
+
+    /// <param name="registry">The export registry, asked whether a link's export still exists
+    /// before it is opened; null trusts every envelope (tests of other behaviour).</param>
+    public static Props Props(BackendFactory backends, LocalExports local, ClusterNode node, IActorRef? registry = null) =>
+        Akka.Actor.Props.Create(() => new ExportEntity(backends, local, node, registry));
 
     private void Handle(ExportEnvelope envelope)
+    {
+        if (envelope.Message is LocateExport && IsStale(envelope.Spec))
+        {
+            // A connection opened on an export since removed (and maybe created again under its
+            // name): it must get an error, never this incarnation's data (issue 17, fencing).
+            Sender.Tell(Gone(envelope.Spec));
+            return;
+        }
+        if (_spec is null && envelope.Message is LocateExport && _registry is not null && !_handingOff && !_failed)
+        {
+            // Only the registry starts exports on its own word; a link's spec may be out of date
+            // (the export removed since), so ask the registry before opening anything.
+            IActorRef replyTo = Sender;
+            _registry.Ask<ExportSpecFound>(new GetExportSpec(envelope.Spec.Name), OpenTimeout)
+                .PipeTo(Self, success: found => new Verified(envelope, found.Spec, replyTo, null), failure: e => new Verified(envelope, null, replyTo, e));
+            BecomeStacked(() =>
+            {
+                Receive<Verified>(OnVerified);
+                ReceiveAny(_ => Stash.Stash());
+            });
+            return;
+        }
+        HandleCurrent(envelope);
+    }
+
+    private bool IsStale(ExportSpec spec) => _spec is not null && spec.Incarnation != _spec.Incarnation;
+
+    private static ExportGone Gone(ExportSpec spec) => new(spec.Name, $"export '{spec.Name}' was removed after the connection opened");
+
+    private void OnVerified(Verified verified)
+    {
+        UnbecomeStacked();
+        Stash.UnstashAll();
+        ExportEnvelope envelope = verified.Envelope;
+        if (verified.Failure is { } failure)
+        {
+            verified.ReplyTo.Tell(new Status.Failure(new InvalidOperationException($"the export registry did not answer for '{envelope.Spec.Name}': {failure.Message}")));
+        }
+        else if (verified.Current is not { } current || current.Incarnation != envelope.Spec.Incarnation)
+        {
+            verified.ReplyTo.Tell(Gone(envelope.Spec));
+        }
+        else if (_spec is null)
+        {
+            // Verified: this incarnation opens here, from the registry's spec, not the link's (it
+            // is the latest: a snapshot may have pushed a layer since the link attached).
+            _spec = current;
+            Self.Tell(envelope with { Spec = current }, verified.ReplyTo);
+        }
+        else
+        {
+            Self.Tell(envelope, verified.ReplyTo);
+        }
+    }
+
+    private void HandleCurrent(ExportEnvelope envelope)
     {
         if (_handingOff && envelope.Message is not RetireExport)
         {
@@ -160,6 +223,7 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers
         }
         if (_export is null)
         {
+            _spec ??= envelope.Spec;
             _export = Context.ActorOf(ExportActor.Props(envelope.Spec, _backends), "export");
             _terms = Context.ActorOf(ExportTerms.Props(envelope.Spec.Name), "terms");
             _beginning = _terms.Ask<TermBegun>(BeginTerm.Instance, OpenTimeout);
@@ -219,6 +283,9 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers
     private sealed record Opened(ExportHandle? Handle, TermBegun? Term, IActorRef ReplyTo);
 
     private sealed record TermEndFailed(Exception Cause);
+
+    /// <summary>The registry's word on a link's export: its current spec (null: removed), or no answer.</summary>
+    private sealed record Verified(ExportEnvelope Envelope, ExportSpec? Current, IActorRef ReplyTo, Exception? Failure);
 
     private sealed record CloseReportMissing
     {

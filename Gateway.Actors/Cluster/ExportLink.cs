@@ -41,6 +41,8 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
     private ExportHandle? _localHandle;
     private PeerDevice? _peer;
     private Task? _resolving;
+    /// <summary>Why the export is gone for this link (removed since it attached); null while it exists.</summary>
+    private volatile string? _gone;
 
     private ExportLink(ExportSpec spec, IActorRef region, LocalExports local, ClusterNode self, ExportLocated located)
     {
@@ -59,9 +61,18 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
     /// Finds the export's owner (starting the export if no node runs it) and returns a handle whose
     /// device is a link to it. No data stream is opened until the first request.
     /// </summary>
-    public static async Task<ExportHandle> OpenAsync(ExportSpec spec, IActorRef region, LocalExports local, ClusterNode self, CancellationToken cancellationToken)
+    /// <returns>null when the export was removed meanwhile (the client is told it does not exist).</returns>
+    public static async Task<ExportHandle?> OpenAsync(ExportSpec spec, IActorRef region, LocalExports local, ClusterNode self, CancellationToken cancellationToken)
     {
-        ExportLocated located = await LocateAsync(spec, region, cancellationToken).ConfigureAwait(false);
+        ExportLocated located;
+        try
+        {
+            located = await LocateAsync(spec, region, cancellationToken).ConfigureAwait(false);
+        }
+        catch (ExportGoneException)
+        {
+            return null;
+        }
         var link = new ExportLink(spec, region, local, self, located);
         var info = new ExportInfo(spec.Name, spec.Description, located.Size, located.ReadOnly || spec.ReadOnly, link.Capabilities)
         {
@@ -79,7 +90,13 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
         {
             try
             {
-                return await region.Ask<ExportLocated>(new ExportEnvelope(spec, LocateExport.Instance), LocateTimeout, deadline.Token).ConfigureAwait(false);
+                switch (await region.Ask<object>(new ExportEnvelope(spec, LocateExport.Instance), LocateTimeout, deadline.Token).ConfigureAwait(false))
+                {
+                    case ExportLocated located:
+                        return located;
+                    case ExportGone gone:
+                        throw new ExportGoneException(gone.Reason);
+                }
             }
             catch (Exception e) when (e is AskTimeoutException or InvalidOperationException && !deadline.IsCancellationRequested)
             {
@@ -99,6 +116,9 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
             }
         }
     }
+
+    /// <summary>The link's export was removed: every request fails with EIO from now on.</summary>
+    private sealed class ExportGoneException(string reason) : Exception(reason);
 
     private static BlockDeviceException NoOwner(ExportSpec spec) =>
         new(BlockErrorKind.Io, $"export '{spec.Name}' has no owner in the cluster after {ResolveTimeout.TotalSeconds:0} s");
@@ -331,6 +351,10 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
         {
             return device;
         }
+        if (_gone is { } gone)
+        {
+            throw new BlockDeviceException(BlockErrorKind.Io, gone);
+        }
         await ResolveAsync(cancellationToken).ConfigureAwait(false);
         return Current() ?? throw new BlockDeviceException(BlockErrorKind.Shutdown, $"export '{_spec.Name}' lost its owner");
     }
@@ -408,6 +432,11 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
                     await client.DisposeAsync().ConfigureAwait(false);
                     throw new BlockDeviceException(BlockErrorKind.Shutdown, "the connection ended");
                 }
+            }
+            catch (ExportGoneException gone)
+            {
+                _gone = gone.Message;
+                throw new BlockDeviceException(BlockErrorKind.Io, gone.Message);
             }
             catch (Exception e) when (e is PeerExportUnavailableException or IOException or System.Net.Sockets.SocketException or BlockDeviceException && !deadline.IsCancellationRequested)
             {

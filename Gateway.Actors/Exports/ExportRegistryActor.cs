@@ -205,6 +205,9 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
     {
         Activity? activity = GatewayTelemetry.ActivitySource.StartActivity("export.create");
         activity?.SetTag("export", create.Spec.Name);
+        // A new incarnation each time, so a connection to an export removed and created again
+        // under its name is told it is gone instead of reaching the new one (ExportEntity).
+        create = create with { Spec = create.Spec with { Incarnation = Guid.NewGuid().ToString("N") } };
         (IExportEvent? @event, CommandResult? error) = _catalog.Decide(create);
         if (error is not null)
         {

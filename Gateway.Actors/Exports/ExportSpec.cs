@@ -3,7 +3,12 @@ using System.Text.RegularExpressions;
 namespace Gateway.Actors.Exports;
 
 /// <summary>The durable definition of an export, as created through the admin API.</summary>
-public sealed record ExportSpec(string Name, long Size, BackendSpec Backend, bool ReadOnly, string? Description, ExportAccess? Access = null);
+/// <remarks><paramref name="Incarnation"/> is given by the registry when the export is created and
+/// never reused: an export removed and created again under its name is another incarnation, and
+/// a connection opened on the old one is refused by the new one (<c>ExportEntity</c>), never
+/// served its data. Exports created before incarnations existed have none.</remarks>
+public sealed record ExportSpec(string Name, long Size, BackendSpec Backend, bool ReadOnly, string? Description, ExportAccess? Access = null,
+    string? Incarnation = null);
 
 /// <summary>
 /// Where an export's data lives. <c>file</c>: a sparse raw file (Path relative to the data folder,

@@ -758,4 +758,75 @@ public sealed class ClusterInteropTests(ClusterFixture cluster, Xunit.Abstractio
             }
         }
     }
+
+    /// <summary>
+    /// Holds one connection through a node that does not own the export, then reads on it after
+    /// the export was removed and created again under its name: every read must fail, and none
+    /// may return the new export's data.
+    /// </summary>
+    private const string RebornScript = """
+        import nbd, os, sys, time
+        uri, ready, recreated = sys.argv[1], sys.argv[2], sys.argv[3]
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        h.pwrite(b"\x11" * 4096, 0)
+        h.flush()
+        open(ready, "w").close()
+        deadline = time.time() + 60
+        while not os.path.exists(recreated):
+            if time.time() > deadline:
+                sys.exit("the export was not created again within 60 s")
+            time.sleep(0.05)
+        for attempt in range(5):
+            try:
+                data = h.pread(4096, 0)
+            except nbd.Error as e:
+                print(f"refused: {e}")
+                continue
+            sys.exit(f"a read on the connection opened before the removal returned data (first byte {data[0]:#x})")
+        try:
+            h.pwrite(b"\x33" * 4096, 0)
+            sys.exit("a write on the connection opened before the removal was accepted")
+        except nbd.Error as e:
+            print(f"write refused: {e}")
+        print("ok: refused")
+        """;
+
+    [Fact]
+    public async Task A_connection_opened_before_an_export_was_removed_and_created_again_gets_errors_not_the_new_exports_data()
+    {
+        const string Export = "reborn";
+        (ClusterNode a, _, _) = Three();
+        await cluster.CreateExportAsync(a, new { name = Export, size = 8 * MiB });
+        ClusterNode owner = await cluster.OwnerAsync(Export);
+        ClusterNode via = cluster.Running.First(n => n != owner);
+        string ready = Path.Combine(cluster.DataDirectory, "reborn.ready");
+        string recreated = Path.Combine(cluster.DataDirectory, "reborn.recreated");
+        string script = await ScriptAsync("reborn.py", RebornScript);
+        Task<ToolResult> holding = cluster.RunAsync(Python, [script, via.NbdUri(Export), ready, recreated], TimeSpan.FromSeconds(120), check: false);
+        var clock = Stopwatch.StartNew();
+        while (!File.Exists(ready) && !holding.IsCompleted && clock.Elapsed < TimeSpan.FromSeconds(30))
+        {
+            await Task.Delay(50);
+        }
+        Assert.True(File.Exists(ready), $"the connection through {via} did not get going\n{(holding.IsCompleted ? (await holding).Describe() : "still running")}");
+
+        await cluster.AdminAsync(HttpStatusCode.NoContent, a, HttpMethod.Delete, $"v1/exports/{Export}");
+        // The removal deletes the file once the export has closed: create again only then.
+        string file = Path.Combine(cluster.DataDirectory, "exports", Export + ".img");
+        for (int i = 0; i < 100 && File.Exists(file); i++)
+        {
+            await Task.Delay(100);
+        }
+        Assert.False(File.Exists(file), $"{file} is still there 10 s after the removal");
+        await cluster.CreateExportAsync(a, new { name = Export, size = 8 * MiB });
+        await QemuIoAsync(via, Export, "read -P 0 0 4k", "write -P 0x22 0 4k", "flush");
+        await File.WriteAllTextAsync(recreated, "");
+
+        ToolResult held = await holding;
+        Assert.True(held.Succeeded && held.Stdout.Contains("ok: refused", StringComparison.Ordinal),
+            $"the connection opened through {via} before the removal\n{held.Describe()}\n{cluster.Describe()}");
+        // The new incarnation kept its own data.
+        await QemuIoAsync(owner, Export, "read -P 0x22 0 4k");
+    }
 }
