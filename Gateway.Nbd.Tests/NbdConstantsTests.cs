@@ -1,10 +1,9 @@
 using System.Buffers;
 using System.Buffers.Binary;
 using System.Text;
-using Gateway.Actors.Nbd;
 using Xunit;
 
-namespace Gateway.Tests.Protocol;
+namespace Gateway.Nbd.Tests;
 
 /// <summary>
 /// Golden test of the wire constants against the numbers in the NBD spec (NetworkBlockDevice/nbd
@@ -170,26 +169,21 @@ public sealed class NbdConstantsTests
         AssertEnum<AllocationState>(
             ("Hole", Bit(0)),   // NBD_STATE_HOLE
             ("Zero", Bit(1)));  // NBD_STATE_ZERO
-        Assert.Equal("base:allocation", NbdLimits.BaseAllocation);
-        // The backends report allocation with the same bits, and the server forwards them as they are.
-        Assert.Equal((uint)AllocationState.Hole, (uint)Gateway.Backends.ExtentFlags.Hole);
-        Assert.Equal((uint)AllocationState.Zero, (uint)Gateway.Backends.ExtentFlags.Zero);
+        Assert.Equal("base:allocation", NbdWire.BaseAllocation);
     }
 
     [Fact]
-    public void Limits_and_header_sizes_match_the_spec()
+    public void String_limit_and_header_sizes_match_the_spec()
     {
-        Assert.Equal(4096, NbdLimits.MaxString);            // "Strings ... MUST be no longer than 4096 bytes"
-        Assert.Equal(64 * 1024 * 1024, NbdLimits.MaxPayload);
-        Assert.Equal(1, NbdLimits.MinBlockSize);
-        Assert.Equal(4096, NbdLimits.PreferredBlockSize);
-        Assert.Equal(4 + 2 + 2 + 8 + 8 + 4, NbdLimits.RequestHeaderSize);
-        Assert.Equal(4 + 4 + 8, NbdLimits.SimpleReplyHeaderSize);
-        Assert.Equal(4 + 2 + 2 + 8 + 4, NbdLimits.StructuredReplyHeaderSize);
-        Assert.Equal(4 + 2 + 2 + 8 + 8 + 8, NbdLimits.ExtendedRequestHeaderSize);
-        Assert.Equal(4 + 2 + 2 + 8 + 8 + 8, NbdLimits.ExtendedReplyHeaderSize);
-        Assert.True(NbdLimits.MaxOptionLength >= NbdLimits.MaxString + 8, "an option must hold a full-length string and its framing");
-        Assert.True(NbdLimits.MaxOptionDiscard >= NbdLimits.MaxOptionLength);
+        Assert.Equal(4096, NbdWire.MaxString);            // "Strings ... MUST be no longer than 4096 bytes"
+        Assert.Equal(4 + 2 + 2 + 8 + 8 + 4, NbdWire.RequestHeaderSize);
+        Assert.Equal(4 + 4 + 8, NbdWire.SimpleReplyHeaderSize);
+        Assert.Equal(4 + 2 + 2 + 8 + 4, NbdWire.StructuredReplyHeaderSize);
+        Assert.Equal(4 + 2 + 2 + 8 + 8 + 8, NbdWire.ExtendedRequestHeaderSize);
+        Assert.Equal(4 + 2 + 2 + 8 + 8 + 8, NbdWire.ExtendedReplyHeaderSize);
+        Assert.Equal(8 + 8 + 2, NbdWire.GreetingSize);
+        Assert.Equal(8 + 4 + 4, NbdWire.OptionHeaderSize);
+        Assert.Equal(8 + 4 + 4 + 4, NbdWire.OptionReplyHeaderSize);
     }
 }
 
@@ -197,7 +191,7 @@ public sealed class NbdRequestTests
 {
     private static byte[] Header(NbdRequest request)
     {
-        byte[] bytes = new byte[NbdLimits.RequestHeaderSize];
+        byte[] bytes = new byte[NbdWire.RequestHeaderSize];
         request.WriteTo(bytes);
         return bytes;
     }

@@ -1,7 +1,7 @@
 using System.Buffers;
 using System.Buffers.Binary;
 
-namespace Gateway.Actors.Nbd;
+namespace Gateway.Nbd;
 
 /// <summary>Writers for transmission-phase replies, straight into the connection's output buffer.</summary>
 public static class Replies
@@ -12,11 +12,11 @@ public static class Replies
     // S: (length bytes of data if the request is of type NBD_CMD_READ and error is zero)
     public static void WriteSimple(IBufferWriter<byte> writer, ulong cookie, NbdError error)
     {
-        Span<byte> span = writer.GetSpan(NbdLimits.SimpleReplyHeaderSize);
+        Span<byte> span = writer.GetSpan(NbdWire.SimpleReplyHeaderSize);
         BinaryPrimitives.WriteUInt32BigEndian(span, NbdMagic.SimpleReply);
         BinaryPrimitives.WriteUInt32BigEndian(span[4..], (uint)error);
         BinaryPrimitives.WriteUInt64BigEndian(span[8..], cookie);
-        writer.Advance(NbdLimits.SimpleReplyHeaderSize);
+        writer.Advance(NbdWire.SimpleReplyHeaderSize);
     }
 
     // Structured (NBD_STRUCTURED_REPLY_MAGIC)  Extended (NBD_EXTENDED_REPLY_MAGIC)
@@ -148,7 +148,7 @@ public static class Replies
 /// </summary>
 public readonly record struct ReplyTo(ulong Cookie, ulong Offset = 0, bool Extended = false)
 {
-    public int HeaderSize => Extended ? NbdLimits.ExtendedReplyHeaderSize : NbdLimits.StructuredReplyHeaderSize;
+    public int HeaderSize => Extended ? NbdWire.ExtendedReplyHeaderSize : NbdWire.StructuredReplyHeaderSize;
 }
 
 /// <summary>One block-status descriptor: a length and the context's status bits for it.</summary>
