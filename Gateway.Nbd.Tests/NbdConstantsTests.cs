@@ -282,40 +282,5 @@ public sealed class NbdRequestTests
     public void Only_writes_carry_a_payload(NbdCommand command, bool hasPayload) =>
         Assert.Equal(hasPayload, (Sample with { Command = command }).HasPayloadIn(extended: false));
 
-    /// <summary>Splits <paramref name="bytes"/> into segments after each of the given lengths.</summary>
-    internal static ReadOnlySequence<byte> Segmented(byte[] bytes, int[] cuts)
-    {
-        var pieces = new List<byte[]>();
-        int at = 0;
-        foreach (int cut in cuts)
-        {
-            pieces.Add(bytes[at..(at + cut)]);
-            at += cut;
-        }
-        pieces.Add(bytes[at..]);
-
-        var first = new Segment(pieces[0], 0);
-        Segment last = first;
-        foreach (byte[] piece in pieces.Skip(1))
-        {
-            last = last.Append(piece);
-        }
-        return new ReadOnlySequence<byte>(first, 0, last, last.Memory.Length);
-    }
-
-    private sealed class Segment : ReadOnlySequenceSegment<byte>
-    {
-        public Segment(ReadOnlyMemory<byte> memory, long runningIndex)
-        {
-            Memory = memory;
-            RunningIndex = runningIndex;
-        }
-
-        public Segment Append(ReadOnlyMemory<byte> memory)
-        {
-            var next = new Segment(memory, RunningIndex + Memory.Length);
-            Next = next;
-            return next;
-        }
-    }
+    private static ReadOnlySequence<byte> Segmented(byte[] bytes, int[] cuts) => Framing.Segmented(bytes, cuts);
 }
