@@ -48,11 +48,17 @@ internal static class Framing
         Assert.Equal([Next], buffer.ToArray());
     }
 
+    public static FrameReader<(OptionHeader Header, T Data)> OptionData<T>(PayloadReader<T> parse) =>
+        WithData<OptionHeader, T>(OptionHeader.TryRead, h => h.Length, parse);
+
+    public static FrameReader<(OptionReplyHeader Header, T Data)> ReplyData<T>(PayloadReader<T> parse) =>
+        WithData<OptionReplyHeader, T>(OptionReplyHeader.TryRead, h => h.Length, parse);
+
     /// <summary>
     /// An option or option reply whose data is parsed once all of it is in, as a negotiator does:
     /// <paramref name="header"/> takes the framing, <paramref name="parse"/> the data.
     /// </summary>
-    public static FrameReader<(THeader Header, T Data)> WithData<THeader, T>(FrameReader<THeader> header, Func<THeader, uint> length, PayloadReader<T> parse) =>
+    private static FrameReader<(THeader Header, T Data)> WithData<THeader, T>(FrameReader<THeader> header, Func<THeader, uint> length, PayloadReader<T> parse) =>
         (ref ReadOnlySequence<byte> buffer, out (THeader, T) frame) =>
         {
             frame = default;

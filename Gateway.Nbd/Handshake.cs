@@ -71,16 +71,20 @@ public readonly record struct OptionHeader(NbdOption Option, uint Length)
     public static bool TryRead(ref ReadOnlySequence<byte> buffer, out OptionHeader header)
     {
         header = default;
+        // The magic is checked as soon as it is in: a peer out of step may never send the rest.
+        if (buffer.Length >= 8)
+        {
+            ulong magic = BinaryPrimitives.ReadUInt64BigEndian(Contiguous.Prefix(buffer, stackalloc byte[8]));
+            if (magic != NbdMagic.IHaveOpt)
+            {
+                throw new NbdProtocolException($"bad option magic 0x{magic:x16}");
+            }
+        }
         if (buffer.Length < NbdWire.OptionHeaderSize)
         {
             return false;
         }
         ReadOnlySpan<byte> span = Contiguous.Prefix(buffer, stackalloc byte[NbdWire.OptionHeaderSize]);
-        ulong magic = BinaryPrimitives.ReadUInt64BigEndian(span);
-        if (magic != NbdMagic.IHaveOpt)
-        {
-            throw new NbdProtocolException($"bad option magic 0x{magic:x16}");
-        }
         header = new OptionHeader((NbdOption)BinaryPrimitives.ReadUInt32BigEndian(span[8..]), BinaryPrimitives.ReadUInt32BigEndian(span[12..]));
         buffer = buffer.Slice(NbdWire.OptionHeaderSize);
         return true;
@@ -112,16 +116,20 @@ public readonly record struct OptionReplyHeader(NbdOption Option, OptionReplyTyp
     public static bool TryRead(ref ReadOnlySequence<byte> buffer, out OptionReplyHeader header)
     {
         header = default;
+        // The magic is checked as soon as it is in: a peer out of step may never send the rest.
+        if (buffer.Length >= 8)
+        {
+            ulong magic = BinaryPrimitives.ReadUInt64BigEndian(Contiguous.Prefix(buffer, stackalloc byte[8]));
+            if (magic != NbdMagic.OptionReply)
+            {
+                throw new NbdProtocolException($"bad option reply magic 0x{magic:x16}");
+            }
+        }
         if (buffer.Length < NbdWire.OptionReplyHeaderSize)
         {
             return false;
         }
         ReadOnlySpan<byte> span = Contiguous.Prefix(buffer, stackalloc byte[NbdWire.OptionReplyHeaderSize]);
-        ulong magic = BinaryPrimitives.ReadUInt64BigEndian(span);
-        if (magic != NbdMagic.OptionReply)
-        {
-            throw new NbdProtocolException($"bad option reply magic 0x{magic:x16}");
-        }
         header = new OptionReplyHeader(
             (NbdOption)BinaryPrimitives.ReadUInt32BigEndian(span[8..]),
             (OptionReplyType)BinaryPrimitives.ReadUInt32BigEndian(span[12..]),
