@@ -1,4 +1,5 @@
 using System.Buffers;
+using System.Buffers.Binary;
 using Xunit;
 using static Gateway.Nbd.Tests.Framing;
 
@@ -195,7 +196,7 @@ public sealed class TransmissionFramingTests
     public void Chunk_header_with_the_wrong_magic_is_rejected_as_soon_as_the_magic_is_in(bool extended, uint magic)
     {
         byte[] bytes = new byte[4];
-        System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(bytes, magic);
+        BinaryPrimitives.WriteUInt32BigEndian(bytes, magic);
         var buffer = new ReadOnlySequence<byte>(bytes);
 
         Assert.Throws<NbdProtocolException>(() => ChunkHeader.TryRead(ref buffer, extended, out _));
