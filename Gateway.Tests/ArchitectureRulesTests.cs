@@ -25,27 +25,32 @@ public sealed class ArchitectureRulesTests(ITestOutputHelper output)
 {
     private const string Akka = "Akka";
     private const string Backends = "Gateway.Backends";
+    private const string Codec = "Gateway.Nbd";
     private const string Root = "(root)";
 
     private static readonly string[] Folders = ["Bitmaps", "Cluster", "Connections", "Exports", "Nbd", "Telemetry", "Tls"];
 
+    // The SDK's implicit usings, and the project's own global using of the codec (Gateway.Actors.csproj).
     private static readonly string[] ImplicitUsings =
-        ["System", "System.Collections.Generic", "System.IO", "System.Linq", "System.Net.Http", "System.Threading", "System.Threading.Tasks"];
+        ["System", "System.Collections.Generic", "System.IO", "System.Linq", "System.Net.Http", "System.Threading", "System.Threading.Tasks", Codec];
 
     private static readonly Lazy<List<Arrow>> s_arrows = new(FindArrows);
 
     /// <summary>One reference from a file of folder <c>From</c> to <c>To</c>, with where it is.</summary>
     private sealed record Arrow(string From, string To, string Where);
 
-    [Fact]
-    public void Backends_references_no_Akka_and_no_other_gateway_assembly()
+    [Theory]
+    [InlineData(Backends)]
+    [InlineData(Codec)]
+    public void Leaf_project_references_no_Akka_and_no_other_gateway_assembly(string leaf)
     {
-        string[] references = [.. typeof(IBlockDevice).Assembly.GetReferencedAssemblies().Select(a => a.Name ?? "")];
+        Assembly assembly = leaf == Backends ? typeof(IBlockDevice).Assembly : typeof(Gateway.Nbd.NbdMagic).Assembly;
+        string[] references = [.. assembly.GetReferencedAssemblies().Select(a => a.Name ?? "")];
         Assert.DoesNotContain(references, name => name.StartsWith(Akka, StringComparison.Ordinal));
         Assert.DoesNotContain(references, name => name.StartsWith("Gateway.", StringComparison.Ordinal));
 
         // The project file too: a reference the code does not use yet is still an arrow.
-        XDocument project = XDocument.Load(Path.Combine(RepositoryRoot(), "Gateway.Backends", "Gateway.Backends.csproj"));
+        XDocument project = XDocument.Load(Path.Combine(RepositoryRoot(), leaf, leaf + ".csproj"));
         Assert.Empty(project.Descendants("ProjectReference"));
         Assert.DoesNotContain(
             project.Descendants("PackageReference").Select(p => (string?)p.Attribute("Include") ?? ""),
@@ -53,12 +58,13 @@ public sealed class ArchitectureRulesTests(ITestOutputHelper output)
     }
 
     [Fact]
-    public void Actors_references_no_gateway_assembly_but_Backends()
+    public void Actors_references_no_gateway_assembly_but_Backends_and_the_codec()
     {
         string[] gateway = [.. typeof(Gateway.Actors.JournalDurability).Assembly.GetReferencedAssemblies()
             .Select(a => a.Name ?? "")
-            .Where(name => name.StartsWith("Gateway.", StringComparison.Ordinal))];
-        Assert.Equal(Backends, Assert.Single(gateway));
+            .Where(name => name.StartsWith("Gateway.", StringComparison.Ordinal))
+            .Order(StringComparer.Ordinal)];
+        Assert.Equal([Backends, Codec], gateway);
     }
 
     /// <summary>
@@ -77,6 +83,7 @@ public sealed class ArchitectureRulesTests(ITestOutputHelper output)
         Assert.Contains(arrows, a => a is { From: "Exports", To: Akka });
         Assert.Contains(arrows, a => a is { From: "Exports", To: Backends });
         Assert.Contains(arrows, a => a is { From: "Connections", To: "Exports" });
+        Assert.Contains(arrows, a => a is { From: "Nbd", To: Codec });
     }
 
     [Theory]
@@ -93,6 +100,7 @@ public sealed class ArchitectureRulesTests(ITestOutputHelper output)
     [InlineData("Tls", "Connections")]
     [InlineData("Tls", "Exports")]
     [InlineData("Tls", "Nbd")]
+    [InlineData("Tls", Codec)]
     [InlineData("Tls", "Telemetry")]
     [InlineData("Telemetry", Akka)]
     [InlineData("Telemetry", "Bitmaps")]
@@ -162,7 +170,7 @@ public sealed class ArchitectureRulesTests(ITestOutputHelper output)
         return arrows;
     }
 
-    /// <summary>The folder of Gateway.Actors, or Akka, or Gateway.Backends, that declares what the name resolves to; null for anything else.</summary>
+    /// <summary>The folder of Gateway.Actors, or Akka, or Gateway.Backends, or Gateway.Nbd, that declares what the name resolves to; null for anything else.</summary>
     private static string? PartOf(ISymbol? symbol)
     {
         if (symbol is null or INamespaceSymbol)
@@ -189,6 +197,10 @@ public sealed class ArchitectureRulesTests(ITestOutputHelper output)
         {
             return Backends;
         }
+        if (ns == Codec)
+        {
+            return Codec;
+        }
         if (ns.StartsWith("Gateway.Actors.", StringComparison.Ordinal))
         {
             return ns["Gateway.Actors.".Length..].Split('.')[0];
@@ -196,7 +208,7 @@ public sealed class ArchitectureRulesTests(ITestOutputHelper output)
         return ns == "Gateway.Actors" ? Root : null;
     }
 
-    /// <summary>The runtime's assemblies and those next to the tests (Akka, Gateway.Backends), without a built Gateway.Actors.</summary>
+    /// <summary>The runtime's assemblies and those next to the tests (Akka, Gateway.Backends, Gateway.Nbd), without a built Gateway.Actors.</summary>
     private static List<MetadataReference> References()
     {
         var byName = new Dictionary<string, string>(StringComparer.OrdinalIgnoreCase);
@@ -213,7 +225,8 @@ public sealed class ArchitectureRulesTests(ITestOutputHelper output)
         foreach ((string file, string path) in byName)
         {
             bool gateway = file.StartsWith("Gateway.", StringComparison.OrdinalIgnoreCase);
-            if ((!gateway || file.Equals(Backends + ".dll", StringComparison.OrdinalIgnoreCase)) && IsManaged(path))
+            bool leaf = file.Equals(Backends + ".dll", StringComparison.OrdinalIgnoreCase) || file.Equals(Codec + ".dll", StringComparison.OrdinalIgnoreCase);
+            if ((!gateway || leaf) && IsManaged(path))
             {
                 references.Add(MetadataReference.CreateFromFile(path));
             }

@@ -36,7 +36,7 @@ public sealed class LimitsInteropTests
 
         await first.AssertWorksAsync(offset: 0, seed: 1);
         await second.AssertWorksAsync(offset: 4096, seed: 2);
-        await first.SendAsync(RawClient.Request(Gateway.Actors.Nbd.NbdCommand.Disconnect, Gateway.Actors.Nbd.CommandFlags.None, 9, 0, 0));
+        await first.SendAsync(RawClient.Request(Gateway.Nbd.NbdCommand.Disconnect, Gateway.Nbd.CommandFlags.None, 9, 0, 0));
         Assert.True(await first.ServerClosedAsync());
 
         // The slot is given back once the connection's actor has stopped: a moment after the close.

@@ -1,4 +1,4 @@
-namespace Gateway.Actors.Nbd;
+namespace Gateway.Nbd;
 
 // Wire constants of the NBD protocol (NetworkBlockDevice/nbd doc/proto.md).
 // The values are checked against the spec by NbdConstantsTests: never renumber.
@@ -164,41 +164,26 @@ public enum AllocationState : uint
     Zero = 1 << 1,
 }
 
-public static class NbdLimits
+/// <summary>Sizes and names the spec fixes; the server's own limits are Gateway.Actors' NbdLimits.</summary>
+public static class NbdWire
 {
-    /// <summary>Strings (export names, queries, messages) MUST be no longer than this.</summary>
+    /// <summary>"Strings ... MUST be no longer than 4096 bytes" (section "Conventions").</summary>
     public const int MaxString = 4096;
 
-    /// <summary>Largest option payload accepted; larger ones are answered ERR_TOO_BIG.</summary>
-    public const int MaxOptionLength = 64 * 1024;
-
-    /// <summary>Largest option payload skipped to answer ERR_TOO_BIG; beyond it the connection is closed.</summary>
-    public const int MaxOptionDiscard = 1024 * 1024;
-
-    public const int MinBlockSize = 1;
-    public const int PreferredBlockSize = 4096;
-    /// <summary>
-    /// Largest READ or WRITE served, and the maximum block size advertised: 64 MiB, as nbdkit
-    /// and libnbd (whose own requests stop there); nbd-tester-client's integrityhuge log sends
-    /// up to 47.6 MiB.
-    /// </summary>
-    public const int MaxPayload = 64 * 1024 * 1024;
-
-    /// <summary>
-    /// Largest refused WRITE payload read and skipped to answer the error and go on; beyond it
-    /// the server answers the error and closes the connection (reading gigabytes to stay in
-    /// step is worse than a reconnect).
-    /// </summary>
-    public const uint MaxDiscard = 1024 * 1024 * 1024;
-
-    /// <summary>Descriptors per BLOCK_STATUS chunk; the client asks again for the rest.</summary>
-    public const int MaxExtentsPerReply = 1024;
-
     public const int RequestHeaderSize = 28;
+    public const int ExtendedRequestHeaderSize = 32;
     public const int SimpleReplyHeaderSize = 16;
     public const int StructuredReplyHeaderSize = 20;
-    public const int ExtendedRequestHeaderSize = 32;
     public const int ExtendedReplyHeaderSize = 32;
+
+    /// <summary>NBDMAGIC, IHAVEOPT, 16 bits of handshake flags.</summary>
+    public const int GreetingSize = 18;
+
+    /// <summary>IHAVEOPT, 32 bits option, 32 bits length.</summary>
+    public const int OptionHeaderSize = 16;
+
+    /// <summary>0x3e889045565a9, 32 bits option, 32 bits reply type, 32 bits length.</summary>
+    public const int OptionReplyHeaderSize = 20;
 
     public const string BaseAllocation = "base:allocation";
 }

@@ -1,7 +1,7 @@
 using System.Buffers;
 using System.Buffers.Binary;
 
-namespace Gateway.Actors.Nbd;
+namespace Gateway.Nbd;
 
 /// <summary>
 /// One transmission-phase request header (proto.md, "Request message"). <see cref="Length"/> is
@@ -40,8 +40,8 @@ public readonly record struct NbdRequest(CommandFlags Flags, NbdCommand Command,
 
     private static bool TryReadHeader(ref ReadOnlySequence<byte> buffer, bool extended, out NbdRequest request)
     {
-        int size = extended ? NbdLimits.ExtendedRequestHeaderSize : NbdLimits.RequestHeaderSize;
-        Span<byte> header = stackalloc byte[NbdLimits.ExtendedRequestHeaderSize];
+        int size = extended ? NbdWire.ExtendedRequestHeaderSize : NbdWire.RequestHeaderSize;
+        Span<byte> header = stackalloc byte[NbdWire.ExtendedRequestHeaderSize];
         if (buffer.Length < size)
         {
             // The magic is checked as soon as it is in: a header of the other style is shorter or
@@ -86,7 +86,7 @@ public readonly record struct NbdRequest(CommandFlags Flags, NbdCommand Command,
     }
 
     /// <summary>Bytes of the header <see cref="WriteTo"/> writes in the given style.</summary>
-    public static int HeaderSize(bool extended) => extended ? NbdLimits.ExtendedRequestHeaderSize : NbdLimits.RequestHeaderSize;
+    public static int HeaderSize(bool extended) => extended ? NbdWire.ExtendedRequestHeaderSize : NbdWire.RequestHeaderSize;
 
     /// <summary>
     /// Writes a request header, compact or extended; returns its size. A compact header cannot
@@ -102,10 +102,10 @@ public readonly record struct NbdRequest(CommandFlags Flags, NbdCommand Command,
         if (extended)
         {
             BinaryPrimitives.WriteUInt64BigEndian(destination[24..], Length);
-            return NbdLimits.ExtendedRequestHeaderSize;
+            return NbdWire.ExtendedRequestHeaderSize;
         }
         BinaryPrimitives.WriteUInt32BigEndian(destination[24..], checked((uint)Length));
-        return NbdLimits.RequestHeaderSize;
+        return NbdWire.RequestHeaderSize;
     }
 }
 

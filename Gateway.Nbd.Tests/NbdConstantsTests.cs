@@ -1,10 +1,9 @@
 using System.Buffers;
 using System.Buffers.Binary;
 using System.Text;
-using Gateway.Actors.Nbd;
 using Xunit;
 
-namespace Gateway.Tests.Protocol;
+namespace Gateway.Nbd.Tests;
 
 /// <summary>
 /// Golden test of the wire constants against the numbers in the NBD spec (NetworkBlockDevice/nbd
@@ -170,26 +169,21 @@ public sealed class NbdConstantsTests
         AssertEnum<AllocationState>(
             ("Hole", Bit(0)),   // NBD_STATE_HOLE
             ("Zero", Bit(1)));  // NBD_STATE_ZERO
-        Assert.Equal("base:allocation", NbdLimits.BaseAllocation);
-        // The backends report allocation with the same bits, and the server forwards them as they are.
-        Assert.Equal((uint)AllocationState.Hole, (uint)Gateway.Backends.ExtentFlags.Hole);
-        Assert.Equal((uint)AllocationState.Zero, (uint)Gateway.Backends.ExtentFlags.Zero);
+        Assert.Equal("base:allocation", NbdWire.BaseAllocation);
     }
 
     [Fact]
-    public void Limits_and_header_sizes_match_the_spec()
+    public void String_limit_and_header_sizes_match_the_spec()
     {
-        Assert.Equal(4096, NbdLimits.MaxString);            // "Strings ... MUST be no longer than 4096 bytes"
-        Assert.Equal(64 * 1024 * 1024, NbdLimits.MaxPayload);
-        Assert.Equal(1, NbdLimits.MinBlockSize);
-        Assert.Equal(4096, NbdLimits.PreferredBlockSize);
-        Assert.Equal(4 + 2 + 2 + 8 + 8 + 4, NbdLimits.RequestHeaderSize);
-        Assert.Equal(4 + 4 + 8, NbdLimits.SimpleReplyHeaderSize);
-        Assert.Equal(4 + 2 + 2 + 8 + 4, NbdLimits.StructuredReplyHeaderSize);
-        Assert.Equal(4 + 2 + 2 + 8 + 8 + 8, NbdLimits.ExtendedRequestHeaderSize);
-        Assert.Equal(4 + 2 + 2 + 8 + 8 + 8, NbdLimits.ExtendedReplyHeaderSize);
-        Assert.True(NbdLimits.MaxOptionLength >= NbdLimits.MaxString + 8, "an option must hold a full-length string and its framing");
-        Assert.True(NbdLimits.MaxOptionDiscard >= NbdLimits.MaxOptionLength);
+        Assert.Equal(4096, NbdWire.MaxString);            // "Strings ... MUST be no longer than 4096 bytes"
+        Assert.Equal(4 + 2 + 2 + 8 + 8 + 4, NbdWire.RequestHeaderSize);
+        Assert.Equal(4 + 4 + 8, NbdWire.SimpleReplyHeaderSize);
+        Assert.Equal(4 + 2 + 2 + 8 + 4, NbdWire.StructuredReplyHeaderSize);
+        Assert.Equal(4 + 2 + 2 + 8 + 8 + 8, NbdWire.ExtendedRequestHeaderSize);
+        Assert.Equal(4 + 2 + 2 + 8 + 8 + 8, NbdWire.ExtendedReplyHeaderSize);
+        Assert.Equal(8 + 8 + 2, NbdWire.GreetingSize);
+        Assert.Equal(8 + 4 + 4, NbdWire.OptionHeaderSize);
+        Assert.Equal(8 + 4 + 4 + 4, NbdWire.OptionReplyHeaderSize);
     }
 }
 
@@ -197,7 +191,7 @@ public sealed class NbdRequestTests
 {
     private static byte[] Header(NbdRequest request)
     {
-        byte[] bytes = new byte[NbdLimits.RequestHeaderSize];
+        byte[] bytes = new byte[NbdWire.RequestHeaderSize];
         request.WriteTo(bytes);
         return bytes;
     }
@@ -288,40 +282,5 @@ public sealed class NbdRequestTests
     public void Only_writes_carry_a_payload(NbdCommand command, bool hasPayload) =>
         Assert.Equal(hasPayload, (Sample with { Command = command }).HasPayloadIn(extended: false));
 
-    /// <summary>Splits <paramref name="bytes"/> into segments after each of the given lengths.</summary>
-    internal static ReadOnlySequence<byte> Segmented(byte[] bytes, int[] cuts)
-    {
-        var pieces = new List<byte[]>();
-        int at = 0;
-        foreach (int cut in cuts)
-        {
-            pieces.Add(bytes[at..(at + cut)]);
-            at += cut;
-        }
-        pieces.Add(bytes[at..]);
-
-        var first = new Segment(pieces[0], 0);
-        Segment last = first;
-        foreach (byte[] piece in pieces.Skip(1))
-        {
-            last = last.Append(piece);
-        }
-        return new ReadOnlySequence<byte>(first, 0, last, last.Memory.Length);
-    }
-
-    private sealed class Segment : ReadOnlySequenceSegment<byte>
-    {
-        public Segment(ReadOnlyMemory<byte> memory, long runningIndex)
-        {
-            Memory = memory;
-            RunningIndex = runningIndex;
-        }
-
-        public Segment Append(ReadOnlyMemory<byte> memory)
-        {
-            var next = new Segment(memory, RunningIndex + Memory.Length);
-            Next = next;
-            return next;
-        }
-    }
+    private static ReadOnlySequence<byte> Segmented(byte[] bytes, int[] cuts) => Framing.Segmented(bytes, cuts);
 }

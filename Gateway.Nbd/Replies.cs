@@ -1,9 +1,13 @@
 using System.Buffers;
 using System.Buffers.Binary;
 
-namespace Gateway.Actors.Nbd;
+namespace Gateway.Nbd;
 
-/// <summary>Writers for transmission-phase replies, straight into the connection's output buffer.</summary>
+/// <summary>
+/// Writers for transmission-phase replies, straight into the connection's output buffer
+/// (<c>GetSpan</c>, write, <c>Advance</c>); <see cref="SimpleReply"/>, <see cref="ChunkHeader"/> and
+/// <see cref="ChunkPayload"/> read what they write.
+/// </summary>
 public static class Replies
 {
     // S: 32 bits, 0x67446698, magic (NBD_SIMPLE_REPLY_MAGIC)
@@ -12,11 +16,11 @@ public static class Replies
     // S: (length bytes of data if the request is of type NBD_CMD_READ and error is zero)
     public static void WriteSimple(IBufferWriter<byte> writer, ulong cookie, NbdError error)
     {
-        Span<byte> span = writer.GetSpan(NbdLimits.SimpleReplyHeaderSize);
+        Span<byte> span = writer.GetSpan(NbdWire.SimpleReplyHeaderSize);
         BinaryPrimitives.WriteUInt32BigEndian(span, NbdMagic.SimpleReply);
         BinaryPrimitives.WriteUInt32BigEndian(span[4..], (uint)error);
         BinaryPrimitives.WriteUInt64BigEndian(span[8..], cookie);
-        writer.Advance(NbdLimits.SimpleReplyHeaderSize);
+        writer.Advance(NbdWire.SimpleReplyHeaderSize);
     }
 
     // Structured (NBD_STRUCTURED_REPLY_MAGIC)  Extended (NBD_EXTENDED_REPLY_MAGIC)
@@ -87,17 +91,22 @@ public static class Replies
     /// NBD_REPLY_TYPE_ERROR (32 bits error, 16 bits message length, message) or, with an
     /// offset, NBD_REPLY_TYPE_ERROR_OFFSET (the same followed by the 64-bit offset).
     /// </summary>
-    public static void WriteError(IBufferWriter<byte> writer, in ReplyTo to, NbdError error, ulong? offset = null)
+    public static void WriteError(IBufferWriter<byte> writer, in ReplyTo to, NbdError error, ulong? offset = null, string? message = null)
     {
-        int length = 6 + (offset is null ? 0 : 8);
         int at = to.HeaderSize;
+        int messageLength = message is null ? 0 : NbdString.ByteCount(message);
+        int length = 6 + messageLength + (offset is null ? 0 : 8);
         Span<byte> span = writer.GetSpan(at + length);
         WriteChunkHeader(span, to, ReplyFlags.Done, offset is null ? ReplyType.Error : ReplyType.ErrorOffset, (uint)length);
         BinaryPrimitives.WriteUInt32BigEndian(span[at..], (uint)error);
-        BinaryPrimitives.WriteUInt16BigEndian(span[(at + 4)..], 0);
+        BinaryPrimitives.WriteUInt16BigEndian(span[(at + 4)..], (ushort)messageLength);
+        if (message is not null)
+        {
+            NbdString.Write(span[(at + 6)..], message);
+        }
         if (offset is ulong o)
         {
-            BinaryPrimitives.WriteUInt64BigEndian(span[(at + 6)..], o);
+            BinaryPrimitives.WriteUInt64BigEndian(span[(at + 6 + messageLength)..], o);
         }
         writer.Advance(at + length);
     }
@@ -106,7 +115,8 @@ public static class Replies
     /// One status chunk for a metadata context. Compact headers: NBD_REPLY_TYPE_BLOCK_STATUS,
     /// 32 bits context id, then per extent 32 bits length and 32 bits status. Extended headers:
     /// NBD_REPLY_TYPE_BLOCK_STATUS_EXT, 32 bits context id, 32 bits descriptor count, then per
-    /// extent 64 bits length, 32 bits padding (zero), 32 bits status.
+    /// extent 64 bits length, 64 bits status (written as 32 zero bits and the 32-bit status, the
+    /// spec's earlier "padding, status" layout, the same bytes).
     /// </summary>
     public static void WriteBlockStatus(IBufferWriter<byte> writer, in ReplyTo to, bool done, uint contextId, ReadOnlySpan<MetaExtent> extents)
     {
@@ -148,7 +158,7 @@ public static class Replies
 /// </summary>
 public readonly record struct ReplyTo(ulong Cookie, ulong Offset = 0, bool Extended = false)
 {
-    public int HeaderSize => Extended ? NbdLimits.ExtendedReplyHeaderSize : NbdLimits.StructuredReplyHeaderSize;
+    public int HeaderSize => Extended ? NbdWire.ExtendedReplyHeaderSize : NbdWire.StructuredReplyHeaderSize;
 }
 
 /// <summary>One block-status descriptor: a length and the context's status bits for it.</summary>
