@@ -573,7 +573,7 @@ public sealed class RawClient : IAsyncDisposable
     }
 
     /// <summary>
-    /// Reads one frame of <paramref name="size"/> bytes (<paramref name="read"/> of them already) and
+    /// Reads one frame of <paramref name="size"/> bytes (<paramref name="already"/> read) and
     /// takes it with the codec's reader; what the codec refuses is an <see cref="InvalidDataException"/>.
     /// </summary>
     private async Task<T> ReadFrameAsync<T>(int size, FrameReader<T> read, byte[]? already = null)
