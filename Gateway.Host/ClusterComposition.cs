@@ -43,25 +43,29 @@ public static class ClusterComposition
             // survive losing either node: run 3 or more.
             SplitBrainResolver = new KeepMajorityOption(),
         });
-        // Failover within 10 s of a kill -9: a silent node is unreachable after about 3 s
-        // (heartbeats every 0.5 s, 2 s of silence allowed, on dedicated threads so a busy node
-        // is not mistaken for a dead one), the resolver downs it 1.5 s later, and the registry
-        // wakes its exports on the survivors as soon as it is removed.
+        // Failover in about 5.5 s after a kill -9 (README "Failover"): a silent node is
+        // unreachable after about 1.8 s (heartbeats every 0.25 s, 1 s of silence allowed, on
+        // dedicated threads so a busy node is not mistaken for a dead one), the resolver downs it
+        // about 1.3 s later, and its shards and singletons start on the survivors once the leader
+        // has removed it. A node silent for more than a second is downed: that is the price.
         // Roles given in HOCON, quoted: Akka.Cluster.Hosting writes ClusterOptions.Roles unquoted,
         // and a role holding ':' then fails to parse.
         string roles = string.Join(", ", new[] { NodeRolePrefix + cluster.NodeName, $"{PeerRolePrefix}{cluster.PublicHostname}:{cluster.Peer.Port}" }
             .Select(r => "\"" + r.Replace("\\", "\\\\").Replace("\"", "\\\"") + "\""));
         akka.AddHocon($"akka.cluster.roles = [{roles}]", HoconAddMode.Prepend);
         akka.AddHocon("""
-            akka.cluster.failure-detector.heartbeat-interval = 500ms
-            akka.cluster.failure-detector.acceptable-heartbeat-pause = 2s
+            akka.cluster.failure-detector.heartbeat-interval = 250ms
+            akka.cluster.failure-detector.acceptable-heartbeat-pause = 1s
+            # The failure detector is read on this tick (1 s by default): a silent node was
+            # marked unreachable up to a second after its pause ran out.
+            akka.cluster.unreachable-nodes-reaper-interval = 250ms
             # Removing a downed node and handing its singletons (registry, shard coordinator)
             # over come on the leader's tick and the hand-over retry: 1 s each by default.
-            akka.cluster.leader-actions-interval = 500ms
+            akka.cluster.leader-actions-interval = 250ms
             akka.cluster.singleton.hand-over-retry-interval = 200ms
             # How often a region asks again where a shard lives while its messages wait (2 s):
             # after a node is removed, the re-homed export's first messages wait on this.
-            akka.cluster.sharding.retry-interval = 500ms
+            akka.cluster.sharding.retry-interval = 200ms
             # Each node writes to another over its own outbound connection. With passive
             # connections, a node under full load sometimes opened a second association while the
             # first was in use; the peer dropped the first one's system-message buffers and
@@ -78,10 +82,22 @@ public static class ClusterComposition
               throughput = 100
               dedicated-thread-pool { thread-count = 2, threadtype = background }
             }
-            akka.cluster.split-brain-resolver.stable-after = 1.5s
+            akka.cluster.split-brain-resolver.stable-after = 1s
+            # Shards and singletons of a removed node start elsewhere after this margin (by
+            # default stable-after), the time the far side of a partition gets to stop its own.
+            # The owners' leases (ExportLease) fence the exports whatever the margin, so it is kept
+            # short; the registry singleton's journal refuses a second writer's events.
+            akka.cluster.down-removal-margin = 200ms
             # Downing every node because the membership kept changing is for long instability,
             # not a busy few seconds (the default would derive 1.1 s from stable-after).
             akka.cluster.split-brain-resolver.down-all-when-unstable = 15s
+            # The shard coordinator's state (which node owns which shard) is written to and read
+            # from a majority of the nodes: by default a majority plus 3 (writes) or 5 (reads), at
+            # least 5, which on a 3-node cluster is every node, the dead one included until it is
+            # removed. Each allocation then waited out the 5 s update timeout after a kill -9.
+            akka.cluster.sharding.coordinator-state.write-majority-plus = 0
+            akka.cluster.sharding.coordinator-state.read-majority-plus = 0
+            akka.cluster.sharding.distributed-data.majority-min-cap = 2
             akka.cluster.sharding.rebalance-interval = 5s
             akka.cluster.sharding.least-shard-allocation-strategy.rebalance-absolute-limit = 5
             akka.cluster.shutdown-after-unsuccessful-join-seed-nodes = 60s

@@ -69,9 +69,10 @@ public static partial class ExportRules
         {
             return accessProblem;
         }
-        if (spec.Description is { Length: > Nbd.NbdLimits.MaxString })
+        // Bytes on the wire (NBD_INFO_DESCRIPTION, NBD_REP_SERVER), not characters.
+        if (spec.Description is { } description && System.Text.Encoding.UTF8.GetByteCount(description) > Nbd.NbdLimits.MaxString)
         {
-            return "description is over 4096 bytes";
+            return $"description is {System.Text.Encoding.UTF8.GetByteCount(description)} bytes in UTF-8, over the limit of {Nbd.NbdLimits.MaxString}";
         }
         return null;
     }
