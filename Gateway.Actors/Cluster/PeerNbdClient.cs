@@ -757,13 +757,12 @@ public sealed class PeerNbdClient : IAsyncDisposable
                     continue;
                 }
                 current = request;
-                if (fill + NbdLimits.RequestHeaderSize > _sendBuffer.Length)
+                if (fill + NbdWire.RequestHeaderSize > _sendBuffer.Length)
                 {
                     await SendAllAsync(_sendBuffer.AsMemory(0, fill)).ConfigureAwait(false);
                     fill = 0;
                 }
-                new NbdRequest(request.Flags, request.Command, request.Cookie, request.Offset, request.Length).WriteTo(_sendBuffer.AsSpan(fill));
-                fill += NbdLimits.RequestHeaderSize;
+                fill += new NbdRequest(request.Flags, request.Command, request.Cookie, request.Offset, request.Length).WriteTo(_sendBuffer.AsSpan(fill));
                 ReadOnlyMemory<byte> payload = request.Payload;
                 if (request.Command == NbdCommand.Disconnect)
                 {
@@ -830,6 +829,12 @@ public sealed class PeerNbdClient : IAsyncDisposable
 
     private int Buffered => _rxEnd - _rxStart;
 
+    /// <summary>What is received and not yet parsed, for the codec's readers (a view of the receive buffer, no copy).</summary>
+    private ReadOnlySequence<byte> Received => new(_rx, _rxStart, Buffered);
+
+    /// <summary>A reader of the codec took what lies before <paramref name="rest"/>.</summary>
+    private void Consumed(in ReadOnlySequence<byte> rest) => _rxStart = _rxEnd - (int)rest.Length;
+
     private async Task ReadLoopAsync()
     {
         string reason = "the owner closed the connection";
@@ -838,11 +843,13 @@ public sealed class PeerNbdClient : IAsyncDisposable
         {
             while (true)
             {
-                if (Buffered < 4 && !await FillAsync(4, endAllowed: true).ConfigureAwait(false))
+                // The 32-bit magic tells a simple reply from a chunk.
+                if (Buffered < sizeof(uint) && !await FillAsync(sizeof(uint), endAllowed: true).ConfigureAwait(false))
                 {
                     break;
                 }
-                uint magic = BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart));
+                // A server that negotiated structured replies still MAY send simple ones.
+                SimpleReply.TryPeekMagic(Received, out uint magic);
                 if (magic == NbdMagic.StructuredReply)
                 {
                     await StructuredChunkAsync().ConfigureAwait(false);
@@ -875,184 +882,166 @@ public sealed class PeerNbdClient : IAsyncDisposable
         }
     }
 
-    // S: 32 bits 0x67446698, 32 bits error, 64 bits cookie, (read data if error is zero)
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask SimpleReplyAsync()
     {
-        if (Buffered < NbdLimits.SimpleReplyHeaderSize)
+        if (Buffered < NbdWire.SimpleReplyHeaderSize)
         {
-            await FillAsync(NbdLimits.SimpleReplyHeaderSize).ConfigureAwait(false);
+            await FillAsync(NbdWire.SimpleReplyHeaderSize).ConfigureAwait(false);
         }
-        var error = (NbdError)BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart + 4));
-        ulong cookie = BinaryPrimitives.ReadUInt64BigEndian(_rx.AsSpan(_rxStart + 8));
-        _rxStart += NbdLimits.SimpleReplyHeaderSize;
-        PendingRequest request = Lookup(cookie);
-        if (error != NbdError.None)
+        ReadOnlySequence<byte> buffer = Received;
+        SimpleReply.TryRead(ref buffer, out SimpleReply reply);
+        Consumed(buffer);
+        PendingRequest request = Lookup(reply.Cookie);
+        if (reply.Error != NbdError.None)
         {
-            request.RecordError(ToException(request, error, null));
+            request.RecordError(ToException(request, reply.Error, null));
         }
         else if (request.Command == NbdCommand.Read)
         {
+            // The read's data follows the header.
             await ReceiveDataAsync(request, 0, (int)request.Length).ConfigureAwait(false);
         }
         else if (request.Command == NbdCommand.BlockStatus)
         {
-            throw new NbdProtocolException($"simple reply to BLOCK_STATUS (cookie {cookie})");
+            throw new NbdProtocolException($"simple reply to BLOCK_STATUS (cookie {reply.Cookie})");
         }
         Finish(request);
     }
 
-    // S: 32 bits 0x668e33ef, 16 bits flags, 16 bits type, 64 bits cookie, 32 bits length, payload
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask StructuredChunkAsync()
     {
-        if (Buffered < NbdLimits.StructuredReplyHeaderSize)
+        if (Buffered < NbdWire.StructuredReplyHeaderSize)
         {
-            await FillAsync(NbdLimits.StructuredReplyHeaderSize).ConfigureAwait(false);
+            await FillAsync(NbdWire.StructuredReplyHeaderSize).ConfigureAwait(false);
         }
-        ReadOnlySpan<byte> header = _rx.AsSpan(_rxStart, NbdLimits.StructuredReplyHeaderSize);
-        var flags = (ReplyFlags)BinaryPrimitives.ReadUInt16BigEndian(header[4..]);
-        var type = (ReplyType)BinaryPrimitives.ReadUInt16BigEndian(header[6..]);
-        ulong cookie = BinaryPrimitives.ReadUInt64BigEndian(header[8..]);
-        uint length = BinaryPrimitives.ReadUInt32BigEndian(header[16..]);
-        _rxStart += NbdLimits.StructuredReplyHeaderSize;
-        PendingRequest request = Lookup(cookie);
+        ReadOnlySequence<byte> buffer = Received;
+        ChunkHeader.TryRead(ref buffer, extended: false, out ChunkHeader chunk);
+        Consumed(buffer);
+        PendingRequest request = Lookup(chunk.To.Cookie);
 
-        switch (type)
+        switch (chunk.Type)
         {
             case ReplyType.OffsetData:
             {
-                // 64 bits offset, then the data
-                if (request.Command != NbdCommand.Read || length < 8)
+                if (request.Command != NbdCommand.Read)
                 {
-                    throw new NbdProtocolException($"OFFSET_DATA of {length} bytes in reply to {request.Command}");
+                    throw new NbdProtocolException($"OFFSET_DATA of {chunk.Length} bytes in reply to {request.Command}");
                 }
-                if (Buffered < 8)
-                {
-                    await FillAsync(8).ConfigureAwait(false);
-                }
-                ulong offset = BinaryPrimitives.ReadUInt64BigEndian(_rx.AsSpan(_rxStart));
-                _rxStart += 8;
-                int at = Place(request, offset, length - 8);
-                await ReceiveDataAsync(request, at, (int)(length - 8)).ConfigureAwait(false);
+                DataChunk data = await ReadPayloadAsync<DataChunk>(chunk, ChunkPayload.TryReadOffsetData).ConfigureAwait(false);
+                int at = Place(request, data.Offset, (uint)data.DataLength);
+                // The data stays in the receive buffer for ReceiveDataAsync: received into the caller's memory.
+                await ReceiveDataAsync(request, at, (int)data.DataLength).ConfigureAwait(false);
                 break;
             }
             case ReplyType.OffsetHole:
             {
-                // 64 bits offset, 32 bits hole size
-                if (request.Command != NbdCommand.Read || length != 12)
+                if (request.Command != NbdCommand.Read)
                 {
-                    throw new NbdProtocolException($"OFFSET_HOLE of {length} bytes in reply to {request.Command}");
+                    throw new NbdProtocolException($"OFFSET_HOLE of {chunk.Length} bytes in reply to {request.Command}");
                 }
-                if (Buffered < 12)
-                {
-                    await FillAsync(12).ConfigureAwait(false);
-                }
-                ulong offset = BinaryPrimitives.ReadUInt64BigEndian(_rx.AsSpan(_rxStart));
-                uint size = BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart + 8));
-                _rxStart += 12;
-                int at = Place(request, offset, size);
+                HoleChunk hole = await ReadPayloadAsync<HoleChunk>(chunk, ChunkPayload.TryReadOffsetHole).ConfigureAwait(false);
+                int at = Place(request, hole.Offset, hole.Length);
                 if (Claim(request))
                 {
-                    request.Destination.Span.Slice(at, (int)size).Clear();
+                    request.Destination.Span.Slice(at, (int)hole.Length).Clear();
                     Unclaim(request);
                 }
-                request.Covered += size;
+                request.Covered += hole.Length;
                 HoleChunks++;
                 break;
             }
             case ReplyType.BlockStatus:
-                await BlockStatusChunkAsync(request, length).ConfigureAwait(false);
+                await BlockStatusChunkAsync(request, chunk).ConfigureAwait(false);
                 break;
             case ReplyType.None:
-                if (length != 0 || !flags.HasFlag(ReplyFlags.Done))
+                if (chunk.Length != 0 || !chunk.Done)
                 {
-                    throw new NbdProtocolException($"NONE chunk of {length} bytes without DONE (flags {flags})");
+                    throw new NbdProtocolException($"NONE chunk of {chunk.Length} bytes without DONE (flags {chunk.Flags})");
                 }
+                break;
+            case var type when ChunkPayload.IsError(type):
+                ErrorChunk error = await ReadPayloadAsync<ErrorChunk>(chunk, ChunkPayload.TryReadError).ConfigureAwait(false);
+                request.RecordError(ToException(request, error.Error, error.Message));
                 break;
             default:
-                if (((ushort)type & 0x8000) == 0)
-                {
-                    throw new NbdProtocolException($"unexpected reply chunk type {(ushort)type} to {request.Command}");
-                }
-                await ErrorChunkAsync(request, type, length).ConfigureAwait(false);
-                break;
+                throw new NbdProtocolException($"unexpected reply chunk type {(ushort)chunk.Type} to {request.Command}");
         }
-        if (flags.HasFlag(ReplyFlags.Done))
+        if (chunk.Done)
         {
             Finish(request);
         }
     }
 
-    // 32 bits context id, then per extent 32 bits length and 32 bits status
-    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
-    private async ValueTask BlockStatusChunkAsync(PendingRequest request, uint length)
+    /// <summary>
+    /// Receives until <paramref name="read"/> takes the chunk's payload (what it needs of it) from
+    /// the receive buffer. The codec checks the chunk's length against its type first, so a length
+    /// that does not fit fails here before anything is awaited.
+    /// </summary>
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder<>))]
+    private async ValueTask<T> ReadPayloadAsync<T>(ChunkHeader chunk, PayloadReader<T> read)
     {
-        if (request.Command != NbdCommand.BlockStatus || length < 12 || (length - 4) % 8 != 0)
+        while (true)
         {
-            throw new NbdProtocolException($"BLOCK_STATUS of {length} bytes in reply to {request.Command}");
-        }
-        if (Buffered < 4)
-        {
-            await FillAsync(4).ConfigureAwait(false);
-        }
-        uint contextId = BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart));
-        _rxStart += 4;
-        long count = (length - 4) / 8;
-        bool mine = contextId == request.ContextId;
-        if (mine && request.ContextSeen)
-        {
-            throw new NbdProtocolException($"two BLOCK_STATUS chunks for context {contextId}");
-        }
-        bool claimed = mine && Claim(request);
-        int room = claimed ? request.Extents.Length : 0;
-        int written = 0;
-        for (long i = 0; i < count; i++)
-        {
-            if (Buffered < 8)
+            ReadOnlySequence<byte> buffer = Received;
+            if (read(ref buffer, chunk, out T payload))
             {
-                await FillAsync(8).ConfigureAwait(false);
+                Consumed(buffer);
+                return payload;
             }
-            if (written < room)
+            if (Buffered == _rx.Length)
             {
-                request.Extents.Span[written++] = new MetaExtent(
-                    BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart)),
-                    BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart + 4)));
+                throw new NbdProtocolException($"{chunk.Type} chunk of {chunk.Length} bytes, more than the receive buffer holds");
             }
-            _rxStart += 8;
-        }
-        if (mine)
-        {
-            request.ContextSeen = true;
-            request.ExtentCount = written;
-        }
-        if (claimed)
-        {
-            Unclaim(request);
+            await FillAsync(Buffered + 1).ConfigureAwait(false);
         }
     }
 
-    // 32 bits error, 16 bits message length, message, (ERROR_OFFSET: 64 bits offset)
+    /// <summary>The shape of <see cref="ChunkPayload"/>'s readers.</summary>
+    private delegate bool PayloadReader<T>(ref ReadOnlySequence<byte> buffer, in ChunkHeader chunk, out T payload);
+
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
-    private async ValueTask ErrorChunkAsync(PendingRequest request, ReplyType type, uint length)
+    private async ValueTask BlockStatusChunkAsync(PendingRequest request, ChunkHeader chunk)
     {
-        if (length < 6 || length > _rx.Length)
+        if (request.Command != NbdCommand.BlockStatus)
         {
-            throw new NbdProtocolException($"error chunk of {length} bytes");
+            throw new NbdProtocolException($"BLOCK_STATUS of {chunk.Length} bytes in reply to {request.Command}");
         }
-        if (Buffered < length)
+        // The whole chunk is taken at once: the owner sends at most NbdLimits.MaxExtentsPerReply
+        // descriptors in one (8 KiB), well within the receive buffer.
+        BlockStatusChunk status = await ReadPayloadAsync<BlockStatusChunk>(chunk, ChunkPayload.TryReadBlockStatus).ConfigureAwait(false);
+        // The descriptors are read from the receive buffer, which nothing refills before this returns.
+        TakeExtents(request, status);
+    }
+
+    private void TakeExtents(PendingRequest request, in BlockStatusChunk status)
+    {
+        bool mine = status.ContextId == request.ContextId;
+        if (mine && request.ContextSeen)
         {
-            await FillAsync((int)length).ConfigureAwait(false);
+            throw new NbdProtocolException($"two BLOCK_STATUS chunks for context {status.ContextId}");
         }
-        var error = (NbdError)BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart));
-        int messageLength = BinaryPrimitives.ReadUInt16BigEndian(_rx.AsSpan(_rxStart + 4));
-        if (error == NbdError.None || 6 + messageLength > length || (type == ReplyType.ErrorOffset && length != 6 + messageLength + 8))
+        if (!mine)
         {
-            throw new NbdProtocolException($"malformed {type} chunk (error {(uint)error}, message {messageLength} bytes, chunk {length} bytes)");
+            return;
         }
-        string message = Encoding.UTF8.GetString(_rx, _rxStart + 6, messageLength);
-        _rxStart += (int)length;
-        request.RecordError(ToException(request, error, message));
+        int written = 0;
+        if (Claim(request))
+        {
+            Span<MetaExtent> extents = request.Extents.Span;
+            foreach (MetaExtent extent in status)
+            {
+                if (written == extents.Length)
+                {
+                    break;
+                }
+                extents[written++] = extent;
+            }
+            Unclaim(request);
+        }
+        request.ContextSeen = true;
+        request.ExtentCount = written;
     }
 
     /// <summary>Where a read chunk lands in the request's buffer; a chunk outside the request breaks the stream.</summary>
