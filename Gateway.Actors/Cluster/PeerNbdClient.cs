@@ -1,5 +1,4 @@
 using System.Buffers;
-using System.Buffers.Binary;
 using System.Collections.Concurrent;
 using System.Net;
 using System.Net.Sockets;
@@ -22,6 +21,8 @@ namespace Gateway.Actors.Cluster;
 /// concurrent callers share syscalls instead of queueing on a lock. Replies come in on one reader
 /// loop that parses headers from a receive buffer and receives data chunks straight into the
 /// caller's memory (only bytes that arrived in the same receive as their header are copied).
+/// Every frame is laid out by Gateway.Nbd's readers and writers, the reply readers working on a
+/// view of the receive buffer; this class owns the sockets, the pipelining and the buffers.
 /// </para>
 /// <para>
 /// When the connection ends for any reason (EOF, reset, a protocol violation by the server,
