@@ -48,10 +48,10 @@ public static class GatewayActorsHosting
     /// peer data streams of other nodes, which serves only exports owned here.
     /// </summary>
     public static AkkaConfigurationBuilder WithGatewayCluster(this AkkaConfigurationBuilder builder, BackendFactory backends, ExportSpec? initialExport,
-        ClusterNode node, LocalExports local, Nbd.NbdServerSettings? nbd = null, int? maxConnections = null)
+        ClusterNode node, LocalExports local, IExportLeases? leases, Nbd.NbdServerSettings? nbd = null, int? maxConnections = null)
     {
         builder.WithCustomSerializer(BitmapSerializer.Name, [typeof(IBitmapPersisted)], system => new BitmapSerializer(system));
-        builder.WithShardRegion<ExportRegionKey>("export", (_, registry) => _ => ExportEntity.Props(backends, local, node, registry.Get<ExportRegistryKey>()), new ExportMessageExtractor(),
+        builder.WithShardRegion<ExportRegionKey>("export", (_, registry) => _ => ExportEntity.Props(backends, local, node, registry.Get<ExportRegistryKey>(), leases), new ExportMessageExtractor(),
             new ShardOptions { StateStoreMode = StateStoreMode.DData, RememberEntities = false, HandOffStopMessage = CloseExport.Instance });
         builder.WithSingleton<ExportRegistryKey>("export-registry",
             (_, registry, _) => ExportRegistryActor.Props(backends, initialExport, registry.Get<ExportRegionKey>()),

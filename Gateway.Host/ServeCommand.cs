@@ -57,6 +57,9 @@ public static class ServeCommand
             // Registered before Akka, so it stops after Akka: other nodes keep reaching the exports
             // this node owns until CoordinatedShutdown has handed their shards over.
             builder.Services.AddHostedService<PeerListener>();
+            // The owners' leases (issue 17, fencing) live in the PostgreSQL the journal uses.
+            string postgres = options.Cluster.Postgres;
+            builder.Services.AddSingleton(_ => new PostgresExportLeases(postgres));
         }
         builder.Services.AddAkka("gateway", (akka, services) =>
         {
@@ -75,7 +78,8 @@ public static class ServeCommand
                 {
                     akka.AddHocon(hocon, HoconAddMode.Prepend);
                 }
-                akka.WithGatewayCluster(backends, initial, ClusterComposition.Node(cluster), localExports, nbd, options.MaxConnections);
+                akka.WithGatewayCluster(backends, initial, ClusterComposition.Node(cluster), localExports,
+                    services.GetRequiredService<PostgresExportLeases>(), nbd, options.MaxConnections);
                 return;
             }
             akka.WithSqlPersistence(

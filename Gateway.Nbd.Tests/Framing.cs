@@ -3,10 +3,6 @@ using Xunit;
 
 namespace Gateway.Nbd.Tests;
 
-internal delegate bool FrameReader<T>(ref ReadOnlySequence<byte> buffer, out T frame);
-
-internal delegate bool ChunkPayloadReader<T>(ref ReadOnlySequence<byte> buffer, in ChunkHeader chunk, out T payload);
-
 internal delegate T PayloadReader<T>(ReadOnlySpan<byte> data);
 
 /// <summary>How a frame arrives: whole, in pieces, or not yet all there.</summary>

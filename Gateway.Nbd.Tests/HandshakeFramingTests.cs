@@ -276,6 +276,137 @@ public sealed class HandshakeFramingTests
         Assert.Throws<ArgumentException>(() => Written(d => MetaContextReply.Write(d, new MetaContextReply(1, LongestName + "n"))));
     }
 
+    [Theory]
+    [InlineData("0000")]                                              // no room for the name's length and the count
+    [InlineData("00000000" + "00")]                                   // one byte of count
+    public void Go_request_shorter_than_its_fixed_fields_is_too_short(string data) =>
+        AssertInfoFault(Convert.FromHexString(data), OptionDataFault.TooShort);
+
+    [Theory]
+    [InlineData("00000005" + "6162" + "0000")]                        // name length past the data
+    [InlineData("00000004" + "61626364" + "00")]                      // a name that eats into the count
+    [InlineData("00000002" + "6162")]                                 // no request count
+    public void Go_request_whose_name_runs_past_its_data_is_a_name_length_fault(string data) =>
+        AssertInfoFault(Convert.FromHexString(data), OptionDataFault.NameLength);
+
+    [Theory]
+    [InlineData("00000002" + "6162" + "0002" + "0003")]               // two requests declared, one sent
+    [InlineData("00000002" + "6162" + "0000" + "00")]                 // a byte after the requests
+    public void Go_request_whose_requests_do_not_match_their_count_is_a_request_count_fault(string data) =>
+        AssertInfoFault(Convert.FromHexString(data), OptionDataFault.RequestCount);
+
+    [Fact]
+    public void Go_request_with_a_name_over_4096_bytes_is_a_name_too_long_fault()
+    {
+        AssertInfoFault([.. BigEndian(NbdWire.MaxString + 1), .. Encoding.UTF8.GetBytes(LongestName + "n"), 0, 0], OptionDataFault.NameTooLong);
+    }
+
+    [Fact]
+    public void Go_request_name_is_checked_against_the_data_before_the_limit()
+    {
+        // proto.md: the name length "MUST be no larger than the option data length - 6"; a name
+        // over 4096 bytes that also runs into the count is inconsistent first, not too big.
+        AssertInfoFault([.. BigEndian(NbdWire.MaxString + 1), .. Encoding.UTF8.GetBytes(LongestName + "n"), 0], OptionDataFault.NameLength);
+    }
+
+    [Theory]
+    [InlineData("000000", OptionDataFault.TooShort)]                                         // no name length
+    [InlineData("00000009" + "64", OptionDataFault.NameLength)]                              // name past the data
+    [InlineData("00000001" + "64" + "0000", OptionDataFault.TooShort)]                        // no query count
+    [InlineData("00000001" + "64" + "00000002" + "00000001" + "62", OptionDataFault.Query)]   // two queries declared, one sent
+    [InlineData("00000001" + "64" + "FFFFFFFF", OptionDataFault.Query)]                       // a count no data could hold
+    [InlineData("00000001" + "64" + "00000001" + "00000009" + "62", OptionDataFault.Query)]   // query length past the data
+    [InlineData("00000001" + "64" + "00000000" + "00", OptionDataFault.Trailing)]             // a byte after the last query
+    public void Meta_context_request_faults_say_what_is_wrong(string data, OptionDataFault expected)
+    {
+        Assert.False(MetaContextRequest.TryRead(Convert.FromHexString(data), out _, out OptionDataFault fault));
+        Assert.Equal(expected, fault);
+    }
+
+    [Fact]
+    public void Meta_context_request_with_strings_over_4096_bytes_is_refused()
+    {
+        byte[] longName = [.. BigEndian(NbdWire.MaxString + 1), .. Encoding.UTF8.GetBytes(LongestName + "n"), 0, 0, 0, 0];
+        byte[] longQuery = [0, 0, 0, 1, (byte)'d', 0, 0, 0, 1, .. BigEndian(NbdWire.MaxString + 1), .. Encoding.UTF8.GetBytes(LongestName + "n")];
+
+        Assert.False(MetaContextRequest.TryRead(longName, out _, out OptionDataFault nameFault));
+        Assert.Equal(OptionDataFault.NameTooLong, nameFault);
+        Assert.False(MetaContextRequest.TryRead(longQuery, out _, out OptionDataFault queryFault));
+        Assert.Equal(OptionDataFault.Query, queryFault);
+    }
+
+    [Fact]
+    public void Meta_context_request_read_by_TryRead_is_what_Read_reads()
+    {
+        byte[] data = Written(d => MetaContextRequest.Write(d, new MetaContextRequest("disk", [NbdWire.BaseAllocation])));
+
+        Assert.True(MetaContextRequest.TryRead(data, out MetaContextRequest request, out OptionDataFault fault));
+        Assert.Equal(OptionDataFault.None, fault);
+        Assert.Equal("disk", request.ExportName);
+        Assert.Equal([NbdWire.BaseAllocation], request.Queries);
+    }
+
+    [Theory]
+    [InlineData("disk")]
+    [InlineData("")]
+    [InlineData("é")]
+    public void Export_name_option_round_trips_split_at_every_byte(string name)
+    {
+        byte[] frame = Option(NbdOption.ExportName, ExportNameOption.Size(name), d => ExportNameOption.Write(d, name));
+
+        AssertReadsAtEverySplit(frame, OptionData(ExportNameOption.Read), f =>
+        {
+            Assert.Equal(new OptionHeader(NbdOption.ExportName, (uint)ExportNameOption.Size(name)), f.Header);
+            Assert.Equal(name, f.Data);
+        });
+    }
+
+    [Fact]
+    public void Export_name_option_over_4096_bytes_is_rejected()
+    {
+        Assert.Equal(LongestName, ExportNameOption.Read(Encoding.UTF8.GetBytes(LongestName)));
+        Assert.Throws<NbdProtocolException>(() => ExportNameOption.Read(Encoding.UTF8.GetBytes(LongestName + "n")));
+        Assert.Throws<ArgumentException>(() => ExportNameOption.Size(LongestName + "n"));
+    }
+
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void Export_name_reply_round_trips_split_at_every_byte(bool noZeroes)
+    {
+        var reply = new ExportNameReply(0x1_0000_0000, TransmissionFlags.HasFlags | TransmissionFlags.SendFlush);
+        byte[] frame = Written(d => ExportNameReply.Write(d, reply, noZeroes));
+
+        Assert.Equal(ExportNameReply.Size(noZeroes), frame.Length);
+        AssertReadsAtEverySplit<ExportNameReply>(frame, (ref ReadOnlySequence<byte> b, out ExportNameReply r) => ExportNameReply.TryRead(ref b, noZeroes, out r),
+            r => Assert.Equal(reply, r));
+    }
+
+    [Fact]
+    public void Export_name_reply_is_laid_out_as_the_spec_draws_it()
+    {
+        byte[] frame = Written(d => ExportNameReply.Write(d, new ExportNameReply(0x40000000, TransmissionFlags.HasFlags | TransmissionFlags.ReadOnly), noZeroes: false));
+
+        Assert.Equal(Convert.FromHexString("0000000040000000" + "0003" + new string('0', 2 * 124)), frame);
+    }
+
+    [Fact]
+    public void Export_name_reply_with_a_reserved_byte_set_is_rejected()
+    {
+        byte[] frame = Written(d => ExportNameReply.Write(d, new ExportNameReply(1, TransmissionFlags.HasFlags), noZeroes: false));
+        frame[^1] = 1;
+        var buffer = new ReadOnlySequence<byte>(frame);
+
+        Assert.Throws<NbdProtocolException>(() => ExportNameReply.TryRead(ref buffer, noZeroes: false, out _));
+    }
+
+    private static void AssertInfoFault(byte[] data, OptionDataFault expected)
+    {
+        Assert.False(InfoRequest.TryRead(data, out _, out OptionDataFault fault));
+        Assert.Equal(expected, fault);
+        Assert.Throws<NbdProtocolException>(() => InfoRequest.Read(data));
+    }
+
     private static byte[] Option(NbdOption option, int length, SpanWriter data) =>
         Written(d =>
         {

@@ -182,6 +182,7 @@ public sealed class NbdConstantsTests
         Assert.Equal(4 + 2 + 2 + 8 + 8 + 8, NbdWire.ExtendedRequestHeaderSize);
         Assert.Equal(4 + 2 + 2 + 8 + 8 + 8, NbdWire.ExtendedReplyHeaderSize);
         Assert.Equal(8 + 8 + 2, NbdWire.GreetingSize);
+        Assert.Equal(4, NbdWire.ClientFlagsSize);
         Assert.Equal(8 + 4 + 4, NbdWire.OptionHeaderSize);
         Assert.Equal(8 + 4 + 4 + 4, NbdWire.OptionReplyHeaderSize);
     }

@@ -3,6 +3,9 @@ using System.Buffers.Binary;
 
 namespace Gateway.Nbd;
 
+/// <summary>The shape of the readers of <see cref="ChunkPayload"/>: a payload, read after its <paramref name="chunk"/> header.</summary>
+public delegate bool ChunkPayloadReader<T>(ref ReadOnlySequence<byte> buffer, in ChunkHeader chunk, out T payload);
+
 /// <summary>
 /// Readers of the payloads that follow a <see cref="ChunkHeader"/> (proto.md, "Structured reply
 /// types"); <see cref="Replies"/> writes them. Each checks the header's length against the type's

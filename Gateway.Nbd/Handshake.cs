@@ -3,6 +3,12 @@ using System.Buffers.Binary;
 
 namespace Gateway.Nbd;
 
+/// <summary>
+/// The shape of every reader of a frame: false, consuming nothing, until the whole frame is in
+/// <paramref name="buffer"/>; then the frame, and <paramref name="buffer"/> sliced past it.
+/// </summary>
+public delegate bool FrameReader<T>(ref ReadOnlySequence<byte> buffer, out T frame);
+
 /// <summary>The fixed newstyle handshake before the options (proto.md, "Newstyle negotiation").</summary>
 public static class Handshake
 {
@@ -40,19 +46,19 @@ public static class Handshake
     public static bool TryReadClientFlags(ref ReadOnlySequence<byte> buffer, out ClientFlags flags)
     {
         flags = default;
-        if (buffer.Length < 4)
+        if (buffer.Length < NbdWire.ClientFlagsSize)
         {
             return false;
         }
-        flags = (ClientFlags)BinaryPrimitives.ReadUInt32BigEndian(Contiguous.Prefix(buffer, stackalloc byte[4]));
-        buffer = buffer.Slice(4);
+        flags = (ClientFlags)BinaryPrimitives.ReadUInt32BigEndian(Contiguous.Prefix(buffer, stackalloc byte[NbdWire.ClientFlagsSize]));
+        buffer = buffer.Slice(NbdWire.ClientFlagsSize);
         return true;
     }
 
     public static int WriteClientFlags(Span<byte> destination, ClientFlags flags)
     {
         BinaryPrimitives.WriteUInt32BigEndian(destination, (uint)flags);
-        return 4;
+        return NbdWire.ClientFlagsSize;
     }
 }
 
@@ -145,5 +151,49 @@ public readonly record struct OptionReplyHeader(NbdOption Option, OptionReplyTyp
         BinaryPrimitives.WriteUInt32BigEndian(destination[12..], (uint)header.Type);
         BinaryPrimitives.WriteUInt32BigEndian(destination[16..], header.Length);
         return NbdWire.OptionReplyHeaderSize;
+    }
+}
+
+/// <summary>
+/// The server's answer to NBD_OPT_EXPORT_NAME (proto.md, "Newstyle negotiation"): no option reply
+/// header, the export's size and flags, then 124 reserved zero bytes unless the client set
+/// NBD_FLAG_C_NO_ZEROES. Transmission follows at once.
+/// </summary>
+public readonly record struct ExportNameReply(ulong ExportSize, TransmissionFlags Flags)
+{
+    public const int ReservedSize = 124;
+
+    public static int Size(bool noZeroes) => noZeroes ? 10 : 10 + ReservedSize;
+
+    // S: 64 bits, size of the export in bytes (unsigned)
+    // S: 16 bits, transmission flags
+    // S: 124 bytes, zeroes (reserved) (unless NBD_FLAG_C_NO_ZEROES was negotiated by the client)
+    /// <exception cref="NbdProtocolException">A reserved byte is not zero.</exception>
+    public static bool TryRead(ref ReadOnlySequence<byte> buffer, bool noZeroes, out ExportNameReply reply)
+    {
+        reply = default;
+        int size = Size(noZeroes);
+        if (buffer.Length < size)
+        {
+            return false;
+        }
+        Span<byte> scratch = stackalloc byte[10 + ReservedSize];
+        ReadOnlySpan<byte> span = Contiguous.Prefix(buffer, scratch[..size]);
+        if (span[10..].ContainsAnyExcept((byte)0))
+        {
+            throw new NbdProtocolException($"EXPORT_NAME reply with reserved bytes {Convert.ToHexString(span[10..])}");
+        }
+        reply = new ExportNameReply(BinaryPrimitives.ReadUInt64BigEndian(span), (TransmissionFlags)BinaryPrimitives.ReadUInt16BigEndian(span[8..]));
+        buffer = buffer.Slice(size);
+        return true;
+    }
+
+    public static int Write(Span<byte> destination, in ExportNameReply reply, bool noZeroes)
+    {
+        int size = Size(noZeroes);
+        BinaryPrimitives.WriteUInt64BigEndian(destination, reply.ExportSize);
+        BinaryPrimitives.WriteUInt16BigEndian(destination[8..], (ushort)reply.Flags);
+        destination[10..size].Clear();
+        return size;
     }
 }

@@ -179,6 +179,9 @@ public static class NbdWire
     /// <summary>NBDMAGIC, IHAVEOPT, 16 bits of handshake flags.</summary>
     public const int GreetingSize = 18;
 
+    /// <summary>The client's 32 bits of flags after the greeting.</summary>
+    public const int ClientFlagsSize = 4;
+
     /// <summary>IHAVEOPT, 32 bits option, 32 bits length.</summary>
     public const int OptionHeaderSize = 16;
 

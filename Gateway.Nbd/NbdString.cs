@@ -1,5 +1,6 @@
 using System.Buffers;
 using System.Buffers.Binary;
+using System.Diagnostics.CodeAnalysis;
 using System.Text;
 
 namespace Gateway.Nbd;
@@ -25,14 +26,43 @@ internal static class NbdString
     /// <summary>Takes a string preceded by its 32-bit length, which must lie within <paramref name="span"/>.</summary>
     public static string TakePrefixed(ref ReadOnlySpan<byte> span, string what)
     {
-        uint length = TakeUInt32(ref span, what);
-        if (length > span.Length)
+        ReadOnlySpan<byte> rest = span;
+        if (!TryTakePrefixed(ref rest, out string? value, out bool tooLong))
         {
-            throw new NbdProtocolException($"{what} of {length} bytes in {span.Length} remaining");
+            throw new NbdProtocolException(tooLong
+                ? $"{what} of {BinaryPrimitives.ReadUInt32BigEndian(span)} bytes, more than the {NbdWire.MaxString} the spec allows"
+                : span.Length < 4 ? $"{what} cut short" : $"{what} of {BinaryPrimitives.ReadUInt32BigEndian(span)} bytes in {span.Length - 4} remaining");
         }
-        string value = Decode(span[..(int)length]);
-        span = span[(int)length..];
+        span = rest;
         return value;
+    }
+
+    /// <summary>
+    /// Takes a string preceded by its 32-bit length; false, taking nothing, when the length is cut
+    /// short or runs past <paramref name="span"/>, or (<paramref name="tooLong"/>, checked last)
+    /// when it is over the spec's limit.
+    /// </summary>
+    public static bool TryTakePrefixed(ref ReadOnlySpan<byte> span, [NotNullWhen(true)] out string? value, out bool tooLong)
+    {
+        value = null;
+        tooLong = false;
+        if (span.Length < 4)
+        {
+            return false;
+        }
+        uint length = BinaryPrimitives.ReadUInt32BigEndian(span);
+        if (length > span.Length - 4)
+        {
+            return false;
+        }
+        if (length > NbdWire.MaxString)
+        {
+            tooLong = true;
+            return false;
+        }
+        value = Encoding.UTF8.GetString(span.Slice(4, (int)length));
+        span = span[(4 + (int)length)..];
+        return true;
     }
 
     public static uint TakeUInt32(ref ReadOnlySpan<byte> span, string what)

@@ -5,7 +5,65 @@ namespace Gateway.Nbd;
 // The data of options and option replies. The negotiator reads an option's whole data (bounded by
 // its length limit) before parsing it, so these read a complete span: a payload whose lengths do
 // not add up throws NbdProtocolException, which a server answers NBD_REP_ERR_INVALID (the stream is
-// still in step). Writers return the bytes written; Size says how many that will be.
+// still in step); a server that words its answer by what is wrong uses TryRead and its
+// OptionDataFault. Writers return the bytes written; Size says how many that will be.
+
+/// <summary>
+/// What is wrong with an option's data, for a server to choose the NBD_REP_ERR_* it answers and
+/// its words (proto.md, "Option reply types": INVALID for data that does not add up, TOO_BIG for
+/// a string over the limit). The stream is still in step: the next option follows.
+/// </summary>
+public enum OptionDataFault
+{
+    None,
+
+    /// <summary>Shorter than the option's fixed fields.</summary>
+    TooShort,
+
+    /// <summary>The export name's length runs past the data.</summary>
+    NameLength,
+
+    /// <summary>The export name is longer than the 4096 bytes the spec allows.</summary>
+    NameTooLong,
+
+    /// <summary>The information requests do not fill the rest of the data exactly.</summary>
+    RequestCount,
+
+    /// <summary>A query, or the query count, runs past the data; or a query is over 4096 bytes.</summary>
+    Query,
+
+    /// <summary>Bytes after the last query.</summary>
+    Trailing,
+}
+
+/// <summary>The exception of a Read whose TryRead found <see cref="OptionDataFault"/>.</summary>
+internal static class OptionData
+{
+    public static NbdProtocolException Invalid(OptionDataFault fault, int length) => new($"option data of {length} bytes: {Describe(fault)}");
+
+    private static string Describe(OptionDataFault fault) => fault switch
+    {
+        OptionDataFault.TooShort => "shorter than its fixed fields",
+        OptionDataFault.NameLength => "the export name's length runs past the data",
+        OptionDataFault.NameTooLong => $"the export name is over {NbdWire.MaxString} bytes",
+        OptionDataFault.RequestCount => "the information requests do not match their count",
+        OptionDataFault.Query => $"a query runs past the data or is over {NbdWire.MaxString} bytes",
+        OptionDataFault.Trailing => "bytes after the last query",
+        _ => fault.ToString(),
+    };
+}
+
+/// <summary>The data of NBD_OPT_EXPORT_NAME: the export's name, all of it (proto.md, "Option types").</summary>
+public static class ExportNameOption
+{
+    public static int Size(string name) => NbdString.ByteCount(name);
+
+    // C: String: name of the export (the whole option data)
+    /// <exception cref="NbdProtocolException">The name is over 4096 bytes: EXPORT_NAME has no error reply, the server closes.</exception>
+    public static string Read(ReadOnlySpan<byte> data) => NbdString.Decode(data);
+
+    public static int Write(Span<byte> destination, string name) => NbdString.Write(destination, name);
+}
 
 /// <summary>The data of NBD_OPT_INFO and NBD_OPT_GO (proto.md, "Option types").</summary>
 public readonly record struct InfoRequest(string ExportName, InfoType[] Requests)
@@ -16,19 +74,43 @@ public readonly record struct InfoRequest(string ExportName, InfoType[] Requests
     // C: String: name of the export
     // C: 16 bits, number of information requests
     // C: 16 bits x n - list of NBD_INFO information requests
-    public static InfoRequest Read(ReadOnlySpan<byte> data)
+    public static InfoRequest Read(ReadOnlySpan<byte> data) =>
+        TryRead(data, out InfoRequest request, out OptionDataFault fault) ? request : throw OptionData.Invalid(fault, data.Length);
+
+    /// <summary>
+    /// Checks in the order the spec gives the limits: the name's length against the data's (less
+    /// the 6 bytes of fixed fields), then against 4096 (<see cref="OptionDataFault.NameTooLong"/>),
+    /// then the request count.
+    /// </summary>
+    public static bool TryRead(ReadOnlySpan<byte> data, out InfoRequest request, out OptionDataFault fault)
     {
-        string name = NbdString.TakePrefixed(ref data, "export name");
-        if (data.Length < 2 || data.Length != 2 + 2 * BinaryPrimitives.ReadUInt16BigEndian(data))
+        request = default;
+        if (data.Length < 6)
         {
-            throw new NbdProtocolException($"information requests: {data.Length} bytes do not hold the count they declare");
+            fault = OptionDataFault.TooShort;
+            return false;
+        }
+        // The count's 2 bytes are set aside: the name must leave room for them.
+        ReadOnlySpan<byte> named = data[..^2];
+        if (!NbdString.TryTakePrefixed(ref named, out string? name, out bool tooLong))
+        {
+            fault = tooLong ? OptionDataFault.NameTooLong : OptionDataFault.NameLength;
+            return false;
+        }
+        data = data[^(named.Length + 2)..];
+        if (data.Length != 2 + 2 * BinaryPrimitives.ReadUInt16BigEndian(data))
+        {
+            fault = OptionDataFault.RequestCount;
+            return false;
         }
         var requests = new InfoType[(data.Length - 2) / 2];
         for (int i = 0; i < requests.Length; i++)
         {
             requests[i] = (InfoType)BinaryPrimitives.ReadUInt16BigEndian(data[(2 + 2 * i)..]);
         }
-        return new InfoRequest(name, requests);
+        request = new InfoRequest(name, requests);
+        fault = OptionDataFault.None;
+        return true;
     }
 
     public static int Write(Span<byte> destination, in InfoRequest request)
@@ -168,25 +250,48 @@ public readonly record struct MetaContextRequest(string ExportName, string[] Que
     // C: (number of queries times:)
     //    32 bits, length of query
     //    String, query to select metadata contexts
-    public static MetaContextRequest Read(ReadOnlySpan<byte> data)
+    public static MetaContextRequest Read(ReadOnlySpan<byte> data) =>
+        TryRead(data, out MetaContextRequest request, out OptionDataFault fault) ? request : throw OptionData.Invalid(fault, data.Length);
+
+    public static bool TryRead(ReadOnlySpan<byte> data, out MetaContextRequest request, out OptionDataFault fault)
     {
-        string name = NbdString.TakePrefixed(ref data, "export name");
-        uint count = NbdString.TakeUInt32(ref data, "query count");
+        request = default;
+        if (!NbdString.TryTakePrefixed(ref data, out string? name, out bool tooLong))
+        {
+            fault = tooLong ? OptionDataFault.NameTooLong : data.Length < 4 ? OptionDataFault.TooShort : OptionDataFault.NameLength;
+            return false;
+        }
+        if (data.Length < 4)
+        {
+            fault = OptionDataFault.TooShort;
+            return false;
+        }
+        uint count = BinaryPrimitives.ReadUInt32BigEndian(data);
+        data = data[4..];
         // Each query takes at least its 4-byte length: a count that cannot fit is refused before allocating for it.
         if (count > data.Length / 4)
         {
-            throw new NbdProtocolException($"{count} queries declared in {data.Length} bytes");
+            fault = OptionDataFault.Query;
+            return false;
         }
         var queries = new string[count];
         for (int i = 0; i < queries.Length; i++)
         {
-            queries[i] = NbdString.TakePrefixed(ref data, "query");
+            if (!NbdString.TryTakePrefixed(ref data, out string? query, out _))
+            {
+                fault = OptionDataFault.Query;
+                return false;
+            }
+            queries[i] = query;
         }
         if (!data.IsEmpty)
         {
-            throw new NbdProtocolException($"{data.Length} bytes after the last query");
+            fault = OptionDataFault.Trailing;
+            return false;
         }
-        return new MetaContextRequest(name, queries);
+        request = new MetaContextRequest(name, queries);
+        fault = OptionDataFault.None;
+        return true;
     }
 
     public static int Write(Span<byte> destination, in MetaContextRequest request)

@@ -19,7 +19,12 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers, IWithUnboundedStas
     private readonly LocalExports _local;
     private readonly ClusterNode _node;
     private readonly IActorRef? _registry;
+    private readonly IExportLeases? _leases;
+    private readonly LeaseTiming _timing;
     private ExportSpec? _spec;
+    private OwnershipFence? _fence;
+    private bool _renewing;
+    private bool _renewFailing;
     private readonly ILoggingAdapter _log = Context.GetLogger();
     /// <summary>How long a handoff waits for the journal to record that the term ended cleanly.</summary>
     private static readonly TimeSpan EndTermTimeout = TimeSpan.FromSeconds(5);
@@ -35,12 +40,14 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers, IWithUnboundedStas
     private bool _closeReported;
     private bool _failed;
 
-    public ExportEntity(BackendFactory backends, LocalExports local, ClusterNode node, IActorRef? registry)
+    public ExportEntity(BackendFactory backends, LocalExports local, ClusterNode node, IActorRef? registry, IExportLeases? leases, LeaseTiming? timing)
     {
         _backends = backends;
         _local = local;
         _node = node;
         _registry = registry;
+        _leases = leases;
+        _timing = timing ?? LeaseTiming.Default;
 
         Receive<ExportEnvelope>(Handle);
         // Sharding's hand-off stop message (GatewayActorsHosting): the export closes in order
@@ -76,7 +83,31 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers, IWithUnboundedStas
                 Context.Stop(Self);
             }
         });
-        Receive<TermEnded>(_ => Context.Stop(Self));
+        Receive<TermEnded>(_ =>
+        {
+            // Nothing more is written here: close the fence, then let the next owner in at once.
+            _fence?.Revoke("the export was handed over");
+            if (_leases is not null && _term is { } term)
+            {
+                _leases.ReleaseAsync(Self.Path.Name, _node.Name, term.Term, CancellationToken.None)
+                    .PipeTo(Self, success: () => LeaseReleased.Instance, failure: _ => LeaseReleased.Instance);
+                return;
+            }
+            Context.Stop(Self);
+        });
+        Receive<LeaseReleased>(_ => Context.Stop(Self));
+        Receive<RenewLease>(_ =>
+        {
+            if (_renewing || _leases is null || _term is not { } term || _fence is null)
+            {
+                return;
+            }
+            _renewing = true;
+            long sentAt = System.Diagnostics.Stopwatch.GetTimestamp();
+            _leases.RenewAsync(Self.Path.Name, _node.Name, term.Term, _timing.TimeToLive, CancellationToken.None)
+                .PipeTo(Self, success: ok => new LeaseRenewed(ok, sentAt, null), failure: e => new LeaseRenewed(false, sentAt, e));
+        });
+        Receive<LeaseRenewed>(OnLeaseRenewed);
         Receive<TermEndFailed>(failed =>
         {
             _log.Warning("Export {0}: the clean end of its term could not be recorded ({1}); the next owner starts a new durability epoch",
@@ -91,6 +122,10 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers, IWithUnboundedStas
                 _handle = handle;
                 _term = term;
                 _local.Add(handle);
+                if (_leases is not null)
+                {
+                    Timers.StartPeriodicTimer("renew", RenewLease.Instance, _timing.RenewEvery);
+                }
                 opened.ReplyTo.Tell(Located(handle, term));
             }
             else
@@ -143,8 +178,11 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers, IWithUnboundedStas
 
     /// <param name="registry">The export registry, asked whether a link's export still exists
     /// before it is opened; null trusts every envelope (tests of other behaviour).</param>
-    public static Props Props(BackendFactory backends, LocalExports local, ClusterNode node, IActorRef? registry = null) =>
-        Akka.Actor.Props.Create(() => new ExportEntity(backends, local, node, registry));
+    /// <param name="leases">The owners' leases: this node touches the export's storage only while
+    /// it holds the lease of its term; null on storage no other node can reach (tests).</param>
+    public static Props Props(BackendFactory backends, LocalExports local, ClusterNode node, IActorRef? registry = null,
+        IExportLeases? leases = null, LeaseTiming? timing = null) =>
+        Akka.Actor.Props.Create(() => new ExportEntity(backends, local, node, registry, leases, timing));
 
     private void Handle(ExportEnvelope envelope)
     {
@@ -224,9 +262,12 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers, IWithUnboundedStas
         if (_export is null)
         {
             _spec ??= envelope.Spec;
-            _export = Context.ActorOf(ExportActor.Props(envelope.Spec, _backends), "export");
+            // Closed until this node holds the lease of its term: the backend may open meanwhile,
+            // but no request reaches it while the last owner's lease may still run.
+            _fence = _leases is null ? null : OwnershipFence.Closed($"export '{envelope.Spec.Name}' has no lease on {_node.Name} yet");
+            _export = Context.ActorOf(ExportActor.Props(envelope.Spec, _backends, _fence), "export");
             _terms = Context.ActorOf(ExportTerms.Props(envelope.Spec.Name), "terms");
-            _beginning = _terms.Ask<TermBegun>(BeginTerm.Instance, OpenTimeout);
+            _beginning = BeginTermAsync(_terms, envelope.Spec.Name, _node.Name, _leases, _timing, _fence);
             Context.Watch(_export);
             Context.Watch(_terms);
             _log.Info("Export {0} homed on node {1}", envelope.Spec.Name, _node.Name);
@@ -253,6 +294,17 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers, IWithUnboundedStas
         }
     }
 
+    /// <summary>A new term in the journal, then (in a cluster) the lease of that term.</summary>
+    private static async Task<TermBegun> BeginTermAsync(IActorRef terms, string export, string node, IExportLeases? leases, LeaseTiming timing, OwnershipFence? fence)
+    {
+        TermBegun term = await terms.Ask<TermBegun>(BeginTerm.Instance, OpenTimeout).ConfigureAwait(false);
+        if (leases is not null && fence is not null)
+        {
+            await timing.AcquireAsync(leases, export, node, term.Term, fence, CancellationToken.None).ConfigureAwait(false);
+        }
+        return term;
+    }
+
     private static async Task<Opened> OpenInTermAsync(Task<ExportOpened> opening, Task<TermBegun> beginning)
     {
         ExportOpened opened = await opening.ConfigureAwait(false);
@@ -274,6 +326,7 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers, IWithUnboundedStas
 
     protected override void PostStop()
     {
+        _fence?.Revoke("the export stopped on this node");
         if (_handle is not null)
         {
             _local.Remove(_handle);
@@ -283,6 +336,49 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers, IWithUnboundedStas
     private sealed record Opened(ExportHandle? Handle, TermBegun? Term, IActorRef ReplyTo);
 
     private sealed record TermEndFailed(Exception Cause);
+
+    private void OnLeaseRenewed(LeaseRenewed renewed)
+    {
+        _renewing = false;
+        if (renewed.Held)
+        {
+            if (_renewFailing)
+            {
+                _renewFailing = false;
+                _log.Info("Export {0}: the lease on node {1} is renewed again", Self.Path.Name, _node.Name);
+            }
+            _fence?.ExtendTo(_timing.FenceDeadline(renewed.SentAt));
+            return;
+        }
+        if (renewed.Failure is { } failure)
+        {
+            // The store did not answer: the fence closes by itself when the lease may have run
+            // out; the next renewal may still make it in time.
+            if (!_renewFailing)
+            {
+                _renewFailing = true;
+                _log.Warning("Export {0}: renewing its lease on node {1} failed ({2}); requests are refused if it is not renewed within {3} s",
+                    Self.Path.Name, _node.Name, failure.Message, (_timing.TimeToLive - _timing.Margin).TotalSeconds);
+            }
+            return;
+        }
+        // Another node holds the lease now: this one must not touch the storage again.
+        _fence?.Revoke("another node holds the export's lease");
+        _log.Error("Export {0}: node {1} lost its lease (another node took the export over); closing it here", Self.Path.Name, _node.Name);
+        Self.Tell(CloseExport.Instance);
+    }
+
+    private sealed record RenewLease
+    {
+        public static readonly RenewLease Instance = new();
+    }
+
+    private sealed record LeaseRenewed(bool Held, long SentAt, Exception? Failure);
+
+    private sealed record LeaseReleased
+    {
+        public static readonly LeaseReleased Instance = new();
+    }
 
     /// <summary>The registry's word on a link's export: its current spec (null: removed), or no answer.</summary>
     private sealed record Verified(ExportEnvelope Envelope, ExportSpec? Current, IActorRef ReplyTo, Exception? Failure);

@@ -33,6 +33,7 @@ public sealed partial class ExportActor : ReceiveActor, IWithUnboundedStash
 
     private ExportSpec _spec;
     private readonly BackendFactory _backends;
+    private readonly OwnershipFence? _fence;
     private readonly CancellationTokenSource _closed = new();
     private readonly ILoggingAdapter _log = Context.GetLogger();
     private IBlockDevice? _device;
@@ -44,10 +45,11 @@ public sealed partial class ExportActor : ReceiveActor, IWithUnboundedStash
     private bool _flushedOnClose;
     private Task<IBlockDevice>? _opening;
 
-    public ExportActor(ExportSpec spec, BackendFactory backends)
+    public ExportActor(ExportSpec spec, BackendFactory backends, OwnershipFence? fence)
     {
         _spec = spec;
         _backends = backends;
+        _fence = fence;
 
         // Opening: there is no device to serve, flush or close yet, so every other message waits
         // (in order) until the open ends. A failed open fails the actor as a throwing PreStart
@@ -105,8 +107,10 @@ public sealed partial class ExportActor : ReceiveActor, IWithUnboundedStash
         });
     }
 
-    public static Props Props(ExportSpec spec, BackendFactory backends) =>
-        Akka.Actor.Props.Create(() => new ExportActor(spec, backends));
+    /// <param name="fence">In a cluster, the owner's lease: no request reaches the bitmaps or the
+    /// backend while it is closed (<see cref="FencedDevice"/>); null on a single node.</param>
+    public static Props Props(ExportSpec spec, BackendFactory backends, OwnershipFence? fence = null) =>
+        Akka.Actor.Props.Create(() => new ExportActor(spec, backends, fence));
 
     /// <summary>
     /// Opens the backend off the actor (an S3 store lists its objects first, for up to seconds);
@@ -123,8 +127,10 @@ public sealed partial class ExportActor : ReceiveActor, IWithUnboundedStash
     {
         IBlockDevice opened = backendOpened.Device;
         _overlay = opened as Gateway.Backends.Overlay.OverlayBackend;
-        _device = TrackDirtyGranules(opened);
-        _gate = new DrainingDevice(_device);
+        // Fenced twice (FencedDevice): on top, so a refused request records no granule, and
+        // right above the backend, so a write that waited for its granules checks again.
+        _device = TrackDirtyGranules(_fence is null ? opened : new FencedDevice(opened, _fence));
+        _gate = new DrainingDevice(_fence is null ? _device : new FencedDevice(_device, _fence));
         var info = new ExportInfo(_spec.Name, _spec.Description, _spec.Size, _spec.ReadOnly || _device.IsReadOnly, _device.Capabilities) { Access = _spec.Access ?? ExportAccess.Open };
         _handle = new ExportHandle(info, _gate, [new BaseAllocationContext(_gate), .. OverlayContexts()], _closed.Token);
         _bitmaps.Tell(new AttachExportHandle(_handle));

@@ -1,4 +1,4 @@
-using System.Buffers.Binary;
+using System.Buffers;
 using System.Text;
 
 namespace Gateway.Actors.Nbd;
@@ -16,7 +16,6 @@ namespace Gateway.Actors.Nbd;
 public static class ConnectionRefusal
 {
     private const int MaxOptions = 16;
-    private const int HeaderSize = 16;
 
     /// <summary>Refuses the client on <paramref name="stream"/> and disposes it. Never throws for a client's doing.</summary>
     public static async Task RefuseAsync(Stream stream, string reason, TimeSpan timeout, CancellationToken stopping)
@@ -28,26 +27,20 @@ public static class ConnectionRefusal
         byte[] message = Encoding.UTF8.GetBytes(reason);
         try
         {
-            // S: NBDMAGIC, IHAVEOPT, handshake flags (as the negotiator sends them).
-            BinaryPrimitives.WriteUInt64BigEndian(buffer, NbdMagic.InitPassword);
-            BinaryPrimitives.WriteUInt64BigEndian(buffer.AsSpan(8), NbdMagic.IHaveOpt);
-            BinaryPrimitives.WriteUInt16BigEndian(buffer.AsSpan(16), (ushort)(HandshakeFlags.FixedNewstyle | HandshakeFlags.NoZeroes));
-            await stream.WriteAsync(buffer.AsMemory(0, 18), token).ConfigureAwait(false);
+            int greeting = Handshake.WriteGreeting(buffer, OptionNegotiator.ServerFlags);
+            await stream.WriteAsync(buffer.AsMemory(0, greeting), token).ConfigureAwait(false);
 
-            // C: 32 bits, client flags. Without fixed newstyle there is no way to send an error.
-            await stream.ReadExactlyAsync(buffer.AsMemory(0, 4), token).ConfigureAwait(false);
-            if (((ClientFlags)BinaryPrimitives.ReadUInt32BigEndian(buffer) & ClientFlags.FixedNewstyle) == 0)
+            // Without fixed newstyle there is no way to send an error.
+            ClientFlags flags = await ReadFrameAsync<ClientFlags>(stream, buffer, NbdWire.ClientFlagsSize, Handshake.TryReadClientFlags, token).ConfigureAwait(false);
+            if ((flags & ClientFlags.FixedNewstyle) == 0)
             {
                 return;
             }
             for (int i = 0; i < MaxOptions; i++)
             {
-                // C: IHAVEOPT, 32 bits option, 32 bits length, data.
-                await stream.ReadExactlyAsync(buffer.AsMemory(0, HeaderSize), token).ConfigureAwait(false);
-                ulong magic = BinaryPrimitives.ReadUInt64BigEndian(buffer);
-                var option = (NbdOption)BinaryPrimitives.ReadUInt32BigEndian(buffer.AsSpan(8));
-                uint length = BinaryPrimitives.ReadUInt32BigEndian(buffer.AsSpan(12));
-                if (magic != NbdMagic.IHaveOpt || length > NbdLimits.MaxOptionLength || option == NbdOption.ExportName)
+                // A bad magic throws NbdProtocolException: closed on, as below.
+                (NbdOption option, uint length) = await ReadFrameAsync<OptionHeader>(stream, buffer, NbdWire.OptionHeaderSize, OptionHeader.TryRead, token).ConfigureAwait(false);
+                if (length > NbdLimits.MaxOptionLength || option == NbdOption.ExportName)
                 {
                     return;
                 }
@@ -65,9 +58,10 @@ public static class ConnectionRefusal
                 }
             }
         }
-        catch (Exception e) when (e is IOException or EndOfStreamException or OperationCanceledException or ObjectDisposedException or System.Net.Sockets.SocketException)
+        catch (Exception e) when (e is IOException or EndOfStreamException or OperationCanceledException or ObjectDisposedException
+            or System.Net.Sockets.SocketException or NbdProtocolException)
         {
-            // The client left, stalled past the deadline, or the node is stopping: it is refused either way.
+            // The client left, stalled past the deadline, sent garbage, or the node is stopping: it is refused either way.
         }
         finally
         {
@@ -75,15 +69,18 @@ public static class ConnectionRefusal
         }
     }
 
-    // S: 64 bits, 0x3e889045565a9 (reply magic), 32 bits option, 32 bits reply type, 32 bits length, data.
+    private static async Task<T> ReadFrameAsync<T>(Stream stream, byte[] buffer, int size, FrameReader<T> read, CancellationToken token)
+    {
+        await stream.ReadExactlyAsync(buffer.AsMemory(0, size), token).ConfigureAwait(false);
+        var frame = new ReadOnlySequence<byte>(buffer, 0, size);
+        return read(ref frame, out T value) ? value : throw new System.Diagnostics.UnreachableException($"{size} bytes do not hold a {typeof(T).Name}");
+    }
+
     private static async Task ReplyAsync(Stream stream, byte[] buffer, NbdOption option, OptionReplyType type, byte[] data, CancellationToken token)
     {
-        int length = Math.Min(data.Length, buffer.Length - 20);
-        BinaryPrimitives.WriteUInt64BigEndian(buffer, NbdMagic.OptionReply);
-        BinaryPrimitives.WriteUInt32BigEndian(buffer.AsSpan(8), (uint)option);
-        BinaryPrimitives.WriteUInt32BigEndian(buffer.AsSpan(12), (uint)type);
-        BinaryPrimitives.WriteUInt32BigEndian(buffer.AsSpan(16), (uint)length);
-        data.AsSpan(0, length).CopyTo(buffer.AsSpan(20));
-        await stream.WriteAsync(buffer.AsMemory(0, 20 + length), token).ConfigureAwait(false);
+        int length = Math.Min(data.Length, buffer.Length - NbdWire.OptionReplyHeaderSize);
+        int header = OptionReplyHeader.Write(buffer, new OptionReplyHeader(option, type, (uint)length));
+        data.AsSpan(0, length).CopyTo(buffer.AsSpan(header));
+        await stream.WriteAsync(buffer.AsMemory(0, header + length), token).ConfigureAwait(false);
     }
 }

@@ -1,5 +1,5 @@
 using System.Buffers;
-using System.Buffers.Binary;
+using System.Diagnostics;
 using System.IO.Pipelines;
 using System.Net;
 using System.Text;
@@ -42,6 +42,9 @@ public sealed record NegotiationOutcome(NegotiationEnd End, NegotiatedSession? S
 public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExportDirectory exports, ILogger logger,
     NbdServerSettings? settings = null, EndPoint? client = null) : IDisposable
 {
+    /// <summary>The handshake flags the server sends (as <see cref="ConnectionRefusal"/> does): fixed newstyle, and no zeroes if the client agrees.</summary>
+    internal const HandshakeFlags ServerFlags = HandshakeFlags.FixedNewstyle | HandshakeFlags.NoZeroes;
+
     private readonly NbdServerSettings _settings = settings ?? NbdServerSettings.Default;
     private bool _structured;
     private bool _extended;
@@ -59,16 +62,10 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
 
     public async Task<NegotiationOutcome> NegotiateAsync(CancellationToken cancellationToken)
     {
-        // S: 64 bits, 0x4e42444d41474943 (ASCII 'NBDMAGIC')
-        // S: 64 bits, 0x49484156454F5054 (ASCII 'IHAVEOPT')
-        // S: 16 bits, handshake flags
-        WriteGreeting();
+        output.Advance(Handshake.WriteGreeting(output.GetSpan(NbdWire.GreetingSize), ServerFlags));
         await output.FlushAsync(cancellationToken).ConfigureAwait(false);
 
-        // C: 32 bits, client flags
-        ReadOnlySequence<byte> flagsBytes = await ReadExactlyAsync(4, cancellationToken).ConfigureAwait(false);
-        var clientFlags = (ClientFlags)ReadUInt32(flagsBytes);
-        input.AdvanceTo(flagsBytes.GetPosition(4));
+        ClientFlags clientFlags = await ReadFrameAsync<ClientFlags>(NbdWire.ClientFlagsSize, Handshake.TryReadClientFlags, cancellationToken).ConfigureAwait(false);
         if ((clientFlags & ~(ClientFlags.FixedNewstyle | ClientFlags.NoZeroes)) != 0)
         {
             // "If the client sets any flag the server does not know, the server MUST close."
@@ -98,13 +95,8 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
 
     private async Task<NegotiationOutcome> OptionsAsync(CancellationToken cancellationToken)
     {
-        byte[] h = new byte[16];
         while (true)
         {
-            // C: 64 bits, 0x49484156454F5054 (ASCII 'IHAVEOPT')
-            // C: 32 bits, option
-            // C: 32 bits, length of option data (unsigned)
-            // C: any data needed for the chosen option, of length as specified above.
             ReadResult peek = await input.ReadAsync(cancellationToken).ConfigureAwait(false);
             if (peek.Buffer.IsEmpty && peek.IsCompleted)
             {
@@ -112,17 +104,8 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
             }
             input.AdvanceTo(peek.Buffer.Start);
 
-            ReadOnlySequence<byte> header = await ReadExactlyAsync(16, cancellationToken).ConfigureAwait(false);
-            header.Slice(0, 16).CopyTo(h);
-            input.AdvanceTo(header.GetPosition(16));
-            ulong magic = BinaryPrimitives.ReadUInt64BigEndian(h);
-            var option = (NbdOption)BinaryPrimitives.ReadUInt32BigEndian(h.AsSpan(8));
-            uint length = BinaryPrimitives.ReadUInt32BigEndian(h.AsSpan(12));
-            if (magic != NbdMagic.IHaveOpt)
-            {
-                throw new NbdProtocolException($"bad option magic 0x{magic:x16}");
-            }
-
+            // The whole header is awaited before its magic is checked (the reader would check it at 8 bytes).
+            (NbdOption option, uint length) = await ReadFrameAsync<OptionHeader>(NbdWire.OptionHeaderSize, OptionHeader.TryRead, cancellationToken).ConfigureAwait(false);
             if (length > NbdLimits.MaxOptionLength)
             {
                 if (length > NbdLimits.MaxOptionDiscard || option == NbdOption.ExportName)
@@ -321,22 +304,10 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
         return null;
     }
 
-    private void WriteGreeting()
-    {
-        Span<byte> span = output.GetSpan(18);
-        BinaryPrimitives.WriteUInt64BigEndian(span, NbdMagic.InitPassword);
-        BinaryPrimitives.WriteUInt64BigEndian(span[8..], NbdMagic.IHaveOpt);
-        BinaryPrimitives.WriteUInt16BigEndian(span[16..], (ushort)(HandshakeFlags.FixedNewstyle | HandshakeFlags.NoZeroes));
-        output.Advance(18);
-    }
-
     private async Task<NegotiationOutcome> ExportNameAsync(byte[] data, CancellationToken cancellationToken)
     {
-        if (data.Length > NbdLimits.MaxString)
-        {
-            throw new NbdProtocolException("export name over 4096 bytes");
-        }
-        string name = Encoding.UTF8.GetString(data);
+        // Over 4096 bytes it throws: EXPORT_NAME has no error reply, so the connection is closed.
+        string name = ExportNameOption.Read(data);
         ExportHandle? export = await exports.OpenAsync(name, cancellationToken).ConfigureAwait(false);
         if (export is null)
         {
@@ -348,15 +319,8 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
             throw new NbdProtocolException($"EXPORT_NAME '{name}' refused: {refusal}");
         }
 
-        // S: 64 bits, size of the export in bytes (unsigned)
-        // S: 16 bits, transmission flags
-        // S: 124 bytes, zeroes (reserved) (unless NBD_FLAG_C_NO_ZEROES was negotiated by the client)
-        int size = _noZeroes ? 10 : 134;
-        Span<byte> span = output.GetSpan(size);
-        BinaryPrimitives.WriteUInt64BigEndian(span, (ulong)export.Info.Size);
-        BinaryPrimitives.WriteUInt16BigEndian(span[8..], (ushort)AdvertisedFlags(export.Info));
-        span[10..size].Clear();
-        output.Advance(size);
+        var reply = new ExportNameReply((ulong)export.Info.Size, AdvertisedFlags(export.Info));
+        output.Advance(ExportNameReply.Write(output.GetSpan(ExportNameReply.Size(_noZeroes)), reply, _noZeroes));
         await output.FlushAsync(cancellationToken).ConfigureAwait(false);
         return new NegotiationOutcome(NegotiationEnd.Attached, new NegotiatedSession(export, _structured, ResolveContexts(export), _extended));
     }
@@ -374,58 +338,30 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
             {
                 continue;
             }
-            // 32 bits length of name, name, then implementation-specific details: the description.
-            byte[] name = Encoding.UTF8.GetBytes(info.Name);
-            byte[] description = Encoding.UTF8.GetBytes(info.Description ?? "");
-            byte[] reply = new byte[4 + name.Length + description.Length];
-            BinaryPrimitives.WriteUInt32BigEndian(reply, (uint)name.Length);
-            name.CopyTo(reply, 4);
-            description.CopyTo(reply, 4 + name.Length);
-            WriteReply(NbdOption.List, OptionReplyType.Server, reply);
+            // The name, then implementation-specific details: the description.
+            var entry = new ServerEntry(info.Name, info.Description ?? "");
+            WriteReply(NbdOption.List, OptionReplyType.Server, entry.Size, d => ServerEntry.Write(d, entry));
         }
         await ReplyAsync(NbdOption.List, OptionReplyType.Ack, ReadOnlyMemory<byte>.Empty, cancellationToken).ConfigureAwait(false);
     }
 
-    // C: 32 bits, length of name (unsigned); MUST be no larger than the option data length - 6
-    // C: String: name of the export
-    // C: 16 bits, number of information requests
-    // C: 16 bits x n - list of NBD_INFO information requests
     private async Task<NegotiatedSession?> InfoOrGoAsync(NbdOption option, byte[] data, CancellationToken cancellationToken)
     {
-        if (data.Length < 6)
+        if (!InfoRequest.TryRead(data, out InfoRequest request, out OptionDataFault fault))
         {
-            await ReplyErrorAsync(option, OptionReplyType.ErrInvalid, "option data too short", cancellationToken).ConfigureAwait(false);
-            return null;
-        }
-        uint nameLength = BinaryPrimitives.ReadUInt32BigEndian(data);
-        if (nameLength > data.Length - 6)
-        {
-            await ReplyErrorAsync(option, OptionReplyType.ErrInvalid, "name length inconsistent with option length", cancellationToken).ConfigureAwait(false);
-            return null;
-        }
-        if (nameLength > NbdLimits.MaxString)
-        {
-            await ReplyErrorAsync(option, OptionReplyType.ErrTooBig, "export name over 4096 bytes", cancellationToken).ConfigureAwait(false);
-            return null;
-        }
-        string name = Encoding.UTF8.GetString(data, 4, (int)nameLength);
-        int at = 4 + (int)nameLength;
-        ushort requests = BinaryPrimitives.ReadUInt16BigEndian(data.AsSpan(at));
-        at += 2;
-        if (data.Length != at + 2 * requests)
-        {
-            await ReplyErrorAsync(option, OptionReplyType.ErrInvalid, "information request count inconsistent with option length", cancellationToken).ConfigureAwait(false);
-            return null;
-        }
-        bool wantName = false, wantDescription = false;
-        for (int i = 0; i < requests; i++)
-        {
-            switch ((InfoType)BinaryPrimitives.ReadUInt16BigEndian(data.AsSpan(at + 2 * i)))
+            (OptionReplyType type, string problem) = fault switch
             {
-                case InfoType.Name: wantName = true; break;
-                case InfoType.Description: wantDescription = true; break;
-            }
+                OptionDataFault.TooShort => (OptionReplyType.ErrInvalid, "option data too short"),
+                OptionDataFault.NameLength => (OptionReplyType.ErrInvalid, "name length inconsistent with option length"),
+                OptionDataFault.NameTooLong => (OptionReplyType.ErrTooBig, "export name over 4096 bytes"),
+                _ => (OptionReplyType.ErrInvalid, "information request count inconsistent with option length"),
+            };
+            await ReplyErrorAsync(option, type, problem, cancellationToken).ConfigureAwait(false);
+            return null;
         }
+        string name = request.ExportName;
+        bool wantName = request.Requests.Contains(InfoType.Name);
+        bool wantDescription = request.Requests.Contains(InfoType.Description);
 
         ExportHandle? export = await exports.OpenAsync(name, cancellationToken).ConfigureAwait(false);
         if (export is null)
@@ -440,29 +376,19 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
             return null;
         }
 
-        // NBD_INFO_EXPORT: 16 bits type, 64 bits size, 16 bits transmission flags.
-        byte[] exportInfo = new byte[12];
-        BinaryPrimitives.WriteUInt16BigEndian(exportInfo, (ushort)InfoType.Export);
-        BinaryPrimitives.WriteUInt64BigEndian(exportInfo.AsSpan(2), (ulong)info.Size);
-        BinaryPrimitives.WriteUInt16BigEndian(exportInfo.AsSpan(10), (ushort)AdvertisedFlags(info));
-        WriteReply(option, OptionReplyType.Info, exportInfo);
-
+        var exportInfo = new InfoExport((ulong)info.Size, AdvertisedFlags(info));
+        WriteReply(option, OptionReplyType.Info, InfoReply.ExportSize, d => InfoReply.WriteExport(d, exportInfo));
         if (wantName)
         {
-            WriteReply(option, OptionReplyType.Info, InfoString(InfoType.Name, info.Name));
+            WriteReply(option, OptionReplyType.Info, InfoReply.TextSize(info.Name), d => InfoReply.WriteText(d, InfoType.Name, info.Name));
         }
-        if (wantDescription && !string.IsNullOrEmpty(info.Description))
+        if (wantDescription && info.Description is { Length: > 0 } description)
         {
-            WriteReply(option, OptionReplyType.Info, InfoString(InfoType.Description, info.Description));
+            WriteReply(option, OptionReplyType.Info, InfoReply.TextSize(description), d => InfoReply.WriteText(d, InfoType.Description, description));
         }
-
-        // NBD_INFO_BLOCK_SIZE: 16 bits type, 32 bits minimum, preferred, maximum.
-        byte[] blockSize = new byte[14];
-        BinaryPrimitives.WriteUInt16BigEndian(blockSize, (ushort)InfoType.BlockSize);
-        BinaryPrimitives.WriteUInt32BigEndian(blockSize.AsSpan(2), NbdLimits.MinBlockSize);
-        BinaryPrimitives.WriteUInt32BigEndian(blockSize.AsSpan(6), NbdLimits.PreferredBlockSize);
-        BinaryPrimitives.WriteUInt32BigEndian(blockSize.AsSpan(10), NbdLimits.MaxPayload);
-        WriteReply(option, OptionReplyType.Info, blockSize);
+        // Sent whether asked for or not: the client learns the limits it must keep to.
+        var blockSize = new InfoBlockSize(NbdLimits.MinBlockSize, NbdLimits.PreferredBlockSize, NbdLimits.MaxPayload);
+        WriteReply(option, OptionReplyType.Info, InfoReply.BlockSizeSize, d => InfoReply.WriteBlockSize(d, blockSize));
 
         await ReplyAsync(option, OptionReplyType.Ack, ReadOnlyMemory<byte>.Empty, cancellationToken).ConfigureAwait(false);
         if (option == NbdOption.Info)
@@ -492,9 +418,6 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
         return contexts;
     }
 
-    // C: 32 bits, length of export name; C: String, name of export
-    // C: 32 bits, number of queries
-    // C: 32 bits, length of query; C: String, query (repeated)
     private async Task MetaContextAsync(NbdOption option, byte[] data, CancellationToken cancellationToken)
     {
         bool list = option == NbdOption.ListMetaContext;
@@ -503,11 +426,18 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
             await ReplyErrorAsync(option, OptionReplyType.ErrInvalid, "structured replies must be negotiated first", cancellationToken).ConfigureAwait(false);
             return;
         }
-        if (!TryParseMetaQueries(data, out string? name, out List<string>? queries, out string? problem))
+        if (!MetaContextRequest.TryRead(data, out MetaContextRequest request, out OptionDataFault fault))
         {
+            string problem = fault switch
+            {
+                OptionDataFault.Query => "query inconsistent with option length",
+                OptionDataFault.Trailing => "trailing bytes after the queries",
+                _ => "export name inconsistent with option length",
+            };
             await ReplyErrorAsync(option, OptionReplyType.ErrInvalid, problem, cancellationToken).ConfigureAwait(false);
             return;
         }
+        (string name, string[] queries) = request;
         ExportHandle? export = await exports.OpenAsync(name, cancellationToken).ConfigureAwait(false);
         if (export is null)
         {
@@ -524,7 +454,7 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
         for (int id = 0; id < export.MetaContexts.Count; id++)
         {
             string contextName = export.MetaContexts[id].Name;
-            bool match = list && queries.Count == 0;
+            bool match = list && queries.Length == 0;
             foreach (string query in queries)
             {
                 match |= MetaContextMatches(query, contextName, list);
@@ -536,12 +466,8 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
         }
         foreach ((uint id, string contextName) in matched)
         {
-            // 32 bits, NBD metadata context ID; String, name of the metadata context.
-            byte[] bytes = Encoding.UTF8.GetBytes(contextName);
-            byte[] reply = new byte[4 + bytes.Length];
-            BinaryPrimitives.WriteUInt32BigEndian(reply, list ? 0 : id);
-            bytes.CopyTo(reply, 4);
-            WriteReply(option, OptionReplyType.MetaContext, reply);
+            var reply = new MetaContextReply(list ? 0 : id, contextName);
+            WriteReply(option, OptionReplyType.MetaContext, reply.Size, d => MetaContextReply.Write(d, reply));
         }
         if (!list)
         {
@@ -558,79 +484,20 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
     public static bool MetaContextMatches(string query, string contextName, bool list) =>
         query == contextName || (list && query.EndsWith(':') && contextName.StartsWith(query, StringComparison.Ordinal));
 
-    private static bool TryParseMetaQueries(byte[] data, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out string? name,
-        [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out List<string>? queries,
-        [System.Diagnostics.CodeAnalysis.NotNullWhen(false)] out string? problem)
-    {
-        name = null;
-        queries = null;
-        ReadOnlySpan<byte> span = data;
-        if (!TryTakeString(ref span, out name) || span.Length < 4)
-        {
-            problem = "export name inconsistent with option length";
-            return false;
-        }
-        uint count = BinaryPrimitives.ReadUInt32BigEndian(span);
-        span = span[4..];
-        queries = [];
-        for (uint i = 0; i < count; i++)
-        {
-            if (!TryTakeString(ref span, out string? query))
-            {
-                problem = "query inconsistent with option length";
-                return false;
-            }
-            queries.Add(query);
-        }
-        if (!span.IsEmpty)
-        {
-            problem = "trailing bytes after the queries";
-            return false;
-        }
-        problem = null;
-        return true;
-    }
-
-    private static bool TryTakeString(ref ReadOnlySpan<byte> span, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out string? value)
-    {
-        value = null;
-        if (span.Length < 4)
-        {
-            return false;
-        }
-        uint length = BinaryPrimitives.ReadUInt32BigEndian(span);
-        if (length > NbdLimits.MaxString || length > span.Length - 4)
-        {
-            return false;
-        }
-        value = Encoding.UTF8.GetString(span.Slice(4, (int)length));
-        span = span[(4 + (int)length)..];
-        return true;
-    }
-
-    private static byte[] InfoString(InfoType type, string value)
-    {
-        byte[] bytes = Encoding.UTF8.GetBytes(value);
-        byte[] reply = new byte[2 + bytes.Length];
-        BinaryPrimitives.WriteUInt16BigEndian(reply, (ushort)type);
-        bytes.CopyTo(reply, 2);
-        return reply;
-    }
-
-    // S: 64 bits, 0x3e889045565a9 (magic number for replies)
-    // S: 32 bits, the option as sent by the client to which this is a reply
-    // S: 32 bits, reply type (e.g., NBD_REP_ACK for successful completion, or NBD_REP_ERR_UNSUP...)
-    // S: 32 bits, length of the reply. This MAY be zero for some replies, in which case the next field is not sent
-    // S: any data as required by the reply
     private void WriteReply(NbdOption option, OptionReplyType type, ReadOnlySpan<byte> data)
     {
-        Span<byte> span = output.GetSpan(20);
-        BinaryPrimitives.WriteUInt64BigEndian(span, NbdMagic.OptionReply);
-        BinaryPrimitives.WriteUInt32BigEndian(span[8..], (uint)option);
-        BinaryPrimitives.WriteUInt32BigEndian(span[12..], (uint)type);
-        BinaryPrimitives.WriteUInt32BigEndian(span[16..], (uint)data.Length);
-        output.Advance(20);
+        output.Advance(OptionReplyHeader.Write(output.GetSpan(NbdWire.OptionReplyHeaderSize), new OptionReplyHeader(option, type, (uint)data.Length)));
         output.Write(data);
+    }
+
+    /// <summary>An option reply of <paramref name="length"/> bytes of data, which <paramref name="write"/> writes with the codec.</summary>
+    private void WriteReply(NbdOption option, OptionReplyType type, int length, Func<Span<byte>, int> write)
+    {
+        Span<byte> span = output.GetSpan(NbdWire.OptionReplyHeaderSize + length);
+        int header = OptionReplyHeader.Write(span, new OptionReplyHeader(option, type, (uint)length));
+        int written = write(span.Slice(header, length));
+        Debug.Assert(written == length, $"{type} data of {written} bytes announced as {length}");
+        output.Advance(header + length);
     }
 
     private async Task ReplyAsync(NbdOption option, OptionReplyType type, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
@@ -655,6 +522,23 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
         return result.Buffer;
     }
 
+    /// <summary>
+    /// Reads one frame of <paramref name="size"/> bytes with the codec's reader. The whole frame is
+    /// awaited first; a bad magic then throws, which ends the handshake.
+    /// </summary>
+    private async Task<T> ReadFrameAsync<T>(int size, FrameReader<T> read, CancellationToken cancellationToken)
+    {
+        ReadOnlySequence<byte> buffer = await ReadExactlyAsync(size, cancellationToken).ConfigureAwait(false);
+        try
+        {
+            return read(ref buffer, out T frame) ? frame : throw new UnreachableException($"{size} bytes do not hold a {typeof(T).Name}");
+        }
+        finally
+        {
+            input.AdvanceTo(buffer.Start);
+        }
+    }
+
     private async Task DiscardAsync(long count, CancellationToken cancellationToken)
     {
         while (count > 0)
@@ -668,12 +552,5 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
                 throw new EndOfStreamException("client closed the connection during the handshake");
             }
         }
-    }
-
-    private static uint ReadUInt32(ReadOnlySequence<byte> buffer)
-    {
-        Span<byte> span = stackalloc byte[4];
-        buffer.Slice(0, 4).CopyTo(span);
-        return BinaryPrimitives.ReadUInt32BigEndian(span);
     }
 }

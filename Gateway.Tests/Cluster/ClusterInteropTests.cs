@@ -829,4 +829,121 @@ public sealed class ClusterInteropTests(ClusterFixture cluster, Xunit.Abstractio
         // The new incarnation kept its own data.
         await QemuIoAsync(owner, Export, "read -P 0x22 0 4k");
     }
+
+    /// <summary>
+    /// A client of the owner itself: once told the owner is frozen, queues 16 writes of 0xEE over
+    /// [0, 1 MiB) (the frozen owner's kernel takes them into its socket), then waits for whatever
+    /// answers come after the owner resumes. Prints what it saw; the data is checked by the test.
+    /// </summary>
+    private const string FrozenClientScript = """
+        import json, nbd, os, sys, time
+        uri, ready, frozen, queued = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        h.pread(4096, 0)
+        open(ready, "w").close()
+        deadline = time.time() + 60
+        while not os.path.exists(frozen):
+            if time.time() > deadline:
+                sys.exit("not told of the freeze within 60 s")
+            time.sleep(0.02)
+        buf = nbd.Buffer.from_bytearray(bytearray(b"\xee" * 65536))
+        cookies = [h.aio_pwrite(buf, i * 65536) for i in range(16)]
+        end = time.time() + 1
+        while time.time() < end:
+            h.poll(100)
+        open(queued, "w").close()
+        s = {"ok": 0, "failed": {}, "unanswered": 0, "dropped": None}
+        end = time.time() + 60
+        try:
+            while h.aio_in_flight() > 0 and time.time() < end:
+                h.poll(100)
+        except nbd.Error as e:
+            s["dropped"] = str(e)
+        for c in cookies:
+            try:
+                if h.aio_command_completed(c):
+                    s["ok"] += 1
+                else:
+                    s["unanswered"] += 1
+            except nbd.Error as e:
+                name = e.errno or str(e.errnum)
+                s["failed"][name] = s["failed"].get(name, 0) + 1
+        print(json.dumps(s))
+        """;
+
+    [Fact]
+    public async Task An_owner_frozen_with_writes_queued_applies_none_of_them_after_another_node_took_the_export_over()
+    {
+        const string Export = "frozen";
+        await cluster.CreateExportAsync(Three().A, new { name = Export, size = 8 * MiB });
+        ClusterNode owner = await cluster.OwnerAsync(Export);
+        ClusterNode other = cluster.Running.First(n => n != owner);
+        await QemuIoAsync(other, Export, "write -P 0x11 0 1M", "flush");
+        string ready = Path.Combine(cluster.DataDirectory, "frozen.ready");
+        string frozen = Path.Combine(cluster.DataDirectory, "frozen.frozen");
+        string queued = Path.Combine(cluster.DataDirectory, "frozen.queued");
+        string script = await ScriptAsync("frozen_client.py", FrozenClientScript);
+        Task<ToolResult> client = cluster.RunAsync(Python, [script, owner.NbdUri(Export), ready, frozen, queued], TimeSpan.FromSeconds(150), check: false);
+        int pid = owner.Gateway.ProcessId;
+        bool resumed = false;
+        try
+        {
+            var clock = Stopwatch.StartNew();
+            while (!File.Exists(ready) && !client.IsCompleted && clock.Elapsed < TimeSpan.FromSeconds(30))
+            {
+                await Task.Delay(50);
+            }
+            Assert.True(File.Exists(ready), $"the client of the owner {owner} did not get going\n{(client.IsCompleted ? (await client).Describe() : "still running")}");
+
+            await Signal(pid, "STOP");
+            await File.WriteAllTextAsync(frozen, "");
+            for (clock.Restart(); !File.Exists(queued) && !client.IsCompleted && clock.Elapsed < TimeSpan.FromSeconds(30);)
+            {
+                await Task.Delay(50);
+            }
+            Assert.True(File.Exists(queued), "the client did not queue its writes");
+
+            // The others down the frozen owner and the export moves; the new owner writes 0x22.
+            string? newOwner = null;
+            for (clock.Restart(); clock.Elapsed < TimeSpan.FromSeconds(60); await Task.Delay(250))
+            {
+                ToolResult? probe = await ClusterFixture.ProbeAsync("qemu-io", ["-f", "raw", other.NbdUri(Export), "-c", "read 0 4k"], TimeSpan.FromSeconds(5));
+                if (probe is { Succeeded: true } && (await cluster.ViewAsync(other)).OwnerOf(Export) is { } now && now != owner.Name)
+                {
+                    newOwner = now;
+                    break;
+                }
+            }
+            Assert.True(newOwner is not null, $"{Export} was not taken over within 60 s of freezing its owner {owner}\n{cluster.Describe()}");
+            output.WriteLine($"{Export}: owner {owner} frozen; taken over by {newOwner} after {clock.Elapsed.TotalSeconds:F1} s");
+            await QemuIoAsync(other, Export, "write -P 0x22 0 1M", "flush");
+
+            // The old owner runs again with 16 writes in its socket: it must apply none of them.
+            await Signal(pid, "CONT");
+            resumed = true;
+            ToolResult seen = await client;
+            output.WriteLine($"client of the frozen owner: {seen.Stdout.Trim()}");
+            await QemuIoAsync(other, Export, "read -P 0x22 0 1M");
+        }
+        finally
+        {
+            if (!resumed)
+            {
+                await Signal(pid, "CONT");
+            }
+            if (owner.Gateway.IsRunning)
+            {
+                ClusterFixture.Kill(owner);
+            }
+            await TryRestoreAsync(() => cluster.RestartAsync(owner));
+        }
+    }
+
+    private static async Task Signal(int pid, string signal)
+    {
+        using Process kill = Process.Start("kill", ["-" + signal, pid.ToString(System.Globalization.CultureInfo.InvariantCulture)]);
+        await kill.WaitForExitAsync();
+        Assert.True(kill.ExitCode == 0, $"kill -{signal} {pid} failed");
+    }
 }

@@ -175,7 +175,12 @@ public sealed class BadInputTests : IAsyncLifetime
         await using RawClient client = await _server.ConnectAsync();
         await client.StartAsync();
 
-        OptionReply reply = Single(await client.InfoOrGoAsync(NbdOption.Info, new string('x', NbdLimits.MaxString + 1)));
+        // Laid out here: the codec (and so RawClient.InfoRequest) refuses to write a name over the spec's limit.
+        byte[] name = Encoding.UTF8.GetBytes(new string('x', NbdLimits.MaxString + 1));
+        byte[] nameLength = new byte[4];
+        BinaryPrimitives.WriteInt32BigEndian(nameLength, name.Length);
+        byte[] data = [.. nameLength, .. name, 0, 0];
+        OptionReply reply = Single(await client.OptionAsync(NbdOption.Info, data));
 
         Assert.Equal(OptionReplyType.ErrTooBig, reply.Type);
         Assert.Equal(OptionReplyType.Ack, (await client.InfoOrGoAsync(NbdOption.Info, Rw))[^1].Type);

@@ -1,3 +1,4 @@
+using System.Buffers;
 using System.Buffers.Binary;
 using System.Net;
 using System.Net.Sockets;
@@ -9,39 +10,79 @@ namespace Gateway.Tests.Protocol;
 /// <summary>One option reply (proto.md "Option reply types").</summary>
 public sealed record OptionReply(NbdOption Option, OptionReplyType Type, byte[] Data)
 {
-    public bool IsError => ((uint)Type & 0x8000_0000u) != 0;
+    public bool IsError => new OptionReplyHeader(Option, Type, (uint)Data.Length).IsError;
 
     public override string ToString() => $"{Option} -> {Type} ({Data.Length} bytes{(IsError ? ": " + Encoding.UTF8.GetString(Data) : "")})";
 }
 
-/// <summary>One structured reply chunk, checked for the shape the spec gives its type.</summary>
-public sealed record ReplyChunk(ReplyFlags Flags, ReplyType Type, ulong Cookie, byte[] Payload)
+/// <summary>One structured reply chunk, checked for the shape the spec gives its type; its payload read by the codec.</summary>
+public sealed record ReplyChunk(ChunkHeader Header, byte[] Payload)
 {
-    public bool Done => (Flags & ReplyFlags.Done) != 0;
+    public ReplyFlags Flags => Header.Flags;
+
+    public ReplyType Type => Header.Type;
+
+    public ulong Cookie => Header.To.Cookie;
+
+    public bool Done => Header.Done;
+
+    // Read once, by the codec (which checks the length against the type): NbdReply.Data asks for them byte by byte.
+    private readonly (ulong Offset, uint Length) _extent = ExtentOf(Header, Payload);
 
     /// <summary>Offset of an OFFSET_DATA or OFFSET_HOLE chunk.</summary>
-    public ulong Offset => BinaryPrimitives.ReadUInt64BigEndian(Payload);
+    public ulong Offset => _extent.Offset;
 
     /// <summary>Bytes covered by an OFFSET_DATA or OFFSET_HOLE chunk.</summary>
-    public uint Length => Type == ReplyType.OffsetHole
-        ? BinaryPrimitives.ReadUInt32BigEndian(Payload.AsSpan(8))
-        : (uint)(Payload.Length - 8);
+    public uint Length => _extent.Length;
 
-    public NbdError Error => (NbdError)BinaryPrimitives.ReadUInt32BigEndian(Payload);
+    /// <summary>The data of an OFFSET_DATA chunk: what follows its offset.</summary>
+    public ReadOnlyMemory<byte> Data => Payload.AsMemory(Payload.Length - (int)Length);
 
-    public uint ContextId => BinaryPrimitives.ReadUInt32BigEndian(Payload);
+    public NbdError Error => Read<ErrorChunk>(Header, Payload, ChunkPayload.TryReadError).Error;
+
+    public uint ContextId => Status.ContextId;
 
     /// <summary>The (length, status) descriptors of a BLOCK_STATUS chunk.</summary>
-    public IReadOnlyList<(uint Length, uint Status)> Descriptors =>
-        [.. Enumerable.Range(0, (Payload.Length - 4) / 8).Select(i => (
-            BinaryPrimitives.ReadUInt32BigEndian(Payload.AsSpan(4 + 8 * i)),
-            BinaryPrimitives.ReadUInt32BigEndian(Payload.AsSpan(8 + 8 * i))))];
+    public IReadOnlyList<(uint Length, uint Status)> Descriptors => [.. Extents().Select(e => ((uint)e.Length, e.Status))];
 
     /// <summary>NBD_REPLY_TYPE_BLOCK_STATUS_EXT: 64-bit lengths, after the id and the descriptor count.</summary>
-    public IReadOnlyList<(ulong Length, uint Status)> ExtendedDescriptors =>
-        [.. Enumerable.Range(0, (Payload.Length - 8) / 16).Select(i => (
-            BinaryPrimitives.ReadUInt64BigEndian(Payload.AsSpan(8 + 16 * i)),
-            BinaryPrimitives.ReadUInt32BigEndian(Payload.AsSpan(20 + 16 * i))))];
+    public IReadOnlyList<(ulong Length, uint Status)> ExtendedDescriptors => [.. Extents().Select(e => (e.Length, e.Status))];
+
+    private BlockStatusChunk Status => Read<BlockStatusChunk>(Header, Payload, ChunkPayload.TryReadBlockStatus);
+
+    private List<MetaExtent> Extents()
+    {
+        var extents = new List<MetaExtent>();
+        foreach (MetaExtent extent in Status)
+        {
+            extents.Add(extent);
+        }
+        return extents;
+    }
+
+    private static (ulong Offset, uint Length) ExtentOf(ChunkHeader header, byte[] payload)
+    {
+        if (header.Type == ReplyType.OffsetHole)
+        {
+            HoleChunk hole = Read<HoleChunk>(header, payload, ChunkPayload.TryReadOffsetHole);
+            return (hole.Offset, hole.Length);
+        }
+        if (header.Type == ReplyType.OffsetData)
+        {
+            DataChunk data = Read<DataChunk>(header, payload, ChunkPayload.TryReadOffsetData);
+            return (data.Offset, (uint)data.DataLength);
+        }
+        return default;
+    }
+
+    /// <summary>Reads the payload with the codec, which checks its length against the chunk type's layout.</summary>
+    private static T Read<T>(ChunkHeader header, byte[] payload, ChunkPayloadReader<T> read)
+    {
+        var buffer = new ReadOnlySequence<byte>(payload);
+        return read(ref buffer, header, out T value)
+            ? value
+            : throw new InvalidDataException($"{header.Type} chunk of {payload.Length} bytes cut short for its {header.Length}");
+    }
 
     public override string ToString() => Type switch
     {
@@ -86,7 +127,7 @@ public sealed record NbdReply(ulong Cookie, bool Structured, NbdError Error, byt
             }
             if (chunk.Type == ReplyType.OffsetData)
             {
-                chunk.Payload.AsSpan(8).CopyTo(data.AsSpan(at));
+                chunk.Data.Span.CopyTo(data.AsSpan(at));
             }
         }
         int gap = Array.IndexOf(covered, false);
@@ -171,23 +212,10 @@ public sealed class RawClient : IAsyncDisposable
     // ---- Handshake -------------------------------------------------------------------------
 
     /// <summary>Reads NBDMAGIC, IHAVEOPT and the handshake flags.</summary>
-    public async Task<HandshakeFlags> ReadGreetingAsync()
-    {
-        byte[] greeting = await ReadExactAsync(18);
-        if (BinaryPrimitives.ReadUInt64BigEndian(greeting) != NbdMagic.InitPassword
-            || BinaryPrimitives.ReadUInt64BigEndian(greeting.AsSpan(8)) != NbdMagic.IHaveOpt)
-        {
-            throw new InvalidDataException("bad greeting " + Convert.ToHexString(greeting));
-        }
-        return (HandshakeFlags)BinaryPrimitives.ReadUInt16BigEndian(greeting.AsSpan(16));
-    }
+    public Task<HandshakeFlags> ReadGreetingAsync() => ReadFrameAsync<HandshakeFlags>(NbdWire.GreetingSize, Handshake.TryReadGreeting);
 
-    public Task SendClientFlagsAsync(uint flags)
-    {
-        byte[] bytes = new byte[4];
-        BinaryPrimitives.WriteUInt32BigEndian(bytes, flags);
-        return SendAsync(bytes);
-    }
+    /// <summary>Sends the client flags as given: unknown bits too.</summary>
+    public Task SendClientFlagsAsync(uint flags) => SendAsync(Written(NbdWire.ClientFlagsSize, d => Handshake.WriteClientFlags(d, (ClientFlags)flags)));
 
     /// <summary>Greeting, then the client flags (fixed newstyle and no zeroes by default).</summary>
     public async Task StartAsync(uint flags = (uint)(ClientFlags.FixedNewstyle | ClientFlags.NoZeroes))
@@ -200,28 +228,27 @@ public sealed class RawClient : IAsyncDisposable
         await SendClientFlagsAsync(flags);
     }
 
-    /// <summary>An option header announcing <paramref name="declaredLength"/> bytes, then <paramref name="data"/>.</summary>
+    /// <summary>
+    /// An option header announcing <paramref name="declaredLength"/> bytes, then <paramref name="data"/>
+    /// as given: the raw escape hatch for options the codec would not write (a wrong length, a wrong
+    /// <paramref name="magic"/>, malformed data).
+    /// </summary>
     public Task SendOptionAsync(NbdOption option, ReadOnlyMemory<byte> data, uint? declaredLength = null, ulong magic = NbdMagic.IHaveOpt)
     {
-        byte[] bytes = new byte[16 + data.Length];
-        BinaryPrimitives.WriteUInt64BigEndian(bytes, magic);
-        BinaryPrimitives.WriteUInt32BigEndian(bytes.AsSpan(8), (uint)option);
-        BinaryPrimitives.WriteUInt32BigEndian(bytes.AsSpan(12), declaredLength ?? (uint)data.Length);
-        data.CopyTo(bytes.AsMemory(16));
+        byte[] bytes = new byte[NbdWire.OptionHeaderSize + data.Length];
+        OptionHeader.Write(bytes, new OptionHeader(option, declaredLength ?? (uint)data.Length));
+        if (magic != NbdMagic.IHaveOpt)
+        {
+            // The codec writes only the right magic: a client out of step is written over it.
+            BinaryPrimitives.WriteUInt64BigEndian(bytes, magic);
+        }
+        data.CopyTo(bytes.AsMemory(NbdWire.OptionHeaderSize));
         return SendAsync(bytes);
     }
 
     public async Task<OptionReply> ReadOptionReplyAsync()
     {
-        byte[] header = await ReadExactAsync(20);
-        ulong magic = BinaryPrimitives.ReadUInt64BigEndian(header);
-        if (magic != NbdMagic.OptionReply)
-        {
-            throw new InvalidDataException($"bad option reply magic 0x{magic:x16}");
-        }
-        var option = (NbdOption)BinaryPrimitives.ReadUInt32BigEndian(header.AsSpan(8));
-        var type = (OptionReplyType)BinaryPrimitives.ReadUInt32BigEndian(header.AsSpan(12));
-        uint length = BinaryPrimitives.ReadUInt32BigEndian(header.AsSpan(16));
+        (NbdOption option, OptionReplyType type, uint length) = await ReadFrameAsync<OptionReplyHeader>(NbdWire.OptionReplyHeaderSize, OptionReplyHeader.TryRead);
         if (length > 16 * 1024 * 1024)
         {
             throw new InvalidDataException($"option reply of {length} bytes");
@@ -277,31 +304,19 @@ public sealed class RawClient : IAsyncDisposable
         IReadOnlyList<OptionReply> replies = await OptionAsync(option, InfoRequest(export, requests));
         foreach (OptionReply reply in replies.Where(r => r.Type == OptionReplyType.Info))
         {
-            if ((InfoType)BinaryPrimitives.ReadUInt16BigEndian(reply.Data) == InfoType.Export)
+            if (Parse(() => InfoReply.ReadType(reply.Data)) == InfoType.Export)
             {
-                if (reply.Data.Length != 12)
-                {
-                    throw new InvalidDataException($"NBD_INFO_EXPORT of {reply.Data.Length} bytes");
-                }
-                ExportSize = BinaryPrimitives.ReadUInt64BigEndian(reply.Data.AsSpan(2));
-                ExportFlags = (TransmissionFlags)BinaryPrimitives.ReadUInt16BigEndian(reply.Data.AsSpan(10));
+                (ExportSize, ExportFlags) = Parse(() => InfoReply.ReadExport(reply.Data));
             }
         }
         return replies;
     }
 
+    /// <summary>The data of INFO or GO; the codec refuses a name over 4096 bytes (a test of that writes the bytes itself).</summary>
     public static byte[] InfoRequest(string export, params InfoType[] requests)
     {
-        byte[] name = Encoding.UTF8.GetBytes(export);
-        byte[] data = new byte[4 + name.Length + 2 + 2 * requests.Length];
-        BinaryPrimitives.WriteUInt32BigEndian(data, (uint)name.Length);
-        name.CopyTo(data, 4);
-        BinaryPrimitives.WriteUInt16BigEndian(data.AsSpan(4 + name.Length), (ushort)requests.Length);
-        for (int i = 0; i < requests.Length; i++)
-        {
-            BinaryPrimitives.WriteUInt16BigEndian(data.AsSpan(6 + name.Length + 2 * i), (ushort)requests[i]);
-        }
-        return data;
+        var request = new Gateway.Nbd.InfoRequest(export, requests);
+        return Written(request.Size, d => Gateway.Nbd.InfoRequest.Write(d, request));
     }
 
     /// <summary>LIST_META_CONTEXT or SET_META_CONTEXT with the given queries.</summary>
@@ -313,7 +328,8 @@ public sealed class RawClient : IAsyncDisposable
             ContextIds.Clear();
             foreach (OptionReply reply in replies.Where(r => r.Type == OptionReplyType.MetaContext))
             {
-                ContextIds[Encoding.UTF8.GetString(reply.Data.AsSpan(4))] = BinaryPrimitives.ReadUInt32BigEndian(reply.Data);
+                (uint id, string name) = Parse(() => MetaContextReply.Read(reply.Data));
+                ContextIds[name] = id;
             }
         }
         return replies;
@@ -321,37 +337,16 @@ public sealed class RawClient : IAsyncDisposable
 
     public static byte[] MetaContextRequest(string export, params string[] queries)
     {
-        var data = new List<byte>();
-        void Add32(uint value)
-        {
-            byte[] b = new byte[4];
-            BinaryPrimitives.WriteUInt32BigEndian(b, value);
-            data.AddRange(b);
-        }
-        byte[] name = Encoding.UTF8.GetBytes(export);
-        Add32((uint)name.Length);
-        data.AddRange(name);
-        Add32((uint)queries.Length);
-        foreach (string query in queries)
-        {
-            byte[] q = Encoding.UTF8.GetBytes(query);
-            Add32((uint)q.Length);
-            data.AddRange(q);
-        }
-        return [.. data];
+        var request = new Gateway.Nbd.MetaContextRequest(export, queries);
+        return Written(request.Size, d => Gateway.Nbd.MetaContextRequest.Write(d, request));
     }
 
-    /// <summary>NBD_OPT_EXPORT_NAME: on success the server answers size, flags (and zeroes unless NO_ZEROES).</summary>
+    /// <summary>NBD_OPT_EXPORT_NAME: on success the server answers size, flags (and zeroes unless NO_ZEROES, checked by the codec).</summary>
     public async Task ExportNameAsync(string export, bool noZeroes = true)
     {
-        await SendOptionAsync(NbdOption.ExportName, Encoding.UTF8.GetBytes(export));
-        byte[] reply = await ReadExactAsync(noZeroes ? 10 : 134);
-        ExportSize = BinaryPrimitives.ReadUInt64BigEndian(reply);
-        ExportFlags = (TransmissionFlags)BinaryPrimitives.ReadUInt16BigEndian(reply.AsSpan(8));
-        if (reply.AsSpan(10).ContainsAnyExcept((byte)0))
-        {
-            throw new InvalidDataException("the 124 reserved bytes are not zero");
-        }
+        await SendOptionAsync(NbdOption.ExportName, Written(ExportNameOption.Size(export), d => ExportNameOption.Write(d, export)));
+        (ExportSize, ExportFlags) = await ReadFrameAsync<ExportNameReply>(ExportNameReply.Size(noZeroes),
+            (ref ReadOnlySequence<byte> buffer, out ExportNameReply reply) => ExportNameReply.TryRead(ref buffer, noZeroes, out reply));
     }
 
     // ---- Transmission ----------------------------------------------------------------------
@@ -434,16 +429,14 @@ public sealed class RawClient : IAsyncDisposable
         while (true)
         {
             byte[] magicBytes = await ReadExactAsync(4);
-            uint magic = BinaryPrimitives.ReadUInt32BigEndian(magicBytes);
+            SimpleReply.TryPeekMagic(new ReadOnlySequence<byte>(magicBytes), out uint magic);
             if (magic == NbdMagic.SimpleReply)
             {
                 if (Extended)
                 {
                     throw new InvalidDataException("simple reply although extended headers were negotiated");
                 }
-                byte[] rest = await ReadExactAsync(12);
-                var error = (NbdError)BinaryPrimitives.ReadUInt32BigEndian(rest);
-                ulong cookie = BinaryPrimitives.ReadUInt64BigEndian(rest.AsSpan(4));
+                (NbdError error, ulong cookie) = await ReadFrameAsync<SimpleReply>(NbdWire.SimpleReplyHeaderSize, SimpleReply.TryRead, magicBytes);
                 (NbdCommand command, _, ulong length) = Complete(cookie);
                 byte[]? data = error == NbdError.None && command == NbdCommand.Read ? await ReadExactAsync((int)length) : null;
                 return new NbdReply(cookie, false, error, data, []);
@@ -457,28 +450,27 @@ public sealed class RawClient : IAsyncDisposable
                 throw new InvalidDataException("structured reply without STRUCTURED_REPLY negotiated");
             }
 
-            byte[] header = await ReadExactAsync(Extended ? 28 : 16);
-            var flags = (ReplyFlags)BinaryPrimitives.ReadUInt16BigEndian(header);
-            var type = (ReplyType)BinaryPrimitives.ReadUInt16BigEndian(header.AsSpan(2));
-            ulong chunkCookie = BinaryPrimitives.ReadUInt64BigEndian(header.AsSpan(4));
-            ulong payloadLength = Extended ? BinaryPrimitives.ReadUInt64BigEndian(header.AsSpan(20)) : BinaryPrimitives.ReadUInt32BigEndian(header.AsSpan(12));
-            if (payloadLength > NbdLimits.MaxPayload + 64)
+            bool extended = Extended;
+            ChunkHeader header = await ReadFrameAsync<ChunkHeader>(extended ? NbdWire.ExtendedReplyHeaderSize : NbdWire.StructuredReplyHeaderSize,
+                (ref ReadOnlySequence<byte> buffer, out ChunkHeader chunk) => ChunkHeader.TryRead(ref buffer, extended, out chunk), magicBytes);
+            ulong chunkCookie = header.To.Cookie;
+            if (header.Length > NbdLimits.MaxPayload + 64)
             {
-                throw new InvalidDataException($"chunk payload of {payloadLength} bytes");
+                throw new InvalidDataException($"chunk payload of {header.Length} bytes");
             }
-            if (Extended)
+            if (extended)
             {
                 // proto.md "Extended reply chunk message": the offset MUST match the request's.
-                ulong echoed = BinaryPrimitives.ReadUInt64BigEndian(header.AsSpan(12));
                 lock (_pending)
                 {
-                    if (_pending.TryGetValue(chunkCookie, out var pending) && pending.Offset != echoed)
+                    if (_pending.TryGetValue(chunkCookie, out var pending) && pending.Offset != header.To.Offset)
                     {
-                        throw new InvalidDataException($"extended reply to cookie {chunkCookie} echoes offset {echoed}, the request's was {pending.Offset}");
+                        throw new InvalidDataException($"extended reply to cookie {chunkCookie} echoes offset {header.To.Offset}, the request's was {pending.Offset}");
                     }
                 }
             }
-            var chunk = new ReplyChunk(flags, type, chunkCookie, await ReadExactAsync((int)payloadLength));
+            byte[] payload = await ReadExactAsync((int)header.Length);
+            ReplyChunk chunk = Parse(() => new ReplyChunk(header, payload));
             CheckChunk(chunk);
 
             List<ReplyChunk> chunks;
@@ -522,22 +514,20 @@ public sealed class RawClient : IAsyncDisposable
 
     private static void CheckChunk(ReplyChunk chunk)
     {
-        int n = chunk.Payload.Length;
-        bool ok = chunk.Type switch
+        // Each payload is read by the codec, which throws when its length does not fit its type;
+        // what the codec leaves to the reader (nonzero lengths, DONE on NONE) is checked here.
+        bool ok = Parse(() => chunk.Type switch
         {
-            ReplyType.None => n == 0 && chunk.Done,
-            ReplyType.OffsetData => n > 8,
-            ReplyType.OffsetHole => n == 12 && chunk.Length > 0,
-            ReplyType.BlockStatus => n >= 12 && (n - 4) % 8 == 0,
-            ReplyType.BlockStatusExt => n >= 24 && (n - 8) % 16 == 0
-                && BinaryPrimitives.ReadUInt32BigEndian(chunk.Payload.AsSpan(4)) is uint count && (count == 0 || count == (n - 8) / 16),
-            ReplyType.Error => n >= 6 && n == 6 + BinaryPrimitives.ReadUInt16BigEndian(chunk.Payload.AsSpan(4)) && chunk.Error != NbdError.None,
-            ReplyType.ErrorOffset => n >= 14 && n == 14 + BinaryPrimitives.ReadUInt16BigEndian(chunk.Payload.AsSpan(4)) && chunk.Error != NbdError.None,
+            ReplyType.None => chunk.Payload.Length == 0 && chunk.Done,
+            ReplyType.OffsetData or ReplyType.OffsetHole => chunk.Length > 0,
+            ReplyType.BlockStatus => chunk.Descriptors.Count > 0,
+            ReplyType.BlockStatusExt => chunk.ExtendedDescriptors.Count > 0,
+            ReplyType.Error or ReplyType.ErrorOffset => chunk.Error != NbdError.None,
             _ => false,
-        };
+        });
         if (!ok)
         {
-            throw new InvalidDataException($"malformed chunk {chunk}: {Convert.ToHexString(chunk.Payload.AsSpan(0, Math.Min(n, 32)))}");
+            throw new InvalidDataException($"malformed chunk {chunk}: {Convert.ToHexString(chunk.Payload.AsSpan(0, Math.Min(chunk.Payload.Length, 32)))}");
         }
     }
 
@@ -580,6 +570,38 @@ public sealed class RawClient : IAsyncDisposable
         {
             _sendLock.Release();
         }
+    }
+
+    /// <summary>
+    /// Reads one frame of <paramref name="size"/> bytes (<paramref name="already"/> read) and
+    /// takes it with the codec's reader; what the codec refuses is an <see cref="InvalidDataException"/>.
+    /// </summary>
+    private async Task<T> ReadFrameAsync<T>(int size, FrameReader<T> read, byte[]? already = null)
+    {
+        already ??= [];
+        byte[] frame = [.. already, .. await ReadExactAsync(size - already.Length)];
+        var buffer = new ReadOnlySequence<byte>(frame);
+        return Parse(() => read(ref buffer, out T value) ? value : throw new InvalidDataException($"{size} bytes do not hold a {typeof(T).Name}"));
+    }
+
+    /// <summary>Runs a codec reader: a frame it refuses is the <see cref="InvalidDataException"/> every check of this client throws.</summary>
+    private static T Parse<T>(Func<T> read)
+    {
+        try
+        {
+            return read();
+        }
+        catch (NbdProtocolException e)
+        {
+            throw new InvalidDataException(e.Message, e);
+        }
+    }
+
+    private static byte[] Written(int size, Func<Span<byte>, int> write)
+    {
+        byte[] bytes = new byte[size];
+        int written = write(bytes);
+        return written == size ? bytes : throw new InvalidOperationException($"{written} bytes written of {size}");
     }
 
     private async Task<byte[]> ReadExactAsync(int count)
