@@ -981,7 +981,7 @@ public sealed class PeerNbdClient : IAsyncDisposable
     /// that does not fit fails here before anything is awaited.
     /// </summary>
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder<>))]
-    private async ValueTask<T> ReadPayloadAsync<T>(ChunkHeader chunk, PayloadReader<T> read)
+    private async ValueTask<T> ReadPayloadAsync<T>(ChunkHeader chunk, ChunkPayloadReader<T> read)
     {
         while (true)
         {
@@ -998,9 +998,6 @@ public sealed class PeerNbdClient : IAsyncDisposable
             await FillAsync(Buffered + 1).ConfigureAwait(false);
         }
     }
-
-    /// <summary>The shape of <see cref="ChunkPayload"/>'s readers.</summary>
-    private delegate bool PayloadReader<T>(ref ReadOnlySequence<byte> buffer, in ChunkHeader chunk, out T payload);
 
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask BlockStatusChunkAsync(PendingRequest request, ChunkHeader chunk)

@@ -880,7 +880,7 @@ public sealed class PeerNbdClientTests : IDisposable
             byte[] greeting = new byte[NbdWire.GreetingSize];
             Handshake.WriteGreeting(greeting, HandshakeFlags.FixedNewstyle | HandshakeFlags.NoZeroes);
             await Stream.WriteAsync(greeting);
-            byte[] clientFlags = new byte[sizeof(uint)];
+            byte[] clientFlags = new byte[NbdWire.ClientFlagsSize];
             await Stream.ReadExactlyAsync(clientFlags);
             var flagsBuffer = new ReadOnlySequence<byte>(clientFlags);
             Assert.True(Handshake.TryReadClientFlags(ref flagsBuffer, out ClientFlags flags));
