@@ -148,6 +148,28 @@ public sealed class TransmissionFramingTests
     }
 
     [Theory]
+    [InlineData("8001", "0000000A", "00000005" + "0002" + "6F6B" + "FFFF", "ok")]                 // ERROR: the message may be shorter than the chunk
+    [InlineData("8003", "00000010", "0000001C" + "0000" + "0123456789ABCDEF" + "0000", "")]       // an unknown error type is an error
+    [InlineData("FFFF", "00000009", "0000005F" + "0003" + "6E6F21", "no!")]
+    public void Error_chunk_of_any_error_type_yields_its_error_and_message_and_skips_the_rest(string type, string length, string payload, string message)
+    {
+        var buffer = new ReadOnlySequence<byte>(Convert.FromHexString("668e33ef" + "0001" + type + "0123456789ABCDEF" + length + payload + "EE"));
+        Assert.True(ChunkHeader.TryRead(ref buffer, extended: false, out ChunkHeader header));
+        Assert.True(ChunkPayload.IsError(header.Type));
+
+        Assert.True(ChunkPayload.TryReadError(ref buffer, header, out ErrorChunk error));
+
+        Assert.Equal(new ErrorChunk((NbdError)Convert.ToUInt32(payload[..8], 16), message, null), error);
+        Assert.Equal([0xEE], buffer.ToArray());
+    }
+
+    [Theory]
+    [InlineData(ReplyType.None)]
+    [InlineData(ReplyType.OffsetData)]
+    [InlineData(ReplyType.BlockStatusExt)]
+    public void Chunk_types_without_bit_15_are_not_errors(ReplyType type) => Assert.False(ChunkPayload.IsError(type));
+
+    [Theory]
     [InlineData(false)]
     [InlineData(true)]
     public void Block_status_chunk_round_trips_split_at_every_byte(bool extended)

@@ -63,15 +63,22 @@ public static class ChunkPayload
     // S: 16 bits, message length (no more        S: 16 bits, message length
     //    than header length - 6)                 S: message length bytes of UTF-8 message
     // S: message length bytes of UTF-8 message   S: 64 bits, offset (unsigned)
-    /// <summary>Takes the whole error chunk; the message (an allocation, off the data path) may be empty.</summary>
+    /// <summary>
+    /// Takes the whole error chunk; the message (an allocation, off the data path) may be empty.
+    /// Any type with bit 15 set is an error: "a client that receives an unknown error type MUST
+    /// treat it as an error", and every error type starts with the error and the message (proto.md,
+    /// "Structured reply types"); what follows the message of an ERROR or an unknown error type
+    /// is skipped. Only ERROR_OFFSET's offset is read.
+    /// </summary>
     public static bool TryReadError(ref ReadOnlySequence<byte> buffer, in ChunkHeader chunk, out ErrorChunk error)
     {
-        if (chunk.Type is not (ReplyType.Error or ReplyType.ErrorOffset))
+        if (!IsError(chunk.Type))
         {
             throw new ArgumentException($"a {chunk.Type} chunk is not an error", nameof(chunk));
         }
         int trailer = chunk.Type == ReplyType.ErrorOffset ? 8 : 0;
-        if (chunk.Length < (ulong)(6 + trailer) || chunk.Length > (ulong)(6 + NbdWire.MaxString + trailer))
+        int longest = 6 + NbdWire.MaxString + (chunk.Type == ReplyType.Error ? 0 : 8);
+        if (chunk.Length < (ulong)(6 + trailer) || chunk.Length > (ulong)longest)
         {
             throw new NbdProtocolException($"{chunk.Type} chunk of length {chunk.Length}");
         }
@@ -83,7 +90,8 @@ public static class ChunkPayload
         var reader = new SequenceReader<byte>(buffer);
         reader.TryReadBigEndian(out int code);
         reader.TryReadBigEndian(out short messageLength);
-        if (6 + (ushort)messageLength + trailer != (int)chunk.Length)
+        int room = (int)chunk.Length - 6 - trailer;
+        if (trailer != 0 ? (ushort)messageLength != room : (ushort)messageLength > room)
         {
             throw new NbdProtocolException($"{chunk.Type} message of {(ushort)messageLength} bytes in a chunk of {chunk.Length}");
         }
@@ -103,6 +111,9 @@ public static class ChunkPayload
         buffer = buffer.Slice((long)chunk.Length);
         return true;
     }
+
+    /// <summary>Bit 15 of a chunk type marks an error (proto.md, "Structured reply types").</summary>
+    public static bool IsError(ReplyType type) => ((ushort)type & 0x8000) != 0;
 
     // NBD_REPLY_TYPE_BLOCK_STATUS (5)            NBD_REPLY_TYPE_BLOCK_STATUS_EXT (6)
     // S: 32 bits, metadata context ID            S: 32 bits, metadata context ID

@@ -1,4 +1,4 @@
-using System.Buffers.Binary;
+using System.Buffers;
 using System.Collections.Concurrent;
 using System.Net;
 using System.Net.Sockets;
@@ -21,6 +21,8 @@ namespace Gateway.Actors.Cluster;
 /// concurrent callers share syscalls instead of queueing on a lock. Replies come in on one reader
 /// loop that parses headers from a receive buffer and receives data chunks straight into the
 /// caller's memory (only bytes that arrived in the same receive as their header are copied).
+/// Every frame is laid out by Gateway.Nbd's readers and writers, the reply readers working on a
+/// view of the receive buffer; this class owns the sockets, the pipelining and the buffers.
 /// </para>
 /// <para>
 /// When the connection ends for any reason (EOF, reset, a protocol violation by the server,
@@ -188,31 +190,46 @@ public sealed class PeerNbdClient : IAsyncDisposable
 
     private static async Task<PeerNbdClient> HandshakeAsync(Socket socket, EndPoint endpoint, string exportName, CancellationToken cancellationToken)
     {
-        // S: 64 bits 'NBDMAGIC', 64 bits 'IHAVEOPT', 16 bits handshake flags
-        byte[] greeting = new byte[18];
-        await ReceiveExactlyAsync(socket, greeting, cancellationToken).ConfigureAwait(false);
-        if (BinaryPrimitives.ReadUInt64BigEndian(greeting) != NbdMagic.InitPassword || BinaryPrimitives.ReadUInt64BigEndian(greeting.AsSpan(8)) != NbdMagic.IHaveOpt)
+        try
         {
-            throw new IOException($"{endpoint} is not an NBD server speaking the newstyle handshake");
+            return await NegotiateAsync(socket, endpoint, exportName, cancellationToken).ConfigureAwait(false);
         }
-        var handshake = (HandshakeFlags)BinaryPrimitives.ReadUInt16BigEndian(greeting.AsSpan(16));
+        catch (NbdProtocolException e)
+        {
+            throw new IOException($"{endpoint} broke the NBD handshake: {e.Message}", e);
+        }
+    }
+
+    private static async Task<PeerNbdClient> NegotiateAsync(Socket socket, EndPoint endpoint, string exportName, CancellationToken cancellationToken)
+    {
+        byte[] greeting = new byte[NbdWire.GreetingSize];
+        await ReceiveExactlyAsync(socket, greeting, cancellationToken).ConfigureAwait(false);
+        var greetingBytes = new ReadOnlySequence<byte>(greeting);
+        HandshakeFlags handshake;
+        try
+        {
+            Handshake.TryReadGreeting(ref greetingBytes, out handshake);
+        }
+        catch (NbdProtocolException e)
+        {
+            throw new IOException($"{endpoint} is not an NBD server speaking the newstyle handshake", e);
+        }
         if (!handshake.HasFlag(HandshakeFlags.FixedNewstyle))
         {
             throw new IOException($"NBD server {endpoint} does not speak fixed newstyle");
         }
-        // C: 32 bits client flags. NO_ZEROES only if offered (proto.md "Client flags").
+        // NO_ZEROES only if offered (proto.md "Client flags").
         ClientFlags clientFlags = ClientFlags.FixedNewstyle | (handshake.HasFlag(HandshakeFlags.NoZeroes) ? ClientFlags.NoZeroes : 0);
-        byte[] flagBytes = new byte[4];
-        BinaryPrimitives.WriteUInt32BigEndian(flagBytes, (uint)clientFlags);
-        await SendAllAsync(socket, flagBytes, cancellationToken).ConfigureAwait(false);
+        int flagsLength = Handshake.WriteClientFlags(greeting, clientFlags);
+        await SendAllAsync(socket, greeting.AsMemory(0, flagsLength), cancellationToken).ConfigureAwait(false);
 
         // Structured replies: ERR_UNSUP (or any refusal) leaves simple replies and no metadata.
-        await SendOptionAsync(socket, NbdOption.StructuredReply, [], cancellationToken).ConfigureAwait(false);
-        (OptionReplyType structuredReply, _) = await ReadOptionReplyAsync(socket, NbdOption.StructuredReply, cancellationToken).ConfigureAwait(false);
-        bool structured = structuredReply == OptionReplyType.Ack;
-        if (!structured && !IsError(structuredReply))
+        await SendAllAsync(socket, Option(NbdOption.StructuredReply, 0), cancellationToken).ConfigureAwait(false);
+        (OptionReplyHeader structuredReply, _) = await ReadOptionReplyAsync(socket, NbdOption.StructuredReply, cancellationToken).ConfigureAwait(false);
+        bool structured = structuredReply.Type == OptionReplyType.Ack;
+        if (!structured && !structuredReply.IsError)
         {
-            throw new IOException($"NBD server {endpoint} answered STRUCTURED_REPLY with {structuredReply}");
+            throw new IOException($"NBD server {endpoint} answered STRUCTURED_REPLY with {structuredReply.Type}");
         }
 
         var contexts = new List<(string Name, uint Id)>();
@@ -222,74 +239,64 @@ public sealed class PeerNbdClient : IAsyncDisposable
             List<string> offered = await MetaContextAsync(socket, endpoint, NbdOption.ListMetaContext, exportName, ["base:", "qemu:"], null, cancellationToken).ConfigureAwait(false);
             if (offered.Count > 0)
             {
-                await MetaContextAsync(socket, endpoint, NbdOption.SetMetaContext, exportName, offered, contexts, cancellationToken).ConfigureAwait(false);
+                await MetaContextAsync(socket, endpoint, NbdOption.SetMetaContext, exportName, [.. offered], contexts, cancellationToken).ConfigureAwait(false);
             }
         }
 
-        // C: 32 bits name length, name, 16 bits number of information requests, 16 bits each.
-        byte[] name = Encoding.UTF8.GetBytes(exportName);
-        byte[] go = new byte[4 + name.Length + 2 + 4];
-        BinaryPrimitives.WriteUInt32BigEndian(go, (uint)name.Length);
-        name.CopyTo(go, 4);
-        BinaryPrimitives.WriteUInt16BigEndian(go.AsSpan(4 + name.Length), 2);
-        BinaryPrimitives.WriteUInt16BigEndian(go.AsSpan(6 + name.Length), (ushort)InfoType.Description);
-        BinaryPrimitives.WriteUInt16BigEndian(go.AsSpan(8 + name.Length), (ushort)InfoType.BlockSize);
-        await SendOptionAsync(socket, NbdOption.Go, go, cancellationToken).ConfigureAwait(false);
+        var go = new InfoRequest(exportName, [InfoType.Description, InfoType.BlockSize]);
+        byte[] goOption = Option(NbdOption.Go, go.Size);
+        InfoRequest.Write(goOption.AsSpan(NbdWire.OptionHeaderSize), go);
+        await SendAllAsync(socket, goOption, cancellationToken).ConfigureAwait(false);
 
-        long? size = null;
-        var flags = TransmissionFlags.HasFlags;
+        InfoExport? export = null;
         string? description = null;
         int maxPayload = NbdLimits.MaxPayload;
         while (true)
         {
-            (OptionReplyType type, byte[] data) = await ReadOptionReplyAsync(socket, NbdOption.Go, cancellationToken).ConfigureAwait(false);
-            if (type == OptionReplyType.Ack)
+            (OptionReplyHeader reply, byte[] data) = await ReadOptionReplyAsync(socket, NbdOption.Go, cancellationToken).ConfigureAwait(false);
+            if (reply.Type == OptionReplyType.Ack)
             {
                 break;
             }
-            if (type == OptionReplyType.ErrUnknown)
+            if (reply.Type == OptionReplyType.ErrUnknown)
             {
                 throw new PeerExportUnavailableException($"{endpoint} does not serve export '{exportName}': {Encoding.UTF8.GetString(data)}");
             }
-            if (IsError(type))
+            if (reply.IsError)
             {
-                throw new IOException($"{endpoint} refused export '{exportName}' with {type}: {Encoding.UTF8.GetString(data)}");
+                throw new IOException($"{endpoint} refused export '{exportName}' with {reply.Type}: {Encoding.UTF8.GetString(data)}");
             }
-            if (type != OptionReplyType.Info || data.Length < 2)
+            if (reply.Type != OptionReplyType.Info)
             {
-                throw new IOException($"{endpoint} answered GO with {type} ({data.Length} bytes)");
+                throw new IOException($"{endpoint} answered GO with {reply.Type} ({data.Length} bytes)");
             }
-            switch ((InfoType)BinaryPrimitives.ReadUInt16BigEndian(data))
+            switch (InfoReply.ReadType(data))
             {
-                case InfoType.Export when data.Length == 12:
-                    // 64 bits size, 16 bits transmission flags
-                    size = (long)BinaryPrimitives.ReadUInt64BigEndian(data.AsSpan(2));
-                    flags = (TransmissionFlags)BinaryPrimitives.ReadUInt16BigEndian(data.AsSpan(10));
+                case InfoType.Export:
+                    export = InfoReply.ReadExport(data);
                     break;
                 case InfoType.Description:
-                    description = Encoding.UTF8.GetString(data, 2, data.Length - 2);
+                    description = InfoReply.ReadText(data);
                     break;
-                case InfoType.BlockSize when data.Length == 14:
-                    // 32 bits minimum, preferred, maximum: no payload over the maximum (or NbdLimits.MaxPayload).
-                    uint maximum = BinaryPrimitives.ReadUInt32BigEndian(data.AsSpan(10));
-                    maxPayload = (int)Math.Clamp(maximum, 4096u, (uint)NbdLimits.MaxPayload);
+                case InfoType.BlockSize:
+                    // No payload over the maximum (or NbdLimits.MaxPayload).
+                    maxPayload = (int)Math.Clamp(InfoReply.ReadBlockSize(data).Maximum, 4096u, (uint)NbdLimits.MaxPayload);
                     break;
-                case InfoType.Export or InfoType.BlockSize:
-                    throw new IOException($"{endpoint} sent a malformed NBD_INFO reply ({data.Length} bytes)");
             }
         }
-        if (size is not long exportSize || exportSize < 0)
+        if (export is not { } exported || exported.Size > long.MaxValue)
         {
             throw new IOException($"{endpoint} ended GO for '{exportName}' without NBD_INFO_EXPORT");
         }
 
+        TransmissionFlags flags = exported.Flags;
         var capabilities = BlockCapabilities.None;
         if (flags.HasFlag(TransmissionFlags.SendTrim)) capabilities |= BlockCapabilities.Trim;
         if (flags.HasFlag(TransmissionFlags.SendWriteZeroes)) capabilities |= BlockCapabilities.Zero;
         if (flags.HasFlag(TransmissionFlags.SendFastZero)) capabilities |= BlockCapabilities.FastZero;
         if (flags.HasFlag(TransmissionFlags.SendCache)) capabilities |= BlockCapabilities.Cache;
         if (flags.HasFlag(TransmissionFlags.SendFlush)) capabilities |= BlockCapabilities.Flush;
-        var info = new ExportInfo(exportName, description, exportSize, flags.HasFlag(TransmissionFlags.ReadOnly), capabilities);
+        var info = new ExportInfo(exportName, description, (long)exported.Size, flags.HasFlag(TransmissionFlags.ReadOnly), capabilities);
         return new PeerNbdClient(socket, info, flags, structured, maxPayload, contexts);
     }
 
@@ -298,86 +305,70 @@ public sealed class PeerNbdClient : IAsyncDisposable
     /// A refusal other than ERR_UNKNOWN just means no metadata on this connection.
     /// </summary>
     private static async Task<List<string>> MetaContextAsync(Socket socket, EndPoint endpoint, NbdOption option, string exportName,
-        IReadOnlyList<string> queries, List<(string Name, uint Id)>? selected, CancellationToken cancellationToken)
+        string[] queries, List<(string Name, uint Id)>? selected, CancellationToken cancellationToken)
     {
-        // C: 32 bits export name length, name, 32 bits number of queries, then per query 32 bits length and the query.
-        byte[] name = Encoding.UTF8.GetBytes(exportName);
-        byte[][] encoded = [.. queries.Select(Encoding.UTF8.GetBytes)];
-        byte[] data = new byte[4 + name.Length + 4 + encoded.Sum(q => 4 + q.Length)];
-        BinaryPrimitives.WriteUInt32BigEndian(data, (uint)name.Length);
-        name.CopyTo(data, 4);
-        int at = 4 + name.Length;
-        BinaryPrimitives.WriteUInt32BigEndian(data.AsSpan(at), (uint)encoded.Length);
-        at += 4;
-        foreach (byte[] query in encoded)
-        {
-            BinaryPrimitives.WriteUInt32BigEndian(data.AsSpan(at), (uint)query.Length);
-            query.CopyTo(data, at + 4);
-            at += 4 + query.Length;
-        }
-        await SendOptionAsync(socket, option, data, cancellationToken).ConfigureAwait(false);
+        var request = new MetaContextRequest(exportName, queries);
+        byte[] message = Option(option, request.Size);
+        MetaContextRequest.Write(message.AsSpan(NbdWire.OptionHeaderSize), request);
+        await SendAllAsync(socket, message, cancellationToken).ConfigureAwait(false);
 
         var names = new List<string>();
         while (true)
         {
-            (OptionReplyType type, byte[] reply) = await ReadOptionReplyAsync(socket, option, cancellationToken).ConfigureAwait(false);
-            switch (type)
+            (OptionReplyHeader header, byte[] reply) = await ReadOptionReplyAsync(socket, option, cancellationToken).ConfigureAwait(false);
+            switch (header.Type)
             {
                 case OptionReplyType.Ack:
                     return names;
                 case OptionReplyType.ErrUnknown:
                     throw new PeerExportUnavailableException($"{endpoint} does not serve export '{exportName}': {Encoding.UTF8.GetString(reply)}");
-                case OptionReplyType.MetaContext when reply.Length > 4:
-                    // 32 bits context id (0 in LIST), then the name.
-                    string context = Encoding.UTF8.GetString(reply, 4, reply.Length - 4);
-                    if (!names.Contains(context))
+                case OptionReplyType.MetaContext:
+                    // The id is 0 in answer to LIST.
+                    MetaContextReply context = MetaContextReply.Read(reply);
+                    if (context.Name.Length == 0)
                     {
-                        names.Add(context);
-                        selected?.Add((context, BinaryPrimitives.ReadUInt32BigEndian(reply)));
+                        throw new IOException($"{endpoint} answered {option} with a context without a name");
+                    }
+                    if (!names.Contains(context.Name))
+                    {
+                        names.Add(context.Name);
+                        selected?.Add((context.Name, context.Id));
                     }
                     break;
-                case var error when IsError(error):
+                case var _ when header.IsError:
                     selected?.Clear();
                     return [];
                 default:
-                    throw new IOException($"{endpoint} answered {option} with {type} ({reply.Length} bytes)");
+                    throw new IOException($"{endpoint} answered {option} with {header.Type} ({reply.Length} bytes)");
             }
         }
     }
 
-    private static bool IsError(OptionReplyType type) => ((uint)type & 0x8000_0000u) != 0;
-
-    // C: 64 bits 'IHAVEOPT', 32 bits option, 32 bits length, data
-    private static Task SendOptionAsync(Socket socket, NbdOption option, byte[] data, CancellationToken cancellationToken)
+    /// <summary>An option with room for its <paramref name="length"/> bytes of data after the header.</summary>
+    private static byte[] Option(NbdOption option, int length)
     {
-        byte[] message = new byte[16 + data.Length];
-        BinaryPrimitives.WriteUInt64BigEndian(message, NbdMagic.IHaveOpt);
-        BinaryPrimitives.WriteUInt32BigEndian(message.AsSpan(8), (uint)option);
-        BinaryPrimitives.WriteUInt32BigEndian(message.AsSpan(12), (uint)data.Length);
-        data.CopyTo(message, 16);
-        return SendAllAsync(socket, message, cancellationToken);
+        byte[] message = new byte[NbdWire.OptionHeaderSize + length];
+        OptionHeader.Write(message, new OptionHeader(option, (uint)length));
+        return message;
     }
 
-    // S: 64 bits reply magic, 32 bits option, 32 bits reply type, 32 bits length, data
-    private static async Task<(OptionReplyType Type, byte[] Data)> ReadOptionReplyAsync(Socket socket, NbdOption option, CancellationToken cancellationToken)
+    private static async Task<(OptionReplyHeader Header, byte[] Data)> ReadOptionReplyAsync(Socket socket, NbdOption option, CancellationToken cancellationToken)
     {
-        byte[] header = new byte[20];
-        await ReceiveExactlyAsync(socket, header, cancellationToken).ConfigureAwait(false);
-        ulong magic = BinaryPrimitives.ReadUInt64BigEndian(header);
-        var echoed = (NbdOption)BinaryPrimitives.ReadUInt32BigEndian(header.AsSpan(8));
-        var type = (OptionReplyType)BinaryPrimitives.ReadUInt32BigEndian(header.AsSpan(12));
-        uint length = BinaryPrimitives.ReadUInt32BigEndian(header.AsSpan(16));
-        if (magic != NbdMagic.OptionReply || echoed != option)
+        byte[] headerBytes = new byte[NbdWire.OptionReplyHeaderSize];
+        await ReceiveExactlyAsync(socket, headerBytes, cancellationToken).ConfigureAwait(false);
+        var buffer = new ReadOnlySequence<byte>(headerBytes);
+        OptionReplyHeader.TryRead(ref buffer, out OptionReplyHeader header);
+        if (header.Option != option)
         {
-            throw new IOException($"bad option reply (magic 0x{magic:x16}, option {echoed}) to {option}");
+            throw new IOException($"bad option reply (option {header.Option}) to {option}");
         }
-        if (length > MaxOptionReply)
+        if (header.Length > MaxOptionReply)
         {
-            throw new IOException($"option reply of {length} bytes to {option} is over the limit of {MaxOptionReply}");
+            throw new IOException($"option reply of {header.Length} bytes to {option} is over the limit of {MaxOptionReply}");
         }
-        byte[] data = new byte[length];
+        byte[] data = new byte[header.Length];
         await ReceiveExactlyAsync(socket, data, cancellationToken).ConfigureAwait(false);
-        return (type, data);
+        return (header, data);
     }
 
     private static async Task ReceiveExactlyAsync(Socket socket, Memory<byte> buffer, CancellationToken cancellationToken)
@@ -767,13 +758,12 @@ public sealed class PeerNbdClient : IAsyncDisposable
                     continue;
                 }
                 current = request;
-                if (fill + NbdLimits.RequestHeaderSize > _sendBuffer.Length)
+                if (fill + NbdWire.RequestHeaderSize > _sendBuffer.Length)
                 {
                     await SendAllAsync(_sendBuffer.AsMemory(0, fill)).ConfigureAwait(false);
                     fill = 0;
                 }
-                new NbdRequest(request.Flags, request.Command, request.Cookie, request.Offset, request.Length).WriteTo(_sendBuffer.AsSpan(fill));
-                fill += NbdLimits.RequestHeaderSize;
+                fill += new NbdRequest(request.Flags, request.Command, request.Cookie, request.Offset, request.Length).WriteTo(_sendBuffer.AsSpan(fill));
                 ReadOnlyMemory<byte> payload = request.Payload;
                 if (request.Command == NbdCommand.Disconnect)
                 {
@@ -840,6 +830,12 @@ public sealed class PeerNbdClient : IAsyncDisposable
 
     private int Buffered => _rxEnd - _rxStart;
 
+    /// <summary>What is received and not yet parsed, for the codec's readers (a view of the receive buffer, no copy).</summary>
+    private ReadOnlySequence<byte> Received => new(_rx, _rxStart, Buffered);
+
+    /// <summary>A reader of the codec took what lies before <paramref name="rest"/>.</summary>
+    private void Consumed(in ReadOnlySequence<byte> rest) => _rxStart = _rxEnd - (int)rest.Length;
+
     private async Task ReadLoopAsync()
     {
         string reason = "the owner closed the connection";
@@ -848,11 +844,13 @@ public sealed class PeerNbdClient : IAsyncDisposable
         {
             while (true)
             {
-                if (Buffered < 4 && !await FillAsync(4, endAllowed: true).ConfigureAwait(false))
+                // The 32-bit magic tells a simple reply from a chunk.
+                if (Buffered < sizeof(uint) && !await FillAsync(sizeof(uint), endAllowed: true).ConfigureAwait(false))
                 {
                     break;
                 }
-                uint magic = BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart));
+                // A server that negotiated structured replies still MAY send simple ones.
+                SimpleReply.TryPeekMagic(Received, out uint magic);
                 if (magic == NbdMagic.StructuredReply)
                 {
                     await StructuredChunkAsync().ConfigureAwait(false);
@@ -885,184 +883,163 @@ public sealed class PeerNbdClient : IAsyncDisposable
         }
     }
 
-    // S: 32 bits 0x67446698, 32 bits error, 64 bits cookie, (read data if error is zero)
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask SimpleReplyAsync()
     {
-        if (Buffered < NbdLimits.SimpleReplyHeaderSize)
+        if (Buffered < NbdWire.SimpleReplyHeaderSize)
         {
-            await FillAsync(NbdLimits.SimpleReplyHeaderSize).ConfigureAwait(false);
+            await FillAsync(NbdWire.SimpleReplyHeaderSize).ConfigureAwait(false);
         }
-        var error = (NbdError)BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart + 4));
-        ulong cookie = BinaryPrimitives.ReadUInt64BigEndian(_rx.AsSpan(_rxStart + 8));
-        _rxStart += NbdLimits.SimpleReplyHeaderSize;
-        PendingRequest request = Lookup(cookie);
-        if (error != NbdError.None)
+        ReadOnlySequence<byte> buffer = Received;
+        SimpleReply.TryRead(ref buffer, out SimpleReply reply);
+        Consumed(buffer);
+        PendingRequest request = Lookup(reply.Cookie);
+        if (reply.Error != NbdError.None)
         {
-            request.RecordError(ToException(request, error, null));
+            request.RecordError(ToException(request, reply.Error, null));
         }
         else if (request.Command == NbdCommand.Read)
         {
+            // The read's data follows the header.
             await ReceiveDataAsync(request, 0, (int)request.Length).ConfigureAwait(false);
         }
         else if (request.Command == NbdCommand.BlockStatus)
         {
-            throw new NbdProtocolException($"simple reply to BLOCK_STATUS (cookie {cookie})");
+            throw new NbdProtocolException($"simple reply to BLOCK_STATUS (cookie {reply.Cookie})");
         }
         Finish(request);
     }
 
-    // S: 32 bits 0x668e33ef, 16 bits flags, 16 bits type, 64 bits cookie, 32 bits length, payload
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask StructuredChunkAsync()
     {
-        if (Buffered < NbdLimits.StructuredReplyHeaderSize)
+        if (Buffered < NbdWire.StructuredReplyHeaderSize)
         {
-            await FillAsync(NbdLimits.StructuredReplyHeaderSize).ConfigureAwait(false);
+            await FillAsync(NbdWire.StructuredReplyHeaderSize).ConfigureAwait(false);
         }
-        ReadOnlySpan<byte> header = _rx.AsSpan(_rxStart, NbdLimits.StructuredReplyHeaderSize);
-        var flags = (ReplyFlags)BinaryPrimitives.ReadUInt16BigEndian(header[4..]);
-        var type = (ReplyType)BinaryPrimitives.ReadUInt16BigEndian(header[6..]);
-        ulong cookie = BinaryPrimitives.ReadUInt64BigEndian(header[8..]);
-        uint length = BinaryPrimitives.ReadUInt32BigEndian(header[16..]);
-        _rxStart += NbdLimits.StructuredReplyHeaderSize;
-        PendingRequest request = Lookup(cookie);
+        ReadOnlySequence<byte> buffer = Received;
+        ChunkHeader.TryRead(ref buffer, extended: false, out ChunkHeader chunk);
+        Consumed(buffer);
+        PendingRequest request = Lookup(chunk.To.Cookie);
 
-        switch (type)
+        switch (chunk.Type)
         {
             case ReplyType.OffsetData:
             {
-                // 64 bits offset, then the data
-                if (request.Command != NbdCommand.Read || length < 8)
+                if (request.Command != NbdCommand.Read)
                 {
-                    throw new NbdProtocolException($"OFFSET_DATA of {length} bytes in reply to {request.Command}");
+                    throw new NbdProtocolException($"OFFSET_DATA of {chunk.Length} bytes in reply to {request.Command}");
                 }
-                if (Buffered < 8)
-                {
-                    await FillAsync(8).ConfigureAwait(false);
-                }
-                ulong offset = BinaryPrimitives.ReadUInt64BigEndian(_rx.AsSpan(_rxStart));
-                _rxStart += 8;
-                int at = Place(request, offset, length - 8);
-                await ReceiveDataAsync(request, at, (int)(length - 8)).ConfigureAwait(false);
+                DataChunk data = await ReadPayloadAsync<DataChunk>(chunk, ChunkPayload.TryReadOffsetData).ConfigureAwait(false);
+                int at = Place(request, data.Offset, (uint)data.DataLength);
+                // The data stays in the receive buffer for ReceiveDataAsync: received into the caller's memory.
+                await ReceiveDataAsync(request, at, (int)data.DataLength).ConfigureAwait(false);
                 break;
             }
             case ReplyType.OffsetHole:
             {
-                // 64 bits offset, 32 bits hole size
-                if (request.Command != NbdCommand.Read || length != 12)
+                if (request.Command != NbdCommand.Read)
                 {
-                    throw new NbdProtocolException($"OFFSET_HOLE of {length} bytes in reply to {request.Command}");
+                    throw new NbdProtocolException($"OFFSET_HOLE of {chunk.Length} bytes in reply to {request.Command}");
                 }
-                if (Buffered < 12)
-                {
-                    await FillAsync(12).ConfigureAwait(false);
-                }
-                ulong offset = BinaryPrimitives.ReadUInt64BigEndian(_rx.AsSpan(_rxStart));
-                uint size = BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart + 8));
-                _rxStart += 12;
-                int at = Place(request, offset, size);
+                HoleChunk hole = await ReadPayloadAsync<HoleChunk>(chunk, ChunkPayload.TryReadOffsetHole).ConfigureAwait(false);
+                int at = Place(request, hole.Offset, hole.Length);
                 if (Claim(request))
                 {
-                    request.Destination.Span.Slice(at, (int)size).Clear();
+                    request.Destination.Span.Slice(at, (int)hole.Length).Clear();
                     Unclaim(request);
                 }
-                request.Covered += size;
+                request.Covered += hole.Length;
                 HoleChunks++;
                 break;
             }
             case ReplyType.BlockStatus:
-                await BlockStatusChunkAsync(request, length).ConfigureAwait(false);
+                await BlockStatusChunkAsync(request, chunk).ConfigureAwait(false);
                 break;
             case ReplyType.None:
-                if (length != 0 || !flags.HasFlag(ReplyFlags.Done))
+                if (chunk.Length != 0 || !chunk.Done)
                 {
-                    throw new NbdProtocolException($"NONE chunk of {length} bytes without DONE (flags {flags})");
+                    throw new NbdProtocolException($"NONE chunk of {chunk.Length} bytes without DONE (flags {chunk.Flags})");
                 }
+                break;
+            case var type when ChunkPayload.IsError(type):
+                ErrorChunk error = await ReadPayloadAsync<ErrorChunk>(chunk, ChunkPayload.TryReadError).ConfigureAwait(false);
+                request.RecordError(ToException(request, error.Error, error.Message));
                 break;
             default:
-                if (((ushort)type & 0x8000) == 0)
-                {
-                    throw new NbdProtocolException($"unexpected reply chunk type {(ushort)type} to {request.Command}");
-                }
-                await ErrorChunkAsync(request, type, length).ConfigureAwait(false);
-                break;
+                throw new NbdProtocolException($"unexpected reply chunk type {(ushort)chunk.Type} to {request.Command}");
         }
-        if (flags.HasFlag(ReplyFlags.Done))
+        if (chunk.Done)
         {
             Finish(request);
         }
     }
 
-    // 32 bits context id, then per extent 32 bits length and 32 bits status
-    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
-    private async ValueTask BlockStatusChunkAsync(PendingRequest request, uint length)
+    /// <summary>
+    /// Receives until <paramref name="read"/> takes the chunk's payload (what it needs of it) from
+    /// the receive buffer. The codec checks the chunk's length against its type first, so a length
+    /// that does not fit fails here before anything is awaited.
+    /// </summary>
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder<>))]
+    private async ValueTask<T> ReadPayloadAsync<T>(ChunkHeader chunk, ChunkPayloadReader<T> read)
     {
-        if (request.Command != NbdCommand.BlockStatus || length < 12 || (length - 4) % 8 != 0)
+        while (true)
         {
-            throw new NbdProtocolException($"BLOCK_STATUS of {length} bytes in reply to {request.Command}");
-        }
-        if (Buffered < 4)
-        {
-            await FillAsync(4).ConfigureAwait(false);
-        }
-        uint contextId = BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart));
-        _rxStart += 4;
-        long count = (length - 4) / 8;
-        bool mine = contextId == request.ContextId;
-        if (mine && request.ContextSeen)
-        {
-            throw new NbdProtocolException($"two BLOCK_STATUS chunks for context {contextId}");
-        }
-        bool claimed = mine && Claim(request);
-        int room = claimed ? request.Extents.Length : 0;
-        int written = 0;
-        for (long i = 0; i < count; i++)
-        {
-            if (Buffered < 8)
+            ReadOnlySequence<byte> buffer = Received;
+            if (read(ref buffer, chunk, out T payload))
             {
-                await FillAsync(8).ConfigureAwait(false);
+                Consumed(buffer);
+                return payload;
             }
-            if (written < room)
+            if (Buffered == _rx.Length)
             {
-                request.Extents.Span[written++] = new MetaExtent(
-                    BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart)),
-                    BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart + 4)));
+                throw new NbdProtocolException($"{chunk.Type} chunk of {chunk.Length} bytes, more than the receive buffer holds");
             }
-            _rxStart += 8;
-        }
-        if (mine)
-        {
-            request.ContextSeen = true;
-            request.ExtentCount = written;
-        }
-        if (claimed)
-        {
-            Unclaim(request);
+            await FillAsync(Buffered + 1).ConfigureAwait(false);
         }
     }
 
-    // 32 bits error, 16 bits message length, message, (ERROR_OFFSET: 64 bits offset)
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
-    private async ValueTask ErrorChunkAsync(PendingRequest request, ReplyType type, uint length)
+    private async ValueTask BlockStatusChunkAsync(PendingRequest request, ChunkHeader chunk)
     {
-        if (length < 6 || length > _rx.Length)
+        if (request.Command != NbdCommand.BlockStatus)
         {
-            throw new NbdProtocolException($"error chunk of {length} bytes");
+            throw new NbdProtocolException($"BLOCK_STATUS of {chunk.Length} bytes in reply to {request.Command}");
         }
-        if (Buffered < length)
+        // The whole chunk is taken at once: the owner sends at most NbdLimits.MaxExtentsPerReply
+        // descriptors in one (8 KiB), well within the receive buffer.
+        BlockStatusChunk status = await ReadPayloadAsync<BlockStatusChunk>(chunk, ChunkPayload.TryReadBlockStatus).ConfigureAwait(false);
+        // The descriptors are read from the receive buffer, which nothing refills before this returns.
+        TakeExtents(request, status);
+    }
+
+    private void TakeExtents(PendingRequest request, in BlockStatusChunk status)
+    {
+        bool mine = status.ContextId == request.ContextId;
+        if (mine && request.ContextSeen)
         {
-            await FillAsync((int)length).ConfigureAwait(false);
+            throw new NbdProtocolException($"two BLOCK_STATUS chunks for context {status.ContextId}");
         }
-        var error = (NbdError)BinaryPrimitives.ReadUInt32BigEndian(_rx.AsSpan(_rxStart));
-        int messageLength = BinaryPrimitives.ReadUInt16BigEndian(_rx.AsSpan(_rxStart + 4));
-        if (error == NbdError.None || 6 + messageLength > length || (type == ReplyType.ErrorOffset && length != 6 + messageLength + 8))
+        if (!mine)
         {
-            throw new NbdProtocolException($"malformed {type} chunk (error {(uint)error}, message {messageLength} bytes, chunk {length} bytes)");
+            return;
         }
-        string message = Encoding.UTF8.GetString(_rx, _rxStart + 6, messageLength);
-        _rxStart += (int)length;
-        request.RecordError(ToException(request, error, message));
+        int written = 0;
+        if (Claim(request))
+        {
+            Span<MetaExtent> extents = request.Extents.Span;
+            foreach (MetaExtent extent in status)
+            {
+                if (written == extents.Length)
+                {
+                    break;
+                }
+                extents[written++] = extent;
+            }
+            Unclaim(request);
+        }
+        request.ContextSeen = true;
+        request.ExtentCount = written;
     }
 
     /// <summary>Where a read chunk lands in the request's buffer; a chunk outside the request breaks the stream.</summary>
