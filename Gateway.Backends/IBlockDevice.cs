@@ -107,3 +107,24 @@ public interface INonBlockingIo
 
     bool TryWriteNoWait(long offset, ReadOnlySpan<byte> source);
 }
+
+/// <summary>
+/// A device that may send its requests to another process (a cluster node's link to the export's
+/// owner) instead of doing the I/O: starting a request then only writes it to a stream, so the
+/// protocol layer starts it on its reader's thread and corks the stream while it parses a batch.
+/// The protocol layer asks for this capability, never for the kind of device.
+/// </summary>
+public interface IForwardingDevice
+{
+    /// <summary>True while requests go to another process (nothing blocks before the reply comes back).</summary>
+    bool IsRemote { get; }
+
+    /// <summary>Holds the requests started from now on until <see cref="IRequestBatch.Uncork"/>, which sends them in one write; null when not remote.</summary>
+    IRequestBatch? Cork();
+}
+
+/// <summary>Requests held back by <see cref="IForwardingDevice.Cork"/>.</summary>
+public interface IRequestBatch
+{
+    void Uncork();
+}

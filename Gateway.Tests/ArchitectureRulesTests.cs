@@ -91,6 +91,8 @@ public sealed class ArchitectureRulesTests(ITestOutputHelper output)
     [InlineData("Nbd", Akka)]
     [InlineData("Nbd", "Bitmaps")]
     [InlineData("Nbd", "Connections")]
+    // Nor the cluster: a forwarding device declares it (IForwardingDevice); issue 16, item 2.
+    [InlineData("Nbd", "Cluster")]
     // TLS and telemetry are leaves: everything may use them, they use (almost) nothing.
     [InlineData("Tls", Akka)]
     [InlineData("Tls", Backends)]

@@ -18,7 +18,7 @@ namespace Gateway.Actors.Cluster;
 /// ordered anything after it, and the old owner applies nothing more once the new one serves
 /// (a graceful owner drains before it lets go).
 /// </summary>
-public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
+public sealed class ExportLink : IBlockDevice, INonBlockingIo, IForwardingDevice, IAsyncDisposable
 {
     /// <summary>How long a request waits for the export to be (re-)homed before it fails with EIO.</summary>
     public static readonly TimeSpan ResolveTimeout = TimeSpan.FromSeconds(20);
@@ -133,7 +133,7 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IAsyncDisposable
     public bool IsRemote => _localHandle is null && _peer is { Client.IsBroken: false, Retired: false };
 
     /// <summary>The peer stream requests go over now, held back until uncorked (see <see cref="PeerNbdClient.Cork"/>); null when local.</summary>
-    public PeerNbdClient? Cork()
+    public IRequestBatch? Cork()
     {
         PeerNbdClient? client = _localHandle is null ? _peer?.Client : null;
         client?.Cork();

@@ -31,7 +31,7 @@ namespace Gateway.Actors.Cluster;
 /// request not yet sent is dropped, one already sent has its reply read and thrown away.
 /// </para>
 /// </summary>
-public sealed class PeerNbdClient : IAsyncDisposable
+public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
 {
     private const int ReceiveBufferSize = 64 * 1024;
     private const int SendBufferSize = 64 * 1024;

@@ -46,7 +46,8 @@ public sealed class Transmission
     private readonly CancellationTokenSource _aborted = new();
 
     private RequestWork? _batch;
-    private Cluster.PeerNbdClient? _corked;
+    private readonly IForwardingDevice? _forwarding;
+    private IRequestBatch? _corked;
     private int _inFlight;
     private long _inFlightBytes;
     private volatile bool _draining;
@@ -62,10 +63,12 @@ public sealed class Transmission
         _export = session.Export;
         _device = session.Export.Device;
         _nonBlocking = _device as INonBlockingIo;
+        _forwarding = _device as IForwardingDevice;
         _contexts = [.. session.Contexts];
         Extended = session.ExtendedHeaders;
         Structured = session.StructuredReplies || Extended;
-        SparseReads = Structured && _device is not Cluster.ExportLink;
+        // A hole is found by asking the allocation: for a forwarding device, a round trip per read.
+        SparseReads = Structured && _forwarding is null;
         _logger = logger;
         _metrics = GatewayTelemetry.Enabled ? GatewayTelemetry.For(_export.Info.Name) : null;
     }
@@ -376,12 +379,12 @@ public sealed class Transmission
             work.Next = _batch;
             _batch = work;
         }
-        else if (_device is Cluster.ExportLink { IsRemote: true } link)
+        else if (_forwarding is { IsRemote: true } forwarding)
         {
             // Forwarded to the owner: the request only has to be written to the peer stream
             // (no blocking I/O here), and its reply completes it on the stream's reader. The
             // stream is corked until the batch is parsed, so the batch goes in one write.
-            _corked ??= link.Cork();
+            _corked ??= forwarding.Cork();
             work.Execute();
         }
         else
