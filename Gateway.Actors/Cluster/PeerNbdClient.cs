@@ -925,34 +925,34 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         switch (chunk.Type)
         {
             case ReplyType.OffsetData:
-            {
-                if (request.Command != NbdCommand.Read)
                 {
-                    throw new NbdProtocolException($"OFFSET_DATA of {chunk.Length} bytes in reply to {request.Command}");
+                    if (request.Command != NbdCommand.Read)
+                    {
+                        throw new NbdProtocolException($"OFFSET_DATA of {chunk.Length} bytes in reply to {request.Command}");
+                    }
+                    DataChunk data = await ReadPayloadAsync<DataChunk>(chunk, ChunkPayload.TryReadOffsetData).ConfigureAwait(false);
+                    int at = Place(request, data.Offset, (uint)data.DataLength);
+                    // The data stays in the receive buffer for ReceiveDataAsync: received into the caller's memory.
+                    await ReceiveDataAsync(request, at, (int)data.DataLength).ConfigureAwait(false);
+                    break;
                 }
-                DataChunk data = await ReadPayloadAsync<DataChunk>(chunk, ChunkPayload.TryReadOffsetData).ConfigureAwait(false);
-                int at = Place(request, data.Offset, (uint)data.DataLength);
-                // The data stays in the receive buffer for ReceiveDataAsync: received into the caller's memory.
-                await ReceiveDataAsync(request, at, (int)data.DataLength).ConfigureAwait(false);
-                break;
-            }
             case ReplyType.OffsetHole:
-            {
-                if (request.Command != NbdCommand.Read)
                 {
-                    throw new NbdProtocolException($"OFFSET_HOLE of {chunk.Length} bytes in reply to {request.Command}");
+                    if (request.Command != NbdCommand.Read)
+                    {
+                        throw new NbdProtocolException($"OFFSET_HOLE of {chunk.Length} bytes in reply to {request.Command}");
+                    }
+                    HoleChunk hole = await ReadPayloadAsync<HoleChunk>(chunk, ChunkPayload.TryReadOffsetHole).ConfigureAwait(false);
+                    int at = Place(request, hole.Offset, hole.Length);
+                    if (Claim(request))
+                    {
+                        request.Destination.Span.Slice(at, (int)hole.Length).Clear();
+                        Unclaim(request);
+                    }
+                    request.Covered += hole.Length;
+                    HoleChunks++;
+                    break;
                 }
-                HoleChunk hole = await ReadPayloadAsync<HoleChunk>(chunk, ChunkPayload.TryReadOffsetHole).ConfigureAwait(false);
-                int at = Place(request, hole.Offset, hole.Length);
-                if (Claim(request))
-                {
-                    request.Destination.Span.Slice(at, (int)hole.Length).Clear();
-                    Unclaim(request);
-                }
-                request.Covered += hole.Length;
-                HoleChunks++;
-                break;
-            }
             case ReplyType.BlockStatus:
                 await BlockStatusChunkAsync(request, chunk).ConfigureAwait(false);
                 break;
