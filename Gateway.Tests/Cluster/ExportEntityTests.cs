@@ -14,41 +14,26 @@ namespace Gateway.Tests.Cluster;
 /// <see cref="ExportGone"/>, never with an owner, and must not open the removed export again.
 /// The registry is a probe, so each answer is chosen here.
 /// </summary>
-public sealed class ExportEntityTests : Akka.TestKit.Xunit2.TestKit
+public sealed class ExportEntityTests(ITestOutputHelper output) : ExportEntityTestKit(output)
 {
-    private const string Config = """
-        akka.loglevel = INFO
-        akka.persistence.journal.plugin = "akka.persistence.journal.inmem"
-        akka.persistence.snapshot-store.plugin = "akka.persistence.snapshot-store.inmem"
-        """;
-
-    private static readonly TimeSpan Patience = TimeSpan.FromSeconds(10);
-    private readonly string _data = Directory.CreateTempSubdirectory("gateway-export-entity-").FullName;
-    private readonly BackendFactory _backends;
     private readonly LocalExports _local = new();
-    private readonly TestProbe _registry;
-
-    public ExportEntityTests(ITestOutputHelper output) : base(Config, output)
-    {
-        _backends = new BackendFactory(_data);
-        _registry = CreateTestProbe();
-    }
+    private TestProbe Registry => field ??= CreateTestProbe();
 
     private static ExportSpec Spec(string name, string incarnation) =>
         new(name, 16 << 20, new BackendSpec(BackendSpec.File), ReadOnly: false, Description: null, Incarnation: incarnation);
 
     private IActorRef Entity() =>
-        Sys.ActorOf(ExportEntity.Props(_backends, _local, new global::Gateway.Actors.Cluster.ClusterNode("n1", "127.0.0.1", 1), _registry.Ref));
+        Sys.ActorOf(ExportEntity.Props(Backends, _local, new global::Gateway.Actors.Cluster.ClusterNode("n1", "127.0.0.1", 1), Registry.Ref));
 
     [Fact]
     public async Task A_locate_for_a_removed_export_is_answered_gone_and_opens_nothing()
     {
         ExportSpec old = Spec("removed", "a");
-        await _backends.CreateAsync(old, CancellationToken.None);
+        await Backends.CreateAsync(old, CancellationToken.None);
         IActorRef entity = Entity();
         Task<object> located = entity.Ask<object>(new ExportEnvelope(old, LocateExport.Instance), Patience);
-        Assert.Equal("removed", (await _registry.ExpectMsgAsync<GetExportSpec>(Patience)).ExportName);
-        _registry.Reply(new ExportSpecFound(null));
+        Assert.Equal("removed", (await Registry.ExpectMsgAsync<GetExportSpec>(Patience)).ExportName);
+        Registry.Reply(new ExportSpecFound(null));
         Assert.IsType<ExportGone>(await located);
         Assert.Null(_local.Get("removed"));
     }
@@ -58,43 +43,34 @@ public sealed class ExportEntityTests : Akka.TestKit.Xunit2.TestKit
     {
         ExportSpec earlier = Spec("reborn", "a");
         ExportSpec current = Spec("reborn", "b");
-        await _backends.CreateAsync(current, CancellationToken.None);
+        await Backends.CreateAsync(current, CancellationToken.None);
         IActorRef entity = Entity();
 
         // The link of the earlier incarnation asks first: the registry knows only the current one.
         Task<object> stale = entity.Ask<object>(new ExportEnvelope(earlier, LocateExport.Instance), Patience);
-        await _registry.ExpectMsgAsync<GetExportSpec>(Patience);
-        _registry.Reply(new ExportSpecFound(current));
+        await Registry.ExpectMsgAsync<GetExportSpec>(Patience);
+        Registry.Reply(new ExportSpecFound(current));
         Assert.IsType<ExportGone>(await stale);
 
         Task<object> fresh = entity.Ask<object>(new ExportEnvelope(current, LocateExport.Instance), Patience);
-        await _registry.ExpectMsgAsync<GetExportSpec>(Patience);
-        _registry.Reply(new ExportSpecFound(current));
+        await Registry.ExpectMsgAsync<GetExportSpec>(Patience);
+        Registry.Reply(new ExportSpecFound(current));
         Assert.IsType<ExportLocated>(await fresh);
 
         // Once the current incarnation runs, an earlier one's locate is refused without asking.
         Assert.IsType<ExportGone>(await entity.Ask<object>(new ExportEnvelope(earlier, LocateExport.Instance), Patience));
-        await _registry.ExpectNoMsgAsync(TimeSpan.FromMilliseconds(200));
+        await Registry.ExpectNoMsgAsync(TimeSpan.FromMilliseconds(200));
         Assert.IsType<ExportLocated>(await entity.Ask<object>(new ExportEnvelope(current, LocateExport.Instance), Patience));
     }
 
     [Fact]
-    public async Task An_export_woken_by_the_registry_opens_without_asking_it()
+    public async Task An_export_woken_by_theRegistry_opens_without_asking_it()
     {
         ExportSpec spec = Spec("woken", "a");
-        await _backends.CreateAsync(spec, CancellationToken.None);
+        await Backends.CreateAsync(spec, CancellationToken.None);
         IActorRef entity = Entity();
         entity.Tell(new ExportEnvelope(spec, WakeExport.Instance));
         Assert.IsType<ExportLocated>(await entity.Ask<object>(new ExportEnvelope(spec, LocateExport.Instance), Patience));
-        await _registry.ExpectNoMsgAsync(TimeSpan.FromMilliseconds(200));
-    }
-
-    protected override void Dispose(bool disposing)
-    {
-        base.Dispose(disposing);
-        if (disposing)
-        {
-            Directory.Delete(_data, recursive: true);
-        }
+        await Registry.ExpectNoMsgAsync(TimeSpan.FromMilliseconds(200));
     }
 }

@@ -13,21 +13,8 @@ namespace Gateway.Tests.Cluster;
 /// forwarding node answers EIO once. The terms live in the journal, so a new owner on another
 /// node learns how the last one ended; here, a new entity in the same actor system stands for it.
 /// </summary>
-public sealed class ExportTermsTests : Akka.TestKit.Xunit2.TestKit
+public sealed class ExportTermsTests(ITestOutputHelper output) : ExportEntityTestKit(output)
 {
-    private const string Config = """
-        akka.loglevel = INFO
-        akka.persistence.journal.plugin = "akka.persistence.journal.inmem"
-        akka.persistence.snapshot-store.plugin = "akka.persistence.snapshot-store.inmem"
-        """;
-
-    private static readonly TimeSpan Patience = TimeSpan.FromSeconds(10);
-    private readonly string _data = Directory.CreateTempSubdirectory("gateway-export-terms-").FullName;
-
-    public ExportTermsTests(ITestOutputHelper output) : base(Config, output)
-    {
-    }
-
     [Fact]
     public async Task A_term_after_a_clean_end_keeps_the_epoch_and_one_after_an_unclean_end_does_not()
     {
@@ -59,7 +46,7 @@ public sealed class ExportTermsTests : Akka.TestKit.Xunit2.TestKit
     [Fact]
     public async Task An_export_handed_over_in_order_keeps_its_epoch_and_one_stopped_without_a_handoff_does_not()
     {
-        var backends = new BackendFactory(_data);
+        BackendFactory backends = Backends;
         var spec = new ExportSpec("handed", 16 << 20, new BackendSpec(BackendSpec.File), ReadOnly: false, Description: null);
         await backends.CreateAsync(spec, CancellationToken.None);
         var local = new LocalExports();
@@ -101,14 +88,5 @@ public sealed class ExportTermsTests : Akka.TestKit.Xunit2.TestKit
         Sys.Stop(actor);
         await ExpectTerminatedAsync(actor, Patience);
         Unwatch(actor);
-    }
-
-    protected override void Dispose(bool disposing)
-    {
-        base.Dispose(disposing);
-        if (disposing)
-        {
-            Directory.Delete(_data, recursive: true);
-        }
     }
 }
