@@ -227,16 +227,13 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers, IWithUnboundedStas
         {
             verified.ReplyTo.Tell(Gone(envelope.Spec));
         }
-        else if (_spec is null)
-        {
-            // Verified: this incarnation opens here, from the registry's spec, not the link's (it
-            // is the latest: a snapshot may have pushed a layer since the link attached).
-            _spec = current;
-            Self.Tell(envelope with { Spec = current }, verified.ReplyTo);
-        }
         else
         {
-            Self.Tell(envelope, verified.ReplyTo);
+            // Verified (everything else was stashed meanwhile, so nothing has set _spec): this
+            // incarnation opens here, from the registry's spec, not the link's (it is the latest:
+            // a snapshot may have pushed a layer since the link attached).
+            _spec = current;
+            Self.Tell(envelope with { Spec = current }, verified.ReplyTo);
         }
     }
 
@@ -264,7 +261,7 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers, IWithUnboundedStas
             _spec ??= envelope.Spec;
             // Closed until this node holds the lease of its term: the backend may open meanwhile,
             // but no request reaches it while the last owner's lease may still run.
-            _fence = _leases is null ? null : OwnershipFence.Closed($"export '{envelope.Spec.Name}' has no lease on {_node.Name} yet");
+            _fence = _leases is null ? null : new OwnershipFence();
             _export = Context.ActorOf(ExportActor.Props(envelope.Spec, _backends, _fence), "export");
             _terms = Context.ActorOf(ExportTerms.Props(envelope.Spec.Name), "terms");
             _beginning = BeginTermAsync(_terms, envelope.Spec.Name, _node.Name, _leases, _timing, _fence);

@@ -14,21 +14,10 @@ namespace Gateway.Actors.Exports;
 /// </summary>
 public sealed class OwnershipFence
 {
-    private long _validUntil;
-    private volatile string _reason;
+    // Closed until the first ExtendTo.
+    private long _validUntil = long.MinValue;
+    private volatile string _reason = "";
     private volatile bool _revoked;
-
-    private OwnershipFence(long validUntil, string reason)
-    {
-        _validUntil = validUntil;
-        _reason = reason;
-    }
-
-    /// <summary>No deadline: a single node, or an export whose storage no other node can reach.</summary>
-    public static OwnershipFence Unlimited() => new(long.MaxValue, "");
-
-    /// <summary>Closed until the first <see cref="ExtendTo"/>.</summary>
-    public static OwnershipFence Closed(string reason) => new(long.MinValue, reason);
 
     public bool IsOpen => Stopwatch.GetTimestamp() < Volatile.Read(ref _validUntil);
 

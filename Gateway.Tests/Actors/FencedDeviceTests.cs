@@ -17,7 +17,7 @@ public sealed class FencedDeviceTests
     public async Task A_closed_fence_refuses_every_request_with_ESHUTDOWN_and_nothing_reaches_the_device()
     {
         using var memory = new MemoryBackend(1 << 20);
-        var fence = OwnershipFence.Closed("no lease yet");
+        var fence = new OwnershipFence();
         using var device = new FencedDevice(memory, fence);
         byte[] block = Enumerable.Repeat((byte)0x5A, 4096).ToArray();
 
@@ -46,7 +46,7 @@ public sealed class FencedDeviceTests
     public async Task An_open_fence_serves_until_its_deadline_then_refuses()
     {
         using var memory = new MemoryBackend(1 << 20);
-        var fence = OwnershipFence.Closed("no lease yet");
+        var fence = new OwnershipFence();
         using var device = new FencedDevice(memory, fence);
         fence.ExtendTo(In(TimeSpan.FromMilliseconds(300)));
         await device.WriteAsync(0, new byte[] { 1, 2, 3, 4 }, fua: false);
@@ -66,7 +66,7 @@ public sealed class FencedDeviceTests
     public async Task A_revoked_fence_stays_closed_whatever_a_late_renewal_says()
     {
         using var memory = new MemoryBackend(1 << 20);
-        var fence = OwnershipFence.Closed("no lease yet");
+        var fence = new OwnershipFence();
         using var device = new FencedDevice(memory, fence);
         fence.ExtendTo(In(TimeSpan.FromSeconds(30)));
         fence.Revoke("another node holds the export's lease");
