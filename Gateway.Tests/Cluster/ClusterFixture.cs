@@ -301,6 +301,10 @@ public sealed class ClusterFixture : IAsyncLifetime
     public Task CreateExportAsync(ClusterNode via, object request) =>
         AdminAsync(HttpStatusCode.Created, via, HttpMethod.Post, "v1/exports", request);
 
+    /// <summary>qemu-io with the given commands on an export through one node; a failure carries every node's log.</summary>
+    public Task<ToolResult> QemuIoAsync(ClusterNode via, string export, params string[] commands) =>
+        RunAsync("qemu-io", ["-f", "raw", via.NbdUri(export), .. commands.SelectMany(c => new[] { "-c", c })], TimeSpan.FromSeconds(120));
+
     /// <summary>Runs a tool; a failure carries every node's log.</summary>
     public Task<ToolResult> RunAsync(string tool, IEnumerable<string> args, TimeSpan? timeout = null, bool check = true) =>
         Tool.RunAsync(tool, args, timeout, check, DataDirectory, Describe);
