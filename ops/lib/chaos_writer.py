@@ -35,7 +35,6 @@ bitmaps"). Granules dirty without any write of this cycle sent to them are count
 (over-reporting; not a loss).
 """
 import argparse
-import errno
 import json
 import os
 import pickle
