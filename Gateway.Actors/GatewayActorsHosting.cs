@@ -63,6 +63,7 @@ public static class GatewayActorsHosting
             registry.Register<ConnectionSupervisorKey>(system.ActorOf(
                 ConnectionSupervisor.Props(directory, loggers.CreateLogger("Gateway.Nbd"), nbd, maxConnections), "connections"));
             system.ActorOf(JournalWarmup.Props(), "journal-warmup");
+            system.ActorOf(DeadPeerDowning.Props(), "dead-peer-downing");
             // Peers speak plain NBD on the cluster's network: no TLS, no client limit.
             registry.Register<PeerConnectionSupervisorKey>(system.ActorOf(
                 ConnectionSupervisor.Props(local, loggers.CreateLogger("Gateway.Peer")), "peer-connections"));

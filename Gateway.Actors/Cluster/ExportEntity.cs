@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using Akka.Actor;
 using Akka.Event;
 using Gateway.Actors.Bitmaps;
@@ -264,7 +265,7 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers, IWithUnboundedStas
             _fence = _leases is null ? null : new OwnershipFence();
             _export = Context.ActorOf(ExportActor.Props(envelope.Spec, _backends, _fence), "export");
             _terms = Context.ActorOf(ExportTerms.Props(envelope.Spec.Name), "terms");
-            _beginning = BeginTermAsync(_terms, envelope.Spec.Name, _node.Name, _leases, _timing, _fence);
+            _beginning = BeginTermAsync(_terms, envelope.Spec.Name, _node.Name, _leases, _timing, _fence, _log);
             Context.Watch(_export);
             Context.Watch(_terms);
             _log.Info("Export {0} homed on node {1}", envelope.Spec.Name, _node.Name);
@@ -291,14 +292,21 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers, IWithUnboundedStas
         }
     }
 
-    /// <summary>A new term in the journal, then (in a cluster) the lease of that term.</summary>
-    private static async Task<TermBegun> BeginTermAsync(IActorRef terms, string export, string node, IExportLeases? leases, LeaseTiming timing, OwnershipFence? fence)
+    /// <summary>
+    /// A new term in the journal, then (in a cluster) the lease of that term. The log says how
+    /// long each took: on a failover they are most of the time from homed to served.
+    /// </summary>
+    private static async Task<TermBegun> BeginTermAsync(IActorRef terms, string export, string node, IExportLeases? leases, LeaseTiming timing, OwnershipFence? fence, ILoggingAdapter log)
     {
+        long started = Stopwatch.GetTimestamp();
         TermBegun term = await terms.Ask<TermBegun>(BeginTerm.Instance, OpenTimeout).ConfigureAwait(false);
+        TimeSpan journaled = Stopwatch.GetElapsedTime(started);
         if (leases is not null && fence is not null)
         {
             await timing.AcquireAsync(leases, export, node, term.Term, fence, CancellationToken.None).ConfigureAwait(false);
         }
+        log.Info("Export {0} term {1} (epoch {2}) on node {3}: in the journal after {4:F0} ms, lease held after {5:F0} ms",
+            export, term.Term, term.Epoch, node, journaled.TotalMilliseconds, Stopwatch.GetElapsedTime(started).TotalMilliseconds);
         return term;
     }
 

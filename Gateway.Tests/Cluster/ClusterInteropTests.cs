@@ -22,8 +22,11 @@ public sealed class ClusterInteropTests(ClusterFixture cluster, Xunit.Abstractio
     private const long MiB = 1 << 20;
     private const string Python = "/usr/bin/python3"; // the nbd module exists only for the system python
 
-    /// <summary>Issue 8: after kill -9 of the owner the export is served again within this, measured from the kill.</summary>
-    private static readonly TimeSpan FailoverDeadline = TimeSpan.FromSeconds(8);
+    /// <summary>
+    /// After kill -9 of the owner the export is served again within this, measured from the kill:
+    /// 3.6-4.2 s here (README "Failover"); the second and more are room for a slower CI machine.
+    /// </summary>
+    private static readonly TimeSpan FailoverDeadline = TimeSpan.FromSeconds(6);
 
     /// <summary>The three initial nodes, in start order.</summary>
     private (ClusterNode A, ClusterNode B, ClusterNode C) Three()
@@ -345,7 +348,7 @@ public sealed class ClusterInteropTests(ClusterFixture cluster, Xunit.Abstractio
         """;
 
     [Fact]
-    public async Task Kill_9_of_the_owner_under_load_re_homes_the_export_within_8_s_with_flushed_data_and_bitmaps_intact()
+    public async Task Kill_9_of_the_owner_under_load_re_homes_the_export_within_6_s_with_flushed_data_and_bitmaps_intact()
     {
         const string Export = "failover";
         (ClusterNode owner, ClusterNode writer, ClusterNode loader) = await CreateOwnedElsewhereAsync(Export);
@@ -400,8 +403,8 @@ public sealed class ClusterInteropTests(ClusterFixture cluster, Xunit.Abstractio
             foreach (ClusterNode survivor in survivors)
             {
                 foreach (string line in survivor.Gateway.Output.Split('\n').Where(l =>
-                    l.Contains("as UNREACHABLE", StringComparison.Ordinal) || l.Contains("SBR took decision", StringComparison.Ordinal) ||
-                    l.Contains("Leader is removing", StringComparison.Ordinal) || l.Contains($"Export {Export} homed", StringComparison.Ordinal) ||
+                    l.Contains("as UNREACHABLE", StringComparison.Ordinal) || l.Contains("refuses connections", StringComparison.Ordinal) || l.Contains("SBR took decision", StringComparison.Ordinal) ||
+                    l.Contains("Leader is removing", StringComparison.Ordinal) || l.Contains($"Export {Export} homed", StringComparison.Ordinal) || l.Contains($"Export {Export} term", StringComparison.Ordinal) ||
                     l.Contains("unable to update a distributed state", StringComparison.Ordinal) || l.Contains("Singleton manager starting singleton", StringComparison.Ordinal)))
                 {
                     output.WriteLine($"{survivor.Name}: {line[..Math.Min(line.Length, 160)]}");
@@ -410,6 +413,10 @@ public sealed class ClusterInteropTests(ClusterFixture cluster, Xunit.Abstractio
             output.WriteLine($"kill -9 of owner {owner}: served again through {writer} after {servedAfter?.TotalSeconds.ToString("F1", System.Globalization.CultureInfo.InvariantCulture) ?? "never"} s; load through {loader}: {summary}");
             Assert.True(servedAfter is not null,
                 $"{Export} was not served through {writer} within 30 s of kill -9 of its owner {owner}; last probe:\n{lastProbe}\nload: {summary}\n{cluster.Describe()}");
+            // The survivors saw the dead process refuse connections and downed it without waiting
+            // for the failure detector (DeadPeerDowning).
+            Assert.True(survivors.Any(n => n.Gateway.Output.Contains("refuses connections on its remoting port", StringComparison.Ordinal)),
+                $"no survivor downed the killed owner {owner} on its refused connections\n{cluster.Describe()}");
             Assert.True(servedAfter <= FailoverDeadline,
                 $"{Export} was served again {servedAfter!.Value.TotalSeconds:F1} s after kill -9 of its owner {owner}, more than {FailoverDeadline.TotalSeconds} s\nload: {summary}\n{cluster.Describe()}");
 
