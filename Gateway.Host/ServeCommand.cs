@@ -78,8 +78,13 @@ public static class ServeCommand
                 {
                     akka.AddHocon(hocon, HoconAddMode.Prepend);
                 }
+                // The peer data stream's mutual TLS (server and client side), hot-reloaded as the export TLS is.
+                Gateway.Actors.Tls.TlsCredentials? clusterTls = cluster.Tls is { } files
+                    ? new Gateway.Actors.Tls.TlsCredentials(files.Certificate, files.Key, files.Ca, requireClientCertificate: true,
+                        services.GetRequiredService<ILoggerFactory>().CreateLogger("Gateway.ClusterTls"))
+                    : null;
                 akka.WithGatewayCluster(backends, initial, ClusterComposition.Node(cluster), localExports,
-                    services.GetRequiredService<PostgresExportLeases>(), nbd, options.MaxConnections);
+                    services.GetRequiredService<PostgresExportLeases>(), nbd, options.MaxConnections, clusterTls);
                 return;
             }
             akka.WithSqlPersistence(
