@@ -18,8 +18,8 @@ public sealed record ClusterSettings(IPEndPoint Remoting, string PublicHostname,
     /// <summary>Mutual TLS on the peer data stream and Akka remoting (README "Cluster TLS"); null: plaintext.</summary>
     public ClusterTlsFiles? Tls { get; init; }
 
-    /// <summary>Akka address of a seed given as HOST:PORT.</summary>
-    public static string SeedAddress(string hostPort) => $"akka.tcp://{Kubernetes.ActorSystemName}@{hostPort}";
+    /// <summary>Akka address of a seed given as HOST:PORT; with cluster TLS the transport's scheme is <c>akka.ssl.tcp</c>.</summary>
+    public static string SeedAddress(string hostPort, bool tls = false) => $"{(tls ? "akka.ssl.tcp" : "akka.tcp")}://{Kubernetes.ActorSystemName}@{hostPort}";
 }
 
 /// <summary>

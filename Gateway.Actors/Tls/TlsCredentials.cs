@@ -86,6 +86,22 @@ public sealed class TlsCredentials
         };
     }
 
+    /// <summary>
+    /// For a transport that does its own handshake (Akka remoting): whether a peer's certificate,
+    /// either way round, chains to the CA bundle. Node certificates serve as client and server, so
+    /// no key usage is asked for here.
+    /// </summary>
+    public bool IsClusterPeer(X509Certificate? presented, X509Chain? presentedChain, string? peer)
+    {
+        Snapshot snapshot = ReloadIfChanged();
+        if (presented is null || snapshot.Authorities is null)
+        {
+            _logger.LogWarning("TLS peer {Peer} refused: {Reason}", peer, presented is null ? "no certificate" : "no CA bundle to check it against");
+            return false;
+        }
+        return ChainsToAuthorities(snapshot.Authorities, presented, presentedChain, usage: null, "peer", peer);
+    }
+
     private bool ValidateServer(X509Certificate2Collection authorities, X509Certificate? presented, X509Chain? presentedChain, string server)
     {
         if (presented is null)
@@ -97,14 +113,17 @@ public sealed class TlsCredentials
     }
 
     /// <summary>The CA bundle is the only trust anchor (the system store plays no part); the leaf must be meant for <paramref name="usage"/>.</summary>
-    private bool ChainsToAuthorities(X509Certificate2Collection authorities, X509Certificate presented, X509Chain? presentedChain, Oid usage, string role, object? peer)
+    private bool ChainsToAuthorities(X509Certificate2Collection authorities, X509Certificate presented, X509Chain? presentedChain, Oid? usage, string role, object? peer)
     {
         using X509Certificate2 leaf = X509CertificateLoader.LoadCertificate(presented.GetRawCertData());
         using var chain = new X509Chain();
         chain.ChainPolicy.TrustMode = X509ChainTrustMode.CustomRootTrust;
         chain.ChainPolicy.CustomTrustStore.AddRange(authorities);
         chain.ChainPolicy.RevocationMode = X509RevocationMode.NoCheck;
-        chain.ChainPolicy.ApplicationPolicy.Add(usage);
+        if (usage is not null)
+        {
+            chain.ChainPolicy.ApplicationPolicy.Add(usage);
+        }
         if (presentedChain is not null)
         {
             foreach (X509ChainElement element in presentedChain.ChainElements)

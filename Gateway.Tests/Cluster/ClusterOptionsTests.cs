@@ -43,6 +43,7 @@ public sealed class ClusterOptionsTests
         Assert.Equal("127.0.0.1", cluster.PublicHostname);
         Assert.Null(cluster.Discovery);
         Assert.Equal("akka.tcp://gateway@127.0.0.1:7401", ClusterSettings.SeedAddress(cluster.Seeds[0]));
+        Assert.Equal("akka.ssl.tcp://gateway@127.0.0.1:7401", ClusterSettings.SeedAddress(cluster.Seeds[0], tls: true));
     }
 
     [Fact]

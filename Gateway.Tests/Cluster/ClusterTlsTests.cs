@@ -127,6 +127,41 @@ public sealed class ClusterTlsTests(TlsClusterFixture cluster) : IClassFixture<T
         Assert.Contains("refused", owner.Gateway.Output);
     }
 
+    [Fact]
+    public async Task The_remoting_port_speaks_TLS_with_a_cluster_certificate_and_refuses_plain_TCP_no_certificate_and_another_CA()
+    {
+        ClusterNode node = cluster.Running[0];
+        var remoting = new IPEndPoint(IPAddress.Loopback, node.RemotingPort);
+
+        // What the port presents chains to the cluster CA (and the two nodes formed a cluster over it: the fixture waited for both Up).
+        using (var tcp = new TcpClient())
+        {
+            await tcp.ConnectAsync(remoting);
+            await using var tls = new SslStream(tcp.GetStream());
+            X509Certificate? presented = null;
+            using X509Certificate2 member = X509Certificate2.CreateFromPemFile(Path.Combine(Path.GetDirectoryName(cluster.Ca)!, "gw2", "node-cert.pem"),
+                Path.Combine(Path.GetDirectoryName(cluster.Ca)!, "gw2", "node-key.pem"));
+            await tls.AuthenticateAsClientAsync(new SslClientAuthenticationOptions
+            {
+                TargetHost = "gw1",
+                ClientCertificates = [member],
+                RemoteCertificateValidationCallback = (_, certificate, _, _) => (presented = certificate) is not null,
+            });
+            using X509Certificate2 server = X509CertificateLoader.LoadCertificate(presented!.GetRawCertData());
+            using X509Certificate2 ca = X509Certificate2.CreateFromPem(await File.ReadAllTextAsync(cluster.Ca));
+            Assert.Equal(ca.Subject, server.Issuer);
+        }
+
+        byte[] plain = await PlainExchangeAsync(remoting);
+        Assert.Empty(plain);
+        Assert.Null(await TlsExchangeAsync(remoting, client: null));
+        using X509Certificate2 rogue = X509Certificate2.CreateFromPemFile(Path.Combine(cluster.Rogue, "node-cert.pem"), Path.Combine(cluster.Rogue, "node-key.pem"));
+        Assert.Null(await TlsExchangeAsync(remoting, rogue));
+        Assert.Contains("TLS peer", node.Gateway.Output);
+        // Still one cluster of two, each Up.
+        await cluster.WaitUntilUpAsync(TimeSpan.FromSeconds(10));
+    }
+
     private static async Task ConnectPeerAsync(IPEndPoint peer, TlsCredentials? tls)
     {
         using var timeout = new CancellationTokenSource(RefusalPatience);
