@@ -113,7 +113,7 @@ public static class ClusterCli
         };
     }
 
-    /// <summary>All three files or none; they must load now (a bad file is a configuration error, not a refused peer later).</summary>
+    /// <summary>All three files or none.</summary>
     private static ClusterTlsFiles? ReadTls(ParseResult parse, IConfiguration config)
     {
         string? cert = parse.GetValue(TlsCert) ?? config["Gateway:Cluster:TlsCertificate"];
@@ -128,7 +128,20 @@ public static class ClusterCli
             string missing = string.Join(", ", new[] { (cert, "--cluster-tls-cert"), (key, "--cluster-tls-key"), (ca, "--cluster-tls-ca") }.Where(f => f.Item1 is null).Select(f => f.Item2));
             throw new ArgumentException($"cluster TLS needs all of --cluster-tls-cert, --cluster-tls-key and --cluster-tls-ca: {missing} missing");
         }
-        var files = new ClusterTlsFiles(Path.GetFullPath(cert), Path.GetFullPath(key), Path.GetFullPath(ca));
+        return new ClusterTlsFiles(Path.GetFullPath(cert), Path.GetFullPath(key), Path.GetFullPath(ca));
+    }
+
+    /// <summary>
+    /// Loads the cluster TLS files once at startup, apart from <see cref="Apply"/> (which only
+    /// reads settings): a file that is missing or not PEM is a configuration error, said at once,
+    /// not a refused peer later.
+    /// </summary>
+    public static void LoadTls(GatewayOptions options)
+    {
+        if (options.Cluster?.Tls is not { } files)
+        {
+            return;
+        }
         try
         {
             _ = new TlsCredentials(files.Certificate, files.Key, files.Ca, requireClientCertificate: true, NullLogger.Instance);
@@ -137,6 +150,5 @@ public static class ClusterCli
         {
             throw new ArgumentException($"cluster TLS credentials do not load: {e.Message}");
         }
-        return files;
     }
 }

@@ -22,7 +22,9 @@ public sealed class ClusterOptionsTests
         ParseResult parse = serve.Parse(args);
         Assert.Empty(parse.Errors);
         IConfiguration configuration = new ConfigurationBuilder().AddInMemoryCollection(config ?? []).Build();
-        return Health.Apply(ClusterCli.Apply(Single, parse, configuration), parse, configuration);
+        GatewayOptions options = Health.Apply(ClusterCli.Apply(Single, parse, configuration), parse, configuration);
+        ClusterCli.LoadTls(options);
+        return options;
     }
 
     [Fact]
