@@ -6,6 +6,7 @@ using Gateway.Actors.Bitmaps;
 using Gateway.Actors.Cluster;
 using Gateway.Actors.Connections;
 using Gateway.Actors.Exports;
+using Gateway.Actors.Tls;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
 
@@ -48,7 +49,7 @@ public static class GatewayActorsHosting
     /// peer data streams of other nodes, which serves only exports owned here.
     /// </summary>
     public static AkkaConfigurationBuilder WithGatewayCluster(this AkkaConfigurationBuilder builder, BackendFactory backends, ExportSpec? initialExport,
-        ClusterNode node, LocalExports local, IExportLeases? leases, Nbd.NbdServerSettings? nbd = null, int? maxConnections = null)
+        ClusterNode node, LocalExports local, IExportLeases? leases, Nbd.NbdServerSettings? nbd = null, int? maxConnections = null, TlsCredentials? clusterTls = null)
     {
         builder.WithCustomSerializer(BitmapSerializer.Name, [typeof(IBitmapPersisted)], system => new BitmapSerializer(system));
         builder.WithShardRegion<ExportRegionKey>("export", (_, registry) => _ => ExportEntity.Props(backends, local, node, registry.Get<ExportRegistryKey>(), leases), new ExportMessageExtractor(),
@@ -59,14 +60,16 @@ public static class GatewayActorsHosting
         return builder.WithActors((system, registry, resolver) =>
         {
             ILoggerFactory loggers = resolver.GetService<ILoggerFactory>();
-            var directory = new ClusterExportDirectory(registry.Get<ExportRegistryKey>(), registry.Get<ExportRegionKey>(), local, node);
+            var directory = new ClusterExportDirectory(registry.Get<ExportRegistryKey>(), registry.Get<ExportRegionKey>(), local, node, clusterTls);
             registry.Register<ConnectionSupervisorKey>(system.ActorOf(
                 ConnectionSupervisor.Props(directory, loggers.CreateLogger("Gateway.Nbd"), nbd, maxConnections), "connections"));
             system.ActorOf(JournalWarmup.Props(), "journal-warmup");
             system.ActorOf(DeadPeerDowning.Props(), "dead-peer-downing");
-            // Peers speak plain NBD on the cluster's network: no TLS, no client limit.
+            // Peers speak NBD, with cluster TLS from the first byte when it is configured (a peer
+            // without a certificate of the cluster CA never sees an NBD byte); no client limit.
+            Nbd.NbdServerSettings? peer = clusterTls is null ? null : new Nbd.NbdServerSettings(Tls: clusterTls) { TlsFirst = true };
             registry.Register<PeerConnectionSupervisorKey>(system.ActorOf(
-                ConnectionSupervisor.Props(local, loggers.CreateLogger("Gateway.Peer")), "peer-connections"));
+                ConnectionSupervisor.Props(local, loggers.CreateLogger("Gateway.Peer"), peer), "peer-connections"));
         });
     }
 }

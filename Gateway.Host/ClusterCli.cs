@@ -1,5 +1,7 @@
 using System.CommandLine;
 using System.Net;
+using Gateway.Actors.Tls;
+using Microsoft.Extensions.Logging.Abstractions;
 
 namespace Gateway.Host;
 
@@ -13,8 +15,11 @@ public sealed record ClusterSettings(IPEndPoint Remoting, string PublicHostname,
     /// <summary>Kubernetes API discovery (Akka.Management cluster bootstrap) instead of seed nodes; null: seeds.</summary>
     public KubernetesDiscovery? Discovery { get; init; }
 
-    /// <summary>Akka address of a seed given as HOST:PORT.</summary>
-    public static string SeedAddress(string hostPort) => $"akka.tcp://{Kubernetes.ActorSystemName}@{hostPort}";
+    /// <summary>Mutual TLS on the peer data stream and Akka remoting (README "Cluster TLS"); null: plaintext.</summary>
+    public ClusterTlsFiles? Tls { get; init; }
+
+    /// <summary>Akka address of a seed given as HOST:PORT; with cluster TLS the transport's scheme is <c>akka.ssl.tcp</c>.</summary>
+    public static string SeedAddress(string hostPort, bool tls = false) => $"{(tls ? "akka.ssl.tcp" : "akka.tcp")}://{Kubernetes.ActorSystemName}@{hostPort}";
 }
 
 /// <summary>
@@ -27,6 +32,13 @@ public sealed record KubernetesDiscovery(string ServiceName, string? Namespace, 
     public const int DefaultManagementPort = 8558;
 }
 
+/// <summary>
+/// The node's certificate and key (PEM; one certificate for the whole cluster, or one per node)
+/// and the cluster CA bundle every peer's certificate must chain to. Each node presents its
+/// certificate both as a server and as a client.
+/// </summary>
+public sealed record ClusterTlsFiles(string Certificate, string Key, string Ca);
+
 public static class ClusterCli
 {
     private static readonly Option<string?> Remoting = new("--remoting") { Description = "Cluster mode: Akka remoting listen address HOST:PORT (e.g. 127.0.0.1:7401)" };
@@ -35,6 +47,9 @@ public static class ClusterCli
     private static readonly Option<string?> Postgres = new("--postgres") { Description = "Cluster mode: PostgreSQL connection string (Npgsql) for the journal and snapshots (or Gateway__Cluster__Postgres)" };
     private static readonly Option<string?> NodeName = new("--node-name") { Description = "Cluster mode: this node's name in status output (default HOST:PORT of --remoting)" };
     private static readonly Option<string?> Peer = new("--peer") { Description = "Cluster mode: listen address of the node-to-node data stream HOST:PORT (default: remoting host, port + 1)" };
+    private static readonly Option<string?> TlsCert = new("--cluster-tls-cert") { Description = "Cluster mode: this node's certificate (PEM) for mutual TLS on the peer data stream and remoting; with --cluster-tls-key and --cluster-tls-ca" };
+    private static readonly Option<string?> TlsKey = new("--cluster-tls-key") { Description = "Cluster mode: the private key (PEM) of --cluster-tls-cert" };
+    private static readonly Option<string?> TlsCa = new("--cluster-tls-ca") { Description = "Cluster mode: the cluster CA bundle (PEM) every node's certificate must chain to" };
 
     public static void AddTo(Command serve)
     {
@@ -44,6 +59,9 @@ public static class ClusterCli
         serve.Options.Add(Postgres);
         serve.Options.Add(NodeName);
         serve.Options.Add(Peer);
+        serve.Options.Add(TlsCert);
+        serve.Options.Add(TlsKey);
+        serve.Options.Add(TlsCa);
     }
 
     public static GatewayOptions Apply(GatewayOptions options, ParseResult parse, IConfiguration config)
@@ -54,9 +72,9 @@ public static class ClusterCli
             : config.GetSection("Gateway:Cluster:Seeds").GetChildren().Select(c => c.Value).OfType<string>().ToArray();
         if (remotingText is null)
         {
-            if (seeds.Length > 0 || parse.GetValue(Postgres) is not null)
+            if (seeds.Length > 0 || parse.GetValue(Postgres) is not null || parse.GetValue(TlsCert) is not null || parse.GetValue(TlsKey) is not null || parse.GetValue(TlsCa) is not null)
             {
-                throw new ArgumentException("--seed and --postgres need cluster mode: give --remoting HOST:PORT too");
+                throw new ArgumentException("--seed, --postgres and --cluster-tls-* need cluster mode: give --remoting HOST:PORT too");
             }
             return options;
         }
@@ -90,7 +108,47 @@ public static class ClusterCli
             Cluster = new ClusterSettings(remoting, publicHost, discovery is not null ? [] : seeds.Length > 0 ? seeds : [$"{publicHost}:{remoting.Port}"], postgres, name, peer)
             {
                 Discovery = discovery,
+                Tls = ReadTls(parse, config),
             },
         };
+    }
+
+    /// <summary>All three files or none.</summary>
+    private static ClusterTlsFiles? ReadTls(ParseResult parse, IConfiguration config)
+    {
+        string? cert = parse.GetValue(TlsCert) ?? config["Gateway:Cluster:TlsCertificate"];
+        string? key = parse.GetValue(TlsKey) ?? config["Gateway:Cluster:TlsKey"];
+        string? ca = parse.GetValue(TlsCa) ?? config["Gateway:Cluster:TlsCa"];
+        if (cert is null && key is null && ca is null)
+        {
+            return null;
+        }
+        if (cert is null || key is null || ca is null)
+        {
+            string missing = string.Join(", ", new[] { (cert, "--cluster-tls-cert"), (key, "--cluster-tls-key"), (ca, "--cluster-tls-ca") }.Where(f => f.Item1 is null).Select(f => f.Item2));
+            throw new ArgumentException($"cluster TLS needs all of --cluster-tls-cert, --cluster-tls-key and --cluster-tls-ca: {missing} missing");
+        }
+        return new ClusterTlsFiles(Path.GetFullPath(cert), Path.GetFullPath(key), Path.GetFullPath(ca));
+    }
+
+    /// <summary>
+    /// Loads the cluster TLS files once at startup, apart from <see cref="Apply"/> (which only
+    /// reads settings): a file that is missing or not PEM is a configuration error, said at once,
+    /// not a refused peer later.
+    /// </summary>
+    public static void LoadTls(GatewayOptions options)
+    {
+        if (options.Cluster?.Tls is not { } files)
+        {
+            return;
+        }
+        try
+        {
+            _ = new TlsCredentials(files.Certificate, files.Key, files.Ca, requireClientCertificate: true, NullLogger.Instance);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or System.Security.Cryptography.CryptographicException or InvalidDataException)
+        {
+            throw new ArgumentException($"cluster TLS credentials do not load: {e.Message}");
+        }
     }
 }

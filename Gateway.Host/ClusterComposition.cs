@@ -7,6 +7,7 @@ using Akka.Hosting;
 using Akka.Persistence.Sql.Hosting;
 using Akka.Remote.Hosting;
 using Gateway.Actors.Cluster;
+using Gateway.Actors.Tls;
 using LinqToDB;
 
 namespace Gateway.Host;
@@ -22,21 +23,43 @@ public static class ClusterComposition
     public const string NodeRolePrefix = "node:";
     public const string PeerRolePrefix = "peer:";
 
+    /// <summary>
+    /// Mutual TLS on remoting: both ends present the node certificate, and each accepts the other
+    /// only if its certificate chains to the cluster CA (the same check as the peer data stream;
+    /// the system store and the host name play no part). DotNetty takes the certificate once: a
+    /// rotated certificate reaches remoting at the node's next start, the peer stream at once.
+    /// </summary>
+    private static SslOptions RemotingSsl(TlsCredentials tls) => new()
+    {
+        X509Certificate = tls.Certificate,
+        SuppressValidation = false,
+        RequireMutualAuthentication = true,
+        ValidateCertificateHostname = false,
+        CustomValidator = (certificate, chain, remotePeer, _, _) => tls.IsClusterPeer(certificate, chain, remotePeer),
+    };
+
     public static ClusterNode Node(ClusterSettings cluster) => new(cluster.NodeName, cluster.PublicHostname, cluster.Peer.Port);
 
-    public static void Configure(AkkaConfigurationBuilder akka, ClusterSettings cluster)
+    /// <param name="tls">Cluster TLS (README "Cluster TLS"): remoting then takes only nodes whose certificate chains to the cluster CA.</param>
+    public static void Configure(AkkaConfigurationBuilder akka, ClusterSettings cluster, TlsCredentials? tls = null)
     {
-        akka.WithRemoting(new RemoteOptions
+        var remoting = new RemoteOptions
         {
             HostName = cluster.Remoting.Address.ToString(),
             Port = cluster.Remoting.Port,
             PublicHostName = cluster.PublicHostname,
             // Export lists and specs are small, but a large catalog must not be dropped silently.
             MaxFrameSize = 4 * 1024 * 1024,
-        });
+        };
+        if (tls is not null)
+        {
+            remoting.EnableSsl = true;
+            remoting.Ssl = RemotingSsl(tls);
+        }
+        akka.WithRemoting(remoting);
         akka.WithClustering(new ClusterOptions
         {
-            SeedNodes = [.. cluster.Seeds.Select(ClusterSettings.SeedAddress)],
+            SeedNodes = [.. cluster.Seeds.Select(seed => ClusterSettings.SeedAddress(seed, tls is not null))],
             // Keep-majority: the side with more than half of the nodes downs the rest, so two
             // owners of one export never run at once after a partition, and no lease service is
             // needed (the Kubernetes lease does not restore here). A 2-node cluster cannot

@@ -35,6 +35,7 @@ serve.SetAction(async (parse, ct) =>
         };
         options = SecurityCli.Apply(options, parse, config);
         options = ClusterCli.Apply(options, parse, config);
+        ClusterCli.LoadTls(options);
         options = Health.Apply(options, parse, config);
     }
     catch (ArgumentException e)

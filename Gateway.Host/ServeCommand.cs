@@ -72,14 +72,20 @@ public static class ServeCommand
             Health.AddChecks(akka, cluster: options.Cluster is not null);
             if (options.Cluster is { } cluster)
             {
-                ClusterComposition.Configure(akka, cluster);
+                // Mutual TLS of the peer data stream (server and client side, hot-reloaded as the
+                // export TLS is) and of Akka remoting.
+                Gateway.Actors.Tls.TlsCredentials? clusterTls = cluster.Tls is { } files
+                    ? new Gateway.Actors.Tls.TlsCredentials(files.Certificate, files.Key, files.Ca, requireClientCertificate: true,
+                        services.GetRequiredService<ILoggerFactory>().CreateLogger("Gateway.ClusterTls"))
+                    : null;
+                ClusterComposition.Configure(akka, cluster, clusterTls);
                 // Operators' own Akka settings (e.g. failure-detector timings), over the above.
                 if (services.GetRequiredService<IConfiguration>()["Gateway:Akka:Hocon"] is { Length: > 0 } hocon)
                 {
                     akka.AddHocon(hocon, HoconAddMode.Prepend);
                 }
                 akka.WithGatewayCluster(backends, initial, ClusterComposition.Node(cluster), localExports,
-                    services.GetRequiredService<PostgresExportLeases>(), nbd, options.MaxConnections);
+                    services.GetRequiredService<PostgresExportLeases>(), nbd, options.MaxConnections, clusterTls);
                 return;
             }
             akka.WithSqlPersistence(

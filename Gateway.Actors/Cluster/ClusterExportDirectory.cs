@@ -1,5 +1,6 @@
 using Akka.Actor;
 using Gateway.Actors.Exports;
+using Gateway.Actors.Tls;
 
 namespace Gateway.Actors.Cluster;
 
@@ -8,7 +9,7 @@ namespace Gateway.Actors.Cluster;
 /// (a cluster singleton), the owner from the export's sharded entity. Each attach gets its own
 /// <see cref="ExportLink"/>.
 /// </summary>
-public sealed class ClusterExportDirectory(IActorRef registry, IActorRef region, LocalExports local, ClusterNode self) : IExportDirectory
+public sealed class ClusterExportDirectory(IActorRef registry, IActorRef region, LocalExports local, ClusterNode self, TlsCredentials? peerTls = null) : IExportDirectory
 {
     /// <summary>One ask; a lost message (the registry moving, a remoting association being
     /// re-established) is asked again until <see cref="ExportLink.ResolveTimeout"/>.</summary>
@@ -23,7 +24,7 @@ public sealed class ClusterExportDirectory(IActorRef registry, IActorRef region,
     public async ValueTask<ExportHandle?> OpenAsync(string name, CancellationToken cancellationToken)
     {
         ExportSpecFound found = await AskRegistryAsync<ExportSpecFound>(new GetExportSpec(name), cancellationToken).ConfigureAwait(false);
-        return found.Spec is { } spec ? await ExportLink.OpenAsync(spec, region, local, self, cancellationToken).ConfigureAwait(false) : null;
+        return found.Spec is { } spec ? await ExportLink.OpenAsync(spec, region, local, self, peerTls, cancellationToken).ConfigureAwait(false) : null;
     }
 
     private async Task<T> AskRegistryAsync<T>(object query, CancellationToken cancellationToken)

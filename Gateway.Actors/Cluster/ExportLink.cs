@@ -3,6 +3,7 @@ using System.Net;
 using System.Runtime.CompilerServices;
 using Akka.Actor;
 using Gateway.Actors.Exports;
+using Gateway.Actors.Tls;
 using Gateway.Actors.Nbd;
 using Gateway.Backends;
 
@@ -32,6 +33,7 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IForwardingDevice
     private readonly IActorRef _region;
     private readonly LocalExports _local;
     private readonly ClusterNode _self;
+    private readonly TlsCredentials? _tls;
     private readonly CancellationTokenSource _disposed = new();
     private readonly Lock _gate = new();
     private ExportLocated? _located;
@@ -44,8 +46,9 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IForwardingDevice
     /// <summary>Why the export is gone for this link (removed since it attached); null while it exists.</summary>
     private volatile string? _gone;
 
-    private ExportLink(ExportSpec spec, IActorRef region, LocalExports local, ClusterNode self, ExportLocated located)
+    private ExportLink(ExportSpec spec, IActorRef region, LocalExports local, ClusterNode self, TlsCredentials? tls, ExportLocated located)
     {
+        _tls = tls;
         _spec = spec;
         _region = region;
         _local = local;
@@ -61,8 +64,9 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IForwardingDevice
     /// Finds the export's owner (starting the export if no node runs it) and returns a handle whose
     /// device is a link to it. No data stream is opened until the first request.
     /// </summary>
+    /// <param name="tls">Cluster TLS for the data stream to the owner; null: plaintext.</param>
     /// <returns>null when the export was removed meanwhile (the client is told it does not exist).</returns>
-    public static async Task<ExportHandle?> OpenAsync(ExportSpec spec, IActorRef region, LocalExports local, ClusterNode self, CancellationToken cancellationToken)
+    public static async Task<ExportHandle?> OpenAsync(ExportSpec spec, IActorRef region, LocalExports local, ClusterNode self, TlsCredentials? tls, CancellationToken cancellationToken)
     {
         ExportLocated located;
         try
@@ -73,7 +77,7 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IForwardingDevice
         {
             return null;
         }
-        var link = new ExportLink(spec, region, local, self, located);
+        var link = new ExportLink(spec, region, local, self, tls, located);
         var info = new ExportInfo(spec.Name, spec.Description, located.Size, located.ReadOnly || spec.ReadOnly, link.Capabilities)
         {
             Access = spec.Access ?? ExportAccess.Open,
@@ -413,7 +417,7 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IForwardingDevice
                     PeerNbdClient client;
                     try
                     {
-                        client = await PeerNbdClient.ConnectAsync(new DnsEndPoint(located.PeerHost, located.PeerPort), _spec.Name, attempt.Token).ConfigureAwait(false);
+                        client = await PeerNbdClient.ConnectAsync(new DnsEndPoint(located.PeerHost, located.PeerPort), _spec.Name, _tls, attempt.Token).ConfigureAwait(false);
                     }
                     catch (OperationCanceledException) when (!deadline.IsCancellationRequested)
                     {
@@ -438,9 +442,10 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IForwardingDevice
                 _gone = gone.Message;
                 throw new BlockDeviceException(BlockErrorKind.Io, gone.Message);
             }
-            catch (Exception e) when (e is PeerExportUnavailableException or IOException or System.Net.Sockets.SocketException or BlockDeviceException && !deadline.IsCancellationRequested)
+            catch (Exception e) when (e is PeerExportUnavailableException or IOException or System.Net.Sockets.SocketException or BlockDeviceException
+                or System.Security.Authentication.AuthenticationException && !deadline.IsCancellationRequested)
             {
-                // The owner moved or is dying: locate again.
+                // The owner moved or is dying (or, TLS refused, is mid-rotation of its certificate): locate again.
             }
             catch (OperationCanceledException) when (deadline.IsCancellationRequested)
             {

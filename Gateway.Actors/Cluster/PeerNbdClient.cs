@@ -1,12 +1,14 @@
 using System.Buffers;
 using System.Collections.Concurrent;
 using System.Net;
+using System.Net.Security;
 using System.Net.Sockets;
 using System.Runtime.CompilerServices;
 using System.Text;
 using System.Threading.Tasks.Sources;
 using Gateway.Actors.Exports;
 using Gateway.Actors.Nbd;
+using Gateway.Actors.Tls;
 using Gateway.Backends;
 
 namespace Gateway.Actors.Cluster;
@@ -49,6 +51,9 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
     private static readonly TimeSpan DisconnectPatience = TimeSpan.FromSeconds(2);
 
     private readonly Socket _socket;
+
+    /// <summary>The socket's stream, or TLS over it (cluster TLS): every byte goes through it.</summary>
+    private readonly Stream _stream;
     private readonly TransmissionFlags _flags;
     private readonly bool _structured;
     private readonly int _maxPayload;
@@ -84,10 +89,11 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
     private PendingRequest? _claimed;
     private long _requestsCreated;
 
-    private PeerNbdClient(Socket socket, ExportInfo info, TransmissionFlags flags, bool structured, int maxPayload,
+    private PeerNbdClient(Socket socket, Stream stream, ExportInfo info, TransmissionFlags flags, bool structured, int maxPayload,
         List<(string Name, uint Id)> contexts)
     {
         _socket = socket;
+        _stream = stream;
         Info = info;
         _flags = flags;
         _structured = structured;
@@ -160,7 +166,16 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
     /// <exception cref="PeerExportUnavailableException">The node does not serve the export (NBD_REP_ERR_UNKNOWN).</exception>
     /// <exception cref="IOException">The peer broke the handshake, refused the export otherwise, or closed.</exception>
     /// <exception cref="SocketException">The connection failed.</exception>
-    public static async Task<PeerNbdClient> ConnectAsync(EndPoint endpoint, string exportName, CancellationToken cancellationToken)
+    public static Task<PeerNbdClient> ConnectAsync(EndPoint endpoint, string exportName, CancellationToken cancellationToken) =>
+        ConnectAsync(endpoint, exportName, tls: null, cancellationToken);
+
+    /// <summary>
+    /// As <see cref="ConnectAsync(EndPoint, string, CancellationToken)"/>; with <paramref name="tls"/>
+    /// (cluster TLS), the TLS handshake comes first: this node presents its certificate and the
+    /// owner's must chain to the cluster CA.
+    /// </summary>
+    /// <exception cref="System.Security.Authentication.AuthenticationException">The TLS handshake failed.</exception>
+    public static async Task<PeerNbdClient> ConnectAsync(EndPoint endpoint, string exportName, TlsCredentials? tls, CancellationToken cancellationToken)
     {
         ArgumentNullException.ThrowIfNull(endpoint);
         ArgumentNullException.ThrowIfNull(exportName);
@@ -171,6 +186,7 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
             DnsEndPoint => new Socket(SocketType.Stream, ProtocolType.Tcp),
             _ => new Socket(endpoint.AddressFamily, SocketType.Stream, ProtocolType.Tcp),
         };
+        Stream? stream = null;
         try
         {
             if (socket.ProtocolType == ProtocolType.Tcp)
@@ -179,20 +195,29 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
                 DetectDeadOwner(socket);
             }
             await socket.ConnectAsync(endpoint, cancellationToken).ConfigureAwait(false);
-            return await HandshakeAsync(socket, endpoint, exportName, cancellationToken).ConfigureAwait(false);
+            stream = new NetworkStream(socket, ownsSocket: false);
+            if (tls is not null)
+            {
+                var secure = new SslStream(stream, leaveInnerStreamOpen: false);
+                stream = secure;
+                string host = endpoint is DnsEndPoint dns ? dns.Host : endpoint.ToString() ?? "peer";
+                await secure.AuthenticateAsClientAsync(tls.ClientOptions(host), cancellationToken).ConfigureAwait(false);
+            }
+            return await HandshakeAsync(socket, stream, endpoint, exportName, cancellationToken).ConfigureAwait(false);
         }
         catch
         {
+            stream?.Dispose();
             socket.Dispose();
             throw;
         }
     }
 
-    private static async Task<PeerNbdClient> HandshakeAsync(Socket socket, EndPoint endpoint, string exportName, CancellationToken cancellationToken)
+    private static async Task<PeerNbdClient> HandshakeAsync(Socket socket, Stream stream, EndPoint endpoint, string exportName, CancellationToken cancellationToken)
     {
         try
         {
-            return await NegotiateAsync(socket, endpoint, exportName, cancellationToken).ConfigureAwait(false);
+            return await NegotiateAsync(socket, stream, endpoint, exportName, cancellationToken).ConfigureAwait(false);
         }
         catch (NbdProtocolException e)
         {
@@ -200,10 +225,10 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         }
     }
 
-    private static async Task<PeerNbdClient> NegotiateAsync(Socket socket, EndPoint endpoint, string exportName, CancellationToken cancellationToken)
+    private static async Task<PeerNbdClient> NegotiateAsync(Socket socket, Stream stream, EndPoint endpoint, string exportName, CancellationToken cancellationToken)
     {
         byte[] greeting = new byte[NbdWire.GreetingSize];
-        await ReceiveExactlyAsync(socket, greeting, cancellationToken).ConfigureAwait(false);
+        await ReceiveExactlyAsync(stream, greeting, cancellationToken).ConfigureAwait(false);
         var greetingBytes = new ReadOnlySequence<byte>(greeting);
         HandshakeFlags handshake;
         try
@@ -221,11 +246,11 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         // NO_ZEROES only if offered (proto.md "Client flags").
         ClientFlags clientFlags = ClientFlags.FixedNewstyle | (handshake.HasFlag(HandshakeFlags.NoZeroes) ? ClientFlags.NoZeroes : 0);
         int flagsLength = Handshake.WriteClientFlags(greeting, clientFlags);
-        await SendAllAsync(socket, greeting.AsMemory(0, flagsLength), cancellationToken).ConfigureAwait(false);
+        await SendAllAsync(stream, greeting.AsMemory(0, flagsLength), cancellationToken).ConfigureAwait(false);
 
         // Structured replies: ERR_UNSUP (or any refusal) leaves simple replies and no metadata.
-        await SendAllAsync(socket, Option(NbdOption.StructuredReply, 0), cancellationToken).ConfigureAwait(false);
-        (OptionReplyHeader structuredReply, _) = await ReadOptionReplyAsync(socket, NbdOption.StructuredReply, cancellationToken).ConfigureAwait(false);
+        await SendAllAsync(stream, Option(NbdOption.StructuredReply, 0), cancellationToken).ConfigureAwait(false);
+        (OptionReplyHeader structuredReply, _) = await ReadOptionReplyAsync(stream, NbdOption.StructuredReply, cancellationToken).ConfigureAwait(false);
         bool structured = structuredReply.Type == OptionReplyType.Ack;
         if (!structured && !structuredReply.IsError)
         {
@@ -236,24 +261,24 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         if (structured)
         {
             // LIST with namespace queries finds every context; SET takes exact names (as qemu-nbd does).
-            List<string> offered = await MetaContextAsync(socket, endpoint, NbdOption.ListMetaContext, exportName, ["base:", "qemu:"], null, cancellationToken).ConfigureAwait(false);
+            List<string> offered = await MetaContextAsync(stream, endpoint, NbdOption.ListMetaContext, exportName, ["base:", "qemu:"], null, cancellationToken).ConfigureAwait(false);
             if (offered.Count > 0)
             {
-                await MetaContextAsync(socket, endpoint, NbdOption.SetMetaContext, exportName, [.. offered], contexts, cancellationToken).ConfigureAwait(false);
+                await MetaContextAsync(stream, endpoint, NbdOption.SetMetaContext, exportName, [.. offered], contexts, cancellationToken).ConfigureAwait(false);
             }
         }
 
         var go = new InfoRequest(exportName, [InfoType.Description, InfoType.BlockSize]);
         byte[] goOption = Option(NbdOption.Go, go.Size);
         InfoRequest.Write(goOption.AsSpan(NbdWire.OptionHeaderSize), go);
-        await SendAllAsync(socket, goOption, cancellationToken).ConfigureAwait(false);
+        await SendAllAsync(stream, goOption, cancellationToken).ConfigureAwait(false);
 
         InfoExport? export = null;
         string? description = null;
         int maxPayload = NbdLimits.MaxPayload;
         while (true)
         {
-            (OptionReplyHeader reply, byte[] data) = await ReadOptionReplyAsync(socket, NbdOption.Go, cancellationToken).ConfigureAwait(false);
+            (OptionReplyHeader reply, byte[] data) = await ReadOptionReplyAsync(stream, NbdOption.Go, cancellationToken).ConfigureAwait(false);
             if (reply.Type == OptionReplyType.Ack)
             {
                 break;
@@ -297,25 +322,25 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         if (flags.HasFlag(TransmissionFlags.SendCache)) capabilities |= BlockCapabilities.Cache;
         if (flags.HasFlag(TransmissionFlags.SendFlush)) capabilities |= BlockCapabilities.Flush;
         var info = new ExportInfo(exportName, description, (long)exported.Size, flags.HasFlag(TransmissionFlags.ReadOnly), capabilities);
-        return new PeerNbdClient(socket, info, flags, structured, maxPayload, contexts);
+        return new PeerNbdClient(socket, stream, info, flags, structured, maxPayload, contexts);
     }
 
     /// <summary>
     /// LIST_META_CONTEXT (returns the names) or SET_META_CONTEXT (fills <paramref name="selected"/>).
     /// A refusal other than ERR_UNKNOWN just means no metadata on this connection.
     /// </summary>
-    private static async Task<List<string>> MetaContextAsync(Socket socket, EndPoint endpoint, NbdOption option, string exportName,
+    private static async Task<List<string>> MetaContextAsync(Stream stream, EndPoint endpoint, NbdOption option, string exportName,
         string[] queries, List<(string Name, uint Id)>? selected, CancellationToken cancellationToken)
     {
         var request = new MetaContextRequest(exportName, queries);
         byte[] message = Option(option, request.Size);
         MetaContextRequest.Write(message.AsSpan(NbdWire.OptionHeaderSize), request);
-        await SendAllAsync(socket, message, cancellationToken).ConfigureAwait(false);
+        await SendAllAsync(stream, message, cancellationToken).ConfigureAwait(false);
 
         var names = new List<string>();
         while (true)
         {
-            (OptionReplyHeader header, byte[] reply) = await ReadOptionReplyAsync(socket, option, cancellationToken).ConfigureAwait(false);
+            (OptionReplyHeader header, byte[] reply) = await ReadOptionReplyAsync(stream, option, cancellationToken).ConfigureAwait(false);
             switch (header.Type)
             {
                 case OptionReplyType.Ack:
@@ -352,10 +377,10 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         return message;
     }
 
-    private static async Task<(OptionReplyHeader Header, byte[] Data)> ReadOptionReplyAsync(Socket socket, NbdOption option, CancellationToken cancellationToken)
+    private static async Task<(OptionReplyHeader Header, byte[] Data)> ReadOptionReplyAsync(Stream stream, NbdOption option, CancellationToken cancellationToken)
     {
         byte[] headerBytes = new byte[NbdWire.OptionReplyHeaderSize];
-        await ReceiveExactlyAsync(socket, headerBytes, cancellationToken).ConfigureAwait(false);
+        await ReceiveExactlyAsync(stream, headerBytes, cancellationToken).ConfigureAwait(false);
         var buffer = new ReadOnlySequence<byte>(headerBytes);
         OptionReplyHeader.TryRead(ref buffer, out OptionReplyHeader header);
         if (header.Option != option)
@@ -367,15 +392,15 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
             throw new IOException($"option reply of {header.Length} bytes to {option} is over the limit of {MaxOptionReply}");
         }
         byte[] data = new byte[header.Length];
-        await ReceiveExactlyAsync(socket, data, cancellationToken).ConfigureAwait(false);
+        await ReceiveExactlyAsync(stream, data, cancellationToken).ConfigureAwait(false);
         return (header, data);
     }
 
-    private static async Task ReceiveExactlyAsync(Socket socket, Memory<byte> buffer, CancellationToken cancellationToken)
+    private static async Task ReceiveExactlyAsync(Stream stream, Memory<byte> buffer, CancellationToken cancellationToken)
     {
         while (!buffer.IsEmpty)
         {
-            int received = await socket.ReceiveAsync(buffer, SocketFlags.None, cancellationToken).ConfigureAwait(false);
+            int received = await stream.ReadAsync(buffer, cancellationToken).ConfigureAwait(false);
             if (received == 0)
             {
                 throw new EndOfStreamException("the NBD server closed the connection during the handshake");
@@ -384,13 +409,8 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         }
     }
 
-    private static async Task SendAllAsync(Socket socket, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
-    {
-        while (!data.IsEmpty)
-        {
-            data = data[await socket.SendAsync(data, SocketFlags.None, cancellationToken).ConfigureAwait(false)..];
-        }
-    }
+    private static async Task SendAllAsync(Stream stream, ReadOnlyMemory<byte> data, CancellationToken cancellationToken) =>
+        await stream.WriteAsync(data, cancellationToken).ConfigureAwait(false);
 
     // ---------------------------------------------------------------- requests
 
@@ -818,13 +838,7 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
     }
 
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
-    private async ValueTask SendAllAsync(ReadOnlyMemory<byte> data)
-    {
-        while (!data.IsEmpty)
-        {
-            data = data[await _socket.SendAsync(data, SocketFlags.None).ConfigureAwait(false)..];
-        }
-    }
+    private async ValueTask SendAllAsync(ReadOnlyMemory<byte> data) => await _stream.WriteAsync(data).ConfigureAwait(false);
 
     // ---------------------------------------------------------------- receiving
 
@@ -1151,7 +1165,7 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         }
         while (Buffered < count)
         {
-            int received = await _socket.ReceiveAsync(_rx.AsMemory(_rxEnd), SocketFlags.None).ConfigureAwait(false);
+            int received = await _stream.ReadAsync(_rx.AsMemory(_rxEnd)).ConfigureAwait(false);
             if (received == 0)
             {
                 if (endAllowed && Buffered == 0)
@@ -1179,7 +1193,7 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         }
         while (!destination.IsEmpty)
         {
-            int received = await _socket.ReceiveAsync(destination, SocketFlags.None).ConfigureAwait(false);
+            int received = await _stream.ReadAsync(destination).ConfigureAwait(false);
             if (received == 0)
             {
                 throw new EndOfStreamException("the owner closed the connection in the middle of read data");
@@ -1201,7 +1215,7 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
                 return;
             }
             _rxStart = _rxEnd = 0;
-            int received = await _socket.ReceiveAsync(_rx.AsMemory(), SocketFlags.None).ConfigureAwait(false);
+            int received = await _stream.ReadAsync(_rx.AsMemory()).ConfigureAwait(false);
             if (received == 0)
             {
                 throw new EndOfStreamException("the owner closed the connection in the middle of read data");
@@ -1295,6 +1309,8 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         {
             // Cannot happen with the socket closed; never hang a disposal on it.
         }
+        // The TLS session's native state; the socket under it is already closed.
+        await _stream.DisposeAsync().ConfigureAwait(false);
     }
 
     /// <summary>

@@ -25,9 +25,6 @@ public static class NbdConnection
         EndPoint? client = null, NbdServerSettings? settings = null)
     {
         settings ??= NbdServerSettings.Default;
-        (PipeReader input, PipeWriter output) = CreatePipes(stream);
-        SslStream? tls = null;
-        using var negotiator = new OptionNegotiator(input, output, exports, logger, settings, client);
         // One deadline over the whole handshake, TLS included: every await of the negotiation is
         // on the socket and takes this token, so a silent or trickling client holds no thread
         // and is cut off at the deadline whatever step it stalls in.
@@ -36,6 +33,17 @@ public static class NbdConnection
         {
             handshake.CancelAfter(settings.HandshakeTimeout);
         }
+        SslStream? tls = null;
+        if (settings.TlsFirst)
+        {
+            tls = await TlsFirstAsync(stream, settings, client, logger, handshake.Token, stopping).ConfigureAwait(false);
+            if (tls is null)
+            {
+                return;
+            }
+        }
+        (PipeReader input, PipeWriter output) = CreatePipes(tls ?? stream);
+        using var negotiator = new OptionNegotiator(input, output, exports, logger, settings, client);
         try
         {
             NegotiationOutcome outcome;
@@ -121,6 +129,38 @@ public static class NbdConnection
                 await tls.DisposeAsync().ConfigureAwait(false);
             }
         }
+    }
+
+    /// <summary>
+    /// The TLS handshake before any NBD byte (<see cref="NbdServerSettings.TlsFirst"/>); null, with
+    /// the reason logged, when the client is refused, breaks it off or stalls.
+    /// </summary>
+    private static async Task<SslStream?> TlsFirstAsync(Stream stream, NbdServerSettings settings, EndPoint? client, ILogger logger,
+        CancellationToken handshake, CancellationToken stopping)
+    {
+        try
+        {
+            (SslStream tls, _) = await UpgradeAsync(stream, settings, client, logger, handshake).ConfigureAwait(false);
+            return tls;
+        }
+        catch (AuthenticationException e)
+        {
+            logger.LogWarning("TLS handshake with {Client} failed, closing before NBD: {Reason}", client, e.InnerException?.Message ?? e.Message);
+        }
+        catch (NbdProtocolException e)
+        {
+            logger.LogWarning("Closing connection from {Client} before NBD: {Reason}", client, e.Message);
+        }
+        catch (OperationCanceledException) when (!stopping.IsCancellationRequested)
+        {
+            GatewayTelemetry.HandshakeTimedOut();
+            logger.LogWarning("Closing connection from {Client}: TLS handshake not finished within {Timeout} s", client, settings.HandshakeTimeout.TotalSeconds);
+        }
+        catch (Exception e) when (e is IOException or EndOfStreamException or SocketException or OperationCanceledException)
+        {
+            logger.LogDebug("Connection from {Client} closed during the TLS handshake: {Reason}", client, e.Message);
+        }
+        return null;
     }
 
     private static (PipeReader Input, PipeWriter Output) CreatePipes(Stream stream) => (

@@ -24,6 +24,14 @@ public sealed record NbdServerSettings(TlsMode TlsMode = TlsMode.Off, TlsCredent
     /// <summary>How long a client may take over the TLS handshake after STARTTLS.</summary>
     public TimeSpan TlsHandshakeTimeout { get; init; } = TimeSpan.FromSeconds(30);
 
+    /// <summary>
+    /// TLS from the first byte, before the NBD greeting, with <see cref="Tls"/> (the cluster's
+    /// peer data stream): a client that does not finish the TLS handshake, with a certificate
+    /// the credentials accept, never sees an NBD byte. <see cref="TlsMode"/> stays Off: there is
+    /// no STARTTLS inside it.
+    /// </summary>
+    public bool TlsFirst { get; init; }
+
     public ExportConnectionCounter ExportConnections { get; } = new();
 }
 

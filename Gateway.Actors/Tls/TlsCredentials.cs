@@ -20,6 +20,9 @@ public sealed class TlsCredentials
     // clientAuth (RFC 5280 4.2.1.12): a client certificate must be meant for clients.
     private static readonly Oid ClientAuthentication = new("1.3.6.1.5.5.7.3.2");
 
+    // serverAuth: a server certificate must be meant for servers.
+    private static readonly Oid ServerAuthentication = new("1.3.6.1.5.5.7.3.1");
+
     private readonly string _certificatePath;
     private readonly string _keyPath;
     private readonly string? _caPath;
@@ -62,6 +65,82 @@ public sealed class TlsCredentials
         };
     }
 
+    /// <summary>
+    /// The client side, for a node connecting to another node of the cluster: presents the current
+    /// certificate and accepts only a server certificate that chains to the CA bundle. The host
+    /// name is not checked: pods' names and addresses change, and the cluster CA issues only
+    /// cluster members' certificates (README "Cluster TLS").
+    /// </summary>
+    public SslClientAuthenticationOptions ClientOptions(string targetHost)
+    {
+        Snapshot snapshot = ReloadIfChanged();
+        X509Certificate2Collection authorities = snapshot.Authorities ?? throw new InvalidOperationException("client TLS needs a CA bundle to check the server against");
+        return new SslClientAuthenticationOptions
+        {
+            TargetHost = targetHost,
+            ClientCertificateContext = snapshot.Context,
+            EnabledSslProtocols = SslProtocols.Tls12 | SslProtocols.Tls13,
+            CertificateRevocationCheckMode = X509RevocationMode.NoCheck,
+            AllowRenegotiation = false,
+            RemoteCertificateValidationCallback = (_, certificate, chain, _) => ValidateServer(authorities, certificate, chain, targetHost),
+        };
+    }
+
+    /// <summary>
+    /// For a transport that does its own handshake (Akka remoting): whether a peer's certificate,
+    /// either way round, chains to the CA bundle. Node certificates serve as client and server, so
+    /// no key usage is asked for here.
+    /// </summary>
+    public bool IsClusterPeer(X509Certificate? presented, X509Chain? presentedChain, string? peer)
+    {
+        Snapshot snapshot = ReloadIfChanged();
+        if (presented is null || snapshot.Authorities is null)
+        {
+            _logger.LogWarning("TLS peer {Peer} refused: {Reason}", peer, presented is null ? "no certificate" : "no CA bundle to check it against");
+            return false;
+        }
+        return ChainsToAuthorities(snapshot.Authorities, presented, presentedChain, usage: null, "peer", peer);
+    }
+
+    private bool ValidateServer(X509Certificate2Collection authorities, X509Certificate? presented, X509Chain? presentedChain, string server)
+    {
+        if (presented is null)
+        {
+            _logger.LogWarning("TLS server {Server} refused: no certificate", server);
+            return false;
+        }
+        return ChainsToAuthorities(authorities, presented, presentedChain, ServerAuthentication, "server", server);
+    }
+
+    /// <summary>The CA bundle is the only trust anchor (the system store plays no part); the leaf must be meant for <paramref name="usage"/>.</summary>
+    private bool ChainsToAuthorities(X509Certificate2Collection authorities, X509Certificate presented, X509Chain? presentedChain, Oid? usage, string role, object? peer)
+    {
+        using X509Certificate2 leaf = X509CertificateLoader.LoadCertificate(presented.GetRawCertData());
+        using var chain = new X509Chain();
+        chain.ChainPolicy.TrustMode = X509ChainTrustMode.CustomRootTrust;
+        chain.ChainPolicy.CustomTrustStore.AddRange(authorities);
+        chain.ChainPolicy.RevocationMode = X509RevocationMode.NoCheck;
+        if (usage is not null)
+        {
+            chain.ChainPolicy.ApplicationPolicy.Add(usage);
+        }
+        if (presentedChain is not null)
+        {
+            foreach (X509ChainElement element in presentedChain.ChainElements)
+            {
+                chain.ChainPolicy.ExtraStore.Add(element.Certificate);
+            }
+        }
+        if (chain.Build(leaf))
+        {
+            return true;
+        }
+        string problems = string.Join("; ", chain.ChainStatus.Select(s => $"{s.Status}: {s.StatusInformation.Trim()}"));
+        _logger.LogWarning("TLS {Role} {Peer} refused: certificate '{Subject}' (expires {NotAfter:u}) is not valid: {Problems}",
+            role, peer, leaf.Subject, leaf.NotAfter.ToUniversalTime(), problems);
+        return false;
+    }
+
     private bool ValidateClient(Snapshot snapshot, X509Certificate? presented, X509Chain? presentedChain, EndPoint? client)
     {
         if (presented is null)
@@ -78,28 +157,7 @@ public sealed class TlsCredentials
             // Nothing to check it against: treat the client as anonymous rather than trust it.
             return !RequireClientCertificate;
         }
-        using X509Certificate2 leaf = X509CertificateLoader.LoadCertificate(presented.GetRawCertData());
-        using var chain = new X509Chain();
-        // The CA bundle is the only trust anchor: the system store plays no part.
-        chain.ChainPolicy.TrustMode = X509ChainTrustMode.CustomRootTrust;
-        chain.ChainPolicy.CustomTrustStore.AddRange(snapshot.Authorities);
-        chain.ChainPolicy.RevocationMode = X509RevocationMode.NoCheck;
-        chain.ChainPolicy.ApplicationPolicy.Add(ClientAuthentication);
-        if (presentedChain is not null)
-        {
-            foreach (X509ChainElement element in presentedChain.ChainElements)
-            {
-                chain.ChainPolicy.ExtraStore.Add(element.Certificate);
-            }
-        }
-        if (chain.Build(leaf))
-        {
-            return true;
-        }
-        string problems = string.Join("; ", chain.ChainStatus.Select(s => $"{s.Status}: {s.StatusInformation.Trim()}"));
-        _logger.LogWarning("TLS client {Client} refused: certificate '{Subject}' (expires {NotAfter:u}) is not valid: {Problems}",
-            client, leaf.Subject, leaf.NotAfter.ToUniversalTime(), problems);
-        return false;
+        return ChainsToAuthorities(snapshot.Authorities, presented, presentedChain, ClientAuthentication, "client", client);
     }
 
     private Snapshot ReloadIfChanged()

@@ -48,7 +48,7 @@ public sealed record ExportOwner(string Name, string? Owner);
 /// end), free ports for everything. Without <c>GATEWAY_TEST_POSTGRES</c> the tests fail: a
 /// cluster suite that skips itself where PostgreSQL is missing proves nothing in CI.
 /// </summary>
-public sealed class ClusterFixture : IAsyncLifetime
+public class ClusterFixture : IAsyncLifetime
 {
     public const int InitialNodes = 3;
     public static readonly TimeSpan UpTimeout = TimeSpan.FromSeconds(60);
@@ -81,6 +81,15 @@ public sealed class ClusterFixture : IAsyncLifetime
     public ClusterNode Node(string name) =>
         Nodes.FirstOrDefault(n => n.Name == name) ?? throw new Xunit.Sdk.XunitException($"no node is named '{name}'\n{Describe()}");
 
+    /// <summary>How many nodes the fixture starts with.</summary>
+    protected virtual int StartingNodes => InitialNodes;
+
+    /// <summary>Runs before the first node starts (after the database and folder exist).</summary>
+    protected virtual Task PrepareAsync() => Task.CompletedTask;
+
+    /// <summary>Options every start of node <paramref name="name"/> gets besides the cluster's own.</summary>
+    protected virtual IEnumerable<string> NodeArgs(string name) => [];
+
     public async Task InitializeAsync()
     {
         _adminConnectionString = Environment.GetEnvironmentVariable("GATEWAY_TEST_POSTGRES") is { Length: > 0 } postgres
@@ -105,7 +114,8 @@ public sealed class ClusterFixture : IAsyncLifetime
         {
             // Every node lists all the initial nodes as seeds, the first node first: it alone may
             // bootstrap, and the others (and nodes started later) join whoever is up.
-            (int Remoting, int Peer)[] ports = [.. Enumerable.Range(0, InitialNodes).Select(_ => (FreePort(), FreePort()))];
+            await PrepareAsync();
+            (int Remoting, int Peer)[] ports = [.. Enumerable.Range(0, StartingNodes).Select(_ => (FreePort(), FreePort()))];
             _seeds.AddRange(ports.Select(p => $"127.0.0.1:{p.Remoting}"));
             // All at once: the first seed bootstraps as soon as the others answer that they are
             // not in a cluster yet, instead of waiting out the seed-node timeout alone.
@@ -143,6 +153,7 @@ public sealed class ClusterFixture : IAsyncLifetime
             .. _seeds.SelectMany(seed => new[] { "--seed", seed }),
             "--postgres", Postgres,
             "--node-name", name,
+            .. NodeArgs(name),
         ];
         // StartAsync also waits until disk0 answers through this node's admin API: the first start
         // of an empty cluster creates it, so a node that sees it has joined.
@@ -411,7 +422,7 @@ public sealed class ClusterFixture : IAsyncLifetime
         await command.ExecuteNonQueryAsync();
     }
 
-    public async Task DisposeAsync()
+    public virtual async Task DisposeAsync()
     {
         // Every node stops (SIGTERM, one after the other, so each leaves a cluster that still has
         // a majority), then the database and the folder go, whatever failed; failures are

@@ -3,6 +3,7 @@ using System.Net;
 using System.Text.Json;
 using Gateway.Actors.Exports;
 using Gateway.Host;
+using Gateway.Tests.Interop;
 using Microsoft.Extensions.Configuration;
 using Xunit;
 
@@ -21,7 +22,9 @@ public sealed class ClusterOptionsTests
         ParseResult parse = serve.Parse(args);
         Assert.Empty(parse.Errors);
         IConfiguration configuration = new ConfigurationBuilder().AddInMemoryCollection(config ?? []).Build();
-        return Health.Apply(ClusterCli.Apply(Single, parse, configuration), parse, configuration);
+        GatewayOptions options = Health.Apply(ClusterCli.Apply(Single, parse, configuration), parse, configuration);
+        ClusterCli.LoadTls(options);
+        return options;
     }
 
     [Fact]
@@ -42,6 +45,7 @@ public sealed class ClusterOptionsTests
         Assert.Equal("127.0.0.1", cluster.PublicHostname);
         Assert.Null(cluster.Discovery);
         Assert.Equal("akka.tcp://gateway@127.0.0.1:7401", ClusterSettings.SeedAddress(cluster.Seeds[0]));
+        Assert.Equal("akka.ssl.tcp://gateway@127.0.0.1:7401", ClusterSettings.SeedAddress(cluster.Seeds[0], tls: true));
     }
 
     [Fact]
@@ -91,6 +95,44 @@ public sealed class ClusterOptionsTests
             Apply(["--remoting", "127.0.0.1:7401", "--postgres", "Host=db"], new() { ["Gateway:Cluster:Discovery"] = "dns" })).Message);
         Assert.Contains("exclude each other", Assert.Throws<ArgumentException>(() =>
             Apply(["--remoting", "127.0.0.1:7401", "--postgres", "Host=db", "--seed", "127.0.0.1:7401"], new() { ["Gateway:Cluster:Discovery"] = "kubernetes" })).Message);
+    }
+
+    [Fact]
+    public async Task Cluster_tls_takes_all_three_files_from_the_command_line_or_configuration()
+    {
+        OpensslPki pki = await OpensslPki.CreateAsync();
+        try
+        {
+            string node = await pki.IssueNodeAsync("node", "gw1");
+            string cert = Path.Combine(node, "node-cert.pem"), key = Path.Combine(node, "node-key.pem"), ca = Path.Combine(node, "ca-cert.pem");
+            Assert.Null(Apply(["--remoting", "127.0.0.1:7401", "--postgres", "Host=db"]).Cluster!.Tls);
+            Assert.Equal(new ClusterTlsFiles(cert, key, ca), Apply(["--remoting", "127.0.0.1:7401", "--postgres", "Host=db",
+                "--cluster-tls-cert", cert, "--cluster-tls-key", key, "--cluster-tls-ca", ca]).Cluster!.Tls);
+            Assert.Equal(new ClusterTlsFiles(cert, key, ca), Apply(["--remoting", "127.0.0.1:7401", "--postgres", "Host=db"], new()
+            {
+                ["Gateway:Cluster:TlsCertificate"] = cert,
+                ["Gateway:Cluster:TlsKey"] = key,
+                ["Gateway:Cluster:TlsCa"] = ca,
+            }).Cluster!.Tls);
+
+            // A partial set, a missing file, a file that is not PEM: refused at startup, saying what.
+            string[] cluster = ["--remoting", "127.0.0.1:7401", "--postgres", "Host=db"];
+            Assert.Contains("--cluster-tls-ca missing", Assert.Throws<ArgumentException>(() =>
+                Apply([.. cluster, "--cluster-tls-cert", cert, "--cluster-tls-key", key])).Message);
+            Assert.Contains("--cluster-tls-cert, --cluster-tls-key missing", Assert.Throws<ArgumentException>(() =>
+                Apply(cluster, new() { ["Gateway:Cluster:TlsCa"] = ca })).Message);
+            Assert.Contains("do not load", Assert.Throws<ArgumentException>(() =>
+                Apply([.. cluster, "--cluster-tls-cert", cert, "--cluster-tls-key", key, "--cluster-tls-ca", Path.Combine(node, "absent.pem")])).Message);
+            string garbage = Path.Combine(node, "garbage.pem");
+            await File.WriteAllTextAsync(garbage, "not a certificate");
+            Assert.Contains("do not load", Assert.Throws<ArgumentException>(() =>
+                Apply([.. cluster, "--cluster-tls-cert", garbage, "--cluster-tls-key", key, "--cluster-tls-ca", ca])).Message);
+            Assert.Contains("need cluster mode", Assert.Throws<ArgumentException>(() => Apply(["--cluster-tls-cert", cert])).Message);
+        }
+        finally
+        {
+            pki.Delete();
+        }
     }
 
     [Fact]

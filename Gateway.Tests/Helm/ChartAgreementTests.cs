@@ -195,6 +195,22 @@ public sealed class ChartAgreementTests(HelmChartFixture chart)
     }
 
     [Fact]
+    public void Cluster_tls_files_come_read_only_from_their_secret_where_the_gateway_looks()
+    {
+        RenderedChart rendered = chart[ChartVariants.TlsIpv6];
+        IConfiguration config = rendered.GatewayConfiguration();
+        string[] files = [config["Gateway:Cluster:TlsCertificate"]!, config["Gateway:Cluster:TlsKey"]!, config["Gateway:Cluster:TlsCa"]!];
+        Assert.Equal(["tls.crt", "tls.key", "ca.crt"], files.Select(Path.GetFileName));
+        string folder = Assert.Single(files.Select(Path.GetDirectoryName).Distinct())!;
+        V1VolumeMount mount = Assert.Single(rendered.Container.VolumeMounts, m => m.MountPath == folder);
+        Assert.True(mount.ReadOnlyProperty);
+        Assert.Equal("gateway-cluster-tls", Assert.Single(rendered.PodSpec.Volumes, v => v.Name == mount.Name).Secret.SecretName);
+
+        IConfiguration plain = chart[ChartVariants.Defaults].GatewayConfiguration();
+        Assert.Null(plain["Gateway:Cluster:TlsCertificate"]);
+    }
+
+    [Fact]
     public void Two_releases_in_one_namespace_do_not_discover_each_other()
     {
         RenderedChart other = RenderedChart.TryRender(chart.Tools, chart.Tools.ChartDirectory, "second release", [], chart.WorkDirectory,

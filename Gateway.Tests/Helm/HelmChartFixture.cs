@@ -20,7 +20,8 @@ public static class ChartVariants
         [FiveReplicas] = ["--set", "replicaCount=5"],
         [NodePort] = ["-f", "ci/nodeport-values.yaml"],
         [SharedClaim] = ["-f", "ci/shared-pvc-values.yaml"],
-        [TlsIpv6] = ["--set", "tls.enabled=true,tls.existingSecret=gateway-tls", "--set", "listenAddress=::"],
+        [TlsIpv6] = ["--set", "tls.enabled=true,tls.existingSecret=gateway-tls", "--set", "listenAddress=::",
+            "--set", "clusterTls.enabled=true,clusterTls.existingSecret=gateway-cluster-tls"],
     };
 
     public static TheoryData<string> All => [.. Arguments.Keys];

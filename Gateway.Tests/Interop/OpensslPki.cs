@@ -43,6 +43,23 @@ public sealed class OpensslPki(string root)
         return dir;
     }
 
+    /// <summary>
+    /// A cluster node's folder (node-cert.pem, node-key.pem, ca-cert.pem) signed by <paramref name="ca"/>:
+    /// the certificate serves as both TLS server and client, as every node is both.
+    /// </summary>
+    public async Task<string> IssueNodeAsync(string folder, string subject, string ca = "ca")
+    {
+        string dir = Directory.CreateDirectory(P(folder)).FullName;
+        string ext = P($"{folder}.ext");
+        await File.WriteAllTextAsync(ext, $"subjectAltName=DNS:{subject}\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\nbasicConstraints=CA:FALSE\n");
+        string key = Path.Combine(dir, "node-key.pem");
+        await OpensslAsync("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", key, "-out", P($"{folder}.csr"), "-subj", $"/CN={subject}");
+        await OpensslAsync("x509", "-req", "-in", P($"{folder}.csr"), "-CA", P($"{ca}-cert.pem"), "-CAkey", P($"{ca}-key.pem"),
+            "-CAcreateserial", "-out", Path.Combine(dir, "node-cert.pem"), "-extfile", ext, "-days", "10");
+        File.Copy(P($"{ca}-cert.pem"), Path.Combine(dir, "ca-cert.pem"), overwrite: true);
+        return dir;
+    }
+
     private string P(string name) => Path.Combine(Root, name);
 
     private Task OpensslAsync(params string[] args) => Tool.RunAsync("openssl", args, workingDirectory: Root);

@@ -117,6 +117,11 @@ from the environment (Gateway__Cluster__NodeName, ...), see the StatefulSet.
       "ManagementPort" ($ports.management | int)
       "ServiceName" (include "gateway.clusterServiceName" .)
       "RequiredContactPoints" (include "gateway.requiredContactPoints" . | int) }}
+{{- if .Values.clusterTls.enabled }}
+{{- $_ := set $cluster "TlsCertificate" "/etc/gateway/cluster-tls/tls.crt" }}
+{{- $_ := set $cluster "TlsKey" "/etc/gateway/cluster-tls/tls.key" }}
+{{- $_ := set $cluster "TlsCa" "/etc/gateway/cluster-tls/ca.crt" }}
+{{- end }}
 {{- $_ := set $gateway "Cluster" (merge $cluster (get $gateway "Cluster" | default dict)) }}
 {{- if or .Values.s3.serviceUrl .Values.s3.bucket }}
 {{- $_ := set $gateway "S3" (dict "ServiceUrl" .Values.s3.serviceUrl "Bucket" .Values.s3.bucket) }}
