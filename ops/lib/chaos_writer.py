@@ -1,5 +1,12 @@
 #!/usr/bin/python3
-"""Writer and verifier for ops/chaos-kill9 (libnbd's Python module, /usr/bin/python3).
+"""Writer and verifier for ops/chaos-kill9 and ops/chaos-cluster (libnbd's Python module).
+
+ops/chaos-cluster runs one writer per cluster node (distinct --seq-base), stops them with
+--stop FILE (they drain what is in flight), and verifies their state files together (--state
+A,B): ticks are CLOCK_MONOTONIC ns, so requests of different processes order. There,
+--acked-durable (graceful rounds) checks every acknowledged write, --flush-errors-void (kill -9,
+SIGSTOP) lets a failed FLUSH void the durability of the writes acknowledged before it, and the
+verify line adds timing (longest request, longest gap without a reply) and error counts.
 
   chaos_writer.py write  --uri URI --cycle C --state FILE --ready FILE [--connections K] ...
   chaos_writer.py verify --uri URI --cycle C --state FILE --model FILE --bitmaps NAME:BYTES,...
