@@ -145,8 +145,19 @@ class Writer:
         self.log(f"C {a.cycle} {a.size} {a.connections} {a.depth}")
         conns = []
         for n in range(a.connections):
-            h = nbd.NBD()
-            h.connect_uri(a.uri)
+            # A node that is shutting down (downed) may close a new connection in the handshake:
+            # try again for up to --connect-seconds (ops/chaos-cluster starts writers right after
+            # the cluster is Up again).
+            give_up = time.monotonic() + a.connect_seconds
+            while True:
+                h = nbd.NBD()
+                try:
+                    h.connect_uri(a.uri)
+                    break
+                except nbd.Error:
+                    if time.monotonic() > give_up:
+                        raise
+                    time.sleep(0.5)
             if n == 0:
                 if h.get_size() != a.size:
                     sys.exit(f"chaos_writer: export size {h.get_size()} != --size {a.size}")
@@ -499,6 +510,7 @@ def main():
     p.add_argument("--max-seconds", type=float, default=60)
     p.add_argument("--model")
     p.add_argument("--bitmaps", default="")
+    p.add_argument("--connect-seconds", type=float, default=0, help="write: retry connecting this long")
     p.add_argument("--seq-base", type=int, default=0, help="first write id of this writer within its cycle")
     p.add_argument("--stop", help="write: when this file exists, send nothing more and drain")
     p.add_argument("--acked-durable", action="store_true", help="verify: every acknowledged write must survive")
