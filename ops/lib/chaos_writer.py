@@ -1,5 +1,12 @@
 #!/usr/bin/python3
-"""Writer and verifier for ops/chaos-kill9 (libnbd's Python module, /usr/bin/python3).
+"""Writer and verifier for ops/chaos-kill9 and ops/chaos-cluster (libnbd's Python module).
+
+ops/chaos-cluster runs one writer per cluster node (distinct --seq-base), stops them with
+--stop FILE (they drain what is in flight), and verifies their state files together (--state
+A,B): ticks are CLOCK_MONOTONIC ns, so requests of different processes order. There,
+--acked-durable (graceful rounds) checks every acknowledged write, --flush-errors-void (kill -9,
+SIGSTOP) lets a failed FLUSH void the durability of the writes acknowledged before it, and the
+verify line adds timing (longest request, longest gap without a reply) and error counts.
 
   chaos_writer.py write  --uri URI --cycle C --state FILE --ready FILE [--connections K] ...
   chaos_writer.py verify --uri URI --cycle C --state FILE --model FILE --bitmaps NAME:BYTES,...
@@ -67,14 +74,16 @@ class Writer:
         self.args = args
         self.rng = random.Random(args.seed)
         self.tick = 0
-        self.seq = 0
+        self.seq = args.seq_base
         self.fseq = 0
         self.state = open(args.state, "a", buffering=1)
         self.last_sync = time.monotonic()
         self.counts = dict(sent=0, acked=0, failed=0, fua=0, flushes=0, flushes_acked=0)
 
     def next_tick(self):
-        self.tick += 1
+        # CLOCK_MONOTONIC in ns, strictly increasing: ticks of writers in other processes (on
+        # other cluster nodes, ops/chaos-cluster) order with these, and a tick is a time.
+        self.tick = max(self.tick + 1, time.monotonic_ns())
         return self.tick
 
     def log(self, line):
@@ -105,7 +114,7 @@ class Writer:
                     self.log(f"FA {fid} {self.next_tick()}")
                     self.counts["flushes_acked"] += 1
                 else:
-                    self.log(f"FE {fid} {e}")
+                    self.log(f"FE {fid} {e} {self.next_tick()}")
                 return 1
             h.aio_flush(completion=done)
             return
@@ -126,7 +135,7 @@ class Writer:
                 self.log(f"A {wid} {self.next_tick()}")
                 self.counts["acked"] += 1
             else:
-                self.log(f"E {wid} {e}")
+                self.log(f"E {wid} {e} {self.next_tick()}")
                 self.counts["failed"] += 1
             return 1
         h.aio_pwrite(buf, offset, completion=done, flags=nbd.CMD_FLAG_FUA if fua else 0)
@@ -136,8 +145,19 @@ class Writer:
         self.log(f"C {a.cycle} {a.size} {a.connections} {a.depth}")
         conns = []
         for n in range(a.connections):
-            h = nbd.NBD()
-            h.connect_uri(a.uri)
+            # A node that is shutting down (downed) may close a new connection in the handshake:
+            # try again for up to --connect-seconds (ops/chaos-cluster starts writers right after
+            # the cluster is Up again).
+            give_up = time.monotonic() + a.connect_seconds
+            while True:
+                h = nbd.NBD()
+                try:
+                    h.connect_uri(a.uri)
+                    break
+                except nbd.Error:
+                    if time.monotonic() > give_up:
+                        raise
+                    time.sleep(0.5)
             if n == 0:
                 if h.get_size() != a.size:
                     sys.exit(f"chaos_writer: export size {h.get_size()} != --size {a.size}")
@@ -152,7 +172,14 @@ class Writer:
             f.write("ready\n")
         deadline = time.monotonic() + a.max_seconds
         errors = []
+        stopping = None
         while any(c["alive"] for c in conns) and time.monotonic() < deadline:
+            # --stop FILE: send nothing more, wait (at most 30 s) for the replies in flight.
+            if stopping is None and a.stop and os.path.exists(a.stop):
+                stopping = time.monotonic()
+            if stopping is not None and (time.monotonic() - stopping > 30 or
+                                         all(c["h"].aio_in_flight() == 0 for c in conns if c["alive"])):
+                break
             rl, wl = [], []
             fds = {}
             for c in conns:
@@ -181,9 +208,11 @@ class Writer:
                 h = c["h"]
                 if h.aio_is_dead() or h.aio_is_closed():
                     c["alive"] = False
+                    self.log(f"D {c['n']} {self.next_tick()}")
+                    self.counts["died"] = self.counts.get("died", 0) + 1
                     continue
                 try:
-                    while h.aio_in_flight() < a.depth:
+                    while stopping is None and h.aio_in_flight() < a.depth:
                         self.issue(c)
                 except nbd.Error as e:
                     errors.append(str(e))
@@ -204,24 +233,33 @@ class Writer:
 
 # --------------------------------------------------------------------------------------- verify
 
-def parse_state(path):
-    writes, flushes = {}, {}
-    for line in open(path):
-        p = line.split()
-        if not p:
-            continue
-        if p[0] == "W":
-            wid, conn, off, length, fua, send = map(int, p[1:7])
-            writes[wid] = dict(wid=wid, conn=conn, off=off, len=length, fua=bool(fua), send=send, ack=None, err=None)
-        elif p[0] == "A":
-            writes[int(p[1])]["ack"] = int(p[2])
-        elif p[0] == "E":
-            writes[int(p[1])]["err"] = int(p[2])
-        elif p[0] == "F":
-            flushes[int(p[1])] = dict(conn=int(p[2]), send=int(p[3]), ack=None)
-        elif p[0] == "FA":
-            flushes[int(p[1])]["ack"] = int(p[2])
-    return writes, flushes
+def parse_state(paths):
+    """One or more writers' state files (comma-separated); flushes are keyed (file, id)."""
+    writes, flushes, died = {}, {}, 0
+    for n, path in enumerate(paths.split(",")):
+        for line in open(path):
+            p = line.split()
+            if not p:
+                continue
+            if p[0] == "W":
+                wid, conn, off, length, fua, send = map(int, p[1:7])
+                writes[wid] = dict(wid=wid, conn=conn, off=off, len=length, fua=bool(fua), send=send, ack=None,
+                                   err=None, end=None)
+            elif p[0] == "A":
+                writes[int(p[1])]["ack"] = writes[int(p[1])]["end"] = int(p[2])
+            elif p[0] == "E":
+                writes[int(p[1])]["err"] = int(p[2])
+                writes[int(p[1])]["end"] = int(p[3]) if len(p) > 3 else None
+            elif p[0] == "F":
+                flushes[n, int(p[1])] = dict(conn=int(p[2]), send=int(p[3]), ack=None, err=None, end=None)
+            elif p[0] == "FA":
+                flushes[n, int(p[1])]["ack"] = flushes[n, int(p[1])]["end"] = int(p[2])
+            elif p[0] == "FE":
+                flushes[n, int(p[1])]["err"] = int(p[2])
+                flushes[n, int(p[1])]["end"] = int(p[3]) if len(p) > 3 else None
+            elif p[0] == "D":
+                died += 1
+    return writes, flushes, died
 
 
 def read_all(h, size, chunk=4 << 20):
@@ -266,7 +304,7 @@ def verify(args):
     size = args.size
     units = size // UNIT
     bitmaps = []
-    for spec in args.bitmaps.split(","):
+    for spec in filter(None, args.bitmaps.split(",")):
         name, gran = spec.split(":")
         bitmaps.append((name, int(gran)))
 
@@ -278,10 +316,26 @@ def verify(args):
         model = dict(cands=[(0,)] * units, anchor=[0] * units, writes={})
     cands, anchor, known = model["cands"], model["anchor"], model["writes"]
 
-    writes, flushes = parse_state(args.state)
+    writes, flushes, died = parse_state(args.state)
     last_flush = max((f["send"] for f in flushes.values() if f["ack"] is not None), default=0)
     for w in writes.values():
         w["durable"] = w["ack"] is not None and (w["fua"] or w["ack"] < last_flush)
+    if args.flush_errors_void:
+        # A FLUSH that failed (the gateway's EIO after an owner died) says writes acknowledged
+        # before it may be gone; a later FLUSH's success does not bring them back. A write is
+        # durable when FUA, or when a FLUSH sent after its reply succeeded and no FLUSH sent
+        # between its reply and that success failed.
+        acked_f = sorted((f["send"], f["ack"]) for f in flushes.values() if f["ack"] is not None)
+        failed_f = sorted(f["send"] for f in flushes.values() if f["err"] is not None)
+        for w in writes.values():
+            if w["ack"] is None or w["fua"]:
+                continue
+            w["durable"] = any(fs > w["ack"] and not any(w["ack"] < x < fa for x in failed_f)
+                               for fs, fa in acked_f)
+    if args.acked_durable:
+        # A graceful handoff loses nothing acknowledged: check every acknowledged write.
+        for w in writes.values():
+            w["durable"] = w["ack"] is not None
 
     # The cycle's writes per unit.
     cover = {}
@@ -380,6 +434,33 @@ def verify(args):
     os.replace(tmp, args.model)
 
     n_acked = sum(1 for w in writes.values() if w["ack"] is not None)
+    # Requests' times (ticks are CLOCK_MONOTONIC ns): the longest wait for a reply, the errors,
+    # and, after --event-ns (the disruption), when the first request sent after it was acknowledged.
+    reqs = list(writes.values()) + list(flushes.values())
+    waits = [r["end"] - r["send"] for r in reqs if r["end"] is not None]
+    errs = [r for r in reqs if r["err"] is not None]
+    timing = dict(
+        pause_max_s=round(max(waits, default=0) / 1e9, 3),
+        write_errors=sum(1 for w in writes.values() if w["err"] is not None),
+        flush_errors=sum(1 for f in flushes.values() if f["err"] is not None),
+        unanswered=sum(1 for r in reqs if r["end"] is None and r["err"] is None),
+        connections_died=died,
+        error_codes=sorted({r["err"] for r in errs}),
+    )
+    # The longest time without any reply (across all connections of all writers): the service
+    # interruption clients saw; restored_s: from --event-ns until the reply that ended it.
+    ends = sorted(r["end"] for r in reqs if r["end"] is not None)
+    gaps = [(b - a, b) for a, b in zip(ends, ends[1:])]
+    if gaps:
+        gap, gap_end = max(gaps)
+        timing["reply_gap_max_s"] = round(gap / 1e9, 3)
+        if args.event_ns:
+            timing["restored_s"] = round((gap_end - args.event_ns) / 1e9, 3)
+    if args.event_ns:
+        after = [r["ack"] for r in reqs if r["ack"] is not None and r["send"] > args.event_ns]
+        timing["served_after_s"] = round((min(after) - args.event_ns) / 1e9, 3) if after else None
+        if errs:
+            timing["first_error_after_s"] = round((min(r["end"] or r["send"] for r in errs) - args.event_ns) / 1e9, 3)
     result = dict(
         cycle=args.cycle,
         writes_sent=len(writes),
@@ -395,6 +476,7 @@ def verify(args):
         acked_unflushed_lost=acked_lost,
         granules_missing=missing_total,
         bitmaps=bitmap_out,
+        **timing,
     )
     print(json.dumps(result))
     if mismatched_units or missing_total:
@@ -428,6 +510,13 @@ def main():
     p.add_argument("--max-seconds", type=float, default=60)
     p.add_argument("--model")
     p.add_argument("--bitmaps", default="")
+    p.add_argument("--connect-seconds", type=float, default=0, help="write: retry connecting this long")
+    p.add_argument("--seq-base", type=int, default=0, help="first write id of this writer within its cycle")
+    p.add_argument("--stop", help="write: when this file exists, send nothing more and drain")
+    p.add_argument("--acked-durable", action="store_true", help="verify: every acknowledged write must survive")
+    p.add_argument("--flush-errors-void", action="store_true",
+                   help="verify: a failed FLUSH voids the durability of writes acknowledged before it")
+    p.add_argument("--event-ns", type=int, default=0, help="verify: CLOCK_MONOTONIC ns of the disruption")
     args = p.parse_args()
     if args.size % UNIT or args.size < 64 * UNIT:
         sys.exit("chaos_writer: --size must be a multiple of 4096 and at least 256 KiB")
