@@ -27,12 +27,9 @@ public static class NbdConnection
         settings ??= NbdServerSettings.Default;
         // One deadline over the whole handshake, TLS included: every await of the negotiation is
         // on the socket and takes this token, so a silent or trickling client holds no thread
-        // and is cut off at the deadline whatever step it stalls in.
-        using var handshake = CancellationTokenSource.CreateLinkedTokenSource(stopping);
-        if (settings.HandshakeTimeout > TimeSpan.Zero)
-        {
-            handshake.CancelAfter(settings.HandshakeTimeout);
-        }
+        // and is cut off at the deadline whatever step it stalls in. Opening an export stops the
+        // clock (HandshakeDeadline): that time is the server's, not the client's.
+        using var handshake = new HandshakeDeadline(settings.HandshakeTimeout, stopping);
         SslStream? tls = null;
         if (settings.TlsFirst)
         {
@@ -43,7 +40,7 @@ public static class NbdConnection
             }
         }
         (PipeReader input, PipeWriter output) = CreatePipes(tls ?? stream);
-        using var negotiator = new OptionNegotiator(input, output, exports, logger, settings, client);
+        using var negotiator = new OptionNegotiator(input, output, exports, logger, settings, client, handshake);
         try
         {
             NegotiationOutcome outcome;
@@ -64,7 +61,7 @@ public static class NbdConnection
                     outcome = await negotiator.ResumeAfterTlsAsync(input, output, identity, handshake.Token).ConfigureAwait(false);
                 }
             }
-            catch (OperationCanceledException) when (handshake.IsCancellationRequested && !stopping.IsCancellationRequested)
+            catch (OperationCanceledException) when (handshake.Expired)
             {
                 GatewayTelemetry.HandshakeTimedOut();
                 logger.LogWarning("Closing NBD connection from {Client}: handshake not finished within {Timeout} s (stalled in {Phase})",
@@ -72,7 +69,7 @@ public static class NbdConnection
                 return;
             }
             // Attached (or closed): the deadline no longer applies; an idle attached client is fine.
-            handshake.CancelAfter(Timeout.InfiniteTimeSpan);
+            handshake.End();
             if (outcome.Session is not NegotiatedSession session)
             {
                 return;

@@ -40,7 +40,7 @@ public sealed record NegotiationOutcome(NegotiationEnd End, NegotiatedSession? S
 /// the connection disposes it when it ends.
 /// </summary>
 public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExportDirectory exports, ILogger logger,
-    NbdServerSettings? settings = null, EndPoint? client = null) : IDisposable
+    NbdServerSettings? settings = null, EndPoint? client = null, HandshakeDeadline? deadline = null) : IDisposable
 {
     /// <summary>The handshake flags the server sends (as <see cref="ConnectionRefusal"/> does): fixed newstyle, and no zeroes if the client agrees.</summary>
     internal const HandshakeFlags ServerFlags = HandshakeFlags.FixedNewstyle | HandshakeFlags.NoZeroes;
@@ -59,6 +59,10 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
     public bool Tls => _tls;
 
     public void Dispose() => _lease?.Dispose();
+
+    /// <summary>Opens an export for the client with the handshake's clock stopped (<see cref="HandshakeDeadline"/>).</summary>
+    private ValueTask<ExportHandle?> OpenAsync(string name, CancellationToken cancellationToken) =>
+        deadline is null ? exports.OpenAsync(name, cancellationToken) : deadline.ExcludingAsync(token => exports.OpenAsync(name, token));
 
     public async Task<NegotiationOutcome> NegotiateAsync(CancellationToken cancellationToken)
     {
@@ -308,7 +312,7 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
     {
         // Over 4096 bytes it throws: EXPORT_NAME has no error reply, so the connection is closed.
         string name = ExportNameOption.Read(data);
-        ExportHandle? export = await exports.OpenAsync(name, cancellationToken).ConfigureAwait(false);
+        ExportHandle? export = await OpenAsync(name, cancellationToken).ConfigureAwait(false);
         if (export is null)
         {
             // EXPORT_NAME has no way to report an error: the spec says to close.
@@ -363,7 +367,7 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
         bool wantName = request.Requests.Contains(InfoType.Name);
         bool wantDescription = request.Requests.Contains(InfoType.Description);
 
-        ExportHandle? export = await exports.OpenAsync(name, cancellationToken).ConfigureAwait(false);
+        ExportHandle? export = await OpenAsync(name, cancellationToken).ConfigureAwait(false);
         if (export is null)
         {
             await ReplyErrorAsync(option, OptionReplyType.ErrUnknown, $"export '{name}' not present", cancellationToken).ConfigureAwait(false);
@@ -438,7 +442,7 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
             return;
         }
         (string name, string[] queries) = request;
-        ExportHandle? export = await exports.OpenAsync(name, cancellationToken).ConfigureAwait(false);
+        ExportHandle? export = await OpenAsync(name, cancellationToken).ConfigureAwait(false);
         if (export is null)
         {
             await ReplyErrorAsync(option, OptionReplyType.ErrUnknown, $"export '{name}' not present", cancellationToken).ConfigureAwait(false);

@@ -127,6 +127,39 @@ public sealed class HandshakeTimeoutTests : IAsyncLifetime
         await idle.AssertWorksAsync(offset: 8192, seed: 6);
     }
 
+    /// <summary>A server whose exports take 2.5 deadlines to open (an export opening after a restart or a failover).</summary>
+    private static NbdTestServer SlowToOpen()
+    {
+        var exports = new TestExportDirectory { OpenDelay = Deadline * 2.5 };
+        exports.Add(Rw, new MemoryBackend(4L * 1024 * 1024));
+        return new NbdTestServer(exports, new NbdServerSettings { HandshakeTimeout = Deadline });
+    }
+
+    [Fact]
+    public async Task Time_the_server_spends_opening_the_export_does_not_count_against_the_client()
+    {
+        await using NbdTestServer slowToOpen = SlowToOpen();
+        await using RawClient client = await slowToOpen.ConnectAsync();
+        await client.StartAsync();
+
+        IReadOnlyList<OptionReply> go = await client.InfoOrGoAsync(NbdOption.Go, Rw);
+
+        Assert.Equal(OptionReplyType.Ack, go[^1].Type);
+        await client.AssertWorksAsync();
+    }
+
+    [Fact]
+    public async Task The_clock_runs_again_after_the_export_opened_so_a_client_that_then_stalls_is_closed()
+    {
+        await using NbdTestServer slowToOpen = SlowToOpen();
+        await using RawClient client = await slowToOpen.ConnectAsync();
+        await client.StartAsync();
+        IReadOnlyList<OptionReply> info = await client.InfoOrGoAsync(NbdOption.Info, Rw);
+        Assert.Equal(OptionReplyType.Ack, info[^1].Type);
+
+        AssertAboutTheDeadline(await TimeToCloseAsync(client, Stopwatch.GetTimestamp()));
+    }
+
     [Fact]
     public async Task Zero_means_no_handshake_deadline()
     {

@@ -37,13 +37,20 @@ public sealed class TestExportDirectory : IExportDirectory
         }
     }
 
-    public ValueTask<ExportHandle?> OpenAsync(string name, CancellationToken cancellationToken)
+    /// <summary>How long each OpenAsync takes, as the server's own work (an export opening after a restart).</summary>
+    public TimeSpan OpenDelay { get; init; }
+
+    public async ValueTask<ExportHandle?> OpenAsync(string name, CancellationToken cancellationToken)
     {
+        if (OpenDelay > TimeSpan.Zero)
+        {
+            await Task.Delay(OpenDelay, cancellationToken);
+        }
         if (name == FailOn)
         {
             throw new InvalidOperationException($"export '{name}' failed to open (injected by the test)");
         }
-        return ValueTask.FromResult(_exports.TryGetValue(name, out ExportHandle? handle) ? handle : null);
+        return _exports.TryGetValue(name, out ExportHandle? handle) ? handle : null;
     }
 }
 
