@@ -185,6 +185,10 @@ public sealed class DirtyTrackingDevice(IBlockDevice inner, DirtyTracker tracker
         return new ValueTask(tracker.MarkAsync(offset, length));
     }
 
+    // ESHUTDOWN, not EIO: the change was refused before it reached storage, and the bitmaps'
+    // actor stops when its export closes or its node stops (a node downed after a freeze stopped
+    // it under a write queued on the peer stream). A forwarding node then sends the write again
+    // to the export's next owner instead of failing its client (ops/chaos-cluster, sigstop).
     private static BlockDeviceException Unavailable() =>
-        new(BlockErrorKind.Io, "the export's dirty bitmaps cannot be recorded (their actor has stopped): refusing the change");
+        new(BlockErrorKind.Shutdown, "the export's dirty bitmaps cannot be recorded (their actor has stopped): refusing the change");
 }
