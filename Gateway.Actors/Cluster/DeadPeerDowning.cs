@@ -100,46 +100,44 @@ public sealed class DeadPeerDowning : ReceiveActor
             {
                 await Task.Delay(BetweenProbes).ConfigureAwait(false);
             }
-            if (!await RefusedAsync(host, port).ConfigureAwait(false))
+            if (await ConnectAsync(host, port).ConfigureAwait(false) != PortAnswer.Refused)
             {
                 return false;
             }
         }
-        bool[] answering = await Task.WhenAll(others.Select(o => AcceptsAsync(o.Host, o.Port))).ConfigureAwait(false);
-        return InMajority(members, answering.Count(a => a));
+        PortAnswer[] answers = await Task.WhenAll(others.Select(o => ConnectAsync(o.Host, o.Port))).ConfigureAwait(false);
+        return InMajority(members, answers.Count(a => a == PortAnswer.Accepted));
     }
 
-    private static async Task<bool> AcceptsAsync(string host, int port)
+    /// <summary>What a TCP connect to a member's port met.</summary>
+    public enum PortAnswer
+    {
+        /// <summary>Something listens: the process is there.</summary>
+        Accepted,
+
+        /// <summary>The host answered that nothing listens (or a firewall rejects as if so).</summary>
+        Refused,
+
+        /// <summary>No answer within <see cref="ConnectTimeout"/>, or another network error.</summary>
+        Silent,
+    }
+
+    public static async Task<PortAnswer> ConnectAsync(string host, int port)
     {
         using var socket = new Socket(SocketType.Stream, ProtocolType.Tcp);
         using var timeout = new CancellationTokenSource(ConnectTimeout);
         try
         {
             await socket.ConnectAsync(host, port, timeout.Token).ConfigureAwait(false);
-            return true;
-        }
-        catch (Exception e) when (e is SocketException or OperationCanceledException)
-        {
-            return false;
-        }
-    }
-
-    public static async Task<bool> RefusedAsync(string host, int port)
-    {
-        using var socket = new Socket(SocketType.Stream, ProtocolType.Tcp);
-        using var timeout = new CancellationTokenSource(ConnectTimeout);
-        try
-        {
-            await socket.ConnectAsync(host, port, timeout.Token).ConfigureAwait(false);
-            return false;
+            return PortAnswer.Accepted;
         }
         catch (SocketException e) when (e.SocketErrorCode == SocketError.ConnectionRefused)
         {
-            return true;
+            return PortAnswer.Refused;
         }
         catch (Exception e) when (e is SocketException or OperationCanceledException)
         {
-            return false;
+            return PortAnswer.Silent;
         }
     }
 

@@ -18,10 +18,10 @@ public sealed class DeadPeerDowningTests
         using var listener = new TcpListener(IPAddress.Loopback, 0);
         listener.Start();
         int listening = ((IPEndPoint)listener.LocalEndpoint).Port;
-        Assert.False(await DeadPeerDowning.RefusedAsync("127.0.0.1", listening));
+        Assert.Equal(DeadPeerDowning.PortAnswer.Accepted, await DeadPeerDowning.ConnectAsync("127.0.0.1", listening));
 
         listener.Stop();
-        Assert.True(await DeadPeerDowning.RefusedAsync("127.0.0.1", listening));
+        Assert.Equal(DeadPeerDowning.PortAnswer.Refused, await DeadPeerDowning.ConnectAsync("127.0.0.1", listening));
     }
 
     [Theory]
