@@ -1,3 +1,4 @@
+using Akka.Actor;
 using Akka.Cluster.Hosting;
 using Akka.Cluster.Hosting.SBR;
 using Akka.Discovery.KubernetesApi;
@@ -41,7 +42,8 @@ public static class ClusterComposition
     public static ClusterNode Node(ClusterSettings cluster) => new(cluster.NodeName, cluster.PublicHostname, cluster.Peer.Port);
 
     /// <param name="tls">Cluster TLS (README "Cluster TLS"): remoting then takes only nodes whose certificate chains to the cluster CA.</param>
-    public static void Configure(AkkaConfigurationBuilder akka, ClusterSettings cluster, TlsCredentials? tls = null)
+    /// <param name="members">Where members announce themselves; <see cref="ClusterJoiner"/> reads it before it joins.</param>
+    public static void Configure(AkkaConfigurationBuilder akka, ClusterSettings cluster, IClusterMembers members, TlsCredentials? tls = null)
     {
         var remoting = new RemoteOptions
         {
@@ -59,7 +61,9 @@ public static class ClusterComposition
         akka.WithRemoting(remoting);
         akka.WithClustering(new ClusterOptions
         {
-            SeedNodes = [.. cluster.Seeds.Select(seed => ClusterSettings.SeedAddress(seed, tls is not null))],
+            // No seed nodes for Akka to join by itself: ClusterJoiner joins, so that a first seed
+            // restarted while the cluster runs never forms a second one.
+            SeedNodes = [],
             // Keep-majority: the side with more than half of the nodes downs the rest, so two
             // owners of one export never run at once after a partition, and no lease service is
             // needed (the Kubernetes lease does not restore here). A 2-node cluster cannot
@@ -131,6 +135,8 @@ public static class ClusterComposition
             akka.cluster.shutdown-after-unsuccessful-join-seed-nodes = 60s
             akka.coordinated-shutdown.exit-clr = off
             """, HoconAddMode.Prepend);
+        Address[] seeds = [.. cluster.Seeds.Select(seed => Address.Parse(ClusterSettings.SeedAddress(seed, tls is not null)))];
+        akka.WithActors((system, _) => system.ActorOf(ClusterJoiner.Props(members, seeds), "cluster-joiner"));
         if (cluster.Discovery is { } discovery)
         {
             // Kubernetes: no seed list; pods find each other through the API (RBAC: pods get/watch/list).

@@ -18,6 +18,7 @@ public sealed class NbdListener(
     IRequiredActor<ConnectionSupervisorKey> connections,
     IRequiredActor<ExportRegistryKey> exports,
     Gateway.Actors.Cluster.LocalExports localExports,
+    ActorSystem system,
     ILogger<NbdListener> logger) : BackgroundService
 {
     private static readonly TimeSpan DrainTimeout = TimeSpan.FromSeconds(30);
@@ -174,21 +175,28 @@ public sealed class NbdListener(
     {
         await base.StopAsync(cancellationToken).ConfigureAwait(false);
         CloseListeners();
+        if (system.WhenTerminated.IsCompleted)
+        {
+            // A downed node (or one whose join failed) stopped its actors first: its connections and
+            // exports stopped with them, and there is no one left to ask.
+            logger.LogWarning("NBD server stopped accepting; the actor system had already stopped (this node was downed or left the cluster), so there is nothing to drain");
+            return;
+        }
         logger.LogInformation("NBD server stopped accepting; finishing requests in flight");
         try
         {
             IActorRef supervisor = await connections.GetAsync(cancellationToken).ConfigureAwait(false);
-            ConnectionsDrained drained = await supervisor.Ask<ConnectionsDrained>(DrainConnections.Instance, DrainTimeout, cancellationToken).ConfigureAwait(false);
+            _ = await UnlessTerminatedAsync(supervisor.Ask<ConnectionsDrained>(DrainConnections.Instance, DrainTimeout, cancellationToken)).ConfigureAwait(false);
             ExportsFlushed flushed;
             if (options.Cluster is null)
             {
                 IActorRef registry = await exports.GetAsync(cancellationToken).ConfigureAwait(false);
-                flushed = await registry.Ask<ExportsFlushed>(FlushAllExports.Instance, DrainTimeout, cancellationToken).ConfigureAwait(false);
+                flushed = await UnlessTerminatedAsync(registry.Ask<ExportsFlushed>(FlushAllExports.Instance, DrainTimeout, cancellationToken)).ConfigureAwait(false);
             }
             else
             {
                 // The exports this node owns; CoordinatedShutdown then hands their shards over.
-                flushed = await localExports.FlushAllAsync().ConfigureAwait(false);
+                flushed = await UnlessTerminatedAsync(localExports.FlushAllAsync()).ConfigureAwait(false);
             }
             if (flushed.Failures.Count > 0)
             {
@@ -199,9 +207,28 @@ public sealed class NbdListener(
                 logger.LogInformation("All connections closed, {Count} exports flushed", flushed.Count);
             }
         }
+        catch (ActorSystemStoppedException)
+        {
+            logger.LogWarning("The actor system stopped while connections were draining (this node was downed or left the cluster): its connections and exports stopped with it");
+        }
         catch (Exception e) when (e is AskTimeoutException or OperationCanceledException or TaskCanceledException)
         {
             logger.LogError("Shutdown did not finish draining connections in time: {Reason}", e.Message);
         }
     }
+
+    /// <summary>
+    /// <paramref name="answer"/>, unless the actor system stops first (downed while draining): then
+    /// no actor is left to answer, and waiting out <see cref="DrainTimeout"/> would only delay the exit.
+    /// </summary>
+    private async Task<T> UnlessTerminatedAsync<T>(Task<T> answer)
+    {
+        if (await Task.WhenAny(answer, system.WhenTerminated).ConfigureAwait(false) != answer)
+        {
+            throw new ActorSystemStoppedException();
+        }
+        return await answer.ConfigureAwait(false);
+    }
+
+    private sealed class ActorSystemStoppedException : Exception;
 }

@@ -8,15 +8,26 @@ namespace Gateway.Host;
 /// export naming its holder, term and expiry. Every decision is one statement compared against
 /// the server's <c>now()</c>, so it is atomic and no node's clock takes part.
 /// </summary>
-public sealed class PostgresExportLeases(string connectionString) : IExportLeases, IAsyncDisposable
+public sealed class PostgresExportLeases : IExportLeases, IAsyncDisposable
 {
-    private readonly NpgsqlDataSource _source = NpgsqlDataSource.Create(connectionString);
-    private readonly SemaphoreSlim _created = new(1, 1);
-    private volatile bool _exists;
+    private readonly NpgsqlDataSource _source;
+    private readonly PostgresTable _table;
+
+    public PostgresExportLeases(string connectionString)
+    {
+        _source = NpgsqlDataSource.Create(connectionString);
+        _table = new PostgresTable(_source, """
+            CREATE TABLE IF NOT EXISTS gateway_export_leases (
+                export text PRIMARY KEY,
+                node text NOT NULL,
+                term bigint NOT NULL,
+                expires_at timestamptz NOT NULL)
+            """);
+    }
 
     public async Task<bool> TryAcquireAsync(string export, string node, long term, TimeSpan timeToLive, CancellationToken cancellationToken)
     {
-        await EnsureTableAsync(cancellationToken).ConfigureAwait(false);
+        await _table.EnsureAsync(cancellationToken).ConfigureAwait(false);
         // Taken when there is no row, or the holder released it or let it run out.
         await using NpgsqlCommand command = _source.CreateCommand("""
             INSERT INTO gateway_export_leases (export, node, term, expires_at)
@@ -30,7 +41,7 @@ public sealed class PostgresExportLeases(string connectionString) : IExportLease
 
     public async Task<bool> RenewAsync(string export, string node, long term, TimeSpan timeToLive, CancellationToken cancellationToken)
     {
-        await EnsureTableAsync(cancellationToken).ConfigureAwait(false);
+        await _table.EnsureAsync(cancellationToken).ConfigureAwait(false);
         // Only the holder's own row of its own term: a lease another node took is not taken back.
         await using NpgsqlCommand command = _source.CreateCommand("""
             UPDATE gateway_export_leases SET expires_at = now() + $4
@@ -42,7 +53,7 @@ public sealed class PostgresExportLeases(string connectionString) : IExportLease
 
     public async Task ReleaseAsync(string export, string node, long term, CancellationToken cancellationToken)
     {
-        await EnsureTableAsync(cancellationToken).ConfigureAwait(false);
+        await _table.EnsureAsync(cancellationToken).ConfigureAwait(false);
         await using NpgsqlCommand command = _source.CreateCommand("""
             UPDATE gateway_export_leases SET expires_at = '-infinity'
             WHERE export = $1 AND node = $2 AND term = $3
@@ -59,37 +70,9 @@ public sealed class PostgresExportLeases(string connectionString) : IExportLease
         command.Parameters.Add(new NpgsqlParameter<TimeSpan> { TypedValue = timeToLive });
     }
 
-    private async Task EnsureTableAsync(CancellationToken cancellationToken)
-    {
-        if (_exists)
-        {
-            return;
-        }
-        await _created.WaitAsync(cancellationToken).ConfigureAwait(false);
-        try
-        {
-            if (!_exists)
-            {
-                await using NpgsqlCommand command = _source.CreateCommand("""
-                    CREATE TABLE IF NOT EXISTS gateway_export_leases (
-                        export text PRIMARY KEY,
-                        node text NOT NULL,
-                        term bigint NOT NULL,
-                        expires_at timestamptz NOT NULL)
-                    """);
-                await command.ExecuteNonQueryAsync(cancellationToken).ConfigureAwait(false);
-                _exists = true;
-            }
-        }
-        finally
-        {
-            _created.Release();
-        }
-    }
-
     public async ValueTask DisposeAsync()
     {
         await _source.DisposeAsync().ConfigureAwait(false);
-        _created.Dispose();
+        _table.Dispose();
     }
 }

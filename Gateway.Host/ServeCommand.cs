@@ -60,6 +60,8 @@ public static class ServeCommand
             // The owners' leases (issue 17, fencing) live in the PostgreSQL the journal uses.
             string postgres = options.Cluster.Postgres;
             builder.Services.AddSingleton(_ => new PostgresExportLeases(postgres));
+            // Members announce themselves there too: a node joins itself only when no other is alive.
+            builder.Services.AddSingleton(_ => new PostgresClusterMembers(postgres));
         }
         builder.Services.AddAkka("gateway", (akka, services) =>
         {
@@ -78,7 +80,7 @@ public static class ServeCommand
                     ? new Gateway.Actors.Tls.TlsCredentials(files.Certificate, files.Key, files.Ca, requireClientCertificate: true,
                         services.GetRequiredService<ILoggerFactory>().CreateLogger("Gateway.ClusterTls"))
                     : null;
-                ClusterComposition.Configure(akka, cluster, clusterTls);
+                ClusterComposition.Configure(akka, cluster, services.GetRequiredService<PostgresClusterMembers>(), clusterTls);
                 // Operators' own Akka settings (e.g. failure-detector timings), over the above.
                 if (services.GetRequiredService<IConfiguration>()["Gateway:Akka:Hocon"] is { Length: > 0 } hocon)
                 {

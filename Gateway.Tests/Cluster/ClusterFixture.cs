@@ -58,6 +58,7 @@ public class ClusterFixture : IAsyncLifetime
     private readonly List<string> _seeds = [];
     private string? _adminConnectionString;
     private string? _database;
+    private readonly List<string> _otherDatabases = [];
 
     public string DataDirectory { get; private set; } = null!;
 
@@ -169,6 +170,28 @@ public class ClusterFixture : IAsyncLifetime
     /// <summary>The seeds' remoting addresses (HOST:PORT), for a process started outside the fixture.</summary>
     public IReadOnlyList<string> Seeds => _seeds;
 
+    /// <summary>
+    /// <paramref name="args"/> with its seeds (<c>--seed HOST:PORT</c> pairs) replaced by
+    /// <paramref name="seeds"/>, in that order.
+    /// </summary>
+    public static IEnumerable<string> WithSeeds(IReadOnlyList<string> args, params string[] seeds)
+    {
+        for (int i = 0; i < args.Count; i++)
+        {
+            if (args[i] == "--seed")
+            {
+                i++;
+                continue;
+            }
+            yield return args[i];
+        }
+        foreach (string seed in seeds)
+        {
+            yield return "--seed";
+            yield return seed;
+        }
+    }
+
     /// <summary>SIGKILL, no leave, no flush. Returns a clock started just before the signal.</summary>
     public static Stopwatch Kill(ClusterNode node)
     {
@@ -178,9 +201,10 @@ public class ClusterFixture : IAsyncLifetime
     }
 
     /// <summary>Starts a killed or stopped node again (same name and ports) and waits until every running node is Up.</summary>
-    public async Task RestartAsync(ClusterNode node)
+    /// <param name="extraArgs">The node's arguments in place of its first start's; null: the same.</param>
+    public async Task RestartAsync(ClusterNode node, IEnumerable<string>? extraArgs = null)
     {
-        await node.Gateway.RestartAsync();
+        await node.Gateway.RestartAsync(extraArgs);
         await WaitUntilUpAsync();
     }
 
@@ -414,6 +438,22 @@ public class ClusterFixture : IAsyncLifetime
         throw new Xunit.Sdk.XunitException($"no free loopback port in [{first}, {first + span})");
     }
 
+    /// <summary>
+    /// A connection string to an empty database of its own on the cluster's server (dropped with
+    /// the fixture): a node given it is not of this cluster, whose members announce themselves in
+    /// <see cref="Postgres"/> (README "Joining").
+    /// </summary>
+    public async Task<string> CreateOtherDatabaseAsync()
+    {
+        string name = $"gw_{Guid.NewGuid():N}";
+        await ExecuteAsync($"CREATE DATABASE {name}");
+        lock (_otherDatabases)
+        {
+            _otherDatabases.Add(name);
+        }
+        return new NpgsqlConnectionStringBuilder(_adminConnectionString) { Database = name }.ConnectionString;
+    }
+
     private async Task ExecuteAsync(string sql)
     {
         await using var connection = new NpgsqlConnection(_adminConnectionString);
@@ -450,16 +490,16 @@ public class ClusterFixture : IAsyncLifetime
                 await node.Gateway.DisposeAsync();
             }
         }
-        if (_database is not null)
+        NpgsqlConnection.ClearAllPools();
+        foreach (string database in _database is null ? _otherDatabases : [_database, .. _otherDatabases])
         {
             try
             {
-                NpgsqlConnection.ClearAllPools();
-                await ExecuteAsync($"DROP DATABASE IF EXISTS {_database} WITH (FORCE)");
+                await ExecuteAsync($"DROP DATABASE IF EXISTS {database} WITH (FORCE)");
             }
             catch (Exception e) when (e is NpgsqlException or SocketException or TimeoutException)
             {
-                failures.Add($"dropping database {_database}: {e.Message}");
+                failures.Add($"dropping database {database}: {e.Message}");
             }
         }
         if (DataDirectory is not null)

@@ -599,12 +599,15 @@ public sealed class ClusterInteropTests(ClusterFixture cluster, Xunit.Abstractio
     [Fact]
     public async Task Readiness_is_true_only_once_the_node_has_joined_the_cluster()
     {
-        // A node whose only seed does not answer runs (liveness) but is not ready.
+        // A node whose only seed does not answer runs (liveness) but is not ready. It has a
+        // database of its own: with the cluster's, it would find the running members there and
+        // join them (README "Joining").
         int lonelyHealth = ClusterFixture.FreePort();
+        string lonelyDatabase = await cluster.CreateOtherDatabaseAsync();
         await using (GatewayProcess lonely = GatewayProcess.StartUnready(
         [
             "--remoting", $"127.0.0.1:{ClusterFixture.FreePort()}", "--seed", $"127.0.0.1:{ClusterFixture.FreePort()}",
-            "--postgres", cluster.Postgres, "--node-name", "lonely", "--health", $"127.0.0.1:{lonelyHealth}",
+            "--postgres", lonelyDatabase, "--node-name", "lonely", "--health", $"127.0.0.1:{lonelyHealth}",
         ]))
         {
             Assert.Equal(HttpStatusCode.OK, await ProbeAsync(lonelyHealth, Gateway.Host.Kubernetes.LivenessPath, HttpStatusCode.OK, lonely));
@@ -887,6 +890,12 @@ public sealed class ClusterInteropTests(ClusterFixture cluster, Xunit.Abstractio
             ToolResult seen = await client;
             output.WriteLine($"client of the frozen owner: {seen.Stdout.Trim()}");
             await QemuIoAsync(other, Export, "read -P 0x22 0 1M");
+
+            // Downed, the old owner stops its actor system and exits. Its host's drain must not then
+            // wait 30 s for connection actors that are gone (chaos runs saw "did not finish draining").
+            int? exit = await owner.Gateway.WaitForExitAsync(TimeSpan.FromSeconds(20));
+            Assert.True(exit is not null, $"the downed owner {owner} still runs 20 s after the client's end\n{owner.Gateway.Describe()}");
+            Assert.DoesNotContain("did not finish draining", owner.Gateway.Output, StringComparison.Ordinal);
         }
         finally
         {

@@ -60,4 +60,28 @@ public sealed class ClusterJoinTests(ClusterFixture cluster) : IClassFixture<Clu
         }
         await cluster.StopAsync(late);
     }
+
+    /// <summary>
+    /// Issue 17, ops/chaos-cluster: the first seed, restarted while the cluster ran, heard no
+    /// seed answer within Akka's seed-node timeout under load and joined itself, a second
+    /// cluster. Here the other seed it lists is a closed port and the running members are not
+    /// among its seeds at all, so Akka alone would form a cluster of one after 5 s; the node must
+    /// find the running members through their announcements and join them.
+    /// </summary>
+    [Fact]
+    public async Task A_first_seed_restarted_while_the_cluster_runs_joins_it_and_never_forms_its_own()
+    {
+        IReadOnlyList<ClusterNode> three = cluster.Running;
+        Assert.True(three.Count == 3, $"the cluster runs {three.Count} nodes, the test needs 3\n{cluster.Describe()}");
+        ClusterNode first = three[0];
+        ClusterFixture.Kill(first);
+        await cluster.WaitUntilUpAsync();
+
+        string self = $"127.0.0.1:{first.RemotingPort}", closed = $"127.0.0.1:{ClusterFixture.FreePort()}";
+        await cluster.RestartAsync(first, ClusterFixture.WithSeeds(first.Gateway.ExtraArgs, self, closed));
+        // WaitUntilUpAsync held: every node, the restarted one too, sees exactly the three, Up.
+        Assert.Contains("never joining itself", first.Gateway.Output, StringComparison.Ordinal);
+        Assert.DoesNotContain("may form the cluster", first.Gateway.Output.Split("===== restart =====").Last(), StringComparison.Ordinal);
+        await cluster.QemuIoAsync(first, "disk0", "read 0 4k");
+    }
 }

@@ -36,9 +36,11 @@ public sealed class PostgresExportLeasesTests : IAsyncLifetime
     [Fact]
     public async Task A_lease_left_to_run_out_is_taken_over_and_the_frozen_holder_cannot_renew_it()
     {
-        Assert.True(await _leases.TryAcquireAsync(_export, "gw1", 1, TimeSpan.FromMilliseconds(300), default));
+        // 2 s: the second acquire must come before it runs out, also on a loaded machine (with
+        // 300 ms it once came after, with a build running beside it).
+        Assert.True(await _leases.TryAcquireAsync(_export, "gw1", 1, TimeSpan.FromSeconds(2), default));
         Assert.False(await _leases.TryAcquireAsync(_export, "gw2", 2, Long, default));
-        await Task.Delay(600);
+        await Task.Delay(2500);
         Assert.True(await _leases.TryAcquireAsync(_export, "gw2", 2, Long, default));
         Assert.False(await _leases.RenewAsync(_export, "gw1", 1, Long, default));
     }

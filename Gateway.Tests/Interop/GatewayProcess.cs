@@ -45,7 +45,7 @@ public sealed partial class GatewayProcess : IAsyncDisposable
     public string DataDirectory { get; }
 
     /// <summary>More <c>gateway serve</c> arguments (TLS, Unix sockets, limits).</summary>
-    public IReadOnlyList<string> ExtraArgs { get; private init; } = [];
+    public IReadOnlyList<string> ExtraArgs { get; private set; } = [];
     public int NbdPort { get; private set; }
     public int AdminPort { get; private set; }
     public Uri AdminUri => new($"http://127.0.0.1:{AdminPort}/");
@@ -130,9 +130,14 @@ public sealed partial class GatewayProcess : IAsyncDisposable
     }
 
     /// <summary>Starts the process again on the same data folder and ports (new ports if those were taken).</summary>
-    public async Task RestartAsync()
+    /// <param name="extraArgs">Arguments in place of those of the first start (and of later restarts); null: the same.</param>
+    public async Task RestartAsync(IEnumerable<string>? extraArgs = null)
     {
         Assert.False(IsRunning, "RestartAsync needs a stopped gateway");
+        if (extraArgs is not null)
+        {
+            ExtraArgs = [.. extraArgs];
+        }
         AppendLog("===== restart =====");
         await LaunchAsync(newPorts: false, awaitExport: null);
     }
@@ -304,6 +309,22 @@ public sealed partial class GatewayProcess : IAsyncDisposable
             Assert.Fail($"gateway did not exit within {(timeout ?? StopTimeout).TotalSeconds} s of SIGTERM; killed it\n{Describe()}");
         }
         return (process.ExitCode, clock.Elapsed);
+    }
+
+    /// <summary>Waits for the process to exit by itself; its exit code, or null if it still runs after <paramref name="timeout"/>.</summary>
+    public async Task<int?> WaitForExitAsync(TimeSpan timeout)
+    {
+        Process process = _process ?? throw new InvalidOperationException("not started");
+        using var cts = new CancellationTokenSource(timeout);
+        try
+        {
+            await process.WaitForExitAsync(cts.Token);
+            return process.ExitCode;
+        }
+        catch (OperationCanceledException)
+        {
+            return null;
+        }
     }
 
     /// <summary>SIGTERM, and the exit must be clean: code 0 within <see cref="StopTimeout"/>.</summary>
