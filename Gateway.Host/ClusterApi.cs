@@ -14,11 +14,15 @@ public sealed record MemberDto(string Node, string Address, string Status, bool 
 
 public sealed record ExportOwnerDto(string Name, [property: JsonIgnore(Condition = JsonIgnoreCondition.Never)] string? Owner);
 
+/// <summary><c>POST /v1/node/drain</c>: the node that stops, as the cluster names it.</summary>
+public sealed record DrainDto(string Node, string State);
+
 /// <summary><c>GET /v1/cluster</c>: members, their state, and which node owns each export (null: not running now).</summary>
 public sealed record ClusterStatusDto(string Mode, string Self, string? Leader, MemberDto[] Members, ExportOwnerDto[] Exports);
 
 [JsonSourceGenerationOptions(JsonSerializerDefaults.Web, DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull, WriteIndented = true)]
 [JsonSerializable(typeof(ClusterStatusDto))]
+[JsonSerializable(typeof(DrainDto))]
 public sealed partial class ClusterJson : JsonSerializerContext;
 
 public static class ClusterApi
@@ -42,6 +46,20 @@ public static class ClusterApi
                     [.. list.Exports.Select(e => new ExportOwnerDto(e.Spec.Name, "local"))]), ClusterJson.Default.ClusterStatusDto);
             }
             return Results.Json(await StatusAsync(system, list, ct), ClusterJson.Default.ClusterStatusDto);
+        });
+        // Drain: the graceful stop SIGTERM starts (NbdListener: no new connections, requests in
+        // flight finished, exports flushed; then Akka's CoordinatedShutdown hands the shards over
+        // and leaves the cluster), started through the admin API. The process then exits 0.
+        app.MapPost("/v1/node/drain", (HttpContext http, ActorSystem system, GatewayOptions options, IHostApplicationLifetime lifetime) =>
+        {
+            string node = options.Cluster is null ? "local" : NodeName(Akka.Cluster.Cluster.Get(system).SelfMember);
+            // After the answer is sent: the stop closes the admin listener too.
+            http.Response.OnCompleted(() =>
+            {
+                lifetime.StopApplication();
+                return Task.CompletedTask;
+            });
+            return Results.Json(new DrainDto(node, "draining"), ClusterJson.Default.DrainDto, statusCode: StatusCodes.Status202Accepted);
         });
         return app;
     }
@@ -105,5 +123,70 @@ public sealed class ClusterCliCommands(Uri admin, TextWriter stdout, TextWriter 
     {
         using HttpResponseMessage response = await SendAsync(HttpMethod.Get, "v1/cluster", null, ct);
         return response.IsSuccessStatusCode ? await PrintBodyAsync(response, ct) : await FailAsync(response, ct);
+    }
+}
+
+/// <summary><c>gateway node drain</c>: <c>POST /v1/node/drain</c>, then waits until the node has stopped.</summary>
+public sealed class NodeCliCommands(Uri admin, TextWriter stdout, TextWriter stderr) : AdminClient(admin, stdout, stderr)
+{
+    private static readonly Option<int> Timeout = new("--timeout")
+    {
+        Description = "Seconds to wait for the node to stop (0: do not wait)",
+        DefaultValueFactory = _ => 120,
+    };
+
+    public static Command Build(Option<string> adminUrl, Func<ParseResult, Uri> resolve)
+    {
+        var node = new Command("node", "The node the admin API belongs to");
+        node.Options.Add(adminUrl);
+        node.Options.Add(CliAuth.TokenFile);
+        var drain = new Command("drain",
+            "Stop the node gracefully, as SIGTERM does: it takes no new connections, finishes the requests in flight, flushes " +
+            "its exports, hands them to the other nodes and exits 0 (clients elsewhere see a pause, not an error)");
+        drain.Options.Add(Timeout);
+        drain.SetAction((p, ct) =>
+        {
+            CliAuth.Configure(p);
+            return new NodeCliCommands(resolve(p), Console.Out, Console.Error).DrainAsync(TimeSpan.FromSeconds(p.GetValue(Timeout)), ct);
+        });
+        node.Subcommands.Add(drain);
+        return node;
+    }
+
+    public async Task<int> DrainAsync(TimeSpan timeout, CancellationToken ct)
+    {
+        if (timeout < TimeSpan.Zero)
+        {
+            throw new CliException("--timeout must be 0 or more seconds");
+        }
+        using (HttpResponseMessage response = await SendAsync(HttpMethod.Post, "v1/node/drain", null, ct))
+        {
+            if (!response.IsSuccessStatusCode)
+            {
+                return await FailAsync(response, ct);
+            }
+            await PrintBodyAsync(response, ct);
+        }
+        if (timeout == TimeSpan.Zero)
+        {
+            return 0;
+        }
+        // Stopped: the admin API no longer answers (the process closes it last, after the handover).
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        while (clock.Elapsed < timeout)
+        {
+            await Task.Delay(250, ct);
+            try
+            {
+                using HttpResponseMessage alive = await SendAsync(HttpMethod.Get, "healthz", null, ct);
+            }
+            catch (CliException)
+            {
+                await Stderr.WriteLineAsync($"drained: the node stopped after {clock.Elapsed.TotalSeconds:F1} s");
+                return 0;
+            }
+        }
+        await Stderr.WriteLineAsync($"error: the node still answers {timeout.TotalSeconds:F0} s after the drain began");
+        return 1;
     }
 }

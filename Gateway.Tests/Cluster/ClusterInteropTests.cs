@@ -481,10 +481,12 @@ public sealed class ClusterInteropTests(ClusterFixture cluster, Xunit.Abstractio
     /// forwarded requests cut with the peer stream, the one EIO of the first FLUSH after an owner
     /// change) are counted and printed, not yet forbidden.
     /// </summary>
-    [Fact]
-    public async Task SIGTERM_of_the_owner_under_load_gives_a_client_on_another_node_a_pause_not_an_error_and_loses_nothing()
+    [Theory]
+    [InlineData("sigterm")]
+    [InlineData("drain")]
+    public async Task SIGTERM_or_drain_of_the_owner_under_load_gives_a_client_on_another_node_a_pause_not_an_error_and_loses_nothing(string how)
     {
-        const string Export = "graceful";
+        string Export = "graceful-" + how;
         (ClusterNode owner, ClusterNode writer, ClusterNode loader) = await CreateOwnedElsewhereAsync(Export);
         bool restored = false;
         try
@@ -492,18 +494,32 @@ public sealed class ClusterInteropTests(ClusterFixture cluster, Xunit.Abstractio
             await AddBitmapAsync(loader, Export, "since", "64K");
             await QemuIoAsync(writer, Export, "write -P 0x6a 16M 1M", "flush");
 
-            (Task<ToolResult> loading, string stopping) = await StartLoadAsync(loader, Export, "graceful");
+            (Task<ToolResult> loading, string stopping) = await StartLoadAsync(loader, Export, Export);
 
             double stoppedAt = DateTimeOffset.UtcNow.ToUnixTimeMilliseconds() / 1000.0;
             await File.WriteAllTextAsync(stopping, stoppedAt.ToString("F3", System.Globalization.CultureInfo.InvariantCulture));
             var sinceStop = Stopwatch.StartNew();
-            await cluster.StopAsync(owner); // SIGTERM; exit code 0 asserted
+            if (how == "drain")
+            {
+                // gateway node drain: the same graceful stop through the admin API; the CLI returns
+                // once the node no longer answers, and the process exits 0.
+                ToolResult drained = await owner.Gateway.CliAsync("node", "drain");
+                Assert.True(drained.Succeeded, $"gateway node drain failed\n{drained.Describe()}");
+                Assert.Contains("draining", drained.Stdout, StringComparison.Ordinal);
+                int? code = await owner.Gateway.WaitForExitAsync(TimeSpan.FromSeconds(10));
+                Assert.True(code == 0, $"the drained owner {owner} exited with {code?.ToString(System.Globalization.CultureInfo.InvariantCulture) ?? "nothing (still running 10 s after the CLI returned)"}\n{owner.Gateway.Describe()}");
+                await cluster.WaitUntilUpAsync();
+            }
+            else
+            {
+                await cluster.StopAsync(owner); // SIGTERM; exit code 0 asserted
+            }
             TimeSpan exited = sinceStop.Elapsed;
             string ownerLog = owner.Gateway.Output;
 
             ToolResult loaded = await loading;
             string summary = loaded.Stdout.Split('\n', StringSplitOptions.RemoveEmptyEntries).LastOrDefault() ?? "";
-            output.WriteLine($"SIGTERM of owner {owner}: exited after {exited.TotalSeconds:F1} s; load through {loader}: {summary}");
+            output.WriteLine($"{how} of owner {owner}: exited after {exited.TotalSeconds:F1} s; load through {loader}: {summary}");
             Assert.True(loaded.Succeeded && summary.StartsWith('{'), $"the load through {loader} failed\n{loaded.Describe()}\n{cluster.Describe()}");
             string context = $"load through {loader} while the owner {owner} stopped: {summary}\n{cluster.Describe()}";
             Assert.False(ownerLog.Contains("cannot be recorded", StringComparison.Ordinal) || ownerLog.Contains("stopped before the change was recorded", StringComparison.Ordinal),
