@@ -70,13 +70,19 @@ public static class GatewayActorsHosting
                 ConnectionSupervisor.Props(directory, loggers.CreateLogger("Gateway.Nbd"), clients, maxConnections), "connections"));
             system.ActorOf(JournalWarmup.Props(), "journal-warmup");
             system.ActorOf(DeadPeerDowning.Props(), "dead-peer-downing");
-            // Peers speak NBD, with cluster TLS from the first byte when it is configured (a peer
-            // without a certificate of the cluster CA never sees an NBD byte); no client limit, and
-            // no export connection slot: the forwarding node took the client's, and LocalExports
-            // opens exports with open access (no maxConnections) for peers.
-            Nbd.NbdServerSettings? peer = clusterTls is null ? null : new Nbd.NbdServerSettings(Tls: clusterTls) { TlsFirst = true };
             registry.Register<PeerConnectionSupervisorKey>(system.ActorOf(
-                ConnectionSupervisor.Props(local, loggers.CreateLogger("Gateway.Peer"), peer), "peer-connections"));
+                ConnectionSupervisor.Props(local, loggers.CreateLogger("Gateway.Peer"), PeerSettings(clusterTls)), "peer-connections"));
         });
     }
+
+    /// <summary>
+    /// The peer data stream's server: NBD, with cluster TLS from the first byte when it is
+    /// configured (a peer without a certificate of the cluster CA never sees an NBD byte). No
+    /// client limit, and no export connection slot: a peer connection is not a client, the node
+    /// that forwards a client took the client's slot (and <see cref="LocalExports"/> opens exports
+    /// for peers with open access as well).
+    /// </summary>
+    public static Nbd.NbdServerSettings PeerSettings(TlsCredentials? clusterTls) => clusterTls is null
+        ? new() { ExportConnections = Nbd.UncountedConnectionSlots.Instance }
+        : new(Tls: clusterTls) { TlsFirst = true, ExportConnections = Nbd.UncountedConnectionSlots.Instance };
 }

@@ -21,6 +21,30 @@ public interface IExportConnectionSlots
 /// <summary>The export's slots could not be counted: the attach is refused rather than let past the limit.</summary>
 public sealed class ConnectionSlotsUnavailableException(string message, Exception? inner = null) : Exception(message, inner);
 
+/// <summary>
+/// Slots nobody counts: every attach gets one. For the cluster's peer data stream, whose
+/// connections are not clients (the node that forwards a client took the client's slot).
+/// </summary>
+public sealed class UncountedConnectionSlots : IExportConnectionSlots
+{
+    public static readonly UncountedConnectionSlots Instance = new();
+
+    private static readonly ValueTask<IDisposable?> Taken = new(new Slot());
+
+    private UncountedConnectionSlots()
+    {
+    }
+
+    public ValueTask<IDisposable?> TryAcquireAsync(string export, int? limit, CancellationToken cancellationToken) => Taken;
+
+    private sealed class Slot : IDisposable
+    {
+        public void Dispose()
+        {
+        }
+    }
+}
+
 /// <summary>Connections per export on this node (the single-node <see cref="IExportConnectionSlots"/>).</summary>
 public sealed class ExportConnectionCounter : IExportConnectionSlots
 {

@@ -226,3 +226,43 @@ public sealed class ClusterConnectionSlotsFailureTests
         public Task ReleaseNodeAsync(string node, CancellationToken cancellationToken) => Task.CompletedTask;
     }
 }
+
+/// <summary>
+/// The peer data stream takes no export connection slot, so a client that reaches a node other
+/// than the owner holds one slot (taken at that node), not a second one at the owner.
+/// </summary>
+public sealed class PeerStreamSlotTests
+{
+    private const string Limited = "limited";
+
+    [Fact]
+    public async Task The_peer_settings_let_any_number_of_streams_attach_to_a_limited_export()
+    {
+        var exports = new TestExportDirectory();
+        exports.Add(Limited, new MemoryBackend(1 << 20), access: new ExportAccess(MaxConnections: 1));
+        await using var server = new NbdTestServer(exports, Gateway.Actors.GatewayActorsHosting.PeerSettings(clusterTls: null));
+        var clients = new List<RawClient>();
+        for (int i = 0; i < 3; i++)
+        {
+            clients.Add(await server.OpenAsync(Limited));
+        }
+        foreach (RawClient client in clients)
+        {
+            await client.AssertWorksAsync();
+            await client.DisposeAsync();
+        }
+    }
+
+    [Fact]
+    public async Task The_peer_listener_directory_opens_a_limited_export_with_open_access()
+    {
+        var device = new MemoryBackend(1 << 20);
+        var info = new ExportInfo(Limited, null, device.Size, device.IsReadOnly, device.Capabilities) { Access = new ExportAccess(MaxConnections: 1) };
+        var local = new LocalExports();
+        local.Add(new ExportHandle(info, device, [], CancellationToken.None));
+        ExportHandle? opened = await local.OpenAsync(Limited, default);
+        Assert.NotNull(opened);
+        Assert.Null(opened.Info.Access.MaxConnections);
+        Assert.All(await local.ListAsync(default), e => Assert.Null(e.Access.MaxConnections));
+    }
+}
