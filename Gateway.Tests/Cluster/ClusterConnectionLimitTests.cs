@@ -4,6 +4,7 @@ using System.Text;
 using Gateway.Host;
 using Gateway.Tests.Protocol;
 using Xunit;
+using Xunit.Abstractions;
 
 namespace Gateway.Tests.Cluster;
 
@@ -127,7 +128,7 @@ public sealed class ClusterConnectionLimitTests(ClusterFixture cluster) : Cluste
 /// without waiting for any time to live. A class of its own: it leaves the cluster one node short.
 /// </summary>
 [Collection(ClusterCollection.Name)]
-public sealed class ClusterConnectionSlotKillTests(ClusterFixture cluster) : ClusterConnectionLimitBase(cluster), IClassFixture<ClusterFixture>
+public sealed class ClusterConnectionSlotKillTests(ClusterFixture cluster, ITestOutputHelper output) : ClusterConnectionLimitBase(cluster), IClassFixture<ClusterFixture>
 {
     [Fact]
     public async Task The_slot_of_a_killed_node_is_free_for_another_node_once_the_node_is_downed()
@@ -150,6 +151,7 @@ public sealed class ClusterConnectionSlotKillTests(ClusterFixture cluster) : Clu
 
         Stopwatch sinceKill = ClusterFixture.Kill(victim);
         (RawClient client, TimeSpan after) = await AttachWithinAsync(other, export, TimeSpan.FromSeconds(15), sinceKill);
+        output.WriteLine($"attached through {other.Name} {after.TotalSeconds:F2} s after the kill of {victim.Name} (owner {owner.Name})");
         await client.AssertWorksAsync(seed: 9);
         // The dead node's row is still there (deleted lazily, a minute on), but it does not count.
         Assert.Equal(2, (await SlotHoldersAsync(export)).Length);
