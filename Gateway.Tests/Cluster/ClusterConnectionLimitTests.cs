@@ -85,7 +85,7 @@ public abstract class ClusterConnectionLimitBase(ClusterFixture cluster) : IAsyn
 public sealed class ClusterConnectionLimitTests(ClusterFixture cluster) : ClusterConnectionLimitBase(cluster), IClassFixture<ClusterFixture>
 {
     [Fact]
-    public async Task A_limit_of_two_holds_across_three_nodes_and_a_closed_connection_frees_its_slot_for_another_node()
+    public async Task A_limit_of_two_holds_across_three_nodes_and_a_closed_connection_or_a_stopped_node_frees_its_slots()
     {
         const string export = "limited";
         IReadOnlyList<ClusterNode> nodes = Cluster.Running;
@@ -119,6 +119,14 @@ public sealed class ClusterConnectionLimitTests(ClusterFixture cluster) : Cluste
         (OptionReply full, _) = await GoAsync(nodes[1], export);
         AssertFull(full, export, 2);
         Assert.True(after < TimeSpan.FromSeconds(5), $"the freed slot was taken through {nodes[2].Name} only after {after.TotalSeconds:F1} s");
+
+        // A graceful stop of a node with an attached client leaves none of its slots behind.
+        string incarnation = $":{nodes[2].RemotingPort}#";
+        Assert.Contains(await SlotHoldersAsync(export), n => n.Contains(incarnation, StringComparison.Ordinal));
+        await Cluster.StopAsync(nodes[2]);
+        string[] left = await SlotHoldersAsync(export);
+        Assert.True(!left.Any(n => n.Contains(incarnation, StringComparison.Ordinal)) && left.Length == 1,
+            $"slots of {export} after {nodes[2].Name} stopped: [{string.Join(", ", left)}]");
     }
 }
 
