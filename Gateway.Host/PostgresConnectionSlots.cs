@@ -60,17 +60,18 @@ public sealed class PostgresConnectionSlots(string connectionString) : IConnecti
                 new NpgsqlParameter<string> { TypedValue = claim.Export },
             },
         });
-        // Slots this node gave back without seeing the delete succeed, and the export's slots of
-        // nodes that are gone (lazily: nothing else deletes the rows of a killed node).
+        // Slots this node gave back without seeing the delete succeed, and the slots of nodes
+        // that are gone, of any export (lazily: nothing else deletes the rows of a killed node;
+        // the table holds one row per open connection, so this is cheap). Rows of other exports
+        // are deleted without their lock: they count for nobody anyway.
         batch.BatchCommands.Add(new NpgsqlBatchCommand("""
             DELETE FROM gateway_connection_slots
-            WHERE slot = ANY($1) OR (export = $2 AND node <> ALL($3) AND taken_at < now() - $4)
+            WHERE slot = ANY($1) OR (node <> ALL($2) AND taken_at < now() - $3)
             """)
         {
             Parameters =
             {
                 new NpgsqlParameter<Guid[]> { TypedValue = [.. claim.Released] },
-                new NpgsqlParameter<string> { TypedValue = claim.Export },
                 new NpgsqlParameter<string[]> { TypedValue = [.. claim.LiveNodes] },
                 new NpgsqlParameter<TimeSpan> { TypedValue = ForeignSlotGrace },
             },

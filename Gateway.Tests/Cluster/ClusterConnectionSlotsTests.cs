@@ -55,15 +55,17 @@ public sealed class PostgresClusterConnectionSlotsTests : ExportConnectionSlotsC
     }
 
     [Fact]
-    public async Task A_claim_deletes_the_slots_of_departed_nodes_older_than_the_grace_and_keeps_the_young_ones()
+    public async Task A_claim_deletes_the_slots_of_departed_nodes_older_than_the_grace_of_any_export_and_keeps_the_young_ones()
     {
-        await InsertAsync(NodeB, TimeSpan.FromMinutes(2));
-        Guid young = await InsertAsync("akka.tcp://gateway@10.0.0.3:4053#3", TimeSpan.Zero);
+        await InsertAsync(Export, NodeB, TimeSpan.FromMinutes(2));
+        await InsertAsync(Export + "-other", NodeB, TimeSpan.FromMinutes(2));
+        Guid young = await InsertAsync(Export, "akka.tcp://gateway@10.0.0.3:4053#3", TimeSpan.Zero);
         Assert.NotNull(await Slots.TryAcquireAsync(Export, 1, default));
         IReadOnlyList<(string Node, Guid Slot)> left = await _store.ListAsync(Export, default);
         Assert.Equal(2, left.Count);
         Assert.Contains(left, s => s.Slot == young);
         Assert.DoesNotContain(left, s => s.Node == NodeB);
+        Assert.Empty(await _store.ListAsync(Export + "-other", default));
     }
 
     [Fact]
@@ -77,7 +79,7 @@ public sealed class PostgresClusterConnectionSlotsTests : ExportConnectionSlotsC
         Assert.Empty(await _store.ListAsync(Export, default));
     }
 
-    private async Task<Guid> InsertAsync(string node, TimeSpan age)
+    private async Task<Guid> InsertAsync(string export, string node, TimeSpan age)
     {
         var slot = Guid.NewGuid();
         await using var connection = new NpgsqlConnection(_postgres);
@@ -87,7 +89,7 @@ public sealed class PostgresClusterConnectionSlotsTests : ExportConnectionSlotsC
             Parameters =
             {
                 new NpgsqlParameter<Guid> { TypedValue = slot },
-                new NpgsqlParameter<string> { TypedValue = Export },
+                new NpgsqlParameter<string> { TypedValue = export },
                 new NpgsqlParameter<string> { TypedValue = node },
                 new NpgsqlParameter<TimeSpan> { TypedValue = age },
             },
