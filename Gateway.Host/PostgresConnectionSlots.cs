@@ -11,7 +11,7 @@ namespace Gateway.Host;
 /// claims for the last slot never both win; claims for different exports do not wait for each
 /// other.
 /// </summary>
-public sealed class PostgresConnectionSlots(string connectionString) : IConnectionSlotStore, IAsyncDisposable
+public sealed class PostgresConnectionSlots : IConnectionSlotStore, IAsyncDisposable
 {
     /// <summary>
     /// The first key of the two-key advisory locks taken here ('nbdc'), so they never meet
@@ -26,13 +26,26 @@ public sealed class PostgresConnectionSlots(string connectionString) : IConnecti
     /// </summary>
     public static readonly TimeSpan ForeignSlotGrace = TimeSpan.FromMinutes(1);
 
-    private readonly NpgsqlDataSource _source = NpgsqlDataSource.Create(connectionString);
-    private readonly SemaphoreSlim _created = new(1, 1);
-    private volatile bool _exists;
+    private readonly NpgsqlDataSource _source;
+    private readonly PostgresTable _table;
+
+    public PostgresConnectionSlots(string connectionString)
+    {
+        _source = NpgsqlDataSource.Create(connectionString);
+        _table = new PostgresTable(_source, """
+            CREATE TABLE IF NOT EXISTS gateway_connection_slots (
+                slot uuid PRIMARY KEY,
+                export text NOT NULL,
+                node text NOT NULL,
+                taken_at timestamptz NOT NULL);
+            CREATE INDEX IF NOT EXISTS gateway_connection_slots_export ON gateway_connection_slots (export);
+            CREATE INDEX IF NOT EXISTS gateway_connection_slots_node ON gateway_connection_slots (node)
+            """);
+    }
 
     public async Task<bool> TryTakeAsync(ConnectionSlotClaim claim, CancellationToken cancellationToken)
     {
-        await EnsureTableAsync(cancellationToken).ConfigureAwait(false);
+        await _table.EnsureAsync(cancellationToken).ConfigureAwait(false);
         // One round trip: a batch without a transaction runs as one implicit transaction (one Sync
         // at its end), so the advisory lock is held from the first statement to the commit, and
         // the count sees every slot committed by the claim that held it before.
@@ -83,7 +96,7 @@ public sealed class PostgresConnectionSlots(string connectionString) : IConnecti
 
     public async Task ReleaseAsync(IReadOnlyList<Guid> slots, CancellationToken cancellationToken)
     {
-        await EnsureTableAsync(cancellationToken).ConfigureAwait(false);
+        await _table.EnsureAsync(cancellationToken).ConfigureAwait(false);
         await using NpgsqlCommand command = _source.CreateCommand("DELETE FROM gateway_connection_slots WHERE slot = ANY($1)");
         command.Parameters.Add(new NpgsqlParameter<Guid[]> { TypedValue = [.. slots] });
         await command.ExecuteNonQueryAsync(cancellationToken).ConfigureAwait(false);
@@ -91,7 +104,7 @@ public sealed class PostgresConnectionSlots(string connectionString) : IConnecti
 
     public async Task ReleaseNodeAsync(string node, CancellationToken cancellationToken)
     {
-        await EnsureTableAsync(cancellationToken).ConfigureAwait(false);
+        await _table.EnsureAsync(cancellationToken).ConfigureAwait(false);
         await using NpgsqlCommand command = _source.CreateCommand("DELETE FROM gateway_connection_slots WHERE node = $1");
         command.Parameters.Add(new NpgsqlParameter<string> { TypedValue = node });
         await command.ExecuteNonQueryAsync(cancellationToken).ConfigureAwait(false);
@@ -100,7 +113,7 @@ public sealed class PostgresConnectionSlots(string connectionString) : IConnecti
     /// <summary>The slots of <paramref name="export"/> held by any node, live or not (tests, diagnostics).</summary>
     public async Task<IReadOnlyList<(string Node, Guid Slot)>> ListAsync(string export, CancellationToken cancellationToken)
     {
-        await EnsureTableAsync(cancellationToken).ConfigureAwait(false);
+        await _table.EnsureAsync(cancellationToken).ConfigureAwait(false);
         await using NpgsqlCommand command = _source.CreateCommand("SELECT node, slot FROM gateway_connection_slots WHERE export = $1 ORDER BY taken_at");
         command.Parameters.Add(new NpgsqlParameter<string> { TypedValue = export });
         await using NpgsqlDataReader reader = await command.ExecuteReaderAsync(cancellationToken).ConfigureAwait(false);
@@ -112,47 +125,9 @@ public sealed class PostgresConnectionSlots(string connectionString) : IConnecti
         return slots;
     }
 
-    private async Task EnsureTableAsync(CancellationToken cancellationToken)
-    {
-        if (_exists)
-        {
-            return;
-        }
-        await _created.WaitAsync(cancellationToken).ConfigureAwait(false);
-        try
-        {
-            if (!_exists)
-            {
-                await using NpgsqlCommand command = _source.CreateCommand("""
-                    CREATE TABLE IF NOT EXISTS gateway_connection_slots (
-                        slot uuid PRIMARY KEY,
-                        export text NOT NULL,
-                        node text NOT NULL,
-                        taken_at timestamptz NOT NULL);
-                    CREATE INDEX IF NOT EXISTS gateway_connection_slots_export ON gateway_connection_slots (export);
-                    CREATE INDEX IF NOT EXISTS gateway_connection_slots_node ON gateway_connection_slots (node)
-                    """);
-                try
-                {
-                    await command.ExecuteNonQueryAsync(cancellationToken).ConfigureAwait(false);
-                }
-                catch (PostgresException e) when (e.SqlState is PostgresErrorCodes.UniqueViolation or PostgresErrorCodes.DuplicateTable)
-                {
-                    // Another node created it at the same moment: IF NOT EXISTS does not cover the race
-                    // between two sessions (its catalog row is what collided).
-                }
-                _exists = true;
-            }
-        }
-        finally
-        {
-            _created.Release();
-        }
-    }
-
     public async ValueTask DisposeAsync()
     {
         await _source.DisposeAsync().ConfigureAwait(false);
-        _created.Dispose();
+        _table.Dispose();
     }
 }
