@@ -46,10 +46,13 @@ public static class GatewayActorsHosting
     /// <summary>
     /// Cluster mode: the registry as a cluster singleton, each export a sharded entity, client
     /// connections through <see cref="ClusterExportDirectory"/>, and a second supervisor for the
-    /// peer data streams of other nodes, which serves only exports owned here.
+    /// peer data streams of other nodes, which serves only exports owned here. With
+    /// <paramref name="slots"/>, an export's <c>maxConnections</c> holds across the cluster: client
+    /// attaches take their slots there (<see cref="ClusterConnectionSlots"/>); peer streams take none.
     /// </summary>
     public static AkkaConfigurationBuilder WithGatewayCluster(this AkkaConfigurationBuilder builder, BackendFactory backends, ExportSpec? initialExport,
-        ClusterNode node, LocalExports local, IExportLeases? leases, Nbd.NbdServerSettings? nbd = null, int? maxConnections = null, TlsCredentials? clusterTls = null)
+        ClusterNode node, LocalExports local, IExportLeases? leases, Nbd.NbdServerSettings? nbd = null, int? maxConnections = null, TlsCredentials? clusterTls = null,
+        IConnectionSlotStore? slots = null)
     {
         builder.WithCustomSerializer(BitmapSerializer.Name, [typeof(IBitmapPersisted)], system => new BitmapSerializer(system));
         builder.WithShardRegion<ExportRegionKey>("export", (_, registry) => _ => ExportEntity.Props(backends, local, node, registry.Get<ExportRegistryKey>(), leases), new ExportMessageExtractor(),
@@ -61,15 +64,25 @@ public static class GatewayActorsHosting
         {
             ILoggerFactory loggers = resolver.GetService<ILoggerFactory>();
             var directory = new ClusterExportDirectory(registry.Get<ExportRegistryKey>(), registry.Get<ExportRegionKey>(), local, node, clusterTls);
+            Nbd.NbdServerSettings? clients = slots is null ? nbd
+                : (nbd ?? Nbd.NbdServerSettings.Default) with { ExportConnections = ClusterConnectionSlots.Start(system, slots, loggers.CreateLogger("Gateway.ConnectionSlots")) };
             registry.Register<ConnectionSupervisorKey>(system.ActorOf(
-                ConnectionSupervisor.Props(directory, loggers.CreateLogger("Gateway.Nbd"), nbd, maxConnections), "connections"));
+                ConnectionSupervisor.Props(directory, loggers.CreateLogger("Gateway.Nbd"), clients, maxConnections), "connections"));
             system.ActorOf(JournalWarmup.Props(), "journal-warmup");
             system.ActorOf(DeadPeerDowning.Props(), "dead-peer-downing");
-            // Peers speak NBD, with cluster TLS from the first byte when it is configured (a peer
-            // without a certificate of the cluster CA never sees an NBD byte); no client limit.
-            Nbd.NbdServerSettings? peer = clusterTls is null ? null : new Nbd.NbdServerSettings(Tls: clusterTls) { TlsFirst = true };
             registry.Register<PeerConnectionSupervisorKey>(system.ActorOf(
-                ConnectionSupervisor.Props(local, loggers.CreateLogger("Gateway.Peer"), peer), "peer-connections"));
+                ConnectionSupervisor.Props(local, loggers.CreateLogger("Gateway.Peer"), PeerSettings(clusterTls)), "peer-connections"));
         });
     }
+
+    /// <summary>
+    /// The peer data stream's server: NBD, with cluster TLS from the first byte when it is
+    /// configured (a peer without a certificate of the cluster CA never sees an NBD byte). No
+    /// client limit, and no export connection slot: a peer connection is not a client, the node
+    /// that forwards a client took the client's slot (and <see cref="LocalExports"/> opens exports
+    /// for peers with open access as well).
+    /// </summary>
+    public static Nbd.NbdServerSettings PeerSettings(TlsCredentials? clusterTls) => clusterTls is null
+        ? new() { ExportConnections = Nbd.UncountedConnectionSlots.Instance }
+        : new(Tls: clusterTls) { TlsFirst = true, ExportConnections = Nbd.UncountedConnectionSlots.Instance };
 }

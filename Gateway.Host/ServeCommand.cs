@@ -62,6 +62,8 @@ public static class ServeCommand
             builder.Services.AddSingleton(_ => new PostgresExportLeases(postgres));
             // Members announce themselves there too: a node joins itself only when no other is alive.
             builder.Services.AddSingleton(_ => new PostgresClusterMembers(postgres));
+            // And the exports' connection slots, so maxConnections holds across the cluster.
+            builder.Services.AddSingleton(_ => new PostgresConnectionSlots(postgres));
         }
         builder.Services.AddAkka("gateway", (akka, services) =>
         {
@@ -87,7 +89,8 @@ public static class ServeCommand
                     akka.AddHocon(hocon, HoconAddMode.Prepend);
                 }
                 akka.WithGatewayCluster(backends, initial, ClusterComposition.Node(cluster), localExports,
-                    services.GetRequiredService<PostgresExportLeases>(), nbd, options.MaxConnections, clusterTls);
+                    services.GetRequiredService<PostgresExportLeases>(), nbd, options.MaxConnections, clusterTls,
+                    services.GetRequiredService<PostgresConnectionSlots>());
                 return;
             }
             akka.WithSqlPersistence(

@@ -7,7 +7,8 @@ namespace Gateway.Actors.Exports;
 /// client has upgraded with STARTTLS (proto.md "Selective TLS"). <see cref="AllowedClients"/>:
 /// when not empty, only a client certificate naming one of them (subject, its CN, or a DNS/IP
 /// subject alternative name) sees and opens the export. <see cref="MaxConnections"/>: at most
-/// this many connections to the export on one node.
+/// this many client connections to the export, on one node or, in a cluster, on all nodes
+/// together (<c>Nbd.IExportConnectionSlots</c>).
 /// </summary>
 public sealed record ExportAccess(bool TlsRequired = false, string[]? AllowedClients = null, int? MaxConnections = null)
 {

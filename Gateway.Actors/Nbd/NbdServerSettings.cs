@@ -1,11 +1,10 @@
-using System.Collections.Concurrent;
 using Gateway.Actors.Tls;
 
 namespace Gateway.Actors.Nbd;
 
 /// <summary>
 /// What every connection of a node shares: the TLS mode and credentials (null when off) and the
-/// per-export connection counts. <see cref="Default"/> is plaintext, with the default
+/// export connection slots. <see cref="Default"/> is plaintext, with the default
 /// handshake timeout and no per-export limits.
 /// </summary>
 public sealed record NbdServerSettings(TlsMode TlsMode = TlsMode.Off, TlsCredentials? Tls = null)
@@ -32,59 +31,9 @@ public sealed record NbdServerSettings(TlsMode TlsMode = TlsMode.Off, TlsCredent
     /// </summary>
     public bool TlsFirst { get; init; }
 
-    public ExportConnectionCounter ExportConnections { get; } = new();
-}
-
-/// <summary>Connections per export on this node, for <c>ExportAccess.MaxConnections</c>.</summary>
-public sealed class ExportConnectionCounter
-{
-    private readonly ConcurrentDictionary<string, int> _counts = new(StringComparer.Ordinal);
-
-    public int this[string export] => _counts.TryGetValue(export, out int n) ? n : 0;
-
-    /// <summary>Takes a place on <paramref name="export"/>, or null when <paramref name="limit"/> are taken.</summary>
-    public IDisposable? TryAcquire(string export, int? limit)
-    {
-        while (true)
-        {
-            int n = this[export];
-            if (limit is int max && n >= max)
-            {
-                return null;
-            }
-            if (n == 0 ? _counts.TryAdd(export, 1) : _counts.TryUpdate(export, n + 1, n))
-            {
-                return new Lease(this, export);
-            }
-        }
-    }
-
-    private void Release(string export)
-    {
-        while (true)
-        {
-            int n = this[export];
-            if (n == 0)
-            {
-                return;
-            }
-            if (n == 1 ? ((ICollection<KeyValuePair<string, int>>)_counts).Remove(new(export, n)) : _counts.TryUpdate(export, n - 1, n))
-            {
-                return;
-            }
-        }
-    }
-
-    private sealed class Lease(ExportConnectionCounter owner, string export) : IDisposable
-    {
-        private int _released;
-
-        public void Dispose()
-        {
-            if (Interlocked.Exchange(ref _released, 1) == 0)
-            {
-                owner.Release(export);
-            }
-        }
-    }
+    /// <summary>
+    /// Where an attach takes its export's connection slot (<c>ExportAccess.MaxConnections</c>):
+    /// counted on this node alone by default, across the cluster in cluster mode.
+    /// </summary>
+    public IExportConnectionSlots ExportConnections { get; init; } = new ExportConnectionCounter();
 }

@@ -277,9 +277,10 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
 
     /// <summary>
     /// Why this client may not use the export (null when it may). With <paramref name="attach"/>
-    /// (GO, EXPORT_NAME) the export's connection slot is taken too, held in <see cref="_lease"/>.
+    /// (GO, EXPORT_NAME) the export's connection slot is taken too, held in <see cref="_lease"/>;
+    /// in a cluster that asks the shared store, with the handshake's clock stopped as for the open.
     /// </summary>
-    private (OptionReplyType Type, string Message)? Refusal(ExportInfo info, bool attach)
+    private async ValueTask<(OptionReplyType Type, string Message)?> RefusalAsync(ExportInfo info, bool attach, CancellationToken cancellationToken)
     {
         ExportAccess access = info.Access;
         if (access.NeedsTls && !_tls)
@@ -298,7 +299,19 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
         if (attach)
         {
             _lease?.Dispose();
-            _lease = _settings.ExportConnections.TryAcquire(info.Name, access.MaxConnections);
+            _lease = null;
+            try
+            {
+                _lease = deadline is null
+                    ? await _settings.ExportConnections.TryAcquireAsync(info.Name, access.MaxConnections, cancellationToken).ConfigureAwait(false)
+                    : await deadline.ExcludingAsync(token => _settings.ExportConnections.TryAcquireAsync(info.Name, access.MaxConnections, token)).ConfigureAwait(false);
+            }
+            catch (ConnectionSlotsUnavailableException e)
+            {
+                // Refused, not let past a limit nobody could check; the client may try again.
+                logger.LogWarning("NBD client {Client} refused export {Export}: its connections cannot be counted now: {Reason}", client, info.Name, e.Message);
+                return (OptionReplyType.ErrPolicy, $"export '{info.Name}' cannot take a connection now: its limit of {access.MaxConnections} connections cannot be checked ({e.Message}); try again");
+            }
             if (_lease is null)
             {
                 logger.LogWarning("NBD client {Client} refused export {Export}: its limit of {Limit} connections is reached", client, info.Name, access.MaxConnections);
@@ -318,7 +331,7 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
             // EXPORT_NAME has no way to report an error: the spec says to close.
             throw new NbdProtocolException($"unknown export '{name}' in EXPORT_NAME");
         }
-        if (Refusal(export.Info, attach: true) is (_, string refusal))
+        if (await RefusalAsync(export.Info, attach: true, cancellationToken).ConfigureAwait(false) is (_, string refusal))
         {
             throw new NbdProtocolException($"EXPORT_NAME '{name}' refused: {refusal}");
         }
@@ -374,7 +387,7 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
             return null;
         }
         ExportInfo info = export.Info;
-        if (Refusal(info, attach: option == NbdOption.Go) is (OptionReplyType refusalType, string refusal))
+        if (await RefusalAsync(info, attach: option == NbdOption.Go, cancellationToken).ConfigureAwait(false) is (OptionReplyType refusalType, string refusal))
         {
             await ReplyErrorAsync(option, refusalType, refusal, cancellationToken).ConfigureAwait(false);
             return null;
@@ -448,7 +461,7 @@ public sealed class OptionNegotiator(PipeReader input, PipeWriter output, IExpor
             await ReplyErrorAsync(option, OptionReplyType.ErrUnknown, $"export '{name}' not present", cancellationToken).ConfigureAwait(false);
             return;
         }
-        if (Refusal(export.Info, attach: false) is (OptionReplyType refusalType, string refusal))
+        if (await RefusalAsync(export.Info, attach: false, cancellationToken).ConfigureAwait(false) is (OptionReplyType refusalType, string refusal))
         {
             await ReplyErrorAsync(option, refusalType, refusal, cancellationToken).ConfigureAwait(false);
             return;

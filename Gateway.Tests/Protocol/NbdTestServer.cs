@@ -1,6 +1,7 @@
 using System.Collections.Concurrent;
 using System.Net;
 using System.Net.Sockets;
+using Gateway.Actors.Exports;
 using Gateway.Actors.Nbd;
 using Microsoft.Extensions.Logging.Abstractions;
 
@@ -24,11 +25,14 @@ public sealed class NbdTestServer : IAsyncDisposable
     private int _ended;
 
     private readonly NbdServerSettings? _settings;
+    private readonly IExportDirectory _served;
 
-    public NbdTestServer(TestExportDirectory exports, NbdServerSettings? settings = null)
+    /// <param name="served">The directory connections are served from, when not <paramref name="exports"/> (the peer listener's, say).</param>
+    public NbdTestServer(TestExportDirectory exports, NbdServerSettings? settings = null, IExportDirectory? served = null)
     {
         Exports = exports;
         _settings = settings;
+        _served = served ?? exports;
         _listener.Start();
         EndPoint = (IPEndPoint)_listener.LocalEndpoint;
         _acceptLoop = Task.Run(AcceptLoopAsync);
@@ -80,7 +84,7 @@ public sealed class NbdTestServer : IAsyncDisposable
         {
             socket.NoDelay = true;
             await using var stream = new NetworkStream(socket, ownsSocket: true);
-            await NbdConnection.ServeAsync(stream, Exports, NullLogger.Instance, _stopping.Token, socket.RemoteEndPoint, _settings);
+            await NbdConnection.ServeAsync(stream, _served, NullLogger.Instance, _stopping.Token, socket.RemoteEndPoint, _settings);
         }
         catch (Exception e)
         {
