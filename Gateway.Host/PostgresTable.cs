@@ -4,7 +4,8 @@ namespace Gateway.Host;
 
 /// <summary>
 /// A table the gateway keeps in the cluster's PostgreSQL, created on first use (once per process;
-/// a failed create is tried again on the next use).
+/// a failed create is tried again on the next use; a create that lost a race with another node's
+/// counts as done).
 /// </summary>
 public sealed class PostgresTable(NpgsqlDataSource source, string create) : IDisposable
 {
@@ -23,7 +24,15 @@ public sealed class PostgresTable(NpgsqlDataSource source, string create) : IDis
             if (!_exists)
             {
                 await using NpgsqlCommand command = source.CreateCommand(create);
-                await command.ExecuteNonQueryAsync(cancellationToken).ConfigureAwait(false);
+                try
+                {
+                    await command.ExecuteNonQueryAsync(cancellationToken).ConfigureAwait(false);
+                }
+                catch (PostgresException e) when (e.SqlState is PostgresErrorCodes.UniqueViolation or PostgresErrorCodes.DuplicateTable)
+                {
+                    // Two nodes' first uses at once: IF NOT EXISTS does not serialise the create, and
+                    // the loser trips over the winner's catalog row. The table is there either way.
+                }
                 _exists = true;
             }
         }
