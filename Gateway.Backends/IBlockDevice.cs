@@ -123,6 +123,25 @@ public interface IForwardingDevice
     IRequestBatch? Cork();
 }
 
+/// <summary>
+/// A device whose reads say where the holes are at no extra cost: a cluster node's link to the
+/// export's owner, whose reply to a read comes as data and hole chunks. The protocol layer answers
+/// such a read with the same data and holes (OFFSET_DATA and OFFSET_HOLE chunks) instead of asking
+/// for the allocation first, which for a forwarding device would be a second round trip.
+/// </summary>
+public interface ISegmentedReads
+{
+    /// <summary>
+    /// Reads <paramref name="destination"/> and describes it in <paramref name="segments"/>:
+    /// consecutive extents from <paramref name="offset"/>, in order, covering the whole
+    /// destination, each <see cref="ExtentFlags.Data"/> or <see cref="ExtentFlags.Hole"/>; returns
+    /// how many (at least one when the destination is not empty). The bytes of a hole are left as
+    /// they were in <paramref name="destination"/>, so the caller must not send them as data; a
+    /// hole that does not fit in <paramref name="segments"/> is zero-filled and reported as data.
+    /// </summary>
+    ValueTask<int> ReadSegmentsAsync(long offset, Memory<byte> destination, Memory<Extent> segments, CancellationToken cancellationToken = default);
+}
+
 /// <summary>Requests held back by <see cref="IForwardingDevice.Cork"/>.</summary>
 public interface IRequestBatch
 {

@@ -19,7 +19,7 @@ namespace Gateway.Actors.Cluster;
 /// ordered anything after it, and the old owner applies nothing more once the new one serves
 /// (a graceful owner drains before it lets go).
 /// </summary>
-public sealed class ExportLink : IBlockDevice, INonBlockingIo, IForwardingDevice, IAsyncDisposable
+public sealed class ExportLink : IBlockDevice, INonBlockingIo, IForwardingDevice, ISegmentedReads, IAsyncDisposable
 {
     /// <summary>How long a request waits for the export to be (re-)homed before it fails with EIO.</summary>
     public static readonly TimeSpan ResolveTimeout = TimeSpan.FromSeconds(20);
@@ -146,6 +146,59 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IForwardingDevice
 
     public ValueTask ReadAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken = default) =>
         Run((offset, destination), static (device, s, ct) => device.ReadAsync(s.offset, s.destination, ct), cancellationToken);
+
+    /// <summary>Reads on this node shorter than this are not checked for holes (as on an owner, <see cref="Transmission.SparseReadThreshold"/>).</summary>
+    private const int LocalHoleCheckThreshold = Transmission.SparseReadThreshold;
+
+    /// <summary>
+    /// A read that keeps the owner's holes: over the peer stream, its OFFSET_HOLE chunks come back
+    /// as hole segments (no allocation query of its own); on this node, the device's allocation is
+    /// a local call, asked for reads long enough to be worth it, as the owner does.
+    /// </summary>
+    public ValueTask<int> ReadSegmentsAsync(long offset, Memory<byte> destination, Memory<Extent> segments, CancellationToken cancellationToken = default) =>
+        Run((offset, destination, segments), static (device, s, ct) => device is PeerDevice peer
+            ? peer.Client.ReadSegmentsAsync(s.offset, s.destination, s.segments, ct)
+            : ReadLocalSegmentsAsync(device, s.offset, s.destination, s.segments, ct), cancellationToken);
+
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder<>))]
+    private static async ValueTask<int> ReadLocalSegmentsAsync(IBlockDevice device, long offset, Memory<byte> destination, Memory<Extent> segments, CancellationToken cancellationToken)
+    {
+        int length = destination.Length;
+        // The last entry stays free for the rest of the read when the extents end early.
+        int n = length >= LocalHoleCheckThreshold && segments.Length > 1
+            ? await device.GetAllocationAsync(offset, length, segments[..^1], cancellationToken).ConfigureAwait(false)
+            : 0;
+        if (n == 0 || (n == 1 && (segments.Span[0].Flags & ExtentFlags.Hole) == 0))
+        {
+            await device.ReadAsync(offset, destination, cancellationToken).ConfigureAwait(false);
+            segments.Span[0] = new Extent(length, ExtentFlags.Data);
+            return 1;
+        }
+        long at = 0;
+        for (int i = 0; i < n && at < length; i++)
+        {
+            Extent extent = segments.Span[i];
+            long take = Math.Min(extent.Length, length - at);
+            bool hole = (extent.Flags & ExtentFlags.Hole) != 0;
+            segments.Span[i] = new Extent(take, hole ? ExtentFlags.Hole : ExtentFlags.Data);
+            if (!hole)
+            {
+                await device.ReadAsync(offset + at, destination.Slice((int)at, (int)take), cancellationToken).ConfigureAwait(false);
+            }
+            at += take;
+            if (at == length)
+            {
+                n = i + 1;
+            }
+        }
+        if (at < length)
+        {
+            // More extents than there was room for: the rest is read as data.
+            segments.Span[n++] = new Extent(length - at, ExtentFlags.Data);
+            await device.ReadAsync(offset + at, destination[(int)at..], cancellationToken).ConfigureAwait(false);
+        }
+        return n;
+    }
 
     public ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken = default) =>
         Run((offset, source, fua), static (device, s, ct) => device.WriteAsync(s.offset, s.source, s.fua, ct), cancellationToken);

@@ -434,6 +434,43 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         return Submit(request, cancellationToken);
     }
 
+    /// <summary>
+    /// Reads <paramref name="destination"/>.Length bytes and returns the owner's holes with the
+    /// data (see <see cref="ISegmentedReads.ReadSegmentsAsync"/>): the OFFSET_HOLE chunks of the
+    /// reply become hole segments, their bytes left untouched, so a node that forwards the read
+    /// passes them on instead of sending zeros as data. Up to (<paramref name="segments"/>.Length
+    /// - 1) / 2 holes are kept (the data between them takes the other entries); later ones are
+    /// zero-filled and read as data. A read over the owner's maximum payload is split and comes
+    /// back as data.
+    /// </summary>
+    public ValueTask<int> ReadSegmentsAsync(long offset, Memory<byte> destination, Memory<Extent> segments, CancellationToken cancellationToken = default)
+    {
+        if (offset < 0 || segments.IsEmpty)
+        {
+            return ValueTask.FromException<int>(new BlockDeviceException(BlockErrorKind.InvalidArgument, $"negative offset {offset} or no room for a segment"));
+        }
+        if (destination.Length > _maxPayload || destination.IsEmpty)
+        {
+            return ReadAllDataAsync(offset, destination, segments, cancellationToken);
+        }
+        PendingRequest request = Rent(NbdCommand.Read, CommandFlags.None, offset, (uint)destination.Length);
+        request.Destination = destination;
+        request.Segments = segments;
+        return SubmitWithResult(request, cancellationToken);
+    }
+
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder<>))]
+    private async ValueTask<int> ReadAllDataAsync(long offset, Memory<byte> destination, Memory<Extent> segments, CancellationToken cancellationToken)
+    {
+        await ReadAsync(offset, destination, cancellationToken).ConfigureAwait(false);
+        if (destination.IsEmpty)
+        {
+            return 0;
+        }
+        segments.Span[0] = new Extent(destination.Length, ExtentFlags.Data);
+        return 1;
+    }
+
     public ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken = default)
     {
         if (offset < 0)
@@ -958,7 +995,8 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
                     }
                     HoleChunk hole = await ReadPayloadAsync<HoleChunk>(chunk, ChunkPayload.TryReadOffsetHole).ConfigureAwait(false);
                     int at = Place(request, hole.Offset, hole.Length);
-                    if (Claim(request))
+                    // Kept as a hole for a segmented read while there is room; else zeros, as data.
+                    if (!request.TryKeepHole(at, hole.Length) && Claim(request))
                     {
                         request.Destination.Span.Slice(at, (int)hole.Length).Clear();
                         Unclaim(request);
@@ -1056,6 +1094,61 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         request.ExtentCount = written;
     }
 
+    /// <summary>
+    /// The segments of a read that kept its holes: the holes in offset order (the owner may send
+    /// its chunks in any order, proto.md "Structured reply chunk message"), the data between them.
+    /// The chunks covered the read exactly once in all (<see cref="Place"/>); holes that overlap
+    /// each other would leave some range both unsent and reported as data, so they break the stream.
+    /// </summary>
+    private void TakeSegments(PendingRequest request)
+    {
+        Span<PendingRequest.Hole> holes = request.Holes;
+        // Insertion sort: a handful of holes, nearly always in order already.
+        for (int i = 1; i < holes.Length; i++)
+        {
+            PendingRequest.Hole hole = holes[i];
+            int j = i - 1;
+            for (; j >= 0 && holes[j].At > hole.At; j--)
+            {
+                holes[j + 1] = holes[j];
+            }
+            holes[j + 1] = hole;
+        }
+        int count = 0;
+        if (Claim(request))
+        {
+            Span<Extent> segments = request.Segments.Span;
+            long at = 0;
+            foreach (PendingRequest.Hole hole in holes)
+            {
+                if (hole.At < at)
+                {
+                    Unclaim(request);
+                    throw new NbdProtocolException($"hole chunks of the read {request.Offset}+{request.Length} overlap");
+                }
+                if (hole.At > at)
+                {
+                    segments[count++] = new Extent(hole.At - at, ExtentFlags.Data);
+                }
+                if (count > 0 && at == hole.At && segments[count - 1].Flags == ExtentFlags.Hole)
+                {
+                    segments[count - 1] = new Extent(segments[count - 1].Length + hole.Length, ExtentFlags.Hole);
+                }
+                else
+                {
+                    segments[count++] = new Extent(hole.Length, ExtentFlags.Hole);
+                }
+                at = (long)hole.At + hole.Length;
+            }
+            if (at < request.Length)
+            {
+                segments[count++] = new Extent(request.Length - at, ExtentFlags.Data);
+            }
+            Unclaim(request);
+        }
+        request.ExtentCount = count;
+    }
+
     /// <summary>Where a read chunk lands in the request's buffer; a chunk outside the request breaks the stream.</summary>
     private static int Place(PendingRequest request, ulong offset, uint length)
     {
@@ -1137,6 +1230,10 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
             if (request.Command == NbdCommand.BlockStatus && !request.ContextSeen)
             {
                 throw new NbdProtocolException($"reply to BLOCK_STATUS without the context {request.ContextId}");
+            }
+            if (request.Command == NbdCommand.Read && !request.Segments.IsEmpty)
+            {
+                TakeSegments(request);
             }
         }
         lock (_pendingLock)
@@ -1356,6 +1453,9 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         public Memory<byte> Destination { get; set; }
         public ReadOnlyMemory<byte> Payload { get; set; }
         public Memory<MetaExtent> Extents { get; set; }
+
+        /// <summary>A segmented read's segments, in the caller's memory; empty for a read whose holes are zeros.</summary>
+        public Memory<Extent> Segments { get; set; }
         public uint ContextId { get; set; }
         public int ExtentCount { get; set; }
         public bool ContextSeen { get; set; }
@@ -1365,6 +1465,39 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         public Exception? Error { get; private set; }
 
         public PendingRequest? NextToSend { get; set; }
+
+        /// <summary>A hole of a segmented read: where it starts in the read, and its length.</summary>
+        public readonly record struct Hole(uint At, uint Length);
+
+        // Kept for the life of the pooled request: reused, so a read allocates nothing.
+        private Hole[]? _holes;
+        private int _holeCount;
+
+        /// <summary>The holes kept so far, in the order they came.</summary>
+        public Span<Hole> Holes => _holes.AsSpan(0, _holeCount);
+
+        /// <summary>
+        /// Keeps a hole of a segmented read; false when this read's holes are zeros (a plain read,
+        /// or no room left in the caller's segments: each hole may need a data segment before it,
+        /// and the data after the last one needs one more).
+        /// </summary>
+        public bool TryKeepHole(int at, uint length)
+        {
+            if (_holeCount >= (Segments.Length - 1) / 2)
+            {
+                return false;
+            }
+            _holes ??= new Hole[MaxKeptHoles];
+            if (_holeCount == _holes.Length)
+            {
+                return false;
+            }
+            _holes[_holeCount++] = new Hole((uint)at, length);
+            return true;
+        }
+
+        /// <summary>Holes a segmented read keeps at most; a gateway owner's reply has at most 33 chunks, so at most 17 holes.</summary>
+        private const int MaxKeptHoles = 32;
 
         public short Version => _core.Version;
 
@@ -1504,6 +1637,8 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
             Destination = default;
             Payload = default;
             Extents = default;
+            Segments = default;
+            _holeCount = 0;
             ExtentCount = 0;
             ContextSeen = false;
             Covered = 0;

@@ -137,8 +137,14 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
     {
         Buffer ??= PayloadPool.Rent(length);
         _segments ??= new Extent[MaxReadSegments + 1];
-        bool sparse = owner.SparseReads && length >= Transmission.SparseReadThreshold && !Request.Flags.HasFlag(CommandFlags.DontFragment);
-        int n = sparse ? await device.GetAllocationAsync(offset, length, _segments.AsMemory(0, MaxReadSegments), cancel).ConfigureAwait(false) : 0;
+        ReadHoles holes = owner.HolesOf(Request);
+        if (holes == ReadHoles.FromSegments)
+        {
+            // The holes come with the data: the hole ranges of the buffer are never sent.
+            _segmentCount = await owner.SegmentedReads!.ReadSegmentsAsync(offset, Buffer.AsMemory(0, length), _segments, cancel).ConfigureAwait(false);
+            return;
+        }
+        int n = holes == ReadHoles.FromAllocation ? await device.GetAllocationAsync(offset, length, _segments.AsMemory(0, MaxReadSegments), cancel).ConfigureAwait(false) : 0;
         if (n == 0 || (n == 1 && (_segments[0].Flags & ExtentFlags.Hole) == 0))
         {
             // All data, or not worth a hole check: one read, one chunk.

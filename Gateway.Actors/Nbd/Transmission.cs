@@ -47,6 +47,7 @@ public sealed class Transmission
 
     private RequestWork? _batch;
     private readonly IForwardingDevice? _forwarding;
+    private readonly ISegmentedReads? _segmentedReads;
     private IRequestBatch? _corked;
     private int _inFlight;
     private long _inFlightBytes;
@@ -64,11 +65,10 @@ public sealed class Transmission
         _device = session.Export.Device;
         _nonBlocking = _device as INonBlockingIo;
         _forwarding = _device as IForwardingDevice;
+        _segmentedReads = _device as ISegmentedReads;
         _contexts = [.. session.Contexts];
         Extended = session.ExtendedHeaders;
         Structured = session.StructuredReplies || Extended;
-        // A hole is found by asking the allocation: for a forwarding device, a round trip per read.
-        SparseReads = Structured && _forwarding is null;
         _logger = logger;
         _metrics = GatewayTelemetry.Enabled ? GatewayTelemetry.For(_export.Info.Name) : null;
     }
@@ -82,10 +82,28 @@ public sealed class Transmission
     internal ulong ExportSize => (ulong)_export.Info.Size;
 
     /// <summary>
-    /// Reads may be answered with holes: structured replies, and a device whose allocation is a
-    /// local call (a cluster link's would be a second round trip to the owner for every read).
+    /// Where a read's holes come from, if it is answered with holes at all: only with structured
+    /// replies, never with NBD_CMD_FLAG_DF (one data chunk, proto.md "Request flags"). A device
+    /// that reads segments says where the holes are as it reads (a link to the owner passes on the
+    /// holes of the owner's reply). A forwarding device is never asked for the allocation, which
+    /// would be a second round trip for every read, even while it has not found the owner yet (the
+    /// first read of a connection), so one that cannot read segments has no holes. Any other
+    /// device is asked when the read is long enough for the zeros saved to pay for the question.
     /// </summary>
-    internal bool SparseReads { get; }
+    internal ReadHoles HolesOf(in NbdRequest request)
+    {
+        if (!Structured || request.Flags.HasFlag(CommandFlags.DontFragment))
+        {
+            return ReadHoles.None;
+        }
+        if (_segmentedReads is not null || _forwarding is not null)
+        {
+            return _segmentedReads is null ? ReadHoles.None : ReadHoles.FromSegments;
+        }
+        return request.Length >= SparseReadThreshold ? ReadHoles.FromAllocation : ReadHoles.None;
+    }
+
+    internal ISegmentedReads? SegmentedReads => _segmentedReads;
 
     /// <summary>Requests received on this connection so far.</summary>
     public long Requests { get; private set; }
@@ -589,4 +607,17 @@ public sealed class Transmission
                 request.Command, request.Offset, request.Length, _export.Info.Name, exception.Message, repeats);
         }
     }
+}
+
+/// <summary>Where a read finds its holes (<see cref="Transmission.HolesOf"/>).</summary>
+internal enum ReadHoles
+{
+    /// <summary>Not looked for: the read is one data chunk (or a simple reply).</summary>
+    None,
+
+    /// <summary>From the device's allocation, asked before the read.</summary>
+    FromAllocation,
+
+    /// <summary>From the read itself (<see cref="ISegmentedReads"/>): the owner's holes, passed on.</summary>
+    FromSegments,
 }

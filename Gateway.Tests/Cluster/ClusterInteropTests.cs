@@ -181,6 +181,83 @@ public sealed class ClusterInteropTests(ClusterFixture cluster, Xunit.Abstractio
         }
     }
 
+    // ---- holes across nodes ----
+
+    /// <summary>
+    /// Reads [0, length) and prints what came back. Structured: one line per reply chunk, as libnbd
+    /// hands it over (<c>DATA offset length nonzero-bytes byte-at-written-offset</c> or
+    /// <c>HOLE offset length</c>); simple (structured replies refused): one <c>SIMPLE</c> line with
+    /// the offset of the first nonzero byte outside the written range (-1: none) and the written
+    /// range's bytes, then <c>ok</c>.
+    /// </summary>
+    private const string ChunksScript = """
+        import nbd, sys
+        uri, mode, length, written, count, pattern = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+        h = nbd.NBD()
+        h.set_request_structured_replies(mode == "structured")
+        h.connect_uri(uri)
+        if h.get_structured_replies_negotiated() != (mode == "structured"):
+            sys.exit(f"structured replies negotiated: {h.get_structured_replies_negotiated()}, asked for {mode}")
+        if mode == "structured":
+            chunks = []
+            def chunk(subbuf, offset, status, error):
+                if status == nbd.READ_DATA:
+                    data = bytes(subbuf)
+                    inside = data[written - offset] if offset <= written < offset + len(data) else -1
+                    chunks.append(f"DATA {offset} {len(data)} {len(data) - data.count(0)} {inside}")
+                elif status == nbd.READ_HOLE:
+                    chunks.append(f"HOLE {offset} {len(subbuf)}")
+                else:
+                    chunks.append(f"ERROR {offset} {error}")
+                return 0
+            buf = h.pread_structured(length, 0, chunk)
+            print("\n".join(chunks))
+        else:
+            buf = h.pread(length, 0)
+            outside = next((i for i, b in enumerate(buf) if b != 0 and not written <= i < written + count), -1)
+            inside = set(buf[written:written + count])
+            print(f"SIMPLE {outside} {sorted(inside)}")
+        if buf[written:written + count] != bytes([pattern]) * count:
+            sys.exit("the written range did not read back")
+        h.shutdown()
+        print("ok")
+        """;
+
+    /// <summary>Issue 16 item 3: a hole on the owner is a hole for a client of any node, never zeros sent as data.</summary>
+    [Fact]
+    public async Task Holes_of_a_sparse_export_reach_a_client_of_a_non_owner_as_OFFSET_HOLE_chunks_and_zeros_for_a_simple_client()
+    {
+        const string Export = "holes";
+        const long Length = 2 * MiB, Written = MiB, Count = 64 * KiB;
+        (ClusterNode a, _, _) = Three();
+        await cluster.CreateExportAsync(a, new { name = Export, size = 8 * MiB });
+        ClusterNode owner = await cluster.OwnerAsync(Export);
+        ClusterNode via = cluster.Running.First(n => n != owner);
+        await QemuIoAsync(via, Export, $"write -P 0x5a {Written} {Count}", "flush");
+        string script = await ScriptAsync("chunks.py", ChunksScript);
+
+        foreach (ClusterNode node in new[] { via, owner })
+        {
+            ToolResult result = await cluster.RunAsync(Python, [script, node.NbdUri(Export), "structured", $"{Length}", $"{Written}", $"{Count}", $"{0x5a}"]);
+            output.WriteLine($"through {(node == owner ? "the owner" : "a non-owner")} {node}:\n{result.Stdout}");
+            string[][] chunks = [.. result.Stdout.Split('\n', StringSplitOptions.RemoveEmptyEntries).Where(l => l != "ok").Select(l => l.Split(' '))];
+            Assert.Contains("ok", result.Stdout);
+            // The chunks tile the read exactly once (libnbd checks no overlap; here: nothing missing).
+            Assert.Equal(Length, chunks.Sum(c => long.Parse(c[2], System.Globalization.CultureInfo.InvariantCulture)));
+            var holes = chunks.Where(c => c[0] == "HOLE").Select(c => (Offset: long.Parse(c[1], System.Globalization.CultureInfo.InvariantCulture), Length: long.Parse(c[2], System.Globalization.CultureInfo.InvariantCulture))).ToList();
+            var data = chunks.Where(c => c[0] == "DATA").ToList();
+            // Everything but the written 64 KiB came back as holes; the written range as data with its bytes.
+            Assert.Equal(Merge([(0L, Written), (Written + Count, Length - Written - Count)]), Merge(holes));
+            Assert.Equal(
+                [$"DATA {Written} {Count} {Count} {0x5a}"],
+                data.Select(c => string.Join(' ', c)));
+        }
+
+        ToolResult simple = await cluster.RunAsync(Python, [script, via.NbdUri(Export), "simple", $"{Length}", $"{Written}", $"{Count}", $"{0x5a}"]);
+        Assert.Contains($"SIMPLE -1 [{0x5a}]", simple.Stdout);
+        Assert.Contains("ok", simple.Stdout);
+    }
+
     // ---- failover ----
 
     /// <summary><c>write URI OFFSET FILE</c> writes the file there and flushes; <c>sha URI OFFSET LENGTH</c> reads. Both print the SHA-256.</summary>

@@ -243,15 +243,19 @@ public sealed class PeerNbdClientTests : IDisposable
         Assert.InRange(client.RequestsCreated, 1, 3 * Workers);
     }
 
-    [Fact]
-    public async Task Read_replies_are_parsed_and_received_without_allocating()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)] // the holes kept as segments (ReadSegmentsAsync), as a forwarding node reads
+    public async Task Read_replies_are_parsed_and_received_without_allocating(bool segmented)
     {
         const int Reads = 1000;
         await using var owner = new ScriptedOwner();
         await using PeerNbdClient client = await owner.ConnectAsync();
         byte[][] buffers = [.. Enumerable.Range(0, Reads).Select(_ => new byte[4 * KiB])];
+        Extent[][] segments = [.. Enumerable.Range(0, Reads).Select(_ => new Extent[3])];
         byte[] data = Pattern(2 * KiB, 11);
         var reads = new ValueTask[Reads];
+        var segmentedReads = new ValueTask<int>[Reads];
         var allocated = new List<long>();
 
         // Round 0 fills the pools (requests, state machines); the others are measured. Another
@@ -261,7 +265,14 @@ public sealed class PeerNbdClientTests : IDisposable
             client.Cork();
             for (int i = 0; i < Reads; i++)
             {
-                reads[i] = client.ReadAsync(i * 4L * KiB, buffers[i]);
+                if (segmented)
+                {
+                    segmentedReads[i] = client.ReadSegmentsAsync(i * 4L * KiB, buffers[i], segments[i]);
+                }
+                else
+                {
+                    reads[i] = client.ReadAsync(i * 4L * KiB, buffers[i]);
+                }
             }
             client.Uncork();
             var replies = new ArrayBufferWriter<byte>();
@@ -279,15 +290,27 @@ public sealed class PeerNbdClientTests : IDisposable
             {
                 long before = GC.GetTotalAllocatedBytes(precise: true);
                 await owner.SendAsync(bytes);
-                foreach (ValueTask read in reads)
+                for (int i = 0; i < Reads; i++)
                 {
-                    await read;
+                    if (segmented)
+                    {
+                        await segmentedReads[i];
+                    }
+                    else
+                    {
+                        await reads[i];
+                    }
                 }
                 return GC.GetTotalAllocatedBytes(precise: true) - before;
             }));
         }
 
-        Assert.All(buffers, b => Assert.True(b.AsSpan(0, 2 * KiB).SequenceEqual(data) && b.AsSpan(2 * KiB).IndexOfAnyExcept((byte)0) < 0));
+        // A plain read zero-fills the hole; a segmented one leaves its bytes alone and says where it is.
+        Assert.All(buffers, b => Assert.True(b.AsSpan(0, 2 * KiB).SequenceEqual(data) && (segmented || b.AsSpan(2 * KiB).IndexOfAnyExcept((byte)0) < 0)));
+        if (segmented)
+        {
+            Assert.All(segments, s => Assert.Equal([new Extent(2 * KiB, ExtentFlags.Data), new Extent(2 * KiB, ExtentFlags.Hole)], s[..2]));
+        }
         // A few hundred bytes in all when nothing regresses; one delegate or box per chunk is 64 KB and more.
         long least = allocated.Skip(1).Min();
         Assert.True(least < Reads * 16, $"{least} bytes allocated for {Reads} read replies (rounds: {string.Join(", ", allocated)})");
@@ -434,6 +457,97 @@ public sealed class PeerNbdClientTests : IDisposable
 
         Assert.False(client.IsBroken);
         Assert.Equal(0, client.InFlight);
+    }
+
+    [Fact]
+    public async Task A_segmented_read_returns_the_owners_holes_in_order_and_leaves_their_bytes_alone()
+    {
+        await using var owner = new ScriptedOwner();
+        await using PeerNbdClient client = await owner.ConnectAsync();
+        byte[] buffer = new byte[16 * KiB];
+        buffer.AsSpan().Fill(0xCC);
+        var segments = new Extent[9];
+
+        // Out of order: data at the end first, then two adjacent holes, a hole and data in the middle.
+        ValueTask<int> read = client.ReadSegmentsAsync(64 * KiB, buffer, segments);
+        (NbdRequest request, _) = await owner.ReceiveAsync();
+        await owner.SendAsync(ScriptedOwner.Data(request.Cookie, 76 * KiB, Pattern(4 * KiB, 3), done: false));
+        await owner.SendAsync(ScriptedOwner.Hole(request.Cookie, 66 * KiB, 2 * KiB, done: false));
+        await owner.SendAsync(ScriptedOwner.Hole(request.Cookie, 64 * KiB, 2 * KiB, done: false));
+        await owner.SendAsync(ScriptedOwner.Hole(request.Cookie, 72 * KiB, 4 * KiB, done: false));
+        await owner.SendAsync(ScriptedOwner.Data(request.Cookie, 68 * KiB, Pattern(4 * KiB, 4), done: true));
+        int n = await read.AsTask().WaitAsync(Bound);
+
+        Assert.Equal(
+            [new Extent(4 * KiB, ExtentFlags.Hole), new Extent(4 * KiB, ExtentFlags.Data), new Extent(4 * KiB, ExtentFlags.Hole), new Extent(4 * KiB, ExtentFlags.Data)],
+            segments.AsSpan(0, n).ToArray());
+        Assert.Equal(Pattern(4 * KiB, 4), buffer[(4 * KiB)..(8 * KiB)]);
+        Assert.Equal(Pattern(4 * KiB, 3), buffer[(12 * KiB)..]);
+        // The holes' bytes are not written: the caller never sends them.
+        Assert.True(buffer.AsSpan(0, 4 * KiB).IndexOfAnyExcept((byte)0xCC) < 0);
+        Assert.True(buffer.AsSpan(8 * KiB, 4 * KiB).IndexOfAnyExcept((byte)0xCC) < 0);
+
+        // A simple reply, and a read that is all one hole.
+        read = client.ReadSegmentsAsync(0, buffer.AsMemory(0, 4 * KiB), segments);
+        (request, _) = await owner.ReceiveAsync();
+        await owner.SendAsync([.. ScriptedOwner.Simple(request.Cookie, NbdError.None), .. Pattern(4 * KiB, 5)]);
+        Assert.Equal(1, await read.AsTask().WaitAsync(Bound));
+        Assert.Equal(new Extent(4 * KiB, ExtentFlags.Data), segments[0]);
+        Assert.Equal(Pattern(4 * KiB, 5), buffer[..(4 * KiB)]);
+
+        read = client.ReadSegmentsAsync(0, buffer.AsMemory(0, 8 * KiB), segments);
+        (request, _) = await owner.ReceiveAsync();
+        await owner.SendAsync(ScriptedOwner.Hole(request.Cookie, 0, 8 * KiB, done: true));
+        Assert.Equal(1, await read.AsTask().WaitAsync(Bound));
+        Assert.Equal(new Extent(8 * KiB, ExtentFlags.Hole), segments[0]);
+
+        // An error chunk fails the read, whatever chunks came before it.
+        read = client.ReadSegmentsAsync(0, buffer.AsMemory(0, 8 * KiB), segments);
+        (request, _) = await owner.ReceiveAsync();
+        await owner.SendAsync(ScriptedOwner.Hole(request.Cookie, 0, 4 * KiB, done: false));
+        await owner.SendAsync(ScriptedOwner.Error(request.Cookie, NbdError.Io, "bad sector", offset: 4 * KiB, done: true));
+        await ThrowsKindAsync(BlockErrorKind.Io, async () => await read);
+
+        Assert.False(client.IsBroken);
+        Assert.Equal(0, client.InFlight);
+    }
+
+    [Fact]
+    public async Task Holes_past_the_room_for_segments_are_zeros_read_as_data()
+    {
+        await using var owner = new ScriptedOwner();
+        await using PeerNbdClient client = await owner.ConnectAsync();
+        byte[] buffer = new byte[8 * KiB];
+        buffer.AsSpan().Fill(0xCC);
+        // Room for one hole: the data before it and after it take the other two.
+        var segments = new Extent[3];
+
+        ValueTask<int> read = client.ReadSegmentsAsync(0, buffer, segments);
+        (NbdRequest request, _) = await owner.ReceiveAsync();
+        await owner.SendAsync(ScriptedOwner.Data(request.Cookie, 0, Pattern(2 * KiB, 6), done: false));
+        await owner.SendAsync(ScriptedOwner.Hole(request.Cookie, 2 * KiB, 2 * KiB, done: false));
+        await owner.SendAsync(ScriptedOwner.Data(request.Cookie, 4 * KiB, Pattern(2 * KiB, 7), done: false));
+        await owner.SendAsync(ScriptedOwner.Hole(request.Cookie, 6 * KiB, 2 * KiB, done: true));
+        int n = await read.AsTask().WaitAsync(Bound);
+
+        Assert.Equal([new Extent(2 * KiB, ExtentFlags.Data), new Extent(2 * KiB, ExtentFlags.Hole), new Extent(4 * KiB, ExtentFlags.Data)], segments.AsSpan(0, n).ToArray());
+        Assert.Equal([.. Pattern(2 * KiB, 7), .. new byte[2 * KiB]], buffer[(4 * KiB)..]);
+    }
+
+    [Fact]
+    public async Task Overlapping_holes_from_the_owner_are_connection_loss()
+    {
+        await using var owner = new ScriptedOwner();
+        await using PeerNbdClient client = await owner.ConnectAsync();
+        ValueTask<int> read = client.ReadSegmentsAsync(0, new byte[8 * KiB], new Extent[9]);
+        (NbdRequest request, _) = await owner.ReceiveAsync();
+        // 8 KiB in all, so the total says covered; but [2K, 4K) is in both holes and [6K, 8K) in none.
+        await owner.SendAsync(ScriptedOwner.Hole(request.Cookie, 0, 4 * KiB, done: false));
+        await owner.SendAsync(ScriptedOwner.Hole(request.Cookie, 2 * KiB, 4 * KiB, done: true));
+
+        await ThrowsKindAsync(BlockErrorKind.Shutdown, async () => await read);
+        await client.Completion.WaitAsync(Bound);
+        Assert.True(client.IsBroken);
     }
 
     [Fact]

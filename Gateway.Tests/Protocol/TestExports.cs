@@ -29,6 +29,17 @@ public sealed class TestExportDirectory : IExportDirectory
         return tracked;
     }
 
+    /// <summary>Serves <paramref name="device"/> itself, not a <see cref="TestDevice"/> around it: the connection sees the device's own capabilities.</summary>
+    public void AddAsIs(string name, IBlockDevice device)
+    {
+        var info = new ExportInfo(name, null, device.Size, device.IsReadOnly, device.Capabilities) { Access = ExportAccess.Open };
+        _exports[name] = new ExportHandle(info, device, [new BaseAllocationContext(device)], CancellationToken.None);
+        lock (_order)
+        {
+            _order.Add(name);
+        }
+    }
+
     public ValueTask<IReadOnlyList<ExportInfo>> ListAsync(CancellationToken cancellationToken)
     {
         lock (_order)
