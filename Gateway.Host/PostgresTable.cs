@@ -28,10 +28,10 @@ public sealed class PostgresTable(NpgsqlDataSource source, string create) : IDis
                 {
                     await command.ExecuteNonQueryAsync(cancellationToken).ConfigureAwait(false);
                 }
-                catch (PostgresException e) when (e.SqlState is PostgresErrorCodes.UniqueViolation or PostgresErrorCodes.DuplicateTable)
+                catch (PostgresException e) when (e.SqlState is PostgresErrorCodes.UniqueViolation or PostgresErrorCodes.DuplicateTable or PostgresErrorCodes.DuplicateObject)
                 {
                     // Two nodes' first uses at once: IF NOT EXISTS does not serialise the create, and
-                    // the loser trips over the winner's catalog row. The table is there either way.
+                    // the loser trips over the winner's catalog row (23505) or its row type (42710). The table is there either way.
                 }
                 _exists = true;
             }
