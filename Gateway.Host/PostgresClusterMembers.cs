@@ -8,25 +8,18 @@ namespace Gateway.Host;
 /// per member address with the server's time of its last announcement, so no node's clock takes
 /// part in deciding whether a cluster runs.
 /// </summary>
-public sealed class PostgresClusterMembers : IClusterMembers, IAsyncDisposable
+public sealed class PostgresClusterMembers(string connectionString) : PostgresStore(connectionString, Create), IClusterMembers
 {
-    private readonly NpgsqlDataSource _source;
-    private readonly PostgresTable _table;
-
-    public PostgresClusterMembers(string connectionString)
-    {
-        _source = NpgsqlDataSource.Create(connectionString);
-        _table = new PostgresTable(_source, """
+    private const string Create = """
             CREATE TABLE IF NOT EXISTS gateway_cluster_members (
                 address text PRIMARY KEY,
                 announced_at timestamptz NOT NULL)
-            """);
-    }
+            """;
 
     public async Task AnnounceAsync(string address, CancellationToken cancellationToken)
     {
-        await _table.EnsureAsync(cancellationToken).ConfigureAwait(false);
-        await using NpgsqlCommand command = _source.CreateCommand("""
+        NpgsqlDataSource source = await SourceAsync(cancellationToken).ConfigureAwait(false);
+        await using NpgsqlCommand command = source.CreateCommand("""
             INSERT INTO gateway_cluster_members (address, announced_at) VALUES ($1, now())
             ON CONFLICT (address) DO UPDATE SET announced_at = excluded.announced_at
             """);
@@ -36,8 +29,8 @@ public sealed class PostgresClusterMembers : IClusterMembers, IAsyncDisposable
 
     public async Task<IReadOnlyList<string>> AnnouncedWithinAsync(TimeSpan within, CancellationToken cancellationToken)
     {
-        await _table.EnsureAsync(cancellationToken).ConfigureAwait(false);
-        await using NpgsqlCommand command = _source.CreateCommand("""
+        NpgsqlDataSource source = await SourceAsync(cancellationToken).ConfigureAwait(false);
+        await using NpgsqlCommand command = source.CreateCommand("""
             SELECT address FROM gateway_cluster_members WHERE announced_at > now() - $1 ORDER BY address
             """);
         command.Parameters.Add(new NpgsqlParameter<TimeSpan> { TypedValue = within });
@@ -52,15 +45,10 @@ public sealed class PostgresClusterMembers : IClusterMembers, IAsyncDisposable
 
     public async Task WithdrawAsync(string address, CancellationToken cancellationToken)
     {
-        await _table.EnsureAsync(cancellationToken).ConfigureAwait(false);
-        await using NpgsqlCommand command = _source.CreateCommand("DELETE FROM gateway_cluster_members WHERE address = $1");
+        NpgsqlDataSource source = await SourceAsync(cancellationToken).ConfigureAwait(false);
+        await using NpgsqlCommand command = source.CreateCommand("DELETE FROM gateway_cluster_members WHERE address = $1");
         command.Parameters.Add(new NpgsqlParameter<string> { TypedValue = address });
         await command.ExecuteNonQueryAsync(cancellationToken).ConfigureAwait(false);
     }
 
-    public async ValueTask DisposeAsync()
-    {
-        await _source.DisposeAsync().ConfigureAwait(false);
-        _table.Dispose();
-    }
 }

@@ -11,8 +11,18 @@ namespace Gateway.Host;
 /// claims for the last slot never both win; claims for different exports do not wait for each
 /// other.
 /// </summary>
-public sealed class PostgresConnectionSlots : IConnectionSlotStore, IAsyncDisposable
+public sealed class PostgresConnectionSlots(string connectionString) : PostgresStore(connectionString, Create), IConnectionSlotStore
 {
+    private const string Create = """
+            CREATE TABLE IF NOT EXISTS gateway_connection_slots (
+                slot uuid PRIMARY KEY,
+                export text NOT NULL,
+                node text NOT NULL,
+                taken_at timestamptz NOT NULL);
+            CREATE INDEX IF NOT EXISTS gateway_connection_slots_export ON gateway_connection_slots (export);
+            CREATE INDEX IF NOT EXISTS gateway_connection_slots_node ON gateway_connection_slots (node)
+            """;
+
     /// <summary>
     /// The first key of the two-key advisory locks taken here ('nbdc'), so they never meet
     /// another user's locks on the same database.
@@ -26,30 +36,13 @@ public sealed class PostgresConnectionSlots : IConnectionSlotStore, IAsyncDispos
     /// </summary>
     public static readonly TimeSpan ForeignSlotGrace = TimeSpan.FromMinutes(1);
 
-    private readonly NpgsqlDataSource _source;
-    private readonly PostgresTable _table;
-
-    public PostgresConnectionSlots(string connectionString)
-    {
-        _source = NpgsqlDataSource.Create(connectionString);
-        _table = new PostgresTable(_source, """
-            CREATE TABLE IF NOT EXISTS gateway_connection_slots (
-                slot uuid PRIMARY KEY,
-                export text NOT NULL,
-                node text NOT NULL,
-                taken_at timestamptz NOT NULL);
-            CREATE INDEX IF NOT EXISTS gateway_connection_slots_export ON gateway_connection_slots (export);
-            CREATE INDEX IF NOT EXISTS gateway_connection_slots_node ON gateway_connection_slots (node)
-            """);
-    }
-
     public async Task<bool> TryTakeAsync(ConnectionSlotClaim claim, CancellationToken cancellationToken)
     {
-        await _table.EnsureAsync(cancellationToken).ConfigureAwait(false);
+        NpgsqlDataSource source = await SourceAsync(cancellationToken).ConfigureAwait(false);
         // One round trip: a batch without a transaction runs as one implicit transaction (one Sync
         // at its end), so the advisory lock is held from the first statement to the commit, and
         // the count sees every slot committed by the claim that held it before.
-        await using NpgsqlBatch batch = _source.CreateBatch();
+        await using NpgsqlBatch batch = source.CreateBatch();
         var take = new NpgsqlBatchCommand("""
             INSERT INTO gateway_connection_slots (slot, export, node, taken_at)
             SELECT $1, $2, $3, now()
@@ -96,16 +89,16 @@ public sealed class PostgresConnectionSlots : IConnectionSlotStore, IAsyncDispos
 
     public async Task ReleaseAsync(IReadOnlyList<Guid> slots, CancellationToken cancellationToken)
     {
-        await _table.EnsureAsync(cancellationToken).ConfigureAwait(false);
-        await using NpgsqlCommand command = _source.CreateCommand("DELETE FROM gateway_connection_slots WHERE slot = ANY($1)");
+        NpgsqlDataSource source = await SourceAsync(cancellationToken).ConfigureAwait(false);
+        await using NpgsqlCommand command = source.CreateCommand("DELETE FROM gateway_connection_slots WHERE slot = ANY($1)");
         command.Parameters.Add(new NpgsqlParameter<Guid[]> { TypedValue = [.. slots] });
         await command.ExecuteNonQueryAsync(cancellationToken).ConfigureAwait(false);
     }
 
     public async Task ReleaseNodeAsync(string node, CancellationToken cancellationToken)
     {
-        await _table.EnsureAsync(cancellationToken).ConfigureAwait(false);
-        await using NpgsqlCommand command = _source.CreateCommand("DELETE FROM gateway_connection_slots WHERE node = $1");
+        NpgsqlDataSource source = await SourceAsync(cancellationToken).ConfigureAwait(false);
+        await using NpgsqlCommand command = source.CreateCommand("DELETE FROM gateway_connection_slots WHERE node = $1");
         command.Parameters.Add(new NpgsqlParameter<string> { TypedValue = node });
         await command.ExecuteNonQueryAsync(cancellationToken).ConfigureAwait(false);
     }
@@ -113,8 +106,8 @@ public sealed class PostgresConnectionSlots : IConnectionSlotStore, IAsyncDispos
     /// <summary>The slots of <paramref name="export"/> held by any node, live or not (tests, diagnostics).</summary>
     public async Task<IReadOnlyList<(string Node, Guid Slot)>> ListAsync(string export, CancellationToken cancellationToken)
     {
-        await _table.EnsureAsync(cancellationToken).ConfigureAwait(false);
-        await using NpgsqlCommand command = _source.CreateCommand("SELECT node, slot FROM gateway_connection_slots WHERE export = $1 ORDER BY taken_at");
+        NpgsqlDataSource source = await SourceAsync(cancellationToken).ConfigureAwait(false);
+        await using NpgsqlCommand command = source.CreateCommand("SELECT node, slot FROM gateway_connection_slots WHERE export = $1 ORDER BY taken_at");
         command.Parameters.Add(new NpgsqlParameter<string> { TypedValue = export });
         await using NpgsqlDataReader reader = await command.ExecuteReaderAsync(cancellationToken).ConfigureAwait(false);
         var slots = new List<(string, Guid)>();
@@ -125,9 +118,4 @@ public sealed class PostgresConnectionSlots : IConnectionSlotStore, IAsyncDispos
         return slots;
     }
 
-    public async ValueTask DisposeAsync()
-    {
-        await _source.DisposeAsync().ConfigureAwait(false);
-        _table.Dispose();
-    }
 }

@@ -8,28 +8,21 @@ namespace Gateway.Host;
 /// export naming its holder, term and expiry. Every decision is one statement compared against
 /// the server's <c>now()</c>, so it is atomic and no node's clock takes part.
 /// </summary>
-public sealed class PostgresExportLeases : IExportLeases, IAsyncDisposable
+public sealed class PostgresExportLeases(string connectionString) : PostgresStore(connectionString, Create), IExportLeases
 {
-    private readonly NpgsqlDataSource _source;
-    private readonly PostgresTable _table;
-
-    public PostgresExportLeases(string connectionString)
-    {
-        _source = NpgsqlDataSource.Create(connectionString);
-        _table = new PostgresTable(_source, """
+    private const string Create = """
             CREATE TABLE IF NOT EXISTS gateway_export_leases (
                 export text PRIMARY KEY,
                 node text NOT NULL,
                 term bigint NOT NULL,
                 expires_at timestamptz NOT NULL)
-            """);
-    }
+            """;
 
     public async Task<bool> TryAcquireAsync(string export, string node, long term, TimeSpan timeToLive, CancellationToken cancellationToken)
     {
-        await _table.EnsureAsync(cancellationToken).ConfigureAwait(false);
+        NpgsqlDataSource source = await SourceAsync(cancellationToken).ConfigureAwait(false);
         // Taken when there is no row, or the holder released it or let it run out.
-        await using NpgsqlCommand command = _source.CreateCommand("""
+        await using NpgsqlCommand command = source.CreateCommand("""
             INSERT INTO gateway_export_leases (export, node, term, expires_at)
             VALUES ($1, $2, $3, now() + $4)
             ON CONFLICT (export) DO UPDATE SET node = excluded.node, term = excluded.term, expires_at = excluded.expires_at
@@ -41,9 +34,9 @@ public sealed class PostgresExportLeases : IExportLeases, IAsyncDisposable
 
     public async Task<bool> RenewAsync(string export, string node, long term, TimeSpan timeToLive, CancellationToken cancellationToken)
     {
-        await _table.EnsureAsync(cancellationToken).ConfigureAwait(false);
+        NpgsqlDataSource source = await SourceAsync(cancellationToken).ConfigureAwait(false);
         // Only the holder's own row of its own term: a lease another node took is not taken back.
-        await using NpgsqlCommand command = _source.CreateCommand("""
+        await using NpgsqlCommand command = source.CreateCommand("""
             UPDATE gateway_export_leases SET expires_at = now() + $4
             WHERE export = $1 AND node = $2 AND term = $3
             """);
@@ -53,8 +46,8 @@ public sealed class PostgresExportLeases : IExportLeases, IAsyncDisposable
 
     public async Task ReleaseAsync(string export, string node, long term, CancellationToken cancellationToken)
     {
-        await _table.EnsureAsync(cancellationToken).ConfigureAwait(false);
-        await using NpgsqlCommand command = _source.CreateCommand("""
+        NpgsqlDataSource source = await SourceAsync(cancellationToken).ConfigureAwait(false);
+        await using NpgsqlCommand command = source.CreateCommand("""
             UPDATE gateway_export_leases SET expires_at = '-infinity'
             WHERE export = $1 AND node = $2 AND term = $3
             """);
@@ -70,9 +63,4 @@ public sealed class PostgresExportLeases : IExportLeases, IAsyncDisposable
         command.Parameters.Add(new NpgsqlParameter<TimeSpan> { TypedValue = timeToLive });
     }
 
-    public async ValueTask DisposeAsync()
-    {
-        await _source.DisposeAsync().ConfigureAwait(false);
-        _table.Dispose();
-    }
 }

@@ -44,3 +44,34 @@ public sealed class PostgresTable(NpgsqlDataSource source, string create) : IDis
 
     public void Dispose() => _creating.Dispose();
 }
+
+/// <summary>
+/// What the gateway's stores in the cluster's PostgreSQL share: a data source of their own and
+/// their table (<see cref="PostgresTable"/>), made before the first statement.
+/// </summary>
+public abstract class PostgresStore : IAsyncDisposable
+{
+    private readonly NpgsqlDataSource _source;
+    private readonly PostgresTable _table;
+
+    /// <param name="create">The statements that make the store's table and indexes, each IF NOT EXISTS.</param>
+    protected PostgresStore(string connectionString, string create)
+    {
+        _source = NpgsqlDataSource.Create(connectionString);
+        _table = new PostgresTable(_source, create);
+    }
+
+    /// <summary>The data source, once the table exists.</summary>
+    protected async ValueTask<NpgsqlDataSource> SourceAsync(CancellationToken cancellationToken)
+    {
+        await _table.EnsureAsync(cancellationToken).ConfigureAwait(false);
+        return _source;
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        await _source.DisposeAsync().ConfigureAwait(false);
+        _table.Dispose();
+        GC.SuppressFinalize(this);
+    }
+}
