@@ -96,11 +96,12 @@ public sealed class Transmission
         {
             return ReadHoles.None;
         }
-        if (_segmentedReads is not null || _forwarding is not null)
+        if (_segmentedReads is not null)
         {
-            return _segmentedReads is null ? ReadHoles.None : ReadHoles.FromSegments;
+            return ReadHoles.FromSegments;
         }
-        return request.Length >= SparseReadThreshold ? ReadHoles.FromAllocation : ReadHoles.None;
+        // A forwarding device's allocation is a round trip to the owner: never asked per read.
+        return _forwarding is null && request.Length >= SparseReadThreshold ? ReadHoles.FromAllocation : ReadHoles.None;
     }
 
     internal ISegmentedReads? SegmentedReads => _segmentedReads;
