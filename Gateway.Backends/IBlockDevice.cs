@@ -94,6 +94,12 @@ public sealed class BlockDeviceException(BlockErrorKind kind, string message, Ex
     : Exception(message, inner)
 {
     public BlockErrorKind Kind { get; } = kind;
+
+    /// <summary>
+    /// Where in the device the operation failed, when that is known (an owner's ERROR_OFFSET
+    /// chunk); a structured reply passes it on as ERROR_OFFSET.
+    /// </summary>
+    public long? Offset { get; init; }
 }
 
 /// <summary>
@@ -131,6 +137,14 @@ public interface IForwardingDevice
 /// </summary>
 public interface ISegmentedReads
 {
+    /// <summary>
+    /// True while reads come with their holes (the link is not served on this node); false while
+    /// the device is local, where asking the allocation is a local call and the protocol layer's
+    /// own allocation path is used instead. A read begun either way is still answered correctly if
+    /// this changes meanwhile.
+    /// </summary>
+    bool ReadsSegments { get; }
+
     /// <summary>
     /// Reads <paramref name="destination"/> and describes it in <paramref name="segments"/>:
     /// consecutive extents from <paramref name="offset"/>, in order, covering the whole

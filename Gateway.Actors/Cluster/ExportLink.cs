@@ -147,57 +147,30 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IForwardingDevice
     public ValueTask ReadAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken = default) =>
         Run((offset, destination), static (device, s, ct) => device.ReadAsync(s.offset, s.destination, ct), cancellationToken);
 
-    /// <summary>Reads on this node shorter than this are not checked for holes (as on an owner, <see cref="Transmission.SparseReadThreshold"/>).</summary>
-    private const int LocalHoleCheckThreshold = Transmission.SparseReadThreshold;
+    /// <summary>
+    /// While the owner is another node or not found yet: <see cref="Transmission.HolesOf"/> asks
+    /// for the allocation only while the export is served here, or was found here at attach and
+    /// not looked for since (a connection's first read).
+    /// </summary>
+    public bool ReadsSegments => _localHandle is null && Volatile.Read(ref _first)?.Node != _self.Name;
 
     /// <summary>
     /// A read that keeps the owner's holes: over the peer stream, its OFFSET_HOLE chunks come back
-    /// as hole segments (no allocation query of its own); on this node, the device's allocation is
-    /// a local call, asked for reads long enough to be worth it, as the owner does.
+    /// as hole segments (no allocation query of its own). A read that finds the owner on this node
+    /// (the first of a connection, or one begun as the owner moved here) is one data segment; the
+    /// reads after it go through the protocol layer's allocation path (<see cref="ReadsSegments"/>).
     /// </summary>
     public ValueTask<int> ReadSegmentsAsync(long offset, Memory<byte> destination, Memory<Extent> segments, CancellationToken cancellationToken = default) =>
         Run((offset, destination, segments), static (device, s, ct) => device is PeerDevice peer
             ? peer.Client.ReadSegmentsAsync(s.offset, s.destination, s.segments, ct)
-            : ReadLocalSegmentsAsync(device, s.offset, s.destination, s.segments, ct), cancellationToken);
+            : ReadAsOneSegmentAsync(device, s.destination, s.segments, s.offset, ct), cancellationToken);
 
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder<>))]
-    private static async ValueTask<int> ReadLocalSegmentsAsync(IBlockDevice device, long offset, Memory<byte> destination, Memory<Extent> segments, CancellationToken cancellationToken)
+    private static async ValueTask<int> ReadAsOneSegmentAsync(IBlockDevice device, Memory<byte> destination, Memory<Extent> segments, long offset, CancellationToken cancellationToken)
     {
-        int length = destination.Length;
-        // The last entry stays free for the rest of the read when the extents end early.
-        int n = length >= LocalHoleCheckThreshold && segments.Length > 1
-            ? await device.GetAllocationAsync(offset, length, segments[..^1], cancellationToken).ConfigureAwait(false)
-            : 0;
-        if (n == 0 || (n == 1 && (segments.Span[0].Flags & ExtentFlags.Hole) == 0))
-        {
-            await device.ReadAsync(offset, destination, cancellationToken).ConfigureAwait(false);
-            segments.Span[0] = new Extent(length, ExtentFlags.Data);
-            return 1;
-        }
-        long at = 0;
-        for (int i = 0; i < n && at < length; i++)
-        {
-            Extent extent = segments.Span[i];
-            long take = Math.Min(extent.Length, length - at);
-            bool hole = (extent.Flags & ExtentFlags.Hole) != 0;
-            segments.Span[i] = new Extent(take, hole ? ExtentFlags.Hole : ExtentFlags.Data);
-            if (!hole)
-            {
-                await device.ReadAsync(offset + at, destination.Slice((int)at, (int)take), cancellationToken).ConfigureAwait(false);
-            }
-            at += take;
-            if (at == length)
-            {
-                n = i + 1;
-            }
-        }
-        if (at < length)
-        {
-            // More extents than there was room for: the rest is read as data.
-            segments.Span[n++] = new Extent(length - at, ExtentFlags.Data);
-            await device.ReadAsync(offset + at, destination[(int)at..], cancellationToken).ConfigureAwait(false);
-        }
-        return n;
+        await device.ReadAsync(offset, destination, cancellationToken).ConfigureAwait(false);
+        segments.Span[0] = new Extent(destination.Length, ExtentFlags.Data);
+        return 1;
     }
 
     public ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken = default) =>

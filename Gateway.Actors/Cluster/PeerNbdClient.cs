@@ -696,7 +696,7 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         return new BlockDeviceException(BlockErrorKind.Shutdown, $"connection to the export's owner lost: {reason}", cause);
     }
 
-    private static BlockDeviceException ToException(PendingRequest request, NbdError error, string? message)
+    private static BlockDeviceException ToException(PendingRequest request, NbdError error, string? message, ulong? offset = null)
     {
         // proto.md "Error values", mapped back to what a local device would have thrown.
         BlockErrorKind kind = error switch
@@ -710,7 +710,11 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         };
         string name = Enum.IsDefined(error) ? error.ToString() : ((uint)error).ToString(System.Globalization.CultureInfo.InvariantCulture);
         string detail = string.IsNullOrEmpty(message) ? "" : $": {message}";
-        return new BlockDeviceException(kind, $"{request.Command} at {request.Offset}+{request.Length} failed on the export's owner with {name}{detail}");
+        string at = offset is { } failedAt ? $" (at {failedAt})" : "";
+        return new BlockDeviceException(kind, $"{request.Command} at {request.Offset}+{request.Length} failed on the export's owner with {name}{detail}{at}")
+        {
+            Offset = offset is { } o && o <= long.MaxValue ? (long)o : null,
+        };
     }
 
     // ---------------------------------------------------------------- sending
@@ -1016,7 +1020,7 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
                 break;
             case var type when ChunkPayload.IsError(type):
                 ErrorChunk error = await ReadPayloadAsync<ErrorChunk>(chunk, ChunkPayload.TryReadError).ConfigureAwait(false);
-                request.RecordError(ToException(request, error.Error, error.Message));
+                request.RecordError(ToException(request, error.Error, error.Message, error.Offset));
                 break;
             default:
                 throw new NbdProtocolException($"unexpected reply chunk type {(ushort)chunk.Type} to {request.Command}");

@@ -141,7 +141,16 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
         if (holes == ReadHoles.FromSegments)
         {
             // The holes come with the data: the hole ranges of the buffer are never sent.
-            _segmentCount = await owner.SegmentedReads!.ReadSegmentsAsync(offset, Buffer.AsMemory(0, length), _segments, cancel).ConfigureAwait(false);
+            try
+            {
+                _segmentCount = await owner.SegmentedReads!.ReadSegmentsAsync(offset, Buffer.AsMemory(0, length), _segments, cancel).ConfigureAwait(false);
+            }
+            catch (BlockDeviceException e) when (e.Offset is long failedAt && failedAt >= offset && failedAt - offset < length)
+            {
+                // Where the owner's read failed (its ERROR_OFFSET), passed on as ours.
+                ErrorOffset = (ulong)failedAt;
+                throw;
+            }
             return;
         }
         int n = holes == ReadHoles.FromAllocation ? await device.GetAllocationAsync(offset, length, _segments.AsMemory(0, MaxReadSegments), cancel).ConfigureAwait(false) : 0;

@@ -85,10 +85,10 @@ public sealed class Transmission
     /// Where a read's holes come from, if it is answered with holes at all: only with structured
     /// replies, never with NBD_CMD_FLAG_DF (one data chunk, proto.md "Request flags"). A device
     /// that reads segments says where the holes are as it reads (a link to the owner passes on the
-    /// holes of the owner's reply). A forwarding device is never asked for the allocation, which
-    /// would be a second round trip for every read, even while it has not found the owner yet (the
-    /// first read of a connection), so one that cannot read segments has no holes. Any other
-    /// device is asked when the read is long enough for the zeros saved to pay for the question.
+    /// holes of the owner's reply) while it does (<see cref="ISegmentedReads.ReadsSegments"/>). A
+    /// remote forwarding device is never asked for the allocation, which would be a second round
+    /// trip for every read. Any other device (a link whose owner is this node included) is asked
+    /// when the read is long enough for the zeros saved to pay for the question.
     /// </summary>
     internal ReadHoles HolesOf(in NbdRequest request)
     {
@@ -96,12 +96,11 @@ public sealed class Transmission
         {
             return ReadHoles.None;
         }
-        if (_segmentedReads is not null)
+        if (_segmentedReads is { ReadsSegments: true })
         {
             return ReadHoles.FromSegments;
         }
-        // A forwarding device's allocation is a round trip to the owner: never asked per read.
-        return _forwarding is null && request.Length >= SparseReadThreshold ? ReadHoles.FromAllocation : ReadHoles.None;
+        return _forwarding is not { IsRemote: true } && request.Length >= SparseReadThreshold ? ReadHoles.FromAllocation : ReadHoles.None;
     }
 
     internal ISegmentedReads? SegmentedReads => _segmentedReads;

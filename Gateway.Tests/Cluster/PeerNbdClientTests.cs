@@ -454,6 +454,7 @@ public sealed class PeerNbdClientTests : IDisposable
         await owner.SendAsync(ScriptedOwner.Done(request.Cookie));
         BlockDeviceException failed = await ThrowsKindAsync(BlockErrorKind.Io, () => read);
         Assert.Contains("disk on fire", failed.Message, StringComparison.Ordinal);
+        Assert.Equal(512, failed.Offset);
 
         Assert.False(client.IsBroken);
         Assert.Equal(0, client.InFlight);

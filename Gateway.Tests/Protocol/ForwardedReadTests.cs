@@ -104,6 +104,44 @@ public sealed class ForwardedReadTests : IAsyncLifetime
         Assert.Equal(0, _device.AllocationQueries);
     }
 
+    [Fact]
+    public async Task A_link_whose_owner_is_this_node_reads_through_the_allocation_path()
+    {
+        _device.Local = true;
+        byte[] data = RawClient.Pattern(64 * KiB, 23);
+        await _device.Inner.WriteAsync(128 * KiB, data, fua: false);
+        await using RawClient client = await OpenAsync("structured");
+
+        NbdReply reply = await client.ReadAsync(0, 512 * KiB);
+
+        Assert.Equal(
+            [(ReplyType.OffsetHole, 0ul, 128u * KiB), (ReplyType.OffsetData, 128ul * KiB, 64u * KiB), (ReplyType.OffsetHole, 192ul * KiB, 320u * KiB)],
+            reply.Chunks.Select(c => (c.Type, c.Offset, c.Length)));
+        Assert.Equal([.. new byte[128 * KiB], .. data, .. new byte[320 * KiB]], reply.Data(0, 512 * KiB));
+        Assert.Equal(1, _device.AllocationQueries);
+        Assert.Equal(0, _device.SegmentedReads);
+    }
+
+    [Theory]
+    [InlineData("structured")]
+    [InlineData("extended")]
+    public async Task The_owner_s_error_offset_reaches_the_client_as_an_ERROR_OFFSET_chunk(string mode)
+    {
+        await using RawClient client = await OpenAsync(mode);
+
+        _device.FailAt = 200 * KiB;
+        NbdReply within = await client.ReadAsync(128 * KiB, 128 * KiB);
+        // An offset outside the request is not the client's to know: a plain ERROR chunk.
+        _device.FailAt = 8 * KiB;
+        NbdReply outside = await client.ReadAsync(128 * KiB, 128 * KiB);
+
+        ReplyChunk error = Assert.Single(within.Chunks);
+        Assert.Equal((ReplyType.ErrorOffset, NbdError.Io, 200ul * KiB), (error.Type, error.Error, error.ErrorOffset));
+        Assert.True(error.Done);
+        error = Assert.Single(outside.Chunks);
+        Assert.Equal((ReplyType.Error, NbdError.Io, (ulong?)null), (error.Type, error.Error, error.ErrorOffset));
+    }
+
     /// <summary>
     /// Stands for a link to the owner: remote, reads segments from the inner device's allocation
     /// and fills the holes' bytes with 0xEE, which a correct server never sends.
@@ -125,7 +163,15 @@ public sealed class ForwardedReadTests : IAsyncLifetime
 
         public BlockCapabilities Capabilities => Inner.Capabilities;
 
-        public bool IsRemote => true;
+        /// <summary>The owner is this node: no segmented reads, the allocation is a local call.</summary>
+        public bool Local { get; set; }
+
+        /// <summary>Segmented reads fail with EIO at this offset, as an owner's ERROR_OFFSET chunk says.</summary>
+        public long? FailAt { get; set; }
+
+        public bool IsRemote => !Local;
+
+        public bool ReadsSegments => !Local;
 
         public IRequestBatch? Cork() => this;
 
@@ -136,6 +182,10 @@ public sealed class ForwardedReadTests : IAsyncLifetime
         public async ValueTask<int> ReadSegmentsAsync(long offset, Memory<byte> destination, Memory<Extent> segments, CancellationToken cancellationToken = default)
         {
             Interlocked.Increment(ref _segmentedReads);
+            if (FailAt is long failAt)
+            {
+                throw new BlockDeviceException(BlockErrorKind.Io, "the owner's read failed") { Offset = failAt };
+            }
             int n = await Inner.GetAllocationAsync(offset, destination.Length, segments, cancellationToken);
             long at = 0;
             for (int i = 0; i < n; i++)

@@ -40,6 +40,9 @@ public sealed record ReplyChunk(ChunkHeader Header, byte[] Payload)
 
     public NbdError Error => Read<ErrorChunk>(Header, Payload, ChunkPayload.TryReadError).Error;
 
+    /// <summary>The offset of an ERROR_OFFSET chunk; null for a plain ERROR chunk.</summary>
+    public ulong? ErrorOffset => Read<ErrorChunk>(Header, Payload, ChunkPayload.TryReadError).Offset;
+
     public uint ContextId => Status.ContextId;
 
     /// <summary>The (length, status) descriptors of a BLOCK_STATUS chunk.</summary>
