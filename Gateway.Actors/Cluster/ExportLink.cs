@@ -543,6 +543,11 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IForwardingDevice
 
         public async ValueTask<int> GetAllocationAsync(long offset, long length, Memory<Extent> extents, CancellationToken cancellationToken = default)
         {
+            if (length == 0)
+            {
+                // Nothing to describe, as on a local device; BLOCK_STATUS of length 0 is EINVAL on the wire.
+                return 0;
+            }
             MetaExtent[] buffer = new MetaExtent[Math.Min(extents.Length, NbdLimits.MaxExtentsPerReply)];
             int n = await Client.GetExtentsAsync(NbdLimits.BaseAllocation, offset, (uint)Math.Min(length, uint.MaxValue), buffer, buffer.Length == 1, cancellationToken).ConfigureAwait(false);
             for (int i = 0; i < n; i++)

@@ -56,6 +56,10 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
     private readonly Stream _stream;
     private readonly TransmissionFlags _flags;
     private readonly bool _structured;
+    /// <summary>Extended headers (proto.md "Extended headers"): 32-byte requests, every reply a 32-byte chunk header.</summary>
+    private readonly bool _extended;
+    private readonly int _requestHeaderSize;
+    private readonly int _chunkHeaderSize;
     private readonly int _maxPayload;
     private readonly string[] _contextNames;
     private readonly uint[] _contextIds;
@@ -89,14 +93,17 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
     private PendingRequest? _claimed;
     private long _requestsCreated;
 
-    private PeerNbdClient(Socket socket, Stream stream, ExportInfo info, TransmissionFlags flags, bool structured, int maxPayload,
+    private PeerNbdClient(Socket socket, Stream stream, ExportInfo info, TransmissionFlags flags, bool structured, bool extended, int maxPayload,
         List<(string Name, uint Id)> contexts)
     {
         _socket = socket;
         _stream = stream;
         Info = info;
         _flags = flags;
-        _structured = structured;
+        _structured = structured || extended;
+        _extended = extended;
+        _requestHeaderSize = NbdRequest.HeaderSize(extended);
+        _chunkHeaderSize = extended ? NbdWire.ExtendedReplyHeaderSize : NbdWire.StructuredReplyHeaderSize;
         _maxPayload = maxPayload;
         _contextNames = [.. contexts.Select(c => c.Name)];
         _contextIds = [.. contexts.Select(c => c.Id)];
@@ -109,6 +116,9 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
 
     /// <summary>The metadata contexts selected on this connection (all the owner offers under <c>base:</c> and <c>qemu:</c>).</summary>
     public IReadOnlyList<string> MetaContexts { get; }
+
+    /// <summary>The owner accepted NBD_OPT_EXTENDED_HEADERS: requests and replies use the extended headers.</summary>
+    public bool ExtendedHeaders => _extended;
 
     /// <summary>True once the connection failed or was disposed: every request fails with Shutdown.</summary>
     public bool IsBroken => _broken;
@@ -175,7 +185,8 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
     /// owner's must chain to the cluster CA.
     /// </summary>
     /// <exception cref="System.Security.Authentication.AuthenticationException">The TLS handshake failed.</exception>
-    public static async Task<PeerNbdClient> ConnectAsync(EndPoint endpoint, string exportName, TlsCredentials? tls, CancellationToken cancellationToken)
+    /// <param name="extendedHeaders">Ask for extended headers (false: structured replies at most; tests of both wire forms).</param>
+    public static async Task<PeerNbdClient> ConnectAsync(EndPoint endpoint, string exportName, TlsCredentials? tls, CancellationToken cancellationToken, bool extendedHeaders = true)
     {
         ArgumentNullException.ThrowIfNull(endpoint);
         ArgumentNullException.ThrowIfNull(exportName);
@@ -203,7 +214,7 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
                 string host = endpoint is DnsEndPoint dns ? dns.Host : endpoint.ToString() ?? "peer";
                 await secure.AuthenticateAsClientAsync(tls.ClientOptions(host), cancellationToken).ConfigureAwait(false);
             }
-            return await HandshakeAsync(socket, stream, endpoint, exportName, cancellationToken).ConfigureAwait(false);
+            return await HandshakeAsync(socket, stream, endpoint, exportName, extendedHeaders, cancellationToken).ConfigureAwait(false);
         }
         catch
         {
@@ -213,11 +224,11 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         }
     }
 
-    private static async Task<PeerNbdClient> HandshakeAsync(Socket socket, Stream stream, EndPoint endpoint, string exportName, CancellationToken cancellationToken)
+    private static async Task<PeerNbdClient> HandshakeAsync(Socket socket, Stream stream, EndPoint endpoint, string exportName, bool extendedHeaders, CancellationToken cancellationToken)
     {
         try
         {
-            return await NegotiateAsync(socket, stream, endpoint, exportName, cancellationToken).ConfigureAwait(false);
+            return await NegotiateAsync(socket, stream, endpoint, exportName, extendedHeaders, cancellationToken).ConfigureAwait(false);
         }
         catch (NbdProtocolException e)
         {
@@ -225,7 +236,7 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         }
     }
 
-    private static async Task<PeerNbdClient> NegotiateAsync(Socket socket, Stream stream, EndPoint endpoint, string exportName, CancellationToken cancellationToken)
+    private static async Task<PeerNbdClient> NegotiateAsync(Socket socket, Stream stream, EndPoint endpoint, string exportName, bool extendedHeaders, CancellationToken cancellationToken)
     {
         byte[] greeting = new byte[NbdWire.GreetingSize];
         await ReceiveExactlyAsync(stream, greeting, cancellationToken).ConfigureAwait(false);
@@ -248,14 +259,12 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         int flagsLength = Handshake.WriteClientFlags(greeting, clientFlags);
         await SendAllAsync(stream, greeting.AsMemory(0, flagsLength), cancellationToken).ConfigureAwait(false);
 
-        // Structured replies: ERR_UNSUP (or any refusal) leaves simple replies and no metadata.
-        await SendAllAsync(stream, Option(NbdOption.StructuredReply, 0), cancellationToken).ConfigureAwait(false);
-        (OptionReplyHeader structuredReply, _) = await ReadOptionReplyAsync(stream, NbdOption.StructuredReply, cancellationToken).ConfigureAwait(false);
-        bool structured = structuredReply.Type == OptionReplyType.Ack;
-        if (!structured && !structuredReply.IsError)
-        {
-            throw new IOException($"NBD server {endpoint} answered STRUCTURED_REPLY with {structuredReply.Type}");
-        }
+        // Extended headers first: they include structured replies, and a client that has them must
+        // not ask for structured replies as well (proto.md "NBD_OPT_EXTENDED_HEADERS"). A refusal
+        // leaves structured replies to ask for; ERR_UNSUP (or any refusal) of those, simple replies
+        // and no metadata.
+        bool extended = extendedHeaders && await AcceptedAsync(stream, endpoint, NbdOption.ExtendedHeaders, cancellationToken).ConfigureAwait(false);
+        bool structured = extended || await AcceptedAsync(stream, endpoint, NbdOption.StructuredReply, cancellationToken).ConfigureAwait(false);
 
         var contexts = new List<(string Name, uint Id)>();
         if (structured)
@@ -322,7 +331,19 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         if (flags.HasFlag(TransmissionFlags.SendCache)) capabilities |= BlockCapabilities.Cache;
         if (flags.HasFlag(TransmissionFlags.SendFlush)) capabilities |= BlockCapabilities.Flush;
         var info = new ExportInfo(exportName, description, (long)exported.Size, flags.HasFlag(TransmissionFlags.ReadOnly), capabilities);
-        return new PeerNbdClient(socket, stream, info, flags, structured, maxPayload, contexts);
+        return new PeerNbdClient(socket, stream, info, flags, structured, extended, maxPayload, contexts);
+    }
+
+    /// <summary>An option without data that the server acknowledges or refuses (any error reply).</summary>
+    private static async Task<bool> AcceptedAsync(Stream stream, EndPoint endpoint, NbdOption option, CancellationToken cancellationToken)
+    {
+        await SendAllAsync(stream, Option(option, 0), cancellationToken).ConfigureAwait(false);
+        (OptionReplyHeader reply, _) = await ReadOptionReplyAsync(stream, option, cancellationToken).ConfigureAwait(false);
+        if (reply.Type != OptionReplyType.Ack && !reply.IsError)
+        {
+            throw new IOException($"NBD server {endpoint} answered {option} with {reply.Type}");
+        }
+        return reply.Type == OptionReplyType.Ack;
     }
 
     /// <summary>
@@ -530,8 +551,11 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
     }
 
     /// <summary>NBD_CMD_CACHE; a prefetch is only advice, so without SEND_CACHE it does nothing.</summary>
+    /// <summary>NBD_CMD_CACHE; advice only, so dropped when the owner does not offer it, but still checked against the export's size as a device would.</summary>
     public ValueTask CacheAsync(long offset, long length, CancellationToken cancellationToken = default) =>
-        _flags.HasFlag(TransmissionFlags.SendCache) ? Command(NbdCommand.Cache, CommandFlags.None, offset, length, cancellationToken) : Nothing();
+        _flags.HasFlag(TransmissionFlags.SendCache) ? Command(NbdCommand.Cache, CommandFlags.None, offset, length, cancellationToken)
+        : offset < 0 || length < 0 || offset > Info.Size - length ? Refuse(BlockErrorKind.InvalidArgument, $"CACHE at {offset}+{length} is outside the export's {Info.Size} bytes")
+        : Nothing();
 
     /// <summary>
     /// NBD_CMD_BLOCK_STATUS for <paramref name="context"/>: fills <paramref name="extents"/> with that
@@ -819,12 +843,12 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
                     continue;
                 }
                 current = request;
-                if (fill + NbdWire.RequestHeaderSize > _sendBuffer.Length)
+                if (fill + _requestHeaderSize > _sendBuffer.Length)
                 {
                     await SendAllAsync(_sendBuffer.AsMemory(0, fill)).ConfigureAwait(false);
                     fill = 0;
                 }
-                fill += new NbdRequest(request.Flags, request.Command, request.Cookie, request.Offset, request.Length).WriteTo(_sendBuffer.AsSpan(fill));
+                fill += new NbdRequest(request.Flags, request.Command, request.Cookie, request.Offset, request.Length).WriteTo(_sendBuffer.AsSpan(fill), _extended);
                 ReadOnlyMemory<byte> payload = request.Payload;
                 if (request.Command == NbdCommand.Disconnect)
                 {
@@ -904,11 +928,12 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
                 {
                     break;
                 }
-                // A server that negotiated structured replies still MAY send simple ones.
+                // A server that negotiated structured replies still MAY send simple ones; with
+                // extended headers every reply is an extended chunk (the codec checks the magic).
                 SimpleReply.TryPeekMagic(Received, out uint magic);
-                if (magic == NbdMagic.StructuredReply)
+                if (_extended || magic == NbdMagic.StructuredReply)
                 {
-                    await StructuredChunkAsync().ConfigureAwait(false);
+                    await ChunkAsync().ConfigureAwait(false);
                 }
                 else if (magic == NbdMagic.SimpleReply)
                 {
@@ -966,14 +991,14 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
     }
 
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
-    private async ValueTask StructuredChunkAsync()
+    private async ValueTask ChunkAsync()
     {
-        if (Buffered < NbdWire.StructuredReplyHeaderSize)
+        if (Buffered < _chunkHeaderSize)
         {
-            await FillAsync(NbdWire.StructuredReplyHeaderSize).ConfigureAwait(false);
+            await FillAsync(_chunkHeaderSize).ConfigureAwait(false);
         }
         ReadOnlySequence<byte> buffer = Received;
-        ChunkHeader.TryRead(ref buffer, extended: false, out ChunkHeader chunk);
+        ChunkHeader.TryRead(ref buffer, _extended, out ChunkHeader chunk);
         Consumed(buffer);
         PendingRequest request = Lookup(chunk.To.Cookie);
 
@@ -1009,7 +1034,9 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
                     HoleChunks++;
                     break;
                 }
-            case ReplyType.BlockStatus:
+            // 64-bit descriptors come only with extended headers, and with them only those (proto.md).
+            case ReplyType.BlockStatus when !_extended:
+            case ReplyType.BlockStatusExt when _extended:
                 await BlockStatusChunkAsync(request, chunk).ConfigureAwait(false);
                 break;
             case ReplyType.None:
@@ -1063,7 +1090,7 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
             throw new NbdProtocolException($"BLOCK_STATUS of {chunk.Length} bytes in reply to {request.Command}");
         }
         // The whole chunk is taken at once: the owner sends at most NbdLimits.MaxExtentsPerReply
-        // descriptors in one (8 KiB), well within the receive buffer.
+        // descriptors in one (8 KiB, 16 KiB with extended headers), well within the receive buffer.
         BlockStatusChunk status = await ReadPayloadAsync<BlockStatusChunk>(chunk, ChunkPayload.TryReadBlockStatus).ConfigureAwait(false);
         // The descriptors are read from the receive buffer, which nothing refills before this returns.
         TakeExtents(request, status);

@@ -136,14 +136,16 @@ public sealed class PeerNbdClientTests : IDisposable
 
     // ------------------------------------------------------------ data
 
-    [Fact]
-    public async Task Writes_with_and_without_FUA_read_back()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task Writes_with_and_without_FUA_read_back(bool extended)
     {
         var exports = new TestExportDirectory();
         var memory = new MemoryBackend(4 * MiB);
         exports.Add("disk", memory);
         await using var server = new NbdTestServer(exports);
-        await using PeerNbdClient client = await ConnectAsync(server, "disk");
+        await using PeerNbdClient client = await ConnectAsync(server, "disk", extended);
         (long Offset, byte[] Data, bool Fua)[] writes = [(8 * KiB, Pattern(4 * KiB, 1), false), (MiB, Pattern(64 * KiB, 2), true), (12_345, Pattern(100, 3), true), (4 * MiB - 1, Pattern(1, 4), false)];
 
         foreach ((long offset, byte[] data, bool fua) in writes)
@@ -160,8 +162,10 @@ public sealed class PeerNbdClientTests : IDisposable
         }
     }
 
-    [Fact]
-    public async Task Reads_across_holes_of_a_sparse_file_return_zeros()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task Reads_across_holes_of_a_sparse_file_return_zeros(bool extended)
     {
         var exports = new TestExportDirectory();
         using FileBackend file = NewFile(8 * MiB);
@@ -171,7 +175,7 @@ public sealed class PeerNbdClientTests : IDisposable
         await file.WriteAsync(MiB + 64 * KiB, second, fua: false);
         exports.Add("disk", file);
         await using var server = new NbdTestServer(exports);
-        await using PeerNbdClient client = await ConnectAsync(server, "disk");
+        await using PeerNbdClient client = await ConnectAsync(server, "disk", extended);
         byte[] buffer = new byte[2 * MiB];
         buffer.AsSpan().Fill(0xCC);
 
@@ -316,14 +320,16 @@ public sealed class PeerNbdClientTests : IDisposable
         Assert.True(least < Reads * 16, $"{least} bytes allocated for {Reads} read replies (rounds: {string.Join(", ", allocated)})");
     }
 
-    [Fact]
-    public async Task Flush_trim_zero_and_cache_act_on_the_owner_device()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task Flush_trim_zero_and_cache_act_on_the_owner_device(bool extended)
     {
         var exports = new TestExportDirectory();
         using FileBackend file = NewFile(8 * MiB);
         exports.Add("disk", file);
         await using var server = new NbdTestServer(exports);
-        await using PeerNbdClient client = await ConnectAsync(server, "disk");
+        await using PeerNbdClient client = await ConnectAsync(server, "disk", extended);
         byte[] data = Pattern(MiB, 7);
         await client.WriteAsync(0, data, fua: false).AsTask().WaitAsync(Bound);
 
@@ -342,8 +348,10 @@ public sealed class PeerNbdClientTests : IDisposable
         Assert.Equal(onFile.Select(e => new MetaExtent((uint)e.Length, (uint)e.Flags)), await ExtentsAsync(client, NbdLimits.BaseAllocation, 0, 2 * MiB));
     }
 
-    [Fact]
-    public async Task Block_status_of_base_allocation_matches_the_file()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)] // BLOCK_STATUS_EXT replies
+    public async Task Block_status_of_base_allocation_matches_the_file(bool extended)
     {
         var exports = new TestExportDirectory();
         using FileBackend file = NewFile(16 * MiB);
@@ -353,7 +361,7 @@ public sealed class PeerNbdClientTests : IDisposable
         }
         exports.Add("disk", file);
         await using var server = new NbdTestServer(exports);
-        await using PeerNbdClient client = await ConnectAsync(server, "disk");
+        await using PeerNbdClient client = await ConnectAsync(server, "disk", extended);
 
         (long Offset, uint Length)[] ranges = [(0, 16 * MiB), (MiB, 10 * MiB), (3L * MiB + 64 * KiB, 64 * KiB)];
         foreach ((long offset, uint length) in ranges)
@@ -754,6 +762,14 @@ public sealed class PeerNbdClientTests : IDisposable
 
     private static Task<PeerNbdClient> ConnectAsync(NbdTestServer server, string export) =>
         PeerNbdClient.ConnectAsync(server.EndPoint, export, CancellationToken.None).WaitAsync(Bound);
+
+    /// <summary>With extended headers (which the in-process server offers) or structured replies only.</summary>
+    private static async Task<PeerNbdClient> ConnectAsync(NbdTestServer server, string export, bool extended)
+    {
+        PeerNbdClient client = await PeerNbdClient.ConnectAsync(server.EndPoint, export, tls: null, CancellationToken.None, extendedHeaders: extended).WaitAsync(Bound);
+        Assert.Equal(extended, client.ExtendedHeaders);
+        return client;
+    }
 
     private static async Task<byte[]> ReadAsync(PeerNbdClient client, long offset, int length)
     {
