@@ -4,6 +4,7 @@ using Akka.Actor;
 using Akka.Hosting;
 using Gateway.Actors;
 using Gateway.Actors.Exports;
+using Gateway.Actors.Nbd;
 
 namespace Gateway.Host;
 

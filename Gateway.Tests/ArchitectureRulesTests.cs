@@ -87,12 +87,15 @@ public sealed class ArchitectureRulesTests(ITestOutputHelper output)
     }
 
     [Theory]
-    // The protocol layer (the coming Gateway.Nbd codec) knows no Akka, no bitmaps, no connection actors.
+    // The protocol layer knows no Akka, no bitmaps, no connection actors.
     [InlineData("Nbd", Akka)]
     [InlineData("Nbd", "Bitmaps")]
     [InlineData("Nbd", "Connections")]
     // Nor the cluster: a forwarding device declares it (IForwardingDevice); issue 16, item 2.
     [InlineData("Nbd", "Cluster")]
+    // Nor the exports: it serves from the contracts it declares (IExportDirectory, ExportHandle,
+    // ExportInfo, MetaContext, ExportAccess), which Exports and Cluster implement (issue 16).
+    [InlineData("Nbd", "Exports")]
     // TLS and telemetry are leaves: everything may use them, they use (almost) nothing.
     [InlineData("Tls", Akka)]
     [InlineData("Tls", Backends)]

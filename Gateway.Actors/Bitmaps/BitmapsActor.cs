@@ -2,6 +2,7 @@ using Akka.Actor;
 using Akka.Event;
 using Akka.Persistence;
 using Gateway.Actors.Exports;
+using Gateway.Actors.Nbd;
 using Gateway.Actors.Telemetry;
 using Gateway.Backends;
 

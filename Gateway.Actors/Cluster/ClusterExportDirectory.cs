@@ -1,5 +1,6 @@
 using Akka.Actor;
 using Gateway.Actors.Exports;
+using Gateway.Actors.Nbd;
 using Gateway.Actors.Tls;
 
 namespace Gateway.Actors.Cluster;

@@ -3,6 +3,7 @@ using Akka.Actor;
 using Akka.Event;
 using Gateway.Actors.Bitmaps;
 using Gateway.Actors.Exports;
+using Gateway.Actors.Nbd;
 
 namespace Gateway.Actors.Cluster;
 

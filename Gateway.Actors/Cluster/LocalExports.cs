@@ -1,5 +1,6 @@
 using System.Collections.Concurrent;
 using Gateway.Actors.Exports;
+using Gateway.Actors.Nbd;
 
 namespace Gateway.Actors.Cluster;
 

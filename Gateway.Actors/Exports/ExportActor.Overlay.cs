@@ -1,5 +1,6 @@
 using Akka.Actor;
 using Akka.Event;
+using Gateway.Actors.Nbd;
 using Gateway.Backends.Overlay;
 
 namespace Gateway.Actors.Exports;

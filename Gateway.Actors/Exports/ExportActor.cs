@@ -1,6 +1,7 @@
 using Akka.Actor;
 using Akka.Event;
 using Gateway.Actors.Bitmaps;
+using Gateway.Actors.Nbd;
 using Gateway.Backends;
 
 namespace Gateway.Actors.Exports;

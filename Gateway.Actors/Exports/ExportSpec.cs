@@ -1,4 +1,5 @@
 using System.Text.RegularExpressions;
+using Gateway.Actors.Nbd;
 
 namespace Gateway.Actors.Exports;
 

@@ -1,3 +1,5 @@
+using Gateway.Actors.Nbd;
+
 namespace Gateway.Actors.Exports;
 
 /// <summary>Messages addressed to one export; the name routes them (and, in a cluster, shards them).</summary>

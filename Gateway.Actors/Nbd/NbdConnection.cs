@@ -4,7 +4,6 @@ using System.Net.Security;
 using System.Net.Sockets;
 using System.Security.Authentication;
 using System.Security.Cryptography.X509Certificates;
-using Gateway.Actors.Exports;
 using Gateway.Actors.Telemetry;
 using Gateway.Actors.Tls;
 using Microsoft.Extensions.Logging;

@@ -3,7 +3,6 @@ using System.Diagnostics;
 using System.IO.Pipelines;
 using System.Net;
 using System.Text;
-using Gateway.Actors.Exports;
 using Gateway.Actors.Tls;
 using Microsoft.Extensions.Logging;
 

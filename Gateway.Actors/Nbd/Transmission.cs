@@ -2,7 +2,6 @@ using System.Buffers;
 using System.Collections.Concurrent;
 using System.IO.Pipelines;
 using System.Threading.Channels;
-using Gateway.Actors.Exports;
 using Gateway.Actors.Telemetry;
 using Gateway.Backends;
 using Microsoft.Extensions.Logging;

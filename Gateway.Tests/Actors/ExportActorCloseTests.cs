@@ -1,6 +1,7 @@
 using Akka.Actor;
 using Gateway.Actors.Bitmaps;
 using Gateway.Actors.Exports;
+using Gateway.Actors.Nbd;
 using Gateway.Backends;
 using Gateway.Tests.Bitmaps;
 using Xunit;

@@ -3,6 +3,7 @@ using Akka.Serialization;
 using Gateway.Actors.Bitmaps;
 using Gateway.Actors.Cluster;
 using Gateway.Actors.Exports;
+using Gateway.Actors.Nbd;
 using Gateway.Backends;
 using Xunit;
 

@@ -1,6 +1,7 @@
 using Akka.Actor;
 using Gateway.Actors.Cluster;
 using Gateway.Actors.Exports;
+using Gateway.Actors.Nbd;
 using Gateway.Backends;
 using Xunit;
 using Xunit.Abstractions;

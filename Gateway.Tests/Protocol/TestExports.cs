@@ -1,5 +1,6 @@
 using System.Collections.Concurrent;
 using Gateway.Actors.Exports;
+using Gateway.Actors.Nbd;
 using Gateway.Backends;
 
 namespace Gateway.Tests.Protocol;

@@ -1,6 +1,6 @@
 using Gateway.Actors.Tls;
 
-namespace Gateway.Actors.Exports;
+namespace Gateway.Actors.Nbd;
 
 /// <summary>
 /// Who may use an export over NBD. <see cref="TlsRequired"/>: invisible and refused until the

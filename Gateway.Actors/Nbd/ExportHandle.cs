@@ -1,7 +1,6 @@
-using Gateway.Actors.Nbd;
 using Gateway.Backends;
 
-namespace Gateway.Actors.Exports;
+namespace Gateway.Actors.Nbd;
 
 /// <summary>What a client learns about an export before attaching (LIST, INFO).</summary>
 public sealed record ExportInfo(string Name, string? Description, long Size, bool ReadOnly, BlockCapabilities Capabilities)
