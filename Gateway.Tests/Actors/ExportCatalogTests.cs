@@ -69,6 +69,22 @@ public sealed class ExportCatalogTests
         AssertRefused(With(File("vm1")), new CreateExport(spec), ExportErrorKind.Invalid, ExportRules.Validate(spec)!);
     }
 
+    [Fact]
+    public void Create_of_an_overlay_chain_completed_on_a_base_export_is_accepted()
+    {
+        // What the registry decides after it filled in an overlay made on a read-only file export.
+        ExportSpec spec = Overlay("vm1", ["vm1.1"], baseExport: "golden", baseImage: "/data/exports/golden.img");
+
+        Assert.Equal(new ExportCreated(spec), AssertAccepted(With(File("golden", readOnly: true)), new CreateExport(spec)));
+    }
+
+    [Fact]
+    public void Create_of_an_overlay_request_with_both_base_and_base_image_is_refused_as_Invalid()
+    {
+        AssertRefused(With(File("golden", readOnly: true)), new CreateExport(Overlay("vm1", layers: null!, baseExport: "golden", baseImage: "/data/golden.raw")),
+            ExportErrorKind.Invalid, "give base (an export) or baseImage (a raw file), not both");
+    }
+
     // ------------------------------------------------------------ RemoveExport
 
     [Fact]
@@ -222,7 +238,7 @@ public sealed class ExportCatalogTests
         [
             new CreateExport(File("golden")),
             new CreateExport(Overlay("a", ["a.1"], baseImage: "/data/golden.raw")),
-            new CreateExport(Overlay("b", ["b.1"], baseExport: "golden", baseImage: "/data/golden.raw")), // refused: base and baseImage
+            new CreateExport(Overlay("b", layers: null!, baseExport: "golden", baseImage: "/data/golden.raw")), // refused: base and baseImage
             new CreateExport(File("vm1")),
             new CreateExport(File("vm1")), // refused: exists
             new SnapshotExport("a", "a.2"),

@@ -109,6 +109,24 @@ public sealed class ExportRegistryActorTests : Akka.TestKit.Xunit2.TestKit
     }
 
     [Fact]
+    public async Task An_overlay_on_a_read_only_file_export_keeps_that_export_from_being_removed()
+    {
+        IActorRef registry = StartRegistry();
+        await SendAsync(registry, new CreateExport(File("golden", readOnly: true)));
+        var overlay = new ExportSpec("vm1", 1 << 20, new BackendSpec(BackendSpec.Overlay, Base: "golden"), ReadOnly: false, Description: null);
+
+        CommandResult created = await SendAsync(registry, new CreateExport(overlay));
+
+        Assert.True(created.Error is null, created.Message);
+        Assert.Equal(_backends.FilePath(File("golden")), created.Export?.Spec.Backend.BaseImage);
+        CommandResult refused = await SendAsync(registry, new RemoveExport("golden"));
+        Assert.Equal(ExportErrorKind.Conflict, refused.Error);
+        Assert.Equal("export 'golden' is the base image of 'vm1': remove those first", refused.Message);
+        Assert.True((await SendAsync(registry, new RemoveExport("vm1"))).Error is null);
+        Assert.True((await SendAsync(registry, new RemoveExport("golden"))).Error is null);
+    }
+
+    [Fact]
     public async Task Remove_of_an_unknown_export_is_refused_as_NotFound()
     {
         IActorRef registry = StartRegistry();
