@@ -21,7 +21,9 @@ public static partial class OverlayRules
         {
             return "an overlay has no path: its layers live under data/layers (use baseImage for a raw image below it)";
         }
-        if (backend.Base is not null && backend.BaseImage is not null)
+        // A request names one or the other; the chain the registry completes from a base that is
+        // a file export (or has a raw image) records both, with its layers, and must pass too.
+        if (backend.Base is not null && backend.BaseImage is not null && backend.Layers is null)
         {
             return "give base (an export) or baseImage (a raw file), not both";
         }
