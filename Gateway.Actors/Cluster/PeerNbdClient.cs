@@ -1273,10 +1273,27 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         }
         if (Interlocked.CompareExchange(ref request.ReplyState, PendingRequest.Finished, PendingRequest.Waiting) == PendingRequest.Waiting)
         {
-            request.Resolve(request.Error);
+            // The caller's continuation runs here, on the read loop (no thread hop per reply).
+            t_resolving = this;
+            try
+            {
+                request.Resolve(request.Error);
+            }
+            finally
+            {
+                t_resolving = null;
+            }
         }
         request.Release();
     }
+
+    /// <summary>
+    /// The client whose read loop is answering a request on this thread: a caller that disposes
+    /// the client from its continuation (a link closed right after its last reply) must not wait
+    /// for the read loop, which goes on only once that continuation returns.
+    /// </summary>
+    [ThreadStatic]
+    private static PeerNbdClient? t_resolving;
 
     /// <summary>
     /// Makes sure <paramref name="count"/> bytes are buffered. False only when
@@ -1406,6 +1423,8 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
     /// </summary>
     public async ValueTask DisposeAsync()
     {
+        // Read before any await: a caller on the read loop may block on this disposal (sync Dispose).
+        bool onReadLoop = t_resolving == this;
         bool first;
         lock (_pendingLock)
         {
@@ -1431,7 +1450,10 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         Abort("the client was closed", null);
         try
         {
-            await _readLoop.WaitAsync(DisconnectPatience).ConfigureAwait(false);
+            if (!onReadLoop)
+            {
+                await _readLoop.WaitAsync(DisconnectPatience).ConfigureAwait(false);
+            }
         }
         catch (TimeoutException)
         {

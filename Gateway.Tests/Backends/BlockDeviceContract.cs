@@ -176,7 +176,7 @@ public abstract class BlockDeviceContract
     }
 
     [Fact]
-    public virtual async Task Zero_length_requests_change_nothing()
+    public async Task Zero_length_requests_change_nothing()
     {
         using IBlockDevice device = CreateDevice(MiB);
         byte[] data = Pattern(MiB, seed: 6);
@@ -292,7 +292,7 @@ public abstract class BlockDeviceContract
     }
 
     [Fact]
-    public virtual async Task Read_trim_cache_and_allocation_past_end_throw_InvalidArgument()
+    public async Task Read_trim_cache_and_allocation_past_end_throw_InvalidArgument()
     {
         using IBlockDevice device = CreateDevice(MiB);
 

@@ -2,6 +2,7 @@ using System.Collections.Concurrent;
 using Akka.Actor;
 using Gateway.Actors.Cluster;
 using Gateway.Actors.Exports;
+using Gateway.Actors.Nbd;
 using Gateway.Backends;
 using Gateway.Tests.Protocol;
 using Xunit;
@@ -32,24 +33,6 @@ public sealed class ExportLinkContractTests(ExportLinkContractTests.Owner owner)
 
     protected override IBlockDevice CreateDevice(long size, bool readOnly = false) =>
         owner.OpenLinkAsync(new MemoryBackend(size, readOnly)).GetAwaiter().GetResult();
-
-    // Known defects of the peer client, left to its owner (issue 16): each case is reported and
-    // skipped by name until the client is fixed; then delete the override and the case runs.
-
-    /// <summary>
-    /// Defect: <c>GetAllocationAsync(100, 0)</c> sends NBD_CMD_BLOCK_STATUS with length 0, which
-    /// the owner refuses (EINVAL), instead of answering 0 extents as every backend does.
-    /// </summary>
-    [Fact(Skip = "peer link defect: a zero-length allocation query is sent to the owner and fails with EINVAL (PeerDevice.GetAllocationAsync / PeerNbdClient.GetExtentsAsync)")]
-    public override Task Zero_length_requests_change_nothing() => base.Zero_length_requests_change_nothing();
-
-    /// <summary>
-    /// Defect: <c>CacheAsync(0, size + 1)</c> succeeds when the owner does not offer
-    /// NBD_CMD_CACHE (the client drops it as advice without checking it against the size it knows);
-    /// with an owner that offers it, the same request fails with EINVAL.
-    /// </summary>
-    [Fact(Skip = "peer link defect: CACHE past the end succeeds when the owner does not offer CACHE (PeerNbdClient.CacheAsync does not check bounds)")]
-    public override Task Read_trim_cache_and_allocation_past_end_throw_InvalidArgument() => base.Read_trim_cache_and_allocation_past_end_throw_InvalidArgument();
 
     [Fact]
     public async Task Requests_go_over_the_peer_stream()
