@@ -90,5 +90,23 @@ public sealed class ContainerImageTests(ITestOutputHelper log)
         Assert.True(data.All(b => b == 0x5a), "disk0.img on the volume does not hold what qemu-io wrote");
     }
 
+    [Fact]
+    public async Task Build_writes_an_sbom_of_debian_and_nuget_packages_beside_the_archive()
+    {
+        GatewayImage image = await GatewayImage.GetAsync();
+        string sbom = image.Archive[..^".oci.tar".Length] + ".sbom.cdx.json";
+        Assert.True(File.Exists(sbom), $"no SBOM beside the archive: {sbom} (ops/image writes it)");
+        using JsonDocument doc = JsonDocument.Parse(await File.ReadAllTextAsync(sbom));
+        Assert.Equal("CycloneDX", doc.RootElement.GetProperty("bomFormat").GetString());
+        string[] purls = [.. doc.RootElement.GetProperty("components").EnumerateArray().Select(c => c.GetProperty("purl").GetString()!)];
+        // What the runtime loads natively, the runtime itself, and packages the gateway ships.
+        Assert.Contains(purls, p => p.StartsWith("pkg:deb/debian/libssl3@", StringComparison.Ordinal));
+        Assert.Contains(purls, p => p.StartsWith("pkg:deb/debian/libc6@", StringComparison.Ordinal));
+        Assert.Contains(purls, p => p.StartsWith("pkg:nuget/Microsoft.AspNetCore.App.Runtime.linux-x64@", StringComparison.Ordinal));
+        Assert.Contains(purls, p => p.StartsWith("pkg:nuget/Npgsql@", StringComparison.Ordinal));
+        Assert.Contains(purls, p => p.StartsWith("pkg:nuget/Akka@", StringComparison.Ordinal));
+        log.WriteLine($"{purls.Count(p => p.StartsWith("pkg:deb", StringComparison.Ordinal))} Debian packages, {purls.Count(p => p.StartsWith("pkg:nuget", StringComparison.Ordinal))} NuGet packages and runtimes");
+    }
+
     private static Func<string> Logs(GatewayContainer container) => () => container.LogsAsync().GetAwaiter().GetResult();
 }
