@@ -106,8 +106,11 @@ public sealed class GatewayContainer : IAsyncDisposable
 
     private readonly Stopwatch _sinceRun = Stopwatch.StartNew();
 
-    private GatewayContainer(string name, string dataDirectory, int nbdPort, int healthPort)
+    private readonly bool _ownsDataDirectory;
+
+    private GatewayContainer(string name, string dataDirectory, int nbdPort, int healthPort, bool ownsDataDirectory = true)
     {
+        _ownsDataDirectory = ownsDataDirectory;
         Name = name;
         DataDirectory = dataDirectory;
         HostNbdPort = nbdPort;
@@ -127,8 +130,7 @@ public sealed class GatewayContainer : IAsyncDisposable
     /// <summary>Starts the image with its own entrypoint and settings (the chart's, /etc/gateway/gateway.json).</summary>
     public static async Task<GatewayContainer> StartAsync(GatewayImage image)
     {
-        string data = Directory.CreateTempSubdirectory("gateway-image-").FullName;
-        await Tool.RunAsync("chown", [$"{ImageUid}:{ImageUid}", data]);
+        string data = await CreateDataDirectoryAsync();
         var container = new GatewayContainer($"gateway-image-test-{Guid.NewGuid():N}"[..32], data, ClusterFixture.FreePort(), ClusterFixture.FreePort());
         await Podman.RunAsync([
             "run", "--detach", "--name", container.Name, .. Podman.Limits,
@@ -139,6 +141,34 @@ public sealed class GatewayContainer : IAsyncDisposable
             "--publish", $"127.0.0.1:{container.HostNbdPort}:{NbdPort}",
             "--publish", $"127.0.0.1:{container.HostHealthPort}:{HealthPort}",
             image.Name]);
+        return container;
+    }
+
+    /// <summary>A data folder the image's user owns (the chart's volume with its fsGroup).</summary>
+    public static async Task<string> CreateDataDirectoryAsync()
+    {
+        string data = Directory.CreateTempSubdirectory("gateway-image-").FullName;
+        await Tool.RunAsync("chown", [$"{ImageUid}:{ImageUid}", data]);
+        return data;
+    }
+
+    /// <summary>
+    /// Starts the image on the host's network with <paramref name="serveArgs"/> after <c>serve</c>
+    /// (its entrypoint stays): for a cluster whose PostgreSQL listens on the host's loopback. The
+    /// data folder is shared and not removed on dispose.
+    /// </summary>
+    public static async Task<GatewayContainer> StartOnHostNetworkAsync(GatewayImage image, string dataDirectory, int nbdPort, int healthPort, IEnumerable<string> serveArgs)
+    {
+        var container = new GatewayContainer($"gateway-image-test-{Guid.NewGuid():N}"[..32], dataDirectory, nbdPort, healthPort, ownsDataDirectory: false);
+        await Podman.RunAsync([
+            "run", "--detach", "--name", container.Name, .. Podman.Limits,
+            "--user", $"{ImageUid}:{ImageUid}",
+            "--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp:rw,nosuid,nodev,size=256m",
+            "--cap-drop", "all", "--security-opt", "no-new-privileges",
+            "--network", "host",
+            "--volume", $"{dataDirectory}:/var/lib/gateway",
+            image.Name,
+            "serve", "--data", "/var/lib/gateway", "--nbd", $"127.0.0.1:{nbdPort}", "--health", $"127.0.0.1:{healthPort}", .. serveArgs]);
         return container;
     }
 
@@ -197,6 +227,9 @@ public sealed class GatewayContainer : IAsyncDisposable
     {
         Http.Dispose();
         await Podman.RunAsync(["rm", "--force", "--time", "0", Name], check: false);
-        Directory.Delete(DataDirectory, recursive: true);
+        if (_ownsDataDirectory)
+        {
+            Directory.Delete(DataDirectory, recursive: true);
+        }
     }
 }
