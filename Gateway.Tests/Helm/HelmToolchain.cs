@@ -125,7 +125,7 @@ public sealed class HelmToolchain
     }
 
     /// <summary>The repository: the folder holding Gateway.sln above this source file (the tests run from an artifacts folder elsewhere).</summary>
-    private static string FindRepoRoot([CallerFilePath] string sourceFile = "")
+    internal static string FindRepoRoot([CallerFilePath] string sourceFile = "")
     {
         foreach (string? start in new[] { Path.GetDirectoryName(sourceFile), Environment.CurrentDirectory, AppContext.BaseDirectory })
         {
