@@ -100,7 +100,7 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         _stream = stream;
         Info = info;
         _flags = flags;
-        _structured = structured || extended;
+        _structured = structured;
         _extended = extended;
         _requestHeaderSize = NbdRequest.HeaderSize(extended);
         _chunkHeaderSize = extended ? NbdWire.ExtendedReplyHeaderSize : NbdWire.StructuredReplyHeaderSize;

@@ -120,6 +120,12 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
         catch (Exception e)
         {
             Error = Transmission.ToNbdError(e);
+            if (request.Command == NbdCommand.Read && e is BlockDeviceException { Offset: long failedAt }
+                && failedAt >= offset && (ulong)(failedAt - offset) < request.Length)
+            {
+                // The device knows where the read failed (an owner's ERROR_OFFSET): on any read path.
+                ErrorOffset = (ulong)failedAt;
+            }
             if (Error == NbdError.Io)
             {
                 owner.LogFailure(request, e);
@@ -141,16 +147,7 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
         if (holes == ReadHoles.FromSegments)
         {
             // The holes come with the data: the hole ranges of the buffer are never sent.
-            try
-            {
-                _segmentCount = await owner.SegmentedReads!.ReadSegmentsAsync(offset, Buffer.AsMemory(0, length), _segments, cancel).ConfigureAwait(false);
-            }
-            catch (BlockDeviceException e) when (e.Offset is long failedAt && failedAt >= offset && failedAt - offset < length)
-            {
-                // Where the owner's read failed (its ERROR_OFFSET), passed on as ours.
-                ErrorOffset = (ulong)failedAt;
-                throw;
-            }
+            _segmentCount = await owner.SegmentedReads!.ReadSegmentsAsync(offset, Buffer.AsMemory(0, length), _segments, cancel).ConfigureAwait(false);
             return;
         }
         int n = holes == ReadHoles.FromAllocation ? await device.GetAllocationAsync(offset, length, _segments.AsMemory(0, MaxReadSegments), cancel).ConfigureAwait(false) : 0;

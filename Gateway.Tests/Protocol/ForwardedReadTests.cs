@@ -132,12 +132,16 @@ public sealed class ForwardedReadTests : IAsyncLifetime
         _device.FailAt = 200 * KiB;
         NbdReply within = await client.ReadAsync(128 * KiB, 128 * KiB);
         // An offset outside the request is not the client's to know: a plain ERROR chunk.
+        // A read with DF is not segmented (one data chunk) and still gets the offset.
+        NbdReply unsegmented = await client.ReadAsync(128 * KiB, 128 * KiB, CommandFlags.DontFragment);
         _device.FailAt = 8 * KiB;
         NbdReply outside = await client.ReadAsync(128 * KiB, 128 * KiB);
 
         ReplyChunk error = Assert.Single(within.Chunks);
         Assert.Equal((ReplyType.ErrorOffset, NbdError.Io, 200ul * KiB), (error.Type, error.Error, error.ErrorOffset));
         Assert.True(error.Done);
+        error = Assert.Single(unsegmented.Chunks);
+        Assert.Equal((ReplyType.ErrorOffset, NbdError.Io, 200ul * KiB), (error.Type, error.Error, error.ErrorOffset));
         error = Assert.Single(outside.Chunks);
         Assert.Equal((ReplyType.Error, NbdError.Io, (ulong?)null), (error.Type, error.Error, error.ErrorOffset));
     }
@@ -166,7 +170,7 @@ public sealed class ForwardedReadTests : IAsyncLifetime
         /// <summary>The owner is this node: no segmented reads, the allocation is a local call.</summary>
         public bool Local { get; set; }
 
-        /// <summary>Segmented reads fail with EIO at this offset, as an owner's ERROR_OFFSET chunk says.</summary>
+        /// <summary>Reads fail with EIO at this offset, as an owner's ERROR_OFFSET chunk says.</summary>
         public long? FailAt { get; set; }
 
         public bool IsRemote => !Local;
@@ -212,7 +216,10 @@ public sealed class ForwardedReadTests : IAsyncLifetime
             return Inner.GetAllocationAsync(offset, length, extents, cancellationToken);
         }
 
-        public ValueTask ReadAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken = default) => Inner.ReadAsync(offset, destination, cancellationToken);
+        public ValueTask ReadAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken = default) =>
+            FailAt is long failAt
+                ? ValueTask.FromException(new BlockDeviceException(BlockErrorKind.Io, "the owner's read failed") { Offset = failAt })
+                : Inner.ReadAsync(offset, destination, cancellationToken);
 
         public ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken = default) => Inner.WriteAsync(offset, source, fua, cancellationToken);
 
