@@ -90,6 +90,7 @@ public static class AdminApi
 
         app.MapBitmapApi();
         app.MapOverlayApi();
+        app.MapCapacityApi();
         return app;
     }
 

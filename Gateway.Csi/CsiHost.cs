@@ -1,0 +1,46 @@
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Hosting;
+using Microsoft.AspNetCore.Server.Kestrel.Core;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
+
+namespace Gateway.Csi;
+
+/// <summary>The plugin's host: gRPC over HTTP/2 on the CSI Unix socket, the services its mode offers.</summary>
+public static class CsiHost
+{
+    public static WebApplication Build(CsiOptions options)
+    {
+        WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
+        builder.Logging.AddSimpleConsole(o => o.SingleLine = true);
+        string? folder = Path.GetDirectoryName(options.SocketPath);
+        if (folder is not null)
+        {
+            Directory.CreateDirectory(folder);
+        }
+        // A socket left by a plugin that did not stop cleanly would refuse the bind.
+        if (File.Exists(options.SocketPath))
+        {
+            File.Delete(options.SocketPath);
+        }
+        builder.WebHost.ConfigureKestrel(k => k.ListenUnixSocket(options.SocketPath, l => l.Protocols = HttpProtocols.Http2));
+        builder.Services.AddGrpc();
+        builder.Services.AddSingleton(options);
+        builder.Services.AddSingleton(GatewayAdmin.Create(options.Admin, options.Token));
+        builder.Services.Configure<HostOptions>(h => h.ShutdownTimeout = TimeSpan.FromSeconds(10));
+
+        WebApplication app = builder.Build();
+        app.MapGrpcService<IdentityService>();
+        if (options.Mode == CsiMode.Controller)
+        {
+            app.MapGrpcService<ControllerService>();
+            app.MapGrpcService<SnapshotMetadataService>();
+        }
+        else
+        {
+            app.MapGrpcService<NodeService>();
+        }
+        return app;
+    }
+}

@@ -1,0 +1,75 @@
+using Gateway.Actors.Cluster;
+
+namespace Gateway.Csi;
+
+/// <summary>Reads a metadata context's extents over NBD into byte ranges.</summary>
+public static class ExtentReader
+{
+    /// <summary>base:allocation's NBD_STATE_HOLE (NBD proto.md, "base:allocation metadata context").</summary>
+    public const uint StateHole = 1;
+
+    /// <summary>qemu:dirty-bitmap's NBD_STATE_DIRTY.</summary>
+    public const uint StateDirty = 1;
+
+    /// <summary>Per request: the server may answer less, and the loop asks again from where it stopped.</summary>
+    private const uint Window = 1u << 30;
+
+    /// <summary>The ranges in [<paramref name="start"/>, <paramref name="end"/>) whose status <paramref name="wanted"/> accepts, adjacent ones joined.</summary>
+    public static async Task<List<(long Offset, long Length)>> ReadAsync(PeerNbdClient client, string context, long start, long end, Func<uint, bool> wanted, CancellationToken ct)
+    {
+        var ranges = new List<(long Offset, long Length)>();
+        var extents = new Gateway.Nbd.MetaExtent[512];
+        long offset = start;
+        while (offset < end)
+        {
+            uint length = (uint)Math.Min(end - offset, Window);
+            int count = await client.GetExtentsAsync(context, offset, length, extents, reqOne: false, ct);
+            long before = offset;
+            for (int i = 0; i < count && offset < end; i++)
+            {
+                long extent = (long)Math.Min(extents[i].Length, (ulong)(end - offset));
+                if (wanted(extents[i].Status))
+                {
+                    Add(ranges, offset, extent);
+                }
+                offset += extent;
+            }
+            if (offset == before)
+            {
+                throw new IOException($"the server answered BLOCK_STATUS for '{context}' at {offset} with no progress");
+            }
+        }
+        return ranges;
+    }
+
+    /// <summary>Sorted, overlapping and adjacent ranges joined.</summary>
+    public static List<(long Offset, long Length)> Union(IEnumerable<(long Offset, long Length)> ranges)
+    {
+        var joined = new List<(long Offset, long Length)>();
+        foreach ((long offset, long length) in ranges.OrderBy(r => r.Offset))
+        {
+            if (joined.Count > 0 && joined[^1].Offset + joined[^1].Length >= offset)
+            {
+                (long o, long l) = joined[^1];
+                joined[^1] = (o, Math.Max(l, offset + length - o));
+            }
+            else
+            {
+                joined.Add((offset, length));
+            }
+        }
+        return joined;
+    }
+
+    private static void Add(List<(long Offset, long Length)> ranges, long offset, long length)
+    {
+        if (ranges.Count > 0 && ranges[^1].Offset + ranges[^1].Length == offset)
+        {
+            ranges[^1] = (ranges[^1].Offset, ranges[^1].Length + length);
+        }
+        else
+        {
+            ranges.Add((offset, length));
+        }
+    }
+}
