@@ -113,6 +113,7 @@ public sealed class CsiChartTests(HelmChartFixture chart)
         if (variant == ChartVariants.Csi)
         {
             Assert.Contains(chart[variant].Documents, d => d.Source.StartsWith("gateway/templates/csi-", StringComparison.Ordinal));
+            Assert.Contains($"rollout status daemonset/{RenderedChart.ReleaseName}-gateway-csi-node", chart[variant].Notes, StringComparison.Ordinal);
             return;
         }
         RenderedChart rendered = chart[variant];
@@ -126,6 +127,7 @@ public sealed class CsiChartTests(HelmChartFixture chart)
         Assert.Empty(rendered.All<V1ClusterRole>());
         Assert.Empty(rendered.All<V1ClusterRoleBinding>());
         Assert.DoesNotContain(CsiContract.DriverName, rendered.Stream, StringComparison.Ordinal);
+        Assert.DoesNotContain(CsiContract.DriverName, rendered.Notes, StringComparison.Ordinal);
     }
 
     [Fact]
