@@ -9,26 +9,9 @@ namespace Gateway.Tests.Helm;
 [Collection(HelmChartCollection.Name)]
 public sealed class BrokenChartTests(HelmChartFixture chart)
 {
-    /// <summary>A copy of the chart with <paramref name="find"/> replaced in one template.</summary>
-    private string BrokenCopy(string template, string find, string replace)
-    {
-        string copy = Path.Combine(chart.WorkDirectory, $"broken-{Guid.NewGuid():N}");
-        foreach (string file in Directory.GetFiles(chart.Tools.ChartDirectory, "*", SearchOption.AllDirectories))
-        {
-            string target = Path.Combine(copy, Path.GetRelativePath(chart.Tools.ChartDirectory, file));
-            Directory.CreateDirectory(Path.GetDirectoryName(target)!);
-            File.Copy(file, target);
-        }
-        string path = Path.Combine(copy, "templates", template);
-        string text = File.ReadAllText(path);
-        Assert.True(text.Contains(find, StringComparison.Ordinal), $"templates/{template} no longer contains '{find}': update this test");
-        File.WriteAllText(path, text.Replace(find, replace, StringComparison.Ordinal));
-        return copy;
-    }
-
     private RenderedChart RenderBroken(string template, string find, string replace)
     {
-        string copy = BrokenCopy(template, find, replace);
+        string copy = chart.BrokenCopy(template, find, replace);
         return RenderedChart.TryRender(chart.Tools, copy, $"broken {template}", [], chart.WorkDirectory, out ProcessResult render)
             ?? throw new Xunit.Sdk.XunitException($"the broken chart was meant to render:\n{render.Describe()}");
     }
@@ -55,7 +38,7 @@ public sealed class BrokenChartTests(HelmChartFixture chart)
     [Fact]
     public void Indentation_that_breaks_the_yaml_fails_the_render()
     {
-        string copy = BrokenCopy("services.yaml", "  publishNotReadyAddresses: true", "   publishNotReadyAddresses: true");
+        string copy = chart.BrokenCopy("services.yaml", "  publishNotReadyAddresses: true", "   publishNotReadyAddresses: true");
         Assert.Null(RenderedChart.TryRender(chart.Tools, copy, "broken yaml", [], chart.WorkDirectory, out ProcessResult render));
         Assert.Contains("YAML parse error on gateway/templates/services.yaml", render.Stderr, StringComparison.Ordinal);
     }
@@ -105,7 +88,7 @@ public sealed class BrokenChartTests(HelmChartFixture chart)
     [Fact]
     public void Template_error_fails_the_render_with_its_location()
     {
-        string copy = BrokenCopy("configmap.yaml", "{{ include \"gateway.fullname\" . }}", "{{ include \"gateway.fulname\" . }}");
+        string copy = chart.BrokenCopy("configmap.yaml", "{{ include \"gateway.fullname\" . }}", "{{ include \"gateway.fulname\" . }}");
         Assert.Null(RenderedChart.TryRender(chart.Tools, copy, "template error", [], chart.WorkDirectory, out ProcessResult render));
         Assert.Equal(1, render.ExitCode);
         Assert.Contains("gateway/templates/configmap.yaml", render.Stderr, StringComparison.Ordinal);

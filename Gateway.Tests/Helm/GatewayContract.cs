@@ -62,7 +62,7 @@ public static class GatewayContract
         {
             yield return "the StatefulSet selector uses matchExpressions; the checks expect matchLabels only";
         }
-        foreach (V1Service service in chart.All<V1Service>())
+        foreach (V1Service service in chart.GatewayServices)
         {
             foreach (string problem in Selects($"Service {service.Metadata.Name}", service.Spec.Selector, chart.PodLabels))
             {
@@ -172,7 +172,7 @@ public static class GatewayContract
     public static IEnumerable<string> ServiceTargetPorts(RenderedChart chart)
     {
         HashSet<string> names = [.. (chart.Container.Ports ?? []).Select(p => p.Name ?? "")];
-        foreach (V1Service service in chart.All<V1Service>())
+        foreach (V1Service service in chart.GatewayServices)
         {
             foreach (V1ServicePort port in service.Spec.Ports ?? [])
             {
@@ -187,7 +187,7 @@ public static class GatewayContract
                 }
             }
         }
-        if (!chart.All<V1Service>().Any(s => s.Spec.ClusterIP != "None" && (s.Spec.Ports ?? []).Any(p => p.TargetPort?.Value == Kubernetes.NbdPortName)))
+        if (!chart.GatewayServices.Any(s => s.Spec.ClusterIP != "None" && (s.Spec.Ports ?? []).Any(p => p.TargetPort?.Value == Kubernetes.NbdPortName)))
         {
             yield return $"no (non-headless) Service exposes the {Kubernetes.NbdPortName} port to NBD clients";
         }
@@ -205,7 +205,7 @@ public static class GatewayContract
         {
             yield return $"podManagementPolicy is '{set.Spec.PodManagementPolicy}', not Parallel";
         }
-        V1Service? headless = chart.All<V1Service>().SingleOrDefault(s => s.Metadata.Name == set.Spec.ServiceName);
+        V1Service? headless = chart.GatewayServices.SingleOrDefault(s => s.Metadata.Name == set.Spec.ServiceName);
         if (headless is null)
         {
             yield return $"the StatefulSet's serviceName '{set.Spec.ServiceName}' is not a rendered Service";

@@ -67,6 +67,12 @@ public sealed partial class RenderedChart
 
     public V1StatefulSet StatefulSet => Assert.Single(All<V1StatefulSet>());
 
+    /// <summary>
+    /// The gateway's Services: all but the CSI driver's (labelled app.kubernetes.io/component
+    /// csi-*), which select the CSI pods and are checked by <see cref="CsiContract"/>.
+    /// </summary>
+    public IEnumerable<V1Service> GatewayServices => All<V1Service>().Where(s => !CsiContract.IsCsiObject(s.Metadata));
+
     public V1PodSpec PodSpec => StatefulSet.Spec.Template.Spec;
 
     public V1Container Container => Assert.Single(PodSpec.Containers, c => c.Name == "gateway");
@@ -97,14 +103,14 @@ public sealed partial class RenderedChart
             try
             {
                 // One document at a time, so a failure names its template.
-                KubernetesYaml.LoadAllFromString(document.Text, typeMap: null, strict: true);
+                KubernetesYaml.LoadAllFromString(document.Text, CustomResources.TypeMap, strict: true);
             }
             catch (Exception e)
             {
                 strict.Add($"{document.Source}: {Messages(e)}");
             }
         }
-        IReadOnlyList<object> objects = strict.Count == 0 ? KubernetesYaml.LoadAllFromString(stream, typeMap: null, strict: true) : [];
+        IReadOnlyList<object> objects = strict.Count == 0 ? KubernetesYaml.LoadAllFromString(stream, CustomResources.TypeMap, strict: true) : [];
         // The two external checks run side by side (each is mostly process start-up).
         Task<ProcessResult> models = Task.Run(() => HelmToolchain.Run(tools.Node, [tools.ModelsScript, "--modules", tools.NodeModules, output]));
         Task<ProcessResult> yamllint = Task.Run(() => HelmToolchain.Run(tools.Yamllint, ["--strict", "-f", "parsable", "-c", tools.YamllintConfig, output]));

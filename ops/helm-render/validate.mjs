@@ -5,13 +5,15 @@
 //   node validate.mjs --modules DIR FILE|-
 //
 // DIR is the node_modules folder holding kubernetes-models and yaml (ops/lib/install-helm-tools
-// puts them in ops/.helm-tools/node_modules). Prints one line per object; exits 1 when any
-// object is invalid, has no model (an unknown apiVersion/kind is an error too), or the stream
-// does not parse.
+// puts them in ops/.helm-tools/node_modules). Custom resources, which kubernetes-models does not
+// know, are checked against their CRD's schema in crds/<apiVersion>/<Kind>.json beside this
+// script, with ajv (a kubernetes-models dependency). Prints one line per object; exits 1 when
+// any object is invalid, has neither a model nor a CRD schema (an unknown apiVersion/kind is an
+// error too), or the stream does not parse.
 import { createRequire } from 'node:module';
 import { existsSync, readFileSync } from 'node:fs';
-import { join, resolve } from 'node:path';
-import { pathToFileURL } from 'node:url';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 
 const args = process.argv.slice(2);
 let modules = process.env.HELM_TOOLS_DIR ? join(process.env.HELM_TOOLS_DIR, 'node_modules') : null;
@@ -32,6 +34,18 @@ if (!existsSync(join(models, 'package.json'))) {
 }
 const require = createRequire(join(modules, 'noop.js'));
 const YAML = await import(pathToFileURL(require.resolve('yaml')).href);
+
+const crds = join(dirname(fileURLToPath(import.meta.url)), 'crds');
+let ajv = null;
+async function crdValidator(file) {
+  if (ajv === null) {
+    const Ajv = (await import(pathToFileURL(require.resolve('ajv')).href)).default;
+    const addFormats = (await import(pathToFileURL(require.resolve('ajv-formats')).href)).default;
+    ajv = new Ajv({ allErrors: true, strict: false });
+    addFormats.default ? addFormats.default(ajv) : addFormats(ajv);
+  }
+  return ajv.compile(JSON.parse(readFileSync(file, 'utf8')));
+}
 
 const text = readFileSync(input === '-' ? 0 : input, 'utf8');
 const documents = YAML.parseAllDocuments(text, { uniqueKeys: true });
@@ -57,7 +71,19 @@ for (const doc of documents) {
     continue;
   }
   const file = join(models, object.apiVersion, `${object.kind}.js`);
-  if (!/^[A-Za-z0-9.\/]+$/.test(object.apiVersion) || !/^[A-Za-z0-9]+$/.test(object.kind) || !existsSync(file)) {
+  const crd = join(crds, object.apiVersion, `${object.kind}.json`);
+  const named = /^[A-Za-z0-9.\/]+$/.test(object.apiVersion) && /^[A-Za-z0-9]+$/.test(object.kind);
+  if (named && !existsSync(file) && existsSync(crd)) {
+    const validate = await crdValidator(crd);
+    if (validate(object)) {
+      console.log(`valid ${what} (CRD schema)`);
+    } else {
+      invalid++;
+      console.log(`invalid ${what}: CRD schema: ${validate.errors.map((e) => `${e.instancePath || '/'} ${e.message}`).join('; ')}`);
+    }
+    continue;
+  }
+  if (!named || !existsSync(file)) {
     invalid++;
     console.log(`invalid ${what}: kubernetes-models has no model for ${object.apiVersion} ${object.kind}`);
     continue;

@@ -131,3 +131,91 @@ from the environment (Gateway__Cluster__NodeName, ...), see the StatefulSet.
 {{- end }}
 {{- dict "Gateway" $gateway | toPrettyJson }}
 {{- end }}
+
+{{/*
+CSI driver. The name is the plugin's (GetPluginInfo in `gateway csi`): the CSIDriver object,
+the classes' provisioner and driver, the kubelet's plugin folder and the SnapshotMetadataService
+all carry it, so it is fixed, not a value.
+*/}}
+{{- define "gateway.csi.driverName" -}}
+csi.nbd-gateway.dev
+{{- end }}
+
+{{- define "gateway.csi.controllerName" -}}
+{{- printf "%s-csi-controller" (include "gateway.fullname" . | trunc 48 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "gateway.csi.nodeName" -}}
+{{- printf "%s-csi-node" (include "gateway.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "gateway.csi.snapshotMetadataName" -}}
+{{- printf "%s-csi-snapshot-metadata" (include "gateway.fullname" . | trunc 41 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+The CSI pods' labels: a name of their own, so that no gateway Service, the budget or the
+anti-affinity (all app.kubernetes.io/name=<name>) ever selects them. Call with
+(dict "root" $ "component" "controller").
+*/}}
+{{- define "gateway.csi.selectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-csi" (include "gateway.name" .root) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Where the plugin finds the gateway: the chart's own admin and NBD Services. */}}
+{{- define "gateway.csi.adminUrl" -}}
+{{- if not .Values.admin.service.enabled }}
+{{- fail "csi.enabled needs admin.service.enabled: the CSI plugin creates and deletes exports through the admin API" }}
+{{- end }}
+{{- printf "http://%s-admin.%s.svc:%d/" (include "gateway.fullname" .) .Release.Namespace (int .Values.admin.service.port) }}
+{{- end }}
+
+{{- define "gateway.csi.nbdAddress" -}}
+{{- printf "%s.%s.svc:%d" (include "gateway.fullname" .) .Release.Namespace (int .Values.service.port) }}
+{{- end }}
+
+{{/* The socket the plugin listens on and every sidecar dials, in the shared /csi folder. */}}
+{{- define "gateway.csi.socket" -}}
+/csi/csi.sock
+{{- end }}
+
+{{/* The node plugin's socket folder as the kubelet sees it. */}}
+{{- define "gateway.csi.pluginDir" -}}
+{{- printf "%s/plugins/%s" (.Values.csi.kubeletDir | trimSuffix "/") (include "gateway.csi.driverName" .) }}
+{{- end }}
+
+{{- define "gateway.csi.sidecarImage" -}}
+{{- printf "%s:%s" .repository .tag }}
+{{- end }}
+
+{{/* The plugin's command line, the same in both modes but for --mode and --node-id. */}}
+{{- define "gateway.csi.pluginArgs" -}}
+- csi
+- --mode
+- {{ .mode }}
+- --endpoint
+- unix://{{ include "gateway.csi.socket" .root }}
+- --admin
+- {{ include "gateway.csi.adminUrl" .root }}
+- --nbd
+- {{ include "gateway.csi.nbdAddress" .root }}
+- --token-file
+- /etc/gateway-csi/admin/{{ .root.Values.admin.existingSecretKey }}
+{{- if eq .mode "node" }}
+- --node-id
+- $(CSI_NODE_ID)
+{{- end }}
+{{- end }}
+
+{{/* The security context of every container but the node plugin: no privilege at all. */}}
+{{- define "gateway.csi.restricted" -}}
+privileged: false
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
