@@ -13,7 +13,7 @@ namespace Gateway.Tests.Helm;
 public static class CsiContract
 {
     /// <summary>The name the plugin reports in GetPluginInfo.</summary>
-    public const string DriverName = "csi.nbd-gateway.dev";
+    public const string DriverName = Gateway.Csi.CsiDriver.Name;
 
     public const string PluginContainer = "csi-plugin";
     public const string RegistrarContainer = "node-driver-registrar";
@@ -147,7 +147,7 @@ public static class CsiContract
             {
                 yield return $"StorageClass {storageClass.Metadata.Name} has backend '{backend}'; the plugin knows overlay, file and s3";
             }
-            foreach (string key in (storageClass.Parameters ?? new Dictionary<string, string>()).Keys.Except(["backend", "description"]))
+            foreach (string key in (storageClass.Parameters ?? new Dictionary<string, string>()).Keys.Except([Gateway.Csi.ControllerService.BackendParameter]))
             {
                 yield return $"StorageClass {storageClass.Metadata.Name} has parameter '{key}', which the plugin does not read";
             }
