@@ -19,6 +19,8 @@ public sealed partial class ControllerService
         Require(request.Name, "name");
         Require(request.SourceVolumeId, "source_volume_id");
         string id = CsiObjects.SnapshotId(request.Name);
+        // Under the volume's lock, so a repeat of this call that is still running is seen finished.
+        using IDisposable held = await locks.TakeAsync(request.SourceVolumeId, ct);
         if (await CallAsync(() => gateway.GetExportAsync(id, ct)) is { } existing)
         {
             return CsiObjects.Snapshot(existing) is { } snapshot && snapshot.Name == request.Name && snapshot.SourceVolumeId == request.SourceVolumeId
@@ -100,9 +102,11 @@ public sealed partial class ControllerService
         {
             throw Invalid($"export '{request.SnapshotId}' is not a snapshot of this driver: it is left alone");
         }
+        using IDisposable held = await locks.TakeAsync(snapshot.SourceVolumeId, ct);
         if (exports.Any(e => e.Name == snapshot.SourceVolumeId))
         {
-            await KeepChangesAsync(snapshot, exports, ct);
+            // Read again under the lock: a snapshot taken meanwhile changes which one is "before".
+            await KeepChangesAsync(snapshot, await CallAsync(() => gateway.ListExportsAsync(ct)), ct);
         }
         try
         {

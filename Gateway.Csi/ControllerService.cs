@@ -11,7 +11,7 @@ namespace Gateway.Csi;
 /// mapping). Every call is idempotent as the spec asks: a repeat with the same name gets the same
 /// answer, a repeat that conflicts gets ALREADY_EXISTS, a delete of what is gone succeeds.
 /// </summary>
-public sealed partial class ControllerService(CsiOptions options, GatewayAdmin gateway) : Controller.ControllerBase
+public sealed partial class ControllerService(CsiOptions options, GatewayAdmin gateway, VolumeLocks locks) : Controller.ControllerBase
 {
     /// <summary>A volume whose request names no size.</summary>
     public const long DefaultSize = 1L << 30;

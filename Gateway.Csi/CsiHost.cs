@@ -28,6 +28,7 @@ public static class CsiHost
         builder.Services.AddGrpc();
         builder.Services.AddSingleton(options);
         builder.Services.AddSingleton(GatewayAdmin.Create(options.Admin, options.Token));
+        builder.Services.AddSingleton<VolumeLocks>();
         builder.Services.Configure<HostOptions>(h => h.ShutdownTimeout = TimeSpan.FromSeconds(10));
 
         WebApplication app = builder.Build();

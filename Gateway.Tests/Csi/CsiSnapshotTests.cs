@@ -1,4 +1,3 @@
-using System.Globalization;
 using System.Net.Http.Json;
 using System.Text.Json;
 using Gateway.Csi;
@@ -246,6 +245,23 @@ public sealed class CsiSnapshotTests(CsiControllerFixture fixture) : IClassFixtu
         ListSnapshotsResponse second = await Controller.ListSnapshotsAsync(new ListSnapshotsRequest { SourceVolumeId = "pvc-list-snaps", MaxEntries = 1, StartingToken = first.NextToken });
         Assert.NotEqual(first.Entries[0].Snapshot.SnapshotId, Assert.Single(second.Entries).Snapshot.SnapshotId);
         Assert.Equal("", second.NextToken);
-        _ = CultureInfo.InvariantCulture;
+    }
+
+    [Fact]
+    public async Task Snapshots_taken_together_leave_exactly_the_newest_tracking_and_no_write_untracked()
+    {
+        await Controller.CreateVolumeAsync(CsiControllerTests.NewVolume("pvc-concurrent", required: 16 * MiB));
+        Snapshot[] taken = await Task.WhenAll(Enumerable.Range(0, 4).Select(i => SnapshotAsync("pvc-concurrent", $"snapshot-together-{i}")));
+        GatewayBitmap[] bitmaps = (await Gateway.Http.GetFromJsonAsync<GatewayBitmap[]>("v1/exports/pvc-concurrent/bitmaps"))!;
+        Snapshot newest = taken.MaxBy(s => s.CreationTime.ToDateTimeOffset())!;
+        GatewayBitmap tracking = Assert.Single(bitmaps, b => b.Enabled);
+        Assert.Equal(CsiObjects.BitmapOf(newest.SnapshotId), tracking.Name);
+        Assert.Equal(4, bitmaps.Count(b => b.Name.StartsWith("csi.", StringComparison.Ordinal)));
+
+        await QemuIoAsync("pvc-concurrent", "write -P 7 3M 4k");
+        Snapshot after = await SnapshotAsync("pvc-concurrent", "snapshot-together-after");
+        AssertDeltaIs(await DeltaAsync(newest.SnapshotId, after.SnapshotId), (3 * MiB, 4096));
+        Snapshot oldest = taken.MinBy(s => s.CreationTime.ToDateTimeOffset())!;
+        AssertDeltaIs(await DeltaAsync(oldest.SnapshotId, after.SnapshotId), (3 * MiB, 4096));
     }
 }
