@@ -83,6 +83,34 @@ public sealed class ResizeBackendTests : IDisposable
     }
 
     [Fact]
+    public async Task Overlay_grown_while_clients_write_loses_no_write_in_memory_or_after_a_reopen()
+    {
+        const long Old = 16 * MiB;
+        string lower = NewLayer(Old), top = NewLayer(Old);
+        const int Writes = 200;
+        using (OverlayBackend overlay = Open(Old, top, lower))
+        {
+            // Partial clusters: each write sets its cluster's state in the map the grow replaces.
+            Task[] writers = [.. Enumerable.Range(0, Writes).Select(i => Task.Run(async () =>
+                await overlay.WriteAsync((long)i * Cluster + 512, Pattern(4096, seed: 100 + i), fua: false)))];
+            Task grow = Task.Run(async () => await overlay.GrowAsync(2 * Old));
+            await Task.WhenAll([.. writers, grow]);
+            await overlay.FlushAsync();
+
+            for (int i = 0; i < Writes; i++)
+            {
+                Assert.Equal(Pattern(4096, seed: 100 + i), await ReadAsync(overlay, (long)i * Cluster + 512, 4096));
+            }
+        }
+        using OverlayBackend reopened = Open(2 * Old, top, lower);
+        for (int i = 0; i < Writes; i++)
+        {
+            Assert.Equal(Pattern(4096, seed: 100 + i), await ReadAsync(reopened, (long)i * Cluster + 512, 4096));
+        }
+        Assert.Equal([new DepthExtent(Writes * (long)Cluster, 1), new DepthExtent(2 * Old - Writes * (long)Cluster, 0)], Depth(reopened, 0, 2 * Old));
+    }
+
+    [Fact]
     public async Task Overlay_grown_over_a_longer_lower_layer_does_not_show_its_data_in_the_new_range()
     {
         const long Old = MiB + 4 * KiB;
