@@ -8,17 +8,18 @@ namespace Gateway.Backends;
 /// thread-pool work items already, and the kernel's page cache answers most reads without blocking,
 /// so an async hop would only add cost. Holes are punched and found with fallocate and SEEK_DATA/SEEK_HOLE.
 /// </summary>
-public sealed partial class FileBackend : IBlockDevice, INonBlockingIo
+public sealed partial class FileBackend : IBlockDevice, INonBlockingIo, IGrowableDevice
 {
     private static readonly ReadOnlyMemory<byte> s_zeros = new byte[1 << 20];
 
     private readonly SafeFileHandle _handle;
     private volatile bool _disposed;
+    private long _size;
 
     private FileBackend(SafeFileHandle handle, long size, bool readOnly)
     {
         _handle = handle;
-        Size = size;
+        _size = size;
         IsReadOnly = readOnly;
     }
 
@@ -55,9 +56,42 @@ public sealed partial class FileBackend : IBlockDevice, INonBlockingIo
         }
     }
 
-    public long Size { get; }
+    /// <summary>The device's size: the file's length when it was opened, or what <see cref="GrowAsync"/> made it since.</summary>
+    public long Size => Volatile.Read(ref _size);
 
     public bool IsReadOnly { get; }
+
+    /// <summary>
+    /// Extends the file to <paramref name="size"/> bytes (a hole: it reads as zeros) and syncs the
+    /// new length (fdatasync covers a size change) before the device shows it. A file already that
+    /// long keeps its bytes.
+    /// </summary>
+    public ValueTask GrowAsync(long size, CancellationToken cancellationToken = default)
+    {
+        if (cancellationToken.IsCancellationRequested)
+        {
+            return ValueTask.FromCanceled(cancellationToken);
+        }
+        try
+        {
+            DeviceBounds.ThrowIfNotWritable(_disposed, IsReadOnly);
+            if (size <= Size)
+            {
+                return ValueTask.CompletedTask;
+            }
+            if (RandomAccess.GetLength(_handle) < size)
+            {
+                RandomAccess.SetLength(_handle, size);
+            }
+            DataSync();
+            Volatile.Write(ref _size, size);
+            return ValueTask.CompletedTask;
+        }
+        catch (Exception e)
+        {
+            return ValueTask.FromException(Translate(e));
+        }
+    }
 
     public BlockCapabilities Capabilities => IsReadOnly
         ? BlockCapabilities.Cache | BlockCapabilities.Flush

@@ -156,6 +156,18 @@ public interface ISegmentedReads
     ValueTask<int> ReadSegmentsAsync(long offset, Memory<byte> destination, Memory<Extent> segments, CancellationToken cancellationToken = default);
 }
 
+/// <summary>
+/// A device that can grow while it serves (an export resized online). Growing never changes a byte
+/// below the old size, the new range reads as zeros (or as whatever the storage already held
+/// there, for storage the gateway did not make), and it is durable before the task completes. A
+/// size at or below the current one changes nothing: a grow that was cut short can be repeated.
+/// Shrinking is not offered.
+/// </summary>
+public interface IGrowableDevice
+{
+    ValueTask GrowAsync(long size, CancellationToken cancellationToken = default);
+}
+
 /// <summary>Requests held back by <see cref="IForwardingDevice.Cork"/>.</summary>
 public interface IRequestBatch
 {

@@ -91,6 +91,7 @@ public static class AdminApi
         app.MapBitmapApi();
         app.MapOverlayApi();
         app.MapCapacityApi();
+        app.MapResizeApi();
         return app;
     }
 
@@ -114,19 +115,9 @@ public static class AdminApi
             problem = "name is required";
             return null;
         }
-        long size;
-        switch (body.Size)
+        if (!TryReadSize(body.Size, out long size, out problem))
         {
-            case null:
-                problem = "size is required (bytes, or a string such as \"10G\")";
-                return null;
-            case { ValueKind: JsonValueKind.Number } number when number.TryGetInt64(out size):
-                break;
-            case { ValueKind: JsonValueKind.String } text when Sizes.TryParse(text.GetString()!, out size):
-                break;
-            default:
-                problem = $"size {body.Size} is invalid: give bytes, or a string such as \"10G\"";
-                return null;
+            return null;
         }
         if (body.Backend?.Layers is not null)
         {
@@ -151,7 +142,27 @@ public static class AdminApi
         return problem is null ? spec : null;
     }
 
-    private static IResult Failure(CommandResult result) => Error(result.Error switch
+    /// <summary>A size as requests give it: bytes, or a string such as "10G" (<see cref="Sizes.TryParse"/>).</summary>
+    public static bool TryReadSize(JsonElement? value, out long size, out string? problem)
+    {
+        problem = null;
+        size = 0;
+        switch (value)
+        {
+            case null:
+                problem = "size is required (bytes, or a string such as \"10G\")";
+                return false;
+            case { ValueKind: JsonValueKind.Number } number when number.TryGetInt64(out size):
+                return true;
+            case { ValueKind: JsonValueKind.String } text when Sizes.TryParse(text.GetString()!, out size):
+                return true;
+            default:
+                problem = $"size {value} is invalid: give bytes, or a string such as \"10G\"";
+                return false;
+        }
+    }
+
+    public static IResult Failure(CommandResult result) => Error(result.Error switch
     {
         ExportErrorKind.NotFound => StatusCodes.Status404NotFound,
         ExportErrorKind.Conflict => StatusCodes.Status409Conflict,
@@ -159,6 +170,6 @@ public static class AdminApi
         _ => StatusCodes.Status500InternalServerError,
     }, result.Message ?? "failed");
 
-    private static IResult Error(int status, string message) =>
+    public static IResult Error(int status, string message) =>
         Results.Json(new ErrorDto(message), AdminJson.Default.ErrorDto, statusCode: status);
 }

@@ -94,6 +94,7 @@ export.Subcommands.Add(show);
 export.Subcommands.Add(add);
 export.Subcommands.Add(remove);
 export.Subcommands.Add(OverlayCli.SnapshotCommand(nameArgument, Cli));
+export.Subcommands.Add(ResizeCli.ResizeCommand(nameArgument, Cli));
 
 var root = new RootCommand("NBD storage gateway");
 root.Subcommands.Add(serve);

@@ -36,6 +36,12 @@ public sealed record PurgeBitmaps
 }
 
 /// <summary>
+/// From the export actor: the export grew to <paramref name="ExportSize"/> bytes; grow every bitmap
+/// (new granules clean) before the new size is shown. Answered with an empty <see cref="BitmapResult"/>.
+/// </summary>
+public sealed record GrowBitmaps(long ExportSize);
+
+/// <summary>
 /// First touches from the data path: complete <see cref="Done"/> once every enabled bitmap has
 /// the granules of [Offset, Offset+Length) durably dirty. Sent with Tell, never Ask.
 /// </summary>

@@ -120,6 +120,24 @@ public sealed partial record BitmapState(long ExportSize, ImmutableSortedDiction
         }
     }
 
+    /// <summary>
+    /// The export grew: every bitmap grows in place (its new granules clean, no bit lost). Not an
+    /// event: a bitmap's size is its export's, which the export's spec records, and recovery makes
+    /// the bitmaps that size before it replays their events.
+    /// </summary>
+    public BitmapState Grow(long exportSize)
+    {
+        if (exportSize <= ExportSize)
+        {
+            return this;
+        }
+        foreach (BitmapEntry entry in Bitmaps.Values)
+        {
+            entry.Bits.Grow(exportSize);
+        }
+        return this with { ExportSize = exportSize };
+    }
+
     public BitmapsSnapshot ToSnapshot() =>
         new([.. Bitmaps.Values.Select(b => new BitmapSnapshotEntry(b.Name, b.Granularity, b.Enabled,
             [.. b.Bits.DirtyRuns().SelectMany(r => new[] { r.Start, r.Count })]))]);

@@ -75,6 +75,13 @@ public sealed class BitmapsActor : ReceivePersistentActor
         Command<OpenExport>(_ => Sender.Tell(new ExportOpened(_handle)));
         Command<ListBitmaps>(_ => Sender.Tell(BitmapResult.Ok([.. _state.Bitmaps.Values.Select(b => b.Info)])));
         Command<IBitmapCommand>(OnCommand);
+        Command<GrowBitmaps>(grow =>
+        {
+            // In place: connections that selected a bitmap keep reading it. Nothing to persist
+            // (BitmapState.Grow): a restart makes the bitmaps the size of the grown spec.
+            _state = _state.Grow(grow.ExportSize);
+            Sender.Tell(BitmapResult.Ok());
+        });
         Command<PurgeBitmaps>(_ => Purge());
         Command<SaveSnapshotSuccess>(s =>
         {

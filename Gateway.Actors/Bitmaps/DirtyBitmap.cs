@@ -10,6 +10,12 @@ namespace Gateway.Actors.Bitmaps;
 /// use <see cref="Volatile.Read(ref readonly ulong)"/> and take no lock: a bit, once set, stays
 /// set until a clear, so a reader can only see too few bits, never a bit that is not durable.
 /// </para>
+/// <para>
+/// When the export grows, the same bitmap grows (<see cref="Grow"/>, by the writer): connections
+/// that selected it keep reading it. The new granules are clean; every bit set before is kept.
+/// The words are replaced by a longer copy, published before the new size, so a reader that
+/// sees the new size sees the longer words; one still holding the old words sees too few bits.
+/// </para>
 /// </summary>
 public sealed class DirtyBitmap
 {
@@ -17,8 +23,10 @@ public sealed class DirtyBitmap
     public const int MaxGranularity = 16 << 20;
     public const int DefaultGranularity = 64 << 10;
 
-    private readonly ulong[] _words;
+    private volatile ulong[] _words;
     private readonly int _shift;
+    private long _size;
+    private long _granuleCount;
 
     public DirtyBitmap(long size, int granularity)
     {
@@ -27,22 +35,45 @@ public sealed class DirtyBitmap
             throw new ArgumentOutOfRangeException(nameof(granularity), granularity, "granularity must be a power of two from 512 B to 16 MiB");
         }
         ArgumentOutOfRangeException.ThrowIfNegative(size);
-        Size = size;
+        _size = size;
         Granularity = granularity;
         _shift = BitOperations.Log2((uint)granularity);
-        GranuleCount = (size + granularity - 1) >> _shift;
-        _words = new ulong[(GranuleCount + 63) >> 6];
+        _granuleCount = (size + granularity - 1) >> _shift;
+        _words = new ulong[(_granuleCount + 63) >> 6];
     }
 
     public static bool IsValidGranularity(long granularity) =>
         granularity is >= MinGranularity and <= MaxGranularity && BitOperations.IsPow2(granularity);
 
     /// <summary>Bytes of the export the bitmap covers.</summary>
-    public long Size { get; }
+    public long Size => Volatile.Read(ref _size);
 
     public int Granularity { get; }
 
-    public long GranuleCount { get; }
+    public long GranuleCount => Volatile.Read(ref _granuleCount);
+
+    /// <summary>
+    /// Covers an export grown to <paramref name="size"/> bytes: the new granules are clean, every
+    /// dirty granule stays dirty. Called by the one writer (the bitmaps actor), never concurrently
+    /// with its own <see cref="SetGranules"/> or <see cref="Clear"/>; a smaller size changes nothing.
+    /// </summary>
+    public void Grow(long size)
+    {
+        if (size <= Size)
+        {
+            return;
+        }
+        long granules = (size + Granularity - 1) >> _shift;
+        ulong[] words = _words;
+        if ((granules + 63) >> 6 > words.Length)
+        {
+            var longer = new ulong[(granules + 63) >> 6];
+            words.CopyTo(longer, 0);
+            _words = longer;
+        }
+        Volatile.Write(ref _granuleCount, granules);
+        Volatile.Write(ref _size, size);
+    }
 
     /// <summary>The granules a byte range touches, clipped to the export; false when it touches none.</summary>
     public bool TryGranules(long offset, long length, out long first, out long last)
@@ -115,9 +146,10 @@ public sealed class DirtyBitmap
         get
         {
             long count = 0;
-            for (int i = 0; i < _words.Length; i++)
+            ulong[] words = _words;
+            for (int i = 0; i < words.Length; i++)
             {
-                count += BitOperations.PopCount(Volatile.Read(ref _words[i]));
+                count += BitOperations.PopCount(Volatile.Read(ref words[i]));
             }
             return count;
         }
@@ -177,12 +209,14 @@ public sealed class DirtyBitmap
     /// <summary>The first granule at or after <paramref name="from"/> whose state is <paramref name="dirty"/> (GranuleCount if none).</summary>
     public long NextWithState(long from, bool dirty)
     {
-        if (from >= GranuleCount)
+        long granuleCount = GranuleCount;
+        ulong[] words = _words;
+        if (from >= granuleCount)
         {
-            return GranuleCount;
+            return granuleCount;
         }
         long w = from >> 6;
-        ulong word = Volatile.Read(ref _words[w]);
+        ulong word = Volatile.Read(ref words[w]);
         if (!dirty)
         {
             word = ~word;
@@ -190,17 +224,17 @@ public sealed class DirtyBitmap
         word &= ulong.MaxValue << (int)(from & 63);
         while (word == 0)
         {
-            if (++w >= _words.Length)
+            if (++w >= words.Length)
             {
-                return GranuleCount;
+                return granuleCount;
             }
-            word = Volatile.Read(ref _words[w]);
+            word = Volatile.Read(ref words[w]);
             if (!dirty)
             {
                 word = ~word;
             }
         }
-        return Math.Min((w << 6) + BitOperations.TrailingZeroCount(word), GranuleCount);
+        return Math.Min((w << 6) + BitOperations.TrailingZeroCount(word), granuleCount);
     }
 
     /// <summary>

@@ -37,6 +37,7 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers, IWithUnboundedStas
     private Task<TermBegun>? _beginning;
     private TermBegun? _term;
     private ExportHandle? _handle;
+    private ExportHandle? _grownHandle;
     private IActorRef? _retiredBy;
     private bool _handingOff;
     private bool _closeReported;
@@ -98,6 +99,7 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers, IWithUnboundedStas
             Context.Stop(Self);
         });
         Receive<LeaseReleased>(_ => Context.Stop(Self));
+        Receive<Grown>(OnGrown);
         Receive<RenewLease>(_ =>
         {
             if (_renewing || _leases is null || _term is not { } term || _fence is null)
@@ -121,6 +123,11 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers, IWithUnboundedStas
         {
             if (opened.Handle is { } handle && opened.Term is { } term && _export is not null)
             {
+                if (_grownHandle is { } grown && grown.Info.Size > handle.Info.Size)
+                {
+                    // Opened before a grow that finished first: the same device, at its new size.
+                    handle = grown;
+                }
                 _handle = handle;
                 _term = term;
                 _local.Add(handle);
@@ -283,6 +290,13 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers, IWithUnboundedStas
                 OpenInTermAsync(_export.Ask<ExportOpened>(new OpenExport(envelope.Spec.Name), OpenTimeout), _beginning!)
                     .PipeTo(Self, success: o => o with { ReplyTo = replyTo }, failure: _ => new Opened(null, null, replyTo));
                 break;
+            case GrowExport grow:
+                // What LocateExport answers and the peer listener serves is the owner's handle,
+                // which a grow replaces (new size): take the new one once the export has grown.
+                IActorRef asker = Sender;
+                GrowAndReopenAsync(_export, grow).PipeTo(Self, success: g => g with { ReplyTo = asker },
+                    failure: e => new Grown(grow.Spec, CommandResult.Fail(ExportErrorKind.Failed, $"growing '{grow.Spec.Name}' failed: {e.Message}"), null, asker));
+                break;
             case RetireExport:
                 _retiredBy = Sender;
                 _export.Tell(PurgeBitmaps.Instance);
@@ -317,6 +331,37 @@ public sealed class ExportEntity : ReceiveActor, IWithTimers, IWithUnboundedStas
         TermBegun term = await beginning.ConfigureAwait(false);
         return new Opened(opened.Handle, term, ActorRefs.Nobody);
     }
+
+    private static async Task<Grown> GrowAndReopenAsync(IActorRef export, GrowExport grow)
+    {
+        CommandResult result = await export.Ask<CommandResult>(grow, OpenTimeout).ConfigureAwait(false);
+        ExportHandle? handle = result.Error is null
+            ? (await export.Ask<ExportOpened>(new OpenExport(grow.Spec.Name), OpenTimeout).ConfigureAwait(false)).Handle
+            : null;
+        return new Grown(grow.Spec, result, handle, ActorRefs.Nobody);
+    }
+
+    private void OnGrown(Grown grown)
+    {
+        if (grown.Handle is { } handle)
+        {
+            _grownHandle = handle;
+            if (_handle is { } old && !ReferenceEquals(old, handle))
+            {
+                _local.Remove(old);
+                _local.Add(handle);
+                _handle = handle;
+            }
+            if (_spec is not null && _spec.Incarnation == grown.Spec.Incarnation)
+            {
+                _spec = grown.Spec;
+            }
+        }
+        grown.ReplyTo.Tell(grown.Result);
+    }
+
+    /// <summary>A grow's outcome, and the export's handle after it (null when it failed).</summary>
+    private sealed record Grown(ExportSpec Spec, CommandResult Result, ExportHandle? Handle, IActorRef ReplyTo);
 
     private ExportLocated Located(ExportHandle handle, TermBegun term) => new(handle.Info.Name, _node.Name, _node.PeerHost, _node.PeerPort,
         handle.Info.Size, handle.Info.ReadOnly, (int)handle.Info.Capabilities, [.. handle.MetaContexts.Select(c => c.Name)], term.Epoch);

@@ -59,6 +59,7 @@ public sealed partial class BackendFactory
     {
         string[] ids = spec.Backend.Layers ?? throw new InvalidOperationException($"overlay export '{spec.Name}' has no layers");
         var layers = new List<Layer>();
+        OverlayBackend? overlay = null;
         try
         {
             for (int i = 0; i < ids.Length; i++)
@@ -71,10 +72,23 @@ public sealed partial class BackendFactory
                 RefuseNonRaw(BaseImagePath(image));
                 layers.Add(LayerFiles.OpenRaw(BaseImagePath(image)));
             }
-            return new OverlayBackend(layers, spec.Size, spec.ReadOnly);
+            if (spec.ReadOnly || layers[0].Map!.LayerSize >= spec.Size)
+            {
+                return new OverlayBackend(layers, spec.Size, spec.ReadOnly);
+            }
+            // Resized, and stopped before the top grew (the new size is recorded first): open at
+            // the size the top's map records and finish the grow, masking as the grow does.
+            overlay = new OverlayBackend(layers, layers[0].Map!.LayerSize, readOnly: false);
+            await overlay.GrowAsync(spec.Size, cancellationToken).ConfigureAwait(false);
+            return overlay;
         }
         catch
         {
+            if (overlay is not null)
+            {
+                overlay.Dispose();
+                throw;
+            }
             foreach (Layer layer in layers)
             {
                 layer.Dispose();

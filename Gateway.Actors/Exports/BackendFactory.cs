@@ -87,7 +87,21 @@ public sealed partial class BackendFactory(string dataDirectory)
         {
             return await OpenS3Async(spec, cancellationToken).ConfigureAwait(false);
         }
-        return FileBackend.Open(FilePath(spec), spec.ReadOnly);
+        FileBackend file = FileBackend.Open(FilePath(spec), spec.ReadOnly);
+        if (!spec.ReadOnly && file.Size < spec.Size)
+        {
+            // Resized, and stopped before the file grew (the new size is recorded first): grow it now.
+            try
+            {
+                await file.GrowAsync(spec.Size, cancellationToken).ConfigureAwait(false);
+            }
+            catch
+            {
+                file.Dispose();
+                throw;
+            }
+        }
+        return file;
     }
 
     /// <summary>Deletes storage the gateway made itself; a file the user named is left in place.</summary>

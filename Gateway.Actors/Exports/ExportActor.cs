@@ -88,6 +88,7 @@ public sealed partial class ExportActor : ReceiveActor, IWithUnboundedStash
         });
         Receive<GetExport>(_ => Sender.Tell(new ExportFound(new ExportStatus(_spec, _handle?.Info))));
         ReceiveAsync<PushLayer>(PushLayerAsync);
+        ReceiveAsync<GrowExport>(GrowAsync);
         Receive<QueryTopEmpty>(_ => Sender.Tell(_overlay is { TopIsEmpty: true }));
         Receive<IBitmapCommand>(command => _bitmaps.Forward(command));
         Receive<BitmapsPurged>(_ => Context.Stop(Self));
@@ -127,6 +128,7 @@ public sealed partial class ExportActor : ReceiveActor, IWithUnboundedStash
     private void OnBackendOpened(BackendOpened backendOpened)
     {
         IBlockDevice opened = backendOpened.Device;
+        _backend = opened;
         _overlay = opened as Gateway.Backends.Overlay.OverlayBackend;
         // Fenced twice (FencedDevice): on top, so a refused request records no granule, and
         // right above the backend, so a write that waited for its granules checks again.

@@ -30,8 +30,39 @@ public sealed record ExportCatalog(ImmutableSortedDictionary<string, ExportSpec>
             (null, CommandResult.Fail(ExportErrorKind.Invalid, $"snapshot of '{snapshot.ExportName}' names no new layer")),
         SnapshotExport snapshot =>
             (new ExportSnapshotted(snapshot.ExportName, [snapshot.LayerId!, .. Exports[snapshot.ExportName].Backend.Layers!]), null),
+        ResizeExport resize => DecideResize(resize),
         _ => (null, CommandResult.Fail(ExportErrorKind.Invalid, $"unknown command {command.GetType().Name}")),
     };
+
+    /// <summary>
+    /// Growing only: a smaller size would cut off data (and NBD clients cannot be told). The same
+    /// size succeeds with nothing to record (null, null), so a resize can be repeated.
+    /// </summary>
+    private (IExportEvent? Event, CommandResult? Error) DecideResize(ResizeExport resize)
+    {
+        if (!Exports.TryGetValue(resize.ExportName, out ExportSpec? spec))
+        {
+            return (null, CommandResult.Fail(ExportErrorKind.NotFound, $"export '{resize.ExportName}' not found"));
+        }
+        if (spec.ReadOnly)
+        {
+            return (null, CommandResult.Fail(ExportErrorKind.Invalid, $"export '{resize.ExportName}' is read-only: it cannot be resized"));
+        }
+        if (resize.Size <= 0)
+        {
+            return (null, CommandResult.Fail(ExportErrorKind.Invalid, $"size {resize.Size} is invalid: it must be a positive number of bytes"));
+        }
+        if (resize.Size > ExportRules.MaxSize)
+        {
+            return (null, CommandResult.Fail(ExportErrorKind.Invalid, $"size {resize.Size} is over the limit of {ExportRules.MaxSize} bytes"));
+        }
+        if (resize.Size < spec.Size)
+        {
+            return (null, CommandResult.Fail(ExportErrorKind.Invalid,
+                $"shrinking is refused: export '{resize.ExportName}' is {spec.Size} bytes and {resize.Size} is smaller (the data past it would be lost)"));
+        }
+        return resize.Size == spec.Size ? (null, null) : (new ExportResized(resize.ExportName, resize.Size), null);
+    }
 
     public ExportCatalog Apply(IExportEvent @event) => @event switch
     {
@@ -39,6 +70,8 @@ public sealed record ExportCatalog(ImmutableSortedDictionary<string, ExportSpec>
         ExportRemoved removed => this with { Exports = Exports.Remove(removed.Name) },
         ExportSnapshotted pushed when Exports.TryGetValue(pushed.Name, out ExportSpec? spec) =>
             this with { Exports = Exports.SetItem(pushed.Name, spec with { Backend = spec.Backend with { Layers = pushed.Layers } }) },
+        ExportResized resized when Exports.TryGetValue(resized.Name, out ExportSpec? spec) =>
+            this with { Exports = Exports.SetItem(resized.Name, spec with { Size = resized.Size }) },
         _ => this,
     };
 

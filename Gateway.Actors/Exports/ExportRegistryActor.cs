@@ -87,6 +87,7 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
             }
         });
         Command<RemoveExport>(Remove);
+        Command<ResizeExport>(Resize);
         Command<SnapshotExport>(snapshot => Snapshot(snapshot, Sender, thenCreate: null));
         Command<SnapshotThenCreate>(CreateOnSnapshot);
         Command<CreateOnOverlayBase>(CreateOnOverlayBase);

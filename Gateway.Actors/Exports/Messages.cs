@@ -13,6 +13,19 @@ public sealed record CreateExport(ExportSpec Spec);
 
 public sealed record RemoveExport(string ExportName) : IWithExportName;
 
+/// <summary>
+/// Grow an export to <paramref name="Size"/> bytes (never shrink). The registry decides and records
+/// it (<see cref="ExportResized"/>), then the export's owner grows its device (<see cref="GrowExport"/>).
+/// </summary>
+public sealed record ResizeExport(string ExportName, long Size) : IWithExportName;
+
+/// <summary>
+/// To an export actor (through the shard region in a cluster): the export's recorded spec is now
+/// <paramref name="Spec"/>, larger than the device. Grow the device and the dirty bitmaps, then
+/// show the new size to new connections; answered with a <see cref="CommandResult"/>.
+/// </summary>
+public sealed record GrowExport(ExportSpec Spec);
+
 /// <summary>Makes every completed write of every export durable (graceful shutdown).</summary>
 public sealed record FlushAllExports
 {
@@ -84,3 +97,6 @@ public interface IExportEvent;
 public sealed record ExportCreated(ExportSpec Spec) : IExportEvent;
 
 public sealed record ExportRemoved(string Name) : IExportEvent;
+
+/// <summary>The export grew to <paramref name="Size"/> bytes (it never shrinks).</summary>
+public sealed record ExportResized(string Name, long Size) : IExportEvent;

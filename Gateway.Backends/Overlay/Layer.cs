@@ -55,6 +55,45 @@ public sealed class Layer(string id, IBlockDevice data, LayerMap? map) : IDispos
         }
     }
 
+    /// <summary>
+    /// First step of growing a top layer to <paramref name="size"/> bytes: the data store grows
+    /// (durably; the new range reads as zeros), then the map makes room for the new clusters. The
+    /// map's header still records the old size until <see cref="CommitSizeAsync"/>. Holds the
+    /// flush lock, so no persist copies the map while its arrays are replaced.
+    /// </summary>
+    public async ValueTask ExtendAsync(long size, CancellationToken cancellationToken = default)
+    {
+        if (Map is not { } map || Data is not IGrowableDevice data)
+        {
+            throw new NotSupportedException($"layer '{Id}' cannot grow: only a layer with a map over a growable store can");
+        }
+        await _flush.WaitAsync(cancellationToken).ConfigureAwait(false);
+        try
+        {
+            await data.GrowAsync(size, cancellationToken).ConfigureAwait(false);
+            await map.ExtendAsync(size, cancellationToken).ConfigureAwait(false);
+        }
+        finally
+        {
+            _flush.Release();
+        }
+    }
+
+    /// <summary>The grow's commit point: every change made so far is persisted (data, then map), then the header names the new size.</summary>
+    public async ValueTask CommitSizeAsync(long size, CancellationToken cancellationToken = default)
+    {
+        await FlushAsync(cancellationToken).ConfigureAwait(false);
+        await _flush.WaitAsync(cancellationToken).ConfigureAwait(false);
+        try
+        {
+            await Map!.CommitSizeAsync(size, cancellationToken).ConfigureAwait(false);
+        }
+        finally
+        {
+            _flush.Release();
+        }
+    }
+
     public void Dispose()
     {
         Data.Dispose();

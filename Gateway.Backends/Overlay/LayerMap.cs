@@ -31,8 +31,9 @@ public sealed class LayerMap : IDisposable
     private static ReadOnlySpan<byte> Magic => "GWLAYER1"u8;
 
     private readonly IBlockDevice _store;
-    private readonly byte[] _states;
-    private readonly ulong[] _dirty;
+    // Replaced (never changed in length) by ExtendAsync, while its caller holds off Set and persists.
+    private volatile byte[] _states;
+    private volatile ulong[] _dirty;
 
     private LayerMap(IBlockDevice store, long layerSize, int clusterSize, byte[] states)
     {
@@ -44,7 +45,8 @@ public sealed class LayerMap : IDisposable
         _dirty = new ulong[(PageCount(states.Length) + 63) / 64];
     }
 
-    public long LayerSize { get; }
+    /// <summary>The layer's size as the store's header records it (what the layer opens with).</summary>
+    public long LayerSize { get; private set; }
 
     public int ClusterSize { get; }
 
@@ -109,8 +111,11 @@ public sealed class LayerMap : IDisposable
     }
 
     /// <summary>The state of a cluster; clusters past the layer's end are absent.</summary>
-    public ClusterState Get(long cluster) =>
-        (ulong)cluster < (ulong)_states.Length ? (ClusterState)Volatile.Read(ref _states[cluster]) : ClusterState.Absent;
+    public ClusterState Get(long cluster)
+    {
+        byte[] states = _states;
+        return (ulong)cluster < (ulong)states.Length ? (ClusterState)Volatile.Read(ref states[cluster]) : ClusterState.Absent;
+    }
 
     /// <summary>
     /// Changes a cluster's state in memory; it becomes durable at the next persist. Callers set
@@ -125,7 +130,8 @@ public sealed class LayerMap : IDisposable
         }
         Volatile.Write(ref _states[cluster], (byte)state);
         long page = cluster >> PageShift;
-        Interlocked.Or(ref _dirty[page >> 6], 1UL << (int)(page & 63));
+        ulong[] dirty = _dirty;
+        Interlocked.Or(ref dirty[page >> 6], 1UL << (int)(page & 63));
     }
 
     /// <summary>
@@ -136,21 +142,23 @@ public sealed class LayerMap : IDisposable
     public List<(long Page, byte[] Bytes)> TakeDirtyPages()
     {
         var pages = new List<(long, byte[])>();
-        for (int word = 0; word < _dirty.Length; word++)
+        ulong[] dirty = _dirty;
+        byte[] states = _states;
+        for (int word = 0; word < dirty.Length; word++)
         {
-            if (Volatile.Read(ref _dirty[word]) == 0)
+            if (Volatile.Read(ref dirty[word]) == 0)
             {
                 continue;
             }
-            ulong bits = Interlocked.Exchange(ref _dirty[word], 0);
+            ulong bits = Interlocked.Exchange(ref dirty[word], 0);
             while (bits != 0)
             {
                 int bit = System.Numerics.BitOperations.TrailingZeroCount(bits);
                 bits &= bits - 1;
                 long page = ((long)word << 6) + bit;
                 long start = page << PageShift;
-                int length = (int)Math.Min(PageSize, _states.Length - start);
-                pages.Add((page, _states.AsSpan((int)start, length).ToArray()));
+                int length = (int)Math.Min(PageSize, states.Length - start);
+                pages.Add((page, states.AsSpan((int)start, length).ToArray()));
             }
         }
         return pages;
@@ -181,10 +189,68 @@ public sealed class LayerMap : IDisposable
     /// <summary>Puts pages taken by <see cref="TakeDirtyPages"/> back, for a persist that failed.</summary>
     public void MarkDirty(List<(long Page, byte[] Bytes)> pages)
     {
+        ulong[] dirty = _dirty;
         foreach ((long page, _) in pages)
         {
-            Interlocked.Or(ref _dirty[page >> 6], 1UL << (int)(page & 63));
+            Interlocked.Or(ref dirty[page >> 6], 1UL << (int)(page & 63));
         }
+    }
+
+    /// <summary>
+    /// First step of a grow: room for the clusters of a <paramref name="layerSize"/>-byte layer, in
+    /// the store (zeros: absent) and in memory; the new clusters can be set from now on. The header
+    /// still records the old size until <see cref="CommitSizeAsync"/>, so a crash in between opens
+    /// the old map (states past its clusters are ignored) and the grow is simply made again. The
+    /// caller holds off <see cref="Set"/> and every persist while this runs (OverlayBackend's write
+    /// gate and the layer's flush lock): the arrays are replaced, not changed in place.
+    /// </summary>
+    public async ValueTask ExtendAsync(long layerSize, CancellationToken cancellationToken)
+    {
+        long count = ClusterCountOf(layerSize, ClusterSize);
+        if (count <= _states.Length)
+        {
+            return;
+        }
+        if (_store.Size < HeaderSize + count)
+        {
+            if (_store is not IGrowableDevice growable)
+            {
+                throw new NotSupportedException("the layer map's store cannot grow");
+            }
+            await growable.GrowAsync(HeaderSize + count, cancellationToken).ConfigureAwait(false);
+        }
+        // The store past the old clusters may hold states of an earlier grow cut short: start them absent.
+        byte[] states = new byte[count];
+        _states.CopyTo(states, 0);
+        ulong[] dirty = new ulong[(PageCount(count) + 63) / 64];
+        _dirty.CopyTo(dirty, 0);
+        for (long page = _states.Length >> PageShift; page < PageCount(count); page++)
+        {
+            dirty[page >> 6] |= 1UL << (int)(page & 63);
+        }
+        _dirty = dirty;
+        _states = states;
+    }
+
+    /// <summary>Last step of a grow: the header records the new size, durably (the grow's commit point).</summary>
+    public async ValueTask CommitSizeAsync(long layerSize, CancellationToken cancellationToken)
+    {
+        if (layerSize <= LayerSize)
+        {
+            return;
+        }
+        if (ClusterCountOf(layerSize, ClusterSize) > _states.Length)
+        {
+            throw new InvalidOperationException($"the layer map holds fewer clusters than a {layerSize}-byte layer: extend it first");
+        }
+        byte[] header = new byte[HeaderSize];
+        Magic.CopyTo(header);
+        BinaryPrimitives.WriteInt32LittleEndian(header.AsSpan(8), Version);
+        BinaryPrimitives.WriteInt32LittleEndian(header.AsSpan(12), ClusterSize);
+        BinaryPrimitives.WriteInt64LittleEndian(header.AsSpan(16), layerSize);
+        await _store.WriteAsync(0, header, fua: false, cancellationToken).ConfigureAwait(false);
+        await _store.FlushAsync(cancellationToken).ConfigureAwait(false);
+        LayerSize = layerSize;
     }
 
     public void Dispose() => _store.Dispose();

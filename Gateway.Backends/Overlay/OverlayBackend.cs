@@ -12,7 +12,7 @@ public readonly record struct DepthExtent(long Length, uint Depth);
 /// <see cref="ClusterState.Data"/> after its whole content is in the top's data store, so a reader
 /// racing a copy-up sees either the old lower data or the finished cluster.
 /// </summary>
-public sealed class OverlayBackend : IBlockDevice, INonBlockingIo
+public sealed class OverlayBackend : IBlockDevice, INonBlockingIo, IGrowableDevice
 {
     // Copy-ups and state changes of one cluster are serialised; stripes bound the number of locks.
     private const int StripeCount = 256;
@@ -24,6 +24,7 @@ public sealed class OverlayBackend : IBlockDevice, INonBlockingIo
     private readonly byte[] _zeros;
     private volatile Layer[] _layers;
     private volatile bool _disposed;
+    private long _size;
 
     /// <param name="layers">Top first. Every layer but a bottom raw image has a map, all with one cluster size.</param>
     public OverlayBackend(IReadOnlyList<Layer> layers, long size, bool readOnly)
@@ -48,7 +49,7 @@ public sealed class OverlayBackend : IBlockDevice, INonBlockingIo
         _clusterSize = topMap.ClusterSize;
         _shift = topMap.ClusterShift;
         _zeros = new byte[_clusterSize];
-        Size = size;
+        _size = size;
         IsReadOnly = readOnly;
         for (int i = 0; i < _stripes.Length; i++)
         {
@@ -56,7 +57,8 @@ public sealed class OverlayBackend : IBlockDevice, INonBlockingIo
         }
     }
 
-    public long Size { get; }
+    /// <summary>The device's size: as opened, or as <see cref="GrowAsync"/> made it since.</summary>
+    public long Size => Volatile.Read(ref _size);
 
     public bool IsReadOnly { get; }
 
@@ -174,6 +176,22 @@ public sealed class OverlayBackend : IBlockDevice, INonBlockingIo
             long cluster = offset >> _shift;
             (int source, bool masked) = Provider(layers, cluster, 0);
             long next = RunEnd(layers, offset, end, source, masked);
+            if (source >= 0 && !masked && !layers[source].IsRaw && next > layers[source].Size)
+            {
+                // A lower layer shorter than the device (the export grew since it was frozen)
+                // holds nothing past its end, though its last cluster runs on.
+                long inside = Math.Max(offset, layers[source].Size);
+                if (offset < inside && !TryAdd(extents.Span, ref count, inside - offset, ExtentFlags.Data))
+                {
+                    return count;
+                }
+                if (!TryAdd(extents.Span, ref count, next - inside, ExtentFlags.Hole | ExtentFlags.Zero))
+                {
+                    return count;
+                }
+                offset = next;
+                continue;
+            }
             if (source >= 0 && !masked && layers[source].IsRaw)
             {
                 // A raw image tells its own holes (SEEK_DATA); past its end it reads zeros.
@@ -226,9 +244,9 @@ public sealed class OverlayBackend : IBlockDevice, INonBlockingIo
             (int source, bool masked) = Provider(layers, cluster, 0);
             long next = RunEnd(layers, offset, end, source, masked);
             uint depth = source >= 0 ? (uint)source + 1 : 0;
-            if (source >= 0 && layers[source].IsRaw && next > layers[source].Size)
+            if (source >= 0 && next > layers[source].Size)
             {
-                // Past a short raw image's end nothing is allocated.
+                // Past a short layer's end (a raw image, or a lower layer of a grown export) nothing is allocated.
                 if (offset < layers[source].Size)
                 {
                     next = layers[source].Size;
@@ -283,6 +301,52 @@ public sealed class OverlayBackend : IBlockDevice, INonBlockingIo
             {
                 _gate.Open();
             }
+        }
+        finally
+        {
+            _switch.Release();
+        }
+    }
+
+    /// <summary>
+    /// Grows the device to <paramref name="size"/> bytes: only the top grows; the layers below keep
+    /// their size and read as nothing past their end (zeros, a hole, depth 0). A lower layer longer
+    /// than the old size (a clone of a bigger base) must not show through the new range, so that
+    /// range is zeroed in the top first, as qemu does when it grows an image over a longer backing
+    /// file. The top's map header records the new size last: a crash before it reopens the layer
+    /// at its old size and the grow is made again (<c>BackendFactory</c> does so at open). The
+    /// write gate is closed only while the map's arrays are replaced; clients go on meanwhile, and
+    /// none can reach the new range until the caller shows the new size.
+    /// </summary>
+    public async ValueTask GrowAsync(long size, CancellationToken cancellationToken = default)
+    {
+        ThrowIfNotWritable();
+        await _switch.WaitAsync(cancellationToken).ConfigureAwait(false);
+        try
+        {
+            long old = Size;
+            Layer top = _layers[0];
+            if (size <= old && top.Map!.LayerSize >= size)
+            {
+                return;
+            }
+            size = Math.Max(size, old);
+            await _gate.CloseAsync().ConfigureAwait(false);
+            try
+            {
+                await top.ExtendAsync(size, cancellationToken).ConfigureAwait(false);
+                Volatile.Write(ref _size, size);
+            }
+            finally
+            {
+                _gate.Open();
+            }
+            long shown = Math.Min(size, _layers.Skip(1).Select(l => l.Size).DefaultIfEmpty(0).Max());
+            if (shown > old)
+            {
+                await ClearAsync(old, shown - old, ZeroFlags.None, cancellationToken).ConfigureAwait(false);
+            }
+            await top.CommitSizeAsync(size, cancellationToken).ConfigureAwait(false);
         }
         finally
         {

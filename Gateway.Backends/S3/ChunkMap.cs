@@ -9,14 +9,43 @@ internal sealed class ChunkMap(long chunkCount)
     private const int PageShift = 18; // 256 Ki chunks (32 KiB of bits) per page
     private const long PageBits = 1L << PageShift;
 
-    private readonly ulong[]?[] _pages = new ulong[(chunkCount + PageBits - 1) >> PageShift][];
+    // Replaced by a longer copy when the map grows; the pages themselves are shared, so a bit set in
+    // one is in both.
+    private volatile ulong[]?[] _pages = new ulong[(chunkCount + PageBits - 1) >> PageShift][];
     private readonly Lock _lock = new();
+    private long _chunkCount = chunkCount;
 
-    public long ChunkCount { get; } = chunkCount;
+    public long ChunkCount => Volatile.Read(ref _chunkCount);
+
+    /// <summary>Room for <paramref name="chunkCount"/> chunks; the new ones are clear.</summary>
+    public void Grow(long chunkCount)
+    {
+        lock (_lock)
+        {
+            if (chunkCount <= _chunkCount)
+            {
+                return;
+            }
+            ulong[]?[] pages = _pages;
+            long needed = (chunkCount + PageBits - 1) >> PageShift;
+            if (needed > pages.Length)
+            {
+                var longer = new ulong[needed][];
+                pages.CopyTo(longer, 0);
+                _pages = longer;
+            }
+            Volatile.Write(ref _chunkCount, chunkCount);
+        }
+    }
 
     public bool Get(long index)
     {
-        ulong[]? page = Volatile.Read(ref _pages[index >> PageShift]);
+        ulong[]?[] pages = _pages;
+        if (index >> PageShift >= pages.Length)
+        {
+            return false;
+        }
+        ulong[]? page = Volatile.Read(ref pages[index >> PageShift]);
         long bit = index & (PageBits - 1);
         return page is not null && (Volatile.Read(ref page[bit >> 6]) & (1UL << (int)(bit & 63))) != 0;
     }
@@ -44,9 +73,10 @@ internal sealed class ChunkMap(long chunkCount)
     public long NextDifferent(long from, bool value, long limit)
     {
         long index = from;
+        ulong[]?[] pages = _pages;
         while (index < limit)
         {
-            ulong[]? page = Volatile.Read(ref _pages[index >> PageShift]);
+            ulong[]? page = index >> PageShift < pages.Length ? Volatile.Read(ref pages[index >> PageShift]) : null;
             if (page is null)
             {
                 if (value)

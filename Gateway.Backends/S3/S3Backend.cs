@@ -20,7 +20,7 @@ namespace Gateway.Backends.S3;
 /// chunk's async lock.
 /// </para>
 /// </summary>
-public sealed class S3Backend : IBlockDevice
+public sealed class S3Backend : IBlockDevice, IGrowableDevice
 {
     private const int SectorShift = 9;
     private const int SectorSize = 1 << SectorShift;
@@ -51,13 +51,14 @@ public sealed class S3Backend : IBlockDevice
     private volatile bool _mapLoaded;
     private long _backgroundFailures;
     private volatile bool _disposed;
+    private long _size;
 
     private S3Backend(IObjectStore store, bool ownsStore, string prefix, long size, bool readOnly, S3DeviceOptions options)
     {
         _store = store;
         _ownsStore = ownsStore;
         _prefix = prefix;
-        Size = size;
+        _size = size;
         IsReadOnly = readOnly;
         _objectSize = options.ObjectSize;
         _objectShift = System.Numerics.BitOperations.Log2((uint)options.ObjectSize);
@@ -148,7 +149,38 @@ public sealed class S3Backend : IBlockDevice
     /// <summary>False only when the chunk is known to have no object.</summary>
     private bool MayExist(long index) => !_mapLoaded || _allocated.Get(index);
 
-    public long Size { get; }
+    /// <summary>The disk's size: as opened, or as <see cref="GrowAsync"/> made it since. Only the export's spec records it.</summary>
+    public long Size => Volatile.Read(ref _size);
+
+    /// <summary>
+    /// Grows the disk: nothing is written to the store. A chunk past the old end has no object, and
+    /// a missing object reads as zeros. The maps grow before the size does, so no request reaches
+    /// a chunk they have no room for. The chunk that held the old end keeps its bytes past it,
+    /// which this gateway never wrote (zeros), unless the objects were adopted from elsewhere.
+    /// </summary>
+    public ValueTask GrowAsync(long size, CancellationToken cancellationToken = default)
+    {
+        if (cancellationToken.IsCancellationRequested)
+        {
+            return ValueTask.FromCanceled(cancellationToken);
+        }
+        try
+        {
+            DeviceBounds.ThrowIfNotWritable(_disposed, IsReadOnly);
+        }
+        catch (BlockDeviceException e)
+        {
+            return ValueTask.FromException(e);
+        }
+        if (size > Size)
+        {
+            long chunks = (size + _objectSize - 1) >> _objectShift;
+            _allocated.Grow(chunks);
+            _stored.Grow(chunks);
+            Volatile.Write(ref _size, size);
+        }
+        return ValueTask.CompletedTask;
+    }
 
     public bool IsReadOnly { get; }
 
