@@ -23,10 +23,8 @@ public sealed class SnapshotMetadataService(CsiOptions options, GatewayAdmin gat
         CsiSnapshot snapshot = await SnapshotAsync(request.SnapshotId, ct);
         CheckOffset(request.StartingOffset, snapshot.Size);
         await using PeerNbdClient client = await ConnectAsync(snapshot.Id, ct);
-        List<(long Offset, long Length)> allocated = await ExtentReader.ReadAsync(client, "base:allocation", request.StartingOffset, snapshot.Size,
-            status => (status & ExtentReader.StateHole) == 0, ct);
-        await SendAsync(allocated, max, snapshot.Size,
-            batch => responseStream.WriteAsync(new GetMetadataAllocatedResponse { BlockMetadataType = BlockMetadataType.VariableLength, VolumeCapacityBytes = snapshot.Size, BlockMetadata = { batch } }, ct));
+        await ExtentReader.StreamUnionAsync(client, ["base:allocation"], request.StartingOffset, snapshot.Size, status => (status & ExtentReader.StateHole) == 0, max,
+            batch => responseStream.WriteAsync(new GetMetadataAllocatedResponse { BlockMetadataType = BlockMetadataType.VariableLength, VolumeCapacityBytes = snapshot.Size, BlockMetadata = { Tuples(batch) } }, ct), ct);
     }
 
     public override async Task GetMetadataDelta(GetMetadataDeltaRequest request, IServerStreamWriter<GetMetadataDeltaResponse> responseStream, ServerCallContext context)
@@ -62,27 +60,18 @@ public sealed class SnapshotMetadataService(CsiOptions options, GatewayAdmin gat
         {
             throw Untracked($"the change tracking of volume '{volume}' since snapshot '{from.Id}' was lost (bitmap '{lost}' is missing): take a full backup");
         }
-        var changed = new List<(long Offset, long Length)>();
-        if (chain.Length > 0)
+        if (chain.Length == 0)
         {
-            await using PeerNbdClient client = await ConnectAsync(volume, ct);
-            foreach (string bitmap in chain)
-            {
-                changed.AddRange(await ExtentReader.ReadAsync(client, "qemu:dirty-bitmap:" + bitmap, request.StartingOffset, Math.Min(to.Size, client.Info.Size),
-                    status => (status & ExtentReader.StateDirty) != 0, ct));
-            }
+            return; // The same snapshot twice: nothing changed.
         }
-        await SendAsync(ExtentReader.Union(changed), max, to.Size,
-            batch => responseStream.WriteAsync(new GetMetadataDeltaResponse { BlockMetadataType = BlockMetadataType.VariableLength, VolumeCapacityBytes = to.Size, BlockMetadata = { batch } }, ct));
+        await using PeerNbdClient client = await ConnectAsync(volume, ct);
+        await ExtentReader.StreamUnionAsync(client, [.. chain.Select(b => "qemu:dirty-bitmap:" + b)], request.StartingOffset, Math.Min(to.Size, client.Info.Size),
+            status => (status & ExtentReader.StateDirty) != 0, max,
+            batch => responseStream.WriteAsync(new GetMetadataDeltaResponse { BlockMetadataType = BlockMetadataType.VariableLength, VolumeCapacityBytes = to.Size, BlockMetadata = { Tuples(batch) } }, ct), ct);
     }
 
-    private static async Task SendAsync(List<(long Offset, long Length)> ranges, int max, long capacity, Func<IEnumerable<BlockMetadata>, Task> write)
-    {
-        for (int i = 0; i < ranges.Count; i += max)
-        {
-            await write(ranges.Skip(i).Take(max).Select(r => new BlockMetadata { ByteOffset = r.Offset, SizeBytes = r.Length }));
-        }
-    }
+    private static IEnumerable<BlockMetadata> Tuples(IReadOnlyList<(long Offset, long Length)> ranges) =>
+        ranges.Select(r => new BlockMetadata { ByteOffset = r.Offset, SizeBytes = r.Length });
 
     private async Task<CsiSnapshot> SnapshotAsync(string id, CancellationToken ct)
     {

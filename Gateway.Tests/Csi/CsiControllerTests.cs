@@ -244,4 +244,55 @@ public sealed class CsiControllerTests(CsiControllerFixture fixture) : IClassFix
         GetCapacityResponse none = await Controller.GetCapacityAsync(new GetCapacityRequest { VolumeCapabilities = { Mount("btrfs") } });
         Assert.Equal(0, none.AvailableCapacity);
     }
+
+    [Fact]
+    public async Task ControllerExpandVolume_grows_the_export_online_keeps_the_data_and_never_shrinks()
+    {
+        await Controller.CreateVolumeAsync(NewVolume("pvc-expand", required: 16 * MiB));
+        await Gateway.RunAsync("qemu-io", ["-f", "raw", Gateway.NbdUri("pvc-expand"), "-c", "write -P 0x5a 15M 1M"]);
+        ControllerExpandVolumeResponse grown = await Controller.ControllerExpandVolumeAsync(new ControllerExpandVolumeRequest
+        {
+            VolumeId = "pvc-expand",
+            CapacityRange = new CapacityRange { RequiredBytes = 32 * MiB },
+            VolumeCapability = Block(),
+        });
+        Assert.Equal(32 * MiB, grown.CapacityBytes);
+        Assert.False(grown.NodeExpansionRequired);
+        ToolResult size = await Gateway.RunAsync("nbdinfo", ["--size", Gateway.NbdUri("pvc-expand")]);
+        Assert.Equal((32 * MiB).ToString(System.Globalization.CultureInfo.InvariantCulture), size.Stdout.Trim());
+        ToolResult read = await Gateway.RunAsync("qemu-io", ["-f", "raw", Gateway.NbdUri("pvc-expand"), "-c", "read -P 0x5a 15M 1M", "-c", "read -P 0 16M 16M"]);
+        Assert.DoesNotContain("fail", read.Stdout + read.Stderr, StringComparison.OrdinalIgnoreCase);
+
+        // Asking for less than it has: the volume stays as it is (the spec: already at least that big).
+        ControllerExpandVolumeResponse same = await Controller.ControllerExpandVolumeAsync(new ControllerExpandVolumeRequest
+        {
+            VolumeId = "pvc-expand",
+            CapacityRange = new CapacityRange { RequiredBytes = 8 * MiB },
+            VolumeCapability = Mount("ext4"),
+        });
+        Assert.Equal(32 * MiB, same.CapacityBytes);
+        Assert.True(same.NodeExpansionRequired);
+        Assert.Equal(32 * MiB, (await ExportAsync("pvc-expand"))!.Size);
+
+        Assert.Equal(StatusCode.NotFound, await CodeOf(() => Controller.ControllerExpandVolumeAsync(new ControllerExpandVolumeRequest { VolumeId = "never-was", CapacityRange = new CapacityRange { RequiredBytes = MiB } }).ResponseAsync));
+        Assert.Equal(StatusCode.InvalidArgument, await CodeOf(() => Controller.ControllerExpandVolumeAsync(new ControllerExpandVolumeRequest { CapacityRange = new CapacityRange { RequiredBytes = MiB } }).ResponseAsync));
+        Assert.Equal(StatusCode.InvalidArgument, await CodeOf(() => Controller.ControllerExpandVolumeAsync(new ControllerExpandVolumeRequest { VolumeId = "pvc-expand" }).ResponseAsync));
+        Assert.Equal(StatusCode.OutOfRange, await CodeOf(() => Controller.ControllerExpandVolumeAsync(new ControllerExpandVolumeRequest { VolumeId = "pvc-expand", CapacityRange = new CapacityRange { RequiredBytes = 1L << 51 } }).ResponseAsync));
+    }
+
+    [Fact]
+    public async Task A_volume_from_a_snapshot_may_be_larger_and_reads_zeros_past_the_snapshot()
+    {
+        await Controller.CreateVolumeAsync(NewVolume("pvc-grow-src", required: 8 * MiB));
+        await Gateway.RunAsync("qemu-io", ["-f", "raw", Gateway.NbdUri("pvc-grow-src"), "-c", "write -P 0x77 7M 1M"]);
+        Snapshot snapshot = (await Controller.CreateSnapshotAsync(new CreateSnapshotRequest { SourceVolumeId = "pvc-grow-src", Name = "snapshot-grow" })).Snapshot;
+        CreateVolumeRequest bigger = NewVolume("pvc-grow-dst", required: 24 * MiB);
+        bigger.VolumeContentSource = new VolumeContentSource { Snapshot = new VolumeContentSource.Types.SnapshotSource { SnapshotId = snapshot.SnapshotId } };
+        CreateVolumeResponse made = await Controller.CreateVolumeAsync(bigger);
+        Assert.Equal(24 * MiB, made.Volume.CapacityBytes);
+        ToolResult read = await Gateway.RunAsync("qemu-io", ["-f", "raw", Gateway.NbdUri("pvc-grow-dst"), "-c", "read -P 0x77 7M 1M", "-c", "read -P 0 8M 16M", "-c", "write -P 0x78 20M 64k", "-c", "read -P 0x78 20M 64k"]);
+        Assert.DoesNotContain("fail", read.Stdout + read.Stderr, StringComparison.OrdinalIgnoreCase);
+        // A repeat is the same volume, not a second grow or a conflict.
+        Assert.Equal(made.Volume, (await Controller.CreateVolumeAsync(bigger)).Volume);
+    }
 }
