@@ -23,6 +23,9 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
     private readonly ILoggingAdapter _log = Context.GetLogger();
     private ExportCatalog _catalog = ExportCatalog.Empty;
     private readonly Dictionary<string, IActorRef> _children = new(StringComparer.Ordinal);
+
+    /// <summary>Removed exports' actors, until they have stopped and their storage can go.</summary>
+    private readonly Dictionary<IActorRef, ExportSpec> _stopping = [];
     private ExportSpec? _creating;
     private Activity? _recovery = GatewayTelemetry.ActivitySource.StartActivity("exports.recover");
 
@@ -164,6 +167,7 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
                 failure: e => new ExportsFlushed(0, [e.Message]));
         });
         Command<ExportStopped>(stopped => DeleteStorage(stopped.Spec));
+        Command<Terminated>(ChildTerminated);
         Command<RetireFailed>(failed => _log.Warning("Export {0} was removed but its owner did not close it ({1}): its storage is kept", failed.Spec.Name, failed.Reason));
         // The answer to the first-start CreateExport this actor sends itself.
         Command<CommandResult>(result =>
@@ -171,13 +175,6 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
             if (result.Error is not null)
             {
                 _log.Error("Creating the initial export failed: {0}", result.Message);
-            }
-        });
-        Command<ExportFailed>(failed =>
-        {
-            if (_children.TryGetValue(failed.Name, out IActorRef? current) && current.Equals(failed.Child))
-            {
-                _children.Remove(failed.Name);
             }
         });
         Command<SaveSnapshotSuccess>(s => DeleteMessages(s.Metadata.SequenceNr));
@@ -272,6 +269,8 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
         {
             Command<StorageCreated>(OnStorageCreated);
             Command<LayerCreated>(OnLayerCreated);
+            // Never stashed: a stashed Terminated is dropped by Akka when it comes back out.
+            Command<Terminated>(ChildTerminated);
             if (!holdQueries)
             {
                 OtherCommands();
@@ -311,9 +310,8 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
             else if (_children.Remove(spec.Name, out IActorRef? child))
             {
                 // The child purges its bitmaps, closes its device in PostStop and stops; delete the
-                // file once it has gone.
-                Context.Unwatch(child);
-                Context.WatchWith(child, new ExportStopped(spec));
+                // file once it has gone (its Terminated, see ChildTerminated).
+                _stopping[child] = spec;
                 child.Tell(PurgeBitmaps.Instance);
             }
             else
@@ -341,6 +339,27 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
         }
     }
 
+    /// <summary>
+    /// A child ended: a removed export's storage can go now; one that failed is forgotten (its
+    /// clients get "unknown export" until it is started again).
+    /// </summary>
+    private void ChildTerminated(Terminated terminated)
+    {
+        if (_stopping.Remove(terminated.ActorRef, out ExportSpec? removed))
+        {
+            DeleteStorage(removed);
+            return;
+        }
+        foreach ((string name, IActorRef child) in _children)
+        {
+            if (child.Equals(terminated.ActorRef))
+            {
+                _children.Remove(name);
+                return;
+            }
+        }
+    }
+
     private void ListAll()
     {
         // Sizes and flags come from the specs; children are not asked, so a list never waits on I/O.
@@ -358,7 +377,11 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
         // Unique child names: a removed export's actor may still be stopping when the name is reused.
         IActorRef child = Context.ActorOf(ExportActor.Props(spec, _backends), $"{spec.Name}-{LastSequenceNr}");
         _children[spec.Name] = child;
-        Context.WatchWith(child, new ExportFailed(spec.Name, child));
+        // Plain Watch, the registry's own map, and Terminated handled in every behaviour (see
+        // ChildTerminated): with WatchWith, a child's end that came while the registry was busy
+        // reached it as a bare Terminated, unhandled, and the DeathPactException stopped the
+        // registry for good (every admin request then timed out until a restart).
+        Context.Watch(child);
     }
 
     private void MaybeSnapshot()
@@ -418,7 +441,6 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
         public static readonly WakeAll Instance = new();
     }
 
-    private sealed record ExportFailed(string Name, IActorRef Child);
 
     /// <summary>A create's storage step ended (<paramref name="Failure"/> null: the storage is there).</summary>
     private sealed record StorageCreated(ExportSpec Spec, IExportEvent Event, IActorRef ReplyTo, Activity? Activity, Exception? Failure);

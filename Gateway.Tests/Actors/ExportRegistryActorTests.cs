@@ -90,6 +90,32 @@ public sealed class ExportRegistryActorTests : Akka.TestKit.Xunit2.TestKit
     }
 
     [Fact]
+    public async Task Exports_removed_while_others_are_created_never_stop_the_registry_and_their_storage_goes()
+    {
+        // The CSI driver's pattern (delete a volume, create the next one at once): a removed
+        // export's actor that ended while the registry was persisting or making storage reached
+        // it as a bare Terminated, and the DeathPactException stopped the registry for good.
+        IActorRef registry = StartRegistry();
+        Watch(registry);
+        for (int i = 0; i < 25; i++)
+        {
+            Assert.True((await SendAsync(registry, new CreateExport(File($"gone{i}")))).Error is null);
+            Task<CommandResult> removed = SendAsync(registry, new RemoveExport($"gone{i}"));
+            Task<CommandResult> created = SendAsync(registry, new CreateExport(File($"kept{i}")));
+            Assert.True((await removed).Error is null);
+            Assert.True((await created).Error is null);
+        }
+        ExpectNoMsg(TimeSpan.FromMilliseconds(200));
+        Assert.Equal(25, (await NamesAsync(registry)).Length);
+        for (int i = 0; i < 25; i++)
+        {
+            string gone = _backends.FilePath(File($"gone{i}"));
+            await AwaitConditionAsync(() => Task.FromResult(!System.IO.File.Exists(gone)), Patience);
+            Assert.True(System.IO.File.Exists(_backends.FilePath(File($"kept{i}"))));
+        }
+    }
+
+    [Fact]
     public async Task A_removed_export_is_gone_from_every_lookup_and_its_file_deleted()
     {
         IActorRef registry = StartRegistry();
