@@ -1,3 +1,4 @@
+using Gateway.Csi.Node;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Server.Kestrel.Core;
@@ -10,7 +11,8 @@ namespace Gateway.Csi;
 /// <summary>The plugin's host: gRPC over HTTP/2 on the CSI Unix socket, the services its mode offers.</summary>
 public static class CsiHost
 {
-    public static WebApplication Build(CsiOptions options)
+    /// <param name="attacher">How the node attaches exports: <see cref="NbdClientAttacher"/> (the kernel's nbd) unless a test reaches them another way.</param>
+    public static WebApplication Build(CsiOptions options, IBlockAttacher? attacher = null)
     {
         WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
         builder.Logging.AddSimpleConsole(o => o.SingleLine = true);
@@ -28,6 +30,11 @@ public static class CsiHost
         builder.Services.AddGrpc();
         builder.Services.AddSingleton(options);
         builder.Services.AddSingleton(GatewayAdmin.Create(options.Admin, options.Token));
+        if (options.Mode == CsiMode.Node)
+        {
+            builder.Services.AddSingleton(attacher ?? new NbdClientAttacher(options.NodeId ?? Environment.MachineName));
+            builder.Services.AddSingleton(StagedVolumes.Beside(options.SocketPath));
+        }
         builder.Services.Configure<HostOptions>(h => h.ShutdownTimeout = TimeSpan.FromSeconds(10));
 
         WebApplication app = builder.Build();
