@@ -58,11 +58,12 @@ public sealed class NodeService(CsiOptions options, IBlockAttacher attacher, Sta
                 throw new RpcException(new Status(StatusCode.AlreadyExists,
                     $"volume '{request.VolumeId}' is already staged at {volume.StagingPath} with another capability or access"));
             }
-            if (volume is null)
+            // A record from before a reboot names a device that is gone, or is another volume's now.
+            if (volume is null || !volume.AttachedThisBoot)
             {
                 target = target with { Connections = await ConnectionsAsync(target, ct), Tls = options.NbdTls };
                 string device = await attacher.AttachAsync(target, ct);
-                volume = new StagedVolume(request.VolumeId, target.Export, staging, device, block, fsType, target.ReadOnly, Json(capability));
+                volume = new StagedVolume(request.VolumeId, target.Export, staging, device, block, fsType, target.ReadOnly, Json(capability), StagedVolume.CurrentBootId);
                 // Recorded before anything else can fail: a stage repeated after a failure finds
                 // the device, and an unstage detaches it.
                 staged.Save(volume);
@@ -99,7 +100,10 @@ public sealed class NodeService(CsiOptions options, IBlockAttacher attacher, Sta
             }
             if (volume is not null)
             {
-                await attacher.DetachAsync(volume.Device, ct);
+                if (volume.AttachedThisBoot)
+                {
+                    await attacher.DetachAsync(volume.Device, ct);
+                }
                 staged.Remove(volume.VolumeId);
             }
             return new NodeUnstageVolumeResponse();
@@ -121,7 +125,7 @@ public sealed class NodeService(CsiOptions options, IBlockAttacher attacher, Sta
         {
             throw ControllerService.Invalid(problem);
         }
-        StagedVolume volume = staged.Find(request.VolumeId) is { } found && found.StagingPath == Path.GetFullPath(request.StagingTargetPath)
+        StagedVolume volume = staged.Find(request.VolumeId) is { AttachedThisBoot: true } found && found.StagingPath == Path.GetFullPath(request.StagingTargetPath)
             ? found
             : throw new RpcException(new Status(StatusCode.FailedPrecondition, $"volume '{request.VolumeId}' is not staged at {request.StagingTargetPath}: NodeStageVolume first"));
         bool block = capability.AccessTypeCase == VolumeCapability.AccessTypeOneofCase.Block;
@@ -248,7 +252,7 @@ public sealed class NodeService(CsiOptions options, IBlockAttacher attacher, Sta
     }
 
     private StagedVolume Staged(string volumeId) =>
-        staged.Find(volumeId) ?? throw new RpcException(new Status(StatusCode.NotFound, $"volume '{volumeId}' is not staged on node {NodeId}"));
+        staged.Find(volumeId) is { AttachedThisBoot: true } volume ? volume : throw new RpcException(new Status(StatusCode.NotFound, $"volume '{volumeId}' is not staged on node {NodeId}"));
 
     /// <summary>Makes the file system if the device holds none (never over data), then mounts it at the staging path.</summary>
     private static async Task MountStagedAsync(StagedVolume volume, IEnumerable<string> flags, CancellationToken ct)

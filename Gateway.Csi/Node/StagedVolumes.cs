@@ -8,7 +8,15 @@ namespace Gateway.Csi.Node;
 /// <summary>What NodeStageVolume attached for one volume: unstage, publish, stats and a restarted plugin read it back.</summary>
 /// <param name="Block">volumeMode Block: nothing is mounted at the staging path.</param>
 /// <param name="Capability">The volume capability staged, as JSON, so a repeat with another one is told apart.</param>
-public sealed record StagedVolume(string VolumeId, string Export, string StagingPath, string Device, bool Block, string? FsType, bool ReadOnly, string Capability);
+/// <param name="BootId">The kernel's boot the device was attached in: after a reboot the device is gone (or another volume's).</param>
+public sealed record StagedVolume(string VolumeId, string Export, string StagingPath, string Device, bool Block, string? FsType, bool ReadOnly, string Capability, string BootId)
+{
+    /// <summary>This boot's id (random per boot, proc(5)); the record's device is this volume's only when the boot is the same.</summary>
+    public static string CurrentBootId { get; } =
+        File.Exists("/proc/sys/kernel/random/boot_id") ? File.ReadAllText("/proc/sys/kernel/random/boot_id").Trim() : "";
+
+    public bool AttachedThisBoot => BootId == CurrentBootId;
+}
 
 [JsonSourceGenerationOptions(JsonSerializerDefaults.Web, WriteIndented = true)]
 [JsonSerializable(typeof(StagedVolume))]

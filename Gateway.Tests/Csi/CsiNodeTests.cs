@@ -210,6 +210,37 @@ public sealed class CsiNodeTests(CsiNodeFixture fixture) : IClassFixture<CsiNode
     }
 
     [Fact]
+    public async Task A_record_from_before_a_reboot_is_not_trusted_a_stage_attaches_again()
+    {
+        const string volume = "pvc-node-reboot";
+        VolumeCapability ext4 = CsiControllerTests.Mount("ext4");
+        IDictionary<string, string> context = await VolumeAsync(volume, ext4, size: 16 * MiB);
+        NodeStageVolumeRequest stage = Stage(volume, context, ext4);
+        await Node.NodeStageVolumeAsync(stage);
+        try
+        {
+            await File.WriteAllTextAsync(Path.Combine(stage.StagingTargetPath, "kept.txt"), "before the reboot\n");
+            // As a reboot leaves it: nothing mounted, and a record whose device belongs to another boot.
+            await Tool.RunAsync("umount", [stage.StagingTargetPath]);
+            string record = Path.Combine(fixture.Node.StateFolder, volume + ".json");
+            string old = await File.ReadAllTextAsync(record);
+            await File.WriteAllTextAsync(record, old.Replace(StagedVolume.CurrentBootId, "an-earlier-boot", StringComparison.Ordinal));
+            Assert.Equal(StatusCode.NotFound, await CodeOf(() => Node.NodeGetVolumeStatsAsync(new NodeGetVolumeStatsRequest { VolumeId = volume, VolumePath = stage.StagingTargetPath }).ResponseAsync));
+            Assert.Equal(StatusCode.FailedPrecondition, await CodeOf(() => Node.NodePublishVolumeAsync(Publish(volume, context, ext4, "pod")).ResponseAsync));
+
+            int attaches = fixture.Attacher.Targets.Count(t => t.Export == volume);
+            await Node.NodeStageVolumeAsync(stage);
+            Assert.Equal(attaches + 1, fixture.Attacher.Targets.Count(t => t.Export == volume));
+            Assert.Equal("before the reboot\n", await File.ReadAllTextAsync(Path.Combine(stage.StagingTargetPath, "kept.txt")));
+            Assert.Contains(StagedVolume.CurrentBootId, await File.ReadAllTextAsync(record));
+        }
+        finally
+        {
+            await UnstageAsync(volume);
+        }
+    }
+
+    [Fact]
     public async Task NodeExpandVolume_grows_the_file_system_to_the_device_and_says_when_the_device_is_smaller()
     {
         const string volume = "pvc-node-expand";
