@@ -384,5 +384,10 @@ public sealed class CsiNodeTests(CsiNodeFixture fixture) : IClassFixture<CsiNode
             }
         }
         _ = await stderr;
+
+        ToolResult half = await Tool.RunAsync(GatewayProcess.DotnetHost,
+            [GatewayProcess.GatewayDll, "csi", "--mode", "node", "--endpoint", "unix://" + socket, "--nbd-tls-ca", "/tls/ca.crt", "--nbd-tls-cert", "/tls/tls.crt"], check: false);
+        Assert.Equal(2, half.ExitCode);
+        Assert.Contains("--nbd-tls-cert and --nbd-tls-key go together", half.Stderr);
     }
 }
