@@ -20,7 +20,7 @@ public sealed class NodeService(CsiOptions options, IBlockAttacher attacher, Sta
 {
     private static readonly RpcType[] Offered = [RpcType.StageUnstageVolume, RpcType.GetVolumeStats, RpcType.ExpandVolume];
 
-    /// <summary>Stage, unstage and expand of one volume never run at once (the CO may repeat a call that timed out).</summary>
+    /// <summary>Stage, unstage and expand run one at a time: the CO may repeat a call that timed out while the first still runs, and two stages must not both attach.</summary>
     private static readonly SemaphoreSlim Serial = new(1, 1);
 
     private string NodeId => options.NodeId ?? Environment.MachineName;
@@ -53,7 +53,7 @@ public sealed class NodeService(CsiOptions options, IBlockAttacher attacher, Sta
         try
         {
             StagedVolume? volume = staged.Find(request.VolumeId);
-            if (volume is not null && (volume.StagingPath != staging || volume.Capability != Json(capability) || volume.ReadOnly != target.ReadOnly))
+            if (volume is { AttachedThisBoot: true } && (volume.StagingPath != staging || volume.Capability != Json(capability) || volume.ReadOnly != target.ReadOnly))
             {
                 throw new RpcException(new Status(StatusCode.AlreadyExists,
                     $"volume '{request.VolumeId}' is already staged at {volume.StagingPath} with another capability or access"));
