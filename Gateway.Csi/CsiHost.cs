@@ -1,3 +1,4 @@
+using Gateway.Csi.Node;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Server.Kestrel.Core;
@@ -10,10 +11,13 @@ namespace Gateway.Csi;
 /// <summary>The plugin's host: gRPC over HTTP/2 on the CSI Unix socket, the services its mode offers.</summary>
 public static class CsiHost
 {
-    public static WebApplication Build(CsiOptions options)
+    /// <param name="attacher">How the node attaches exports: <see cref="NbdClientAttacher"/> (the kernel's nbd) unless a test reaches them another way.</param>
+    public static WebApplication Build(CsiOptions options, IBlockAttacher? attacher = null)
     {
         WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
         builder.Logging.AddSimpleConsole(o => o.SingleLine = true);
+        // One line per gRPC call is noise; failures are logged by the gRPC layer and the services.
+        builder.Logging.AddFilter("Microsoft.AspNetCore", LogLevel.Warning);
         string? folder = Path.GetDirectoryName(options.SocketPath);
         if (folder is not null)
         {
@@ -29,6 +33,11 @@ public static class CsiHost
         builder.Services.AddSingleton(options);
         builder.Services.AddSingleton(GatewayAdmin.Create(options.Admin, options.Token));
         builder.Services.AddSingleton<VolumeLocks>();
+        if (options.Mode == CsiMode.Node)
+        {
+            builder.Services.AddSingleton(attacher ?? new NbdClientAttacher(options.NodeId ?? Environment.MachineName));
+            builder.Services.AddSingleton(StagedVolumes.Beside(options.SocketPath));
+        }
         builder.Services.Configure<HostOptions>(h => h.ShutdownTimeout = TimeSpan.FromSeconds(10));
 
         WebApplication app = builder.Build();

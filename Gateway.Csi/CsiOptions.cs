@@ -9,7 +9,8 @@ namespace Gateway.Csi;
 /// <param name="Nbd">The gateway's NBD address: the controller reads extents through it, the node attaches to it.</param>
 /// <param name="NodeId">The Kubernetes node this node plugin runs on (NodeGetInfo).</param>
 /// <param name="Token">The admin API's bearer token, when it wants one.</param>
-public sealed record CsiOptions(CsiMode Mode, string SocketPath, Uri Admin, DnsEndPoint Nbd, string? NodeId = null, string? Token = null)
+/// <param name="NbdTls">The node's TLS files for NBD, when the gateway's exports want TLS.</param>
+public sealed record CsiOptions(CsiMode Mode, string SocketPath, Uri Admin, DnsEndPoint Nbd, string? NodeId = null, string? Token = null, Node.NbdTls? NbdTls = null)
 {
     /// <summary><c>unix:///csi/csi.sock</c>, <c>unix:/csi/csi.sock</c> or a plain path: the socket's path.</summary>
     public static string ParseEndpoint(string endpoint)

@@ -114,6 +114,9 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
     /// <summary>The export as the owner describes it in its NBD_OPT_GO reply.</summary>
     public ExportInfo Info { get; }
 
+    /// <summary>The transmission flags the owner advertised for the export (proto.md "Transmission flags"): the CSI node reads NBD_FLAG_CAN_MULTI_CONN from them.</summary>
+    public TransmissionFlags TransmissionFlags => _flags;
+
     /// <summary>The metadata contexts selected on this connection (all the owner offers under <c>base:</c> and <c>qemu:</c>).</summary>
     public IReadOnlyList<string> MetaContexts { get; }
 

@@ -1,6 +1,7 @@
 using System.Net;
 using System.Net.Sockets;
 using Gateway.Csi;
+using Gateway.Csi.Node;
 using Gateway.Csi.V1;
 using Gateway.Tests.Interop;
 using Grpc.Net.Client;
@@ -33,6 +34,9 @@ public sealed class CsiPlugin : IAsyncDisposable
 
     public string SocketPath { get; }
 
+    /// <summary>Where the node plugin records staged volumes (beside the socket).</summary>
+    public string StateFolder => Path.Combine(_folder, "volumes");
+
     public Identity.IdentityClient Identity { get; }
 
     public Controller.ControllerClient Controller { get; }
@@ -41,27 +45,31 @@ public sealed class CsiPlugin : IAsyncDisposable
 
     public Node.NodeClient Node { get; }
 
-    public static async Task<CsiPlugin> StartAsync(CsiMode mode, Uri admin, int nbdPort, string? nodeId = null)
+    /// <param name="attacher">The node's attach step (node mode): the real nbd-client one unless given.</param>
+    public static async Task<CsiPlugin> StartAsync(CsiMode mode, Uri admin, int nbdPort, string? nodeId = null, IBlockAttacher? attacher = null)
     {
         string folder = Directory.CreateTempSubdirectory("csi-").FullName;
         string socket = Path.Combine(folder, "csi.sock");
         var options = new CsiOptions(mode, CsiOptions.ParseEndpoint("unix://" + socket), admin, new DnsEndPoint("127.0.0.1", nbdPort), nodeId);
-        WebApplication app = CsiHost.Build(options);
+        WebApplication app = CsiHost.Build(options, attacher);
         await app.StartAsync();
-        GrpcChannel channel = GrpcChannel.ForAddress("http://localhost", new GrpcChannelOptions
-        {
-            HttpHandler = new SocketsHttpHandler
-            {
-                ConnectCallback = async (_, ct) =>
-                {
-                    var client = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-                    await client.ConnectAsync(new UnixDomainSocketEndPoint(socket), ct);
-                    return new NetworkStream(client, ownsSocket: true);
-                },
-            },
-        });
+        GrpcChannel channel = ChannelTo(socket);
         return new CsiPlugin(app, channel, folder, socket);
     }
+
+    /// <summary>A gRPC channel that reaches a plugin only through its Unix socket.</summary>
+    public static GrpcChannel ChannelTo(string socket) => GrpcChannel.ForAddress("http://localhost", new GrpcChannelOptions
+    {
+        HttpHandler = new SocketsHttpHandler
+        {
+            ConnectCallback = async (_, ct) =>
+            {
+                var client = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+                await client.ConnectAsync(new UnixDomainSocketEndPoint(socket), ct);
+                return new NetworkStream(client, ownsSocket: true);
+            },
+        },
+    });
 
     public async ValueTask DisposeAsync()
     {
