@@ -13,6 +13,9 @@ public sealed record RestoreSummary(string Id, long DiskSize, long BytesWritten,
 /// </summary>
 public sealed class BackupRestore(BackupRepository repository)
 {
+    /// <summary>The unit in which zeros inside a data chunk are left as holes (the file systems' block, and more).</summary>
+    private const int SparseBlock = 64 * 1024;
+
     public int Parallelism { get; init; } = 4;
 
     /// <exception cref="BackupCorruptException">A chunk is missing or corrupt: the message names the disk offset; a file this call created is removed.</exception>
@@ -47,8 +50,7 @@ public sealed class BackupRestore(BackupRepository repository)
                         {
                             throw new BackupCorruptException($"backup {id}: disk offset {offset} (length {length}): {e.Message}");
                         }
-                        await RandomAccess.WriteAsync(handle, bytes, offset, ct).ConfigureAwait(false);
-                        Interlocked.Add(ref written, length);
+                        Interlocked.Add(ref written, await WriteAllocatedAsync(handle, bytes, offset, ct).ConfigureAwait(false));
                         Interlocked.Increment(ref chunks);
                     }
                     finally
@@ -65,5 +67,28 @@ public sealed class BackupRestore(BackupRepository repository)
             throw;
         }
         return new RestoreSummary(id, manifest.DiskSize, written, chunks, Math.Round(clock.Elapsed.TotalSeconds, 3));
+    }
+
+    /// <summary>The file was emptied first, so zero blocks inside a data chunk are left unwritten: they stay holes.</summary>
+    private static async Task<long> WriteAllocatedAsync(SafeFileHandle handle, ReadOnlyMemory<byte> chunk, long offset, CancellationToken ct)
+    {
+        long written = 0;
+        int start = -1;
+        for (int at = 0; at <= chunk.Length; at += SparseBlock)
+        {
+            bool data = at < chunk.Length && chunk.Span.Slice(at, Math.Min(SparseBlock, chunk.Length - at)).ContainsAnyExcept((byte)0);
+            if (data && start < 0)
+            {
+                start = at;
+            }
+            else if (!data && start >= 0)
+            {
+                int end = Math.Min(at, chunk.Length);
+                await RandomAccess.WriteAsync(handle, chunk[start..end], offset + start, ct).ConfigureAwait(false);
+                written += end - start;
+                start = -1;
+            }
+        }
+        return written;
     }
 }

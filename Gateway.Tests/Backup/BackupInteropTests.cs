@@ -93,7 +93,8 @@ public sealed class BackupInteropTests
 
             string restored1 = await RestoreAsync(gateway, repo, firstId, work.FullName);
             await AssertSameAsync(gateway, state1, restored1);
-            Assert.True(Allocated(restored1) <= 4 * 4 * MiB, $"the restored file has {Allocated(restored1)} bytes allocated");
+            // Data chunks 0, 1, 10, 63 hold 5 + 1 + 1 MiB of data; their zeros are not written either.
+            Assert.True(Allocated(restored1) <= 8 * MiB, $"the restored file has {Allocated(restored1)} bytes allocated");
 
             // 1 MiB changed: one new chunk, the other three reused, little uploaded.
             await QemuIoAsync(gateway, "vm", "write -P 0x66 2M 1M");
