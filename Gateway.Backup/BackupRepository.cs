@@ -1,0 +1,224 @@
+using System.Buffers;
+using System.Security.Cryptography;
+using System.Text.Json;
+using System.Text.Json.Serialization;
+using ZstdSharp;
+
+namespace Gateway.Backup;
+
+/// <summary>The contents of <c>repository.json</c>: what every reader checks before it reads anything else.</summary>
+public sealed record RepositoryInfo(
+    [property: JsonPropertyName("format")] string Format,
+    [property: JsonPropertyName("version")] int Version,
+    [property: JsonPropertyName("chunkSize")] int ChunkSize)
+{
+    public const string FormatName = "nbd-gateway-backup";
+    public const int CurrentVersion = 1;
+    public const int DefaultChunkSize = 4 << 20;
+}
+
+/// <summary>
+/// A backup repository (README "Backup"), over any <see cref="IBackupStore"/>:
+/// <code>
+/// repository.json              {"format":"nbd-gateway-backup","version":1,"chunkSize":4194304}
+/// chunks/ab/ab12…(64 hex)      one chunk's bytes, zstd-compressed; the name is the SHA-256 of the uncompressed bytes
+/// backups/&lt;id&gt;.json            a manifest (<see cref="Manifest"/>), written after all its chunks
+/// </code>
+/// Chunks are shared by every backup of every export that holds the same bytes at the same
+/// chunk size; nothing is ever overwritten.
+/// </summary>
+public sealed class BackupRepository
+{
+    public const string InfoKey = "repository.json";
+    public const string BackupsPrefix = "backups/";
+    private const int CompressionLevel = 3;
+
+    private static readonly JsonSerializerOptions Json = new() { WriteIndented = false };
+
+    private BackupRepository(IBackupStore store, RepositoryInfo info)
+    {
+        Store = store;
+        Info = info;
+    }
+
+    public IBackupStore Store { get; }
+
+    public RepositoryInfo Info { get; }
+
+    public int ChunkSize => Info.ChunkSize;
+
+    /// <summary>Opens a repository; it must exist and be of this format version.</summary>
+    /// <exception cref="BackupFormatException">No repository.json, or another format or version.</exception>
+    public static async Task<BackupRepository> OpenAsync(IBackupStore store, CancellationToken cancellationToken)
+    {
+        byte[] bytes = await store.GetAsync(InfoKey, cancellationToken).ConfigureAwait(false)
+            ?? throw new BackupFormatException($"no backup repository here ({InfoKey} is missing)");
+        RepositoryInfo? info;
+        try
+        {
+            info = JsonSerializer.Deserialize<RepositoryInfo>(bytes, Json);
+        }
+        catch (JsonException e)
+        {
+            throw new BackupFormatException($"{InfoKey} is not a backup repository's: {e.Message}");
+        }
+        if (info is null || info.Format != RepositoryInfo.FormatName)
+        {
+            throw new BackupFormatException($"{InfoKey} is not a backup repository's (format '{info?.Format}')");
+        }
+        if (info.Version != RepositoryInfo.CurrentVersion)
+        {
+            throw new BackupFormatException($"the repository has format version {info.Version}; this gateway reads version {RepositoryInfo.CurrentVersion}");
+        }
+        if (info.ChunkSize is < 4096 or > 64 << 20 || info.ChunkSize % 4096 != 0)
+        {
+            throw new BackupFormatException($"the repository's chunk size {info.ChunkSize} is not a multiple of 4096 between 4 KiB and 64 MiB");
+        }
+        return new BackupRepository(store, info);
+    }
+
+    /// <summary>Opens the repository, making it first if the store holds nothing (a new folder).</summary>
+    public static async Task<BackupRepository> OpenOrCreateAsync(IBackupStore store, int chunkSize, CancellationToken cancellationToken)
+    {
+        if (!await store.ExistsAsync(InfoKey, cancellationToken).ConfigureAwait(false))
+        {
+            await foreach (string _ in store.ListAsync(BackupsPrefix, cancellationToken).ConfigureAwait(false))
+            {
+                throw new BackupFormatException($"the store holds backups but no {InfoKey}");
+            }
+            var info = new RepositoryInfo(RepositoryInfo.FormatName, RepositoryInfo.CurrentVersion, chunkSize);
+            // Two creators at once: one wins, and both then read the winner's.
+            await store.PutIfAbsentAsync(InfoKey, JsonSerializer.SerializeToUtf8Bytes(info, Json), cancellationToken).ConfigureAwait(false);
+        }
+        return await OpenAsync(store, cancellationToken).ConfigureAwait(false);
+    }
+
+    /// <summary>A folder repository; <paramref name="create"/> makes one in a folder that is missing or empty.</summary>
+    public static Task<BackupRepository> OpenFolderAsync(string folder, bool create, CancellationToken cancellationToken)
+    {
+        bool exists = Directory.Exists(folder);
+        if (!create && !exists)
+        {
+            throw new BackupFormatException($"repository {folder} does not exist");
+        }
+        if (create && exists && !File.Exists(Path.Combine(folder, InfoKey)) && Directory.EnumerateFileSystemEntries(folder).Any())
+        {
+            throw new BackupFormatException($"{folder} is neither empty nor a backup repository (no {InfoKey})");
+        }
+        var store = new FolderStore(folder);
+        return create ? OpenOrCreateAsync(store, RepositoryInfo.DefaultChunkSize, cancellationToken) : OpenAsync(store, cancellationToken);
+    }
+
+    public static string ChunkKey(string sha256) => $"chunks/{sha256[..2]}/{sha256}";
+
+    public static string ManifestKey(string id) => BackupsPrefix + id + ".json";
+
+    public static string Hash(ReadOnlySpan<byte> data) => Convert.ToHexStringLower(SHA256.HashData(data));
+
+    public Task<bool> HasChunkAsync(string sha256, CancellationToken cancellationToken) =>
+        Store.ExistsAsync(ChunkKey(sha256), cancellationToken);
+
+    /// <summary>Compresses and stores a chunk whose hash is <paramref name="sha256"/>.</summary>
+    /// <returns>The compressed bytes stored, or 0 if the chunk was already there.</returns>
+    public async Task<long> PutChunkAsync(string sha256, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
+    {
+        byte[] compressed = ArrayPool<byte>.Shared.Rent(Compressor.GetCompressBound(data.Length));
+        try
+        {
+            int length;
+            using (var compressor = new Compressor(CompressionLevel))
+            {
+                length = compressor.Wrap(data.Span, compressed);
+            }
+            bool stored = await Store.PutIfAbsentAsync(ChunkKey(sha256), compressed.AsMemory(0, length), cancellationToken).ConfigureAwait(false);
+            return stored ? length : 0;
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(compressed);
+        }
+    }
+
+    /// <summary>
+    /// Reads chunk <paramref name="sha256"/> into <paramref name="destination"/> (exactly its
+    /// length) and checks that the bytes hash to the name.
+    /// </summary>
+    /// <exception cref="BackupCorruptException">The chunk is missing, does not decompress to that length, or hashes to something else.</exception>
+    public async Task ReadChunkAsync(string sha256, Memory<byte> destination, CancellationToken cancellationToken)
+    {
+        byte[] stored = await Store.GetAsync(ChunkKey(sha256), cancellationToken).ConfigureAwait(false)
+            ?? throw new BackupCorruptException($"chunk {sha256} is missing");
+        int length;
+        try
+        {
+            using var decompressor = new Decompressor();
+            length = decompressor.Unwrap(stored, destination.Span);
+        }
+        catch (ZstdException e)
+        {
+            throw new BackupCorruptException($"chunk {sha256} does not decompress: {e.Message}");
+        }
+        if (length != destination.Length)
+        {
+            throw new BackupCorruptException($"chunk {sha256} holds {length} bytes, not {destination.Length}");
+        }
+        string actual = Hash(destination.Span);
+        if (actual != sha256)
+        {
+            throw new BackupCorruptException($"chunk {sha256} hashes to {actual}");
+        }
+    }
+
+    /// <summary>Stores a manifest, after every chunk it names (the caller's duty): a manifest never points at a missing chunk.</summary>
+    public Task PutManifestAsync(Manifest manifest, CancellationToken cancellationToken)
+    {
+        manifest.Validate();
+        return Store.PutIfAbsentAsync(ManifestKey(manifest.Id), JsonSerializer.SerializeToUtf8Bytes(manifest, Json), cancellationToken);
+    }
+
+    /// <exception cref="BackupFormatException">No such backup, or its manifest breaks the rules.</exception>
+    public async Task<Manifest> GetManifestAsync(string id, CancellationToken cancellationToken)
+    {
+        if (!Manifest.IsValidId(id))
+        {
+            throw new BackupFormatException($"'{id}' is not a backup id");
+        }
+        byte[] bytes = await Store.GetAsync(ManifestKey(id), cancellationToken).ConfigureAwait(false)
+            ?? throw new BackupFormatException($"no backup {id} in the repository");
+        Manifest? manifest;
+        try
+        {
+            manifest = JsonSerializer.Deserialize<Manifest>(bytes, Json);
+        }
+        catch (JsonException e)
+        {
+            throw new BackupFormatException($"backup {id}: the manifest does not parse: {e.Message}");
+        }
+        if (manifest is null || manifest.Id != id)
+        {
+            throw new BackupFormatException($"backup {id}: the manifest names another id ({manifest?.Id})");
+        }
+        manifest.Validate();
+        if (manifest.ChunkSize != ChunkSize)
+        {
+            throw new BackupFormatException($"backup {id} has chunks of {manifest.ChunkSize} bytes; the repository's are {ChunkSize}");
+        }
+        return manifest;
+    }
+
+    /// <summary>Every backup's id, oldest first (ids sort by time).</summary>
+    public async Task<List<string>> ListIdsAsync(CancellationToken cancellationToken)
+    {
+        var ids = new List<string>();
+        await foreach (string key in Store.ListAsync(BackupsPrefix, cancellationToken).ConfigureAwait(false))
+        {
+            string name = key[BackupsPrefix.Length..];
+            if (name.EndsWith(".json", StringComparison.Ordinal))
+            {
+                ids.Add(name[..^".json".Length]);
+            }
+        }
+        ids.Sort(StringComparer.Ordinal);
+        return ids;
+    }
+}

@@ -1,0 +1,168 @@
+using System.CommandLine;
+using System.Globalization;
+using System.Net;
+using System.Net.Sockets;
+using System.Text.Json;
+using Gateway.Actors.Cluster;
+using Gateway.Backup;
+
+namespace Gateway.Host;
+
+/// <summary>
+/// <c>gateway backup create|restore|list|verify</c> (README "Backup"). Exit codes: 0 done,
+/// 1 failed (no such export or backup, a corrupt or missing chunk, a repository of another
+/// format), 2 bad arguments.
+/// </summary>
+public sealed class BackupCli(TextWriter stdout, TextWriter stderr)
+{
+    private static readonly JsonSerializerOptions Indented = new() { WriteIndented = true };
+
+    public static Command Build()
+    {
+        var repo = new Option<string>("--repo") { Description = "The backup repository: a folder (made on the first create)", Required = true };
+        var json = new Option<bool>("--json") { Description = "Print the result as JSON" };
+        var id = new Argument<string>("id") { Description = "Backup id (gateway backup list)" };
+        var backup = new Command("backup", "Deduplicated, always-full backups of exports over NBD (README \"Backup\")");
+
+        var export = new Argument<string>("export") { Description = "Export name" };
+        var nbd = new Option<string>("--nbd") { Description = "The gateway's NBD address HOST:PORT or unix:PATH", DefaultValueFactory = _ => GatewayOptions.DefaultNbd };
+        var create = new Command("create", "Back an export up: reads what base:allocation says is allocated, stores only chunks the repository lacks, then the manifest");
+        create.Arguments.Add(export);
+        create.Options.Add(repo);
+        create.Options.Add(nbd);
+        create.Options.Add(json);
+        create.SetAction((p, ct) => Console().CreateAsync(p.GetValue(export)!, p.GetValue(repo)!, p.GetValue(nbd)!, p.GetValue(json), ct));
+        backup.Subcommands.Add(create);
+
+        var toFile = new Option<string>("--to-file") { Description = "Raw image file to write (made or replaced; holes stay sparse)", Required = true };
+        var restore = new Command("restore", "Restore a backup into a raw file, every chunk checked against its hash");
+        restore.Arguments.Add(id);
+        restore.Options.Add(repo);
+        restore.Options.Add(toFile);
+        restore.Options.Add(json);
+        restore.SetAction((p, ct) => Console().RestoreAsync(p.GetValue(id)!, p.GetValue(repo)!, p.GetValue(toFile)!, p.GetValue(json), ct));
+        backup.Subcommands.Add(restore);
+
+        var list = new Command("list", "List the repository's backups, oldest first");
+        list.Options.Add(repo);
+        list.Options.Add(json);
+        list.SetAction((p, ct) => Console().ListAsync(p.GetValue(repo)!, p.GetValue(json), ct));
+        backup.Subcommands.Add(list);
+
+        var verify = new Command("verify", "Check that every chunk of a backup is present and hashes to its name; exit 1 naming the disk offsets of any that are not");
+        verify.Arguments.Add(id);
+        verify.Options.Add(repo);
+        verify.Options.Add(json);
+        verify.SetAction((p, ct) => Console().VerifyAsync(p.GetValue(id)!, p.GetValue(repo)!, p.GetValue(json), ct));
+        backup.Subcommands.Add(verify);
+        return backup;
+    }
+
+    private static BackupCli Console() => new(System.Console.Out, System.Console.Error);
+
+    public Task<int> CreateAsync(string export, string repo, string nbd, bool json, CancellationToken ct) => RunAsync(async () =>
+    {
+        EndPoint endpoint;
+        try
+        {
+            endpoint = GatewayOptions.ParseNbdEndpoint(nbd);
+        }
+        catch (ArgumentException e)
+        {
+            await stderr.WriteLineAsync($"error: {e.Message}");
+            return 2;
+        }
+        BackupRepository repository = await BackupRepository.OpenFolderAsync(repo, create: true, ct);
+        BackupSummary summary;
+        try
+        {
+            summary = await new BackupCreator(repository).CreateAsync(endpoint, export, ct);
+        }
+        catch (PeerExportUnavailableException)
+        {
+            await stderr.WriteLineAsync($"error: {nbd} serves no export '{export}'");
+            return 1;
+        }
+        catch (SocketException e)
+        {
+            await stderr.WriteLineAsync($"error: cannot reach the gateway at {nbd}: {e.Message}");
+            return 1;
+        }
+        await stdout.WriteLineAsync(json
+            ? JsonSerializer.Serialize(summary, Indented)
+            : string.Create(CultureInfo.InvariantCulture,
+                $"backup {summary.Id} of {export}: {summary.BytesTotal} bytes, {summary.BytesRead} read, {summary.ChunksNew} chunks new ({summary.BytesUploaded} bytes stored), {summary.ChunksReused} reused, {summary.ChunksZero + summary.ChunksHole} zero or hole, {summary.Seconds:F1} s"));
+        return 0;
+    });
+
+    public Task<int> RestoreAsync(string id, string repo, string file, bool json, CancellationToken ct) => RunAsync(async () =>
+    {
+        BackupRepository repository = await BackupRepository.OpenFolderAsync(repo, create: false, ct);
+        RestoreSummary summary = await new BackupRestore(repository).ToFileAsync(id, Path.GetFullPath(file), ct);
+        await stdout.WriteLineAsync(json
+            ? JsonSerializer.Serialize(summary, Indented)
+            : string.Create(CultureInfo.InvariantCulture, $"restored {id} into {file}: {summary.DiskSize} bytes, {summary.BytesWritten} written, {summary.Seconds:F1} s"));
+        return 0;
+    });
+
+    public Task<int> ListAsync(string repo, bool json, CancellationToken ct) => RunAsync(async () =>
+    {
+        BackupRepository repository = await BackupRepository.OpenFolderAsync(repo, create: false, ct);
+        var rows = new List<object>();
+        foreach (string id in await repository.ListIdsAsync(ct))
+        {
+            Manifest manifest = await repository.GetManifestAsync(id, ct);
+            long data = manifest.Chunks.Count(c => c.Kind == ChunkKind.Data);
+            if (json)
+            {
+                rows.Add(new { id, export = manifest.Export, diskSize = manifest.DiskSize, created = manifest.Created, dataChunks = data });
+            }
+            else
+            {
+                await stdout.WriteLineAsync(string.Create(CultureInfo.InvariantCulture, $"{id}\t{manifest.Export}\t{manifest.DiskSize}\t{manifest.Created:O}\t{data} data chunks"));
+            }
+        }
+        if (json)
+        {
+            await stdout.WriteLineAsync(JsonSerializer.Serialize(rows, Indented));
+        }
+        return 0;
+    });
+
+    public Task<int> VerifyAsync(string id, string repo, bool json, CancellationToken ct) => RunAsync(async () =>
+    {
+        BackupRepository repository = await BackupRepository.OpenFolderAsync(repo, create: false, ct);
+        IReadOnlyList<ChunkProblem> problems = await new BackupVerifier(repository).VerifyAsync(id, ct);
+        if (json)
+        {
+            await stdout.WriteLineAsync(JsonSerializer.Serialize(new
+            {
+                id,
+                ok = problems.Count == 0,
+                problems = problems.Select(p => new { sha256 = p.Sha256, problem = p.Problem, ranges = p.Ranges.Select(r => new { offset = r.Offset, length = r.Length }) }),
+            }, Indented));
+        }
+        else if (problems.Count == 0)
+        {
+            await stdout.WriteLineAsync($"backup {id}: every chunk present and whole");
+        }
+        foreach (ChunkProblem problem in problems)
+        {
+            await stderr.WriteLineAsync($"error: backup {id}: {problem}");
+        }
+        return problems.Count == 0 ? 0 : 1;
+    });
+
+    private async Task<int> RunAsync(Func<Task<int>> action)
+    {
+        try
+        {
+            return await action();
+        }
+        catch (Exception e) when (e is BackupFormatException or BackupCorruptException or IOException or UnauthorizedAccessException)
+        {
+            await stderr.WriteLineAsync($"error: {e.Message}");
+            return 1;
+        }
+    }
+}
