@@ -47,6 +47,28 @@ public sealed class CsiChartTests(HelmChartFixture chart)
     public void Csi_render_passes_every_gateway_check_too() => AssertAgrees(Csi, GatewayContract.Violations(Csi));
 
     [Fact]
+    public void Node_plugin_reads_each_nbd_tls_file_it_is_given_from_the_secret_mounted_there()
+    {
+        CsiContract.Workload node = CsiContract.Node(Csi) ?? throw new Xunit.Sdk.XunitException("no node DaemonSet");
+        V1Container plugin = node.Container(CsiContract.PluginContainer)!;
+        foreach ((string flag, string key) in new[] { ("--nbd-tls-ca", "ca.crt"), ("--nbd-tls-cert", "tls.crt"), ("--nbd-tls-key", "tls.key") })
+        {
+            string path = CsiContract.Flag(plugin, flag) ?? throw new Xunit.Sdk.XunitException($"the node plugin has no {flag}");
+            V1VolumeMount mount = Assert.Single(plugin.VolumeMounts!, m => path.StartsWith(m.MountPath + "/", StringComparison.Ordinal));
+            Assert.True(mount.ReadOnlyProperty);
+            V1Volume volume = Assert.Single(node.Pod.Volumes!, v => v.Name == mount.Name);
+            Assert.Equal("gateway-csi-nbd-tls", volume.Secret?.SecretName);
+            Assert.Contains(volume.Secret!.Items!, i => i.Key == key && i.Path == path[(mount.MountPath.Length + 1)..]);
+        }
+        // Without the values the node speaks plain NBD and mounts no such Secret.
+        RenderedChart plainRender = chart.TryRender(chart.Tools.ChartDirectory, ChartVariants.Csi, "csi, plain NBD", out ProcessResult render, "--set", "csi.node.nbdTls.existingSecret=")
+            ?? throw new Xunit.Sdk.XunitException(render.Describe());
+        CsiContract.Workload plain = CsiContract.Node(plainRender)!;
+        Assert.Null(CsiContract.Flag(plain.Container(CsiContract.PluginContainer)!, "--nbd-tls-ca"));
+        Assert.DoesNotContain(plain.Pod.Volumes!, v => v.Secret?.SecretName == "gateway-csi-nbd-tls");
+    }
+
+    [Fact]
     public void Csi_render_holds_the_driver_its_classes_and_the_metadata_service()
     {
         V1CSIDriver driver = Assert.Single(Csi.All<V1CSIDriver>());

@@ -206,6 +206,20 @@ app.kubernetes.io/component: {{ .component }}
 {{- if eq .mode "node" }}
 - --node-id
 - $(CSI_NODE_ID)
+{{- with .root.Values.csi.node.nbdTls.existingSecret }}
+- --nbd-tls-ca
+- /etc/gateway-csi/nbd-tls/ca.crt
+{{- if $.root.Values.csi.node.nbdTls.clientCertificate }}
+- --nbd-tls-cert
+- /etc/gateway-csi/nbd-tls/tls.crt
+- --nbd-tls-key
+- /etc/gateway-csi/nbd-tls/tls.key
+{{- end }}
+{{- with $.root.Values.csi.node.nbdTls.hostname }}
+- --nbd-tls-hostname
+- {{ . }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 
