@@ -31,13 +31,9 @@ public sealed record BackupSummary(
 /// </summary>
 public sealed class BackupCreator(BackupRepository repository)
 {
-    /// <summary>base:allocation's NBD_STATE_HOLE and NBD_STATE_ZERO (NBD proto.md, "base:allocation metadata context").</summary>
-    private const uint StateHole = 1, StateZero = 2;
+    private const uint StateHole = (uint)AllocationState.Hole, StateZero = (uint)AllocationState.Zero;
 
     private const string AllocationContext = "base:allocation";
-
-    /// <summary>Per BLOCK_STATUS request: the server may answer less, and the loop asks again from where it stopped.</summary>
-    private const uint Window = 1u << 30;
 
     /// <summary>Chunks read, hashed and stored at once; memory is about this many chunk buffers.</summary>
     public int Parallelism { get; init; } = 4;
@@ -131,30 +127,15 @@ public sealed class BackupCreator(BackupRepository repository)
             return entries;
         }
         bool[] notHole = new bool[count], notZero = new bool[count];
-        var extents = new MetaExtent[512];
-        long offset = 0;
-        while (offset < diskSize)
+        await client.WalkExtentsAsync(AllocationContext, 0, diskSize, (offset, extent, status) =>
         {
-            uint length = (uint)Math.Min(diskSize - offset, Window);
-            int answered = await client.GetExtentsAsync(AllocationContext, offset, length, extents, reqOne: false, cancellationToken).ConfigureAwait(false);
-            long before = offset;
-            for (int i = 0; i < answered && offset < diskSize; i++)
+            for (long chunk = offset / chunkSize; chunk < count && chunk * chunkSize < offset + extent; chunk++)
             {
-                long extent = (long)Math.Min(extents[i].Length, (ulong)(diskSize - offset));
-                uint status = extents[i].Status;
-                for (long chunk = offset / chunkSize; chunk < count && chunk * chunkSize < offset + extent; chunk++)
-                {
-                    // HOLE alone does not promise zeros (proto.md): a hole chunk is HOLE and ZERO throughout.
-                    notHole[chunk] |= (status & (StateHole | StateZero)) != (StateHole | StateZero);
-                    notZero[chunk] |= (status & StateZero) == 0;
-                }
-                offset += extent;
+                // HOLE alone does not promise zeros (proto.md): a hole chunk is HOLE and ZERO throughout.
+                notHole[chunk] |= (status & (StateHole | StateZero)) != (StateHole | StateZero);
+                notZero[chunk] |= (status & StateZero) == 0;
             }
-            if (offset == before)
-            {
-                throw new IOException($"the server answered BLOCK_STATUS for '{AllocationContext}' at {offset} with no progress");
-            }
-        }
+        }, cancellationToken).ConfigureAwait(false);
         for (int i = 0; i < count; i++)
         {
             entries[i] = !notHole[i] ? ChunkEntry.Hole : !notZero[i] ? ChunkEntry.Zero : null!;

@@ -5,40 +5,20 @@ namespace Gateway.Csi;
 /// <summary>Reads a metadata context's extents over NBD into byte ranges.</summary>
 public static class ExtentReader
 {
-    /// <summary>base:allocation's NBD_STATE_HOLE (NBD proto.md, "base:allocation metadata context").</summary>
-    public const uint StateHole = 1;
-
-    /// <summary>qemu:dirty-bitmap's NBD_STATE_DIRTY.</summary>
-    public const uint StateDirty = 1;
-
-    /// <summary>Per request: the server may answer less, and the loop asks again from where it stopped.</summary>
+    /// <summary>Per window: the union is built and sent a window at a time.</summary>
     private const uint Window = 1u << 30;
 
     /// <summary>The ranges in [<paramref name="start"/>, <paramref name="end"/>) whose status <paramref name="wanted"/> accepts, adjacent ones joined.</summary>
     public static async Task<List<(long Offset, long Length)>> ReadAsync(PeerNbdClient client, string context, long start, long end, Func<uint, bool> wanted, CancellationToken ct)
     {
         var ranges = new List<(long Offset, long Length)>();
-        var extents = new Gateway.Nbd.MetaExtent[512];
-        long offset = start;
-        while (offset < end)
+        await client.WalkExtentsAsync(context, start, end, (offset, length, status) =>
         {
-            uint length = (uint)Math.Min(end - offset, Window);
-            int count = await client.GetExtentsAsync(context, offset, length, extents, reqOne: false, ct);
-            long before = offset;
-            for (int i = 0; i < count && offset < end; i++)
+            if (wanted(status))
             {
-                long extent = (long)Math.Min(extents[i].Length, (ulong)(end - offset));
-                if (wanted(extents[i].Status))
-                {
-                    Add(ranges, offset, extent);
-                }
-                offset += extent;
+                Add(ranges, offset, length);
             }
-            if (offset == before)
-            {
-                throw new IOException($"the server answered BLOCK_STATUS for '{context}' at {offset} with no progress");
-            }
-        }
+        }, ct);
         return ranges;
     }
 

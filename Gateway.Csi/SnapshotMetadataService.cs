@@ -1,5 +1,6 @@
 using Gateway.Csi.V1;
 using Gateway.Actors.Cluster;
+using Gateway.Nbd;
 using Grpc.Core;
 
 namespace Gateway.Csi;
@@ -23,7 +24,7 @@ public sealed class SnapshotMetadataService(CsiOptions options, GatewayAdmin gat
         CsiSnapshot snapshot = await SnapshotAsync(request.SnapshotId, ct);
         CheckOffset(request.StartingOffset, snapshot.Size);
         await using PeerNbdClient client = await ConnectAsync(snapshot.Id, ct);
-        await ExtentReader.StreamUnionAsync(client, ["base:allocation"], request.StartingOffset, snapshot.Size, status => (status & ExtentReader.StateHole) == 0, max,
+        await ExtentReader.StreamUnionAsync(client, ["base:allocation"], request.StartingOffset, snapshot.Size, status => (status & (uint)AllocationState.Hole) == 0, max,
             batch => responseStream.WriteAsync(new GetMetadataAllocatedResponse { BlockMetadataType = BlockMetadataType.VariableLength, VolumeCapacityBytes = snapshot.Size, BlockMetadata = { Tuples(batch) } }, ct), ct);
     }
 
@@ -66,7 +67,7 @@ public sealed class SnapshotMetadataService(CsiOptions options, GatewayAdmin gat
         }
         await using PeerNbdClient client = await ConnectAsync(volume, ct);
         await ExtentReader.StreamUnionAsync(client, [.. chain.Select(b => "qemu:dirty-bitmap:" + b)], request.StartingOffset, Math.Min(to.Size, client.Info.Size),
-            status => (status & ExtentReader.StateDirty) != 0, max,
+            status => (status & Gateway.Actors.Bitmaps.DirtyBitmapContext.StateDirty) != 0, max,
             batch => responseStream.WriteAsync(new GetMetadataDeltaResponse { BlockMetadataType = BlockMetadataType.VariableLength, VolumeCapacityBytes = to.Size, BlockMetadata = { Tuples(batch) } }, ct), ct);
     }
 

@@ -561,6 +561,34 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         : Nothing();
 
     /// <summary>
+    /// Every extent of <paramref name="context"/> over [<paramref name="start"/>, <paramref name="end"/>)
+    /// in order, the last one clipped at <paramref name="end"/>: <paramref name="visit"/> gets its
+    /// offset, length and status. Asks a window at a time and again from where the owner stopped
+    /// (it may answer less than asked); an answer that makes no progress is an IOException.
+    /// </summary>
+    public async Task WalkExtentsAsync(string context, long start, long end, Action<long, long, uint> visit, CancellationToken cancellationToken = default)
+    {
+        const uint Window = 1u << 30;
+        var extents = new MetaExtent[512];
+        long offset = start;
+        while (offset < end)
+        {
+            int count = await GetExtentsAsync(context, offset, (uint)Math.Min(end - offset, Window), extents, reqOne: false, cancellationToken).ConfigureAwait(false);
+            long before = offset;
+            for (int i = 0; i < count && offset < end; i++)
+            {
+                long length = (long)Math.Min(extents[i].Length, (ulong)(end - offset));
+                visit(offset, length, extents[i].Status);
+                offset += length;
+            }
+            if (offset == before)
+            {
+                throw new IOException($"the owner answered BLOCK_STATUS for '{context}' at {offset} with no progress");
+            }
+        }
+    }
+
+    /// <summary>
     /// NBD_CMD_BLOCK_STATUS for <paramref name="context"/>: fills <paramref name="extents"/> with that
     /// context's descriptors (the owner answers for every selected context; the others are skipped)
     /// and returns how many (at least one).
