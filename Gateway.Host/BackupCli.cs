@@ -13,7 +13,7 @@ namespace Gateway.Host;
 /// 1 failed (no such export or backup, a corrupt or missing chunk, a repository of another
 /// format), 2 bad arguments.
 /// </summary>
-public sealed class BackupCli(TextWriter stdout, TextWriter stderr)
+public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
 {
     private static readonly JsonSerializerOptions Indented = new() { WriteIndented = true };
 
@@ -55,6 +55,7 @@ public sealed class BackupCli(TextWriter stdout, TextWriter stderr)
         verify.Options.Add(json);
         verify.SetAction((p, ct) => Console().VerifyAsync(p.GetValue(id)!, p.GetValue(repo)!, p.GetValue(json), ct));
         backup.Subcommands.Add(verify);
+        AddMaintenanceCommands(backup, repo, json);
         return backup;
     }
 
@@ -72,7 +73,7 @@ public sealed class BackupCli(TextWriter stdout, TextWriter stderr)
             await stderr.WriteLineAsync($"error: {e.Message}");
             return 2;
         }
-        BackupRepository repository = await BackupRepository.OpenFolderAsync(repo, create: true, ct);
+        BackupRepository repository = await OpenRepositoryAsync(repo, create: true, ct);
         BackupSummary summary;
         try
         {
@@ -97,7 +98,7 @@ public sealed class BackupCli(TextWriter stdout, TextWriter stderr)
 
     public Task<int> RestoreAsync(string id, string repo, string file, bool json, CancellationToken ct) => RunAsync(async () =>
     {
-        BackupRepository repository = await BackupRepository.OpenFolderAsync(repo, create: false, ct);
+        BackupRepository repository = await OpenRepositoryAsync(repo, create: false, ct);
         RestoreSummary summary = await new BackupRestore(repository).ToFileAsync(id, Path.GetFullPath(file), ct);
         await stdout.WriteLineAsync(json
             ? JsonSerializer.Serialize(summary, Indented)
@@ -107,7 +108,7 @@ public sealed class BackupCli(TextWriter stdout, TextWriter stderr)
 
     public Task<int> ListAsync(string repo, bool json, CancellationToken ct) => RunAsync(async () =>
     {
-        BackupRepository repository = await BackupRepository.OpenFolderAsync(repo, create: false, ct);
+        BackupRepository repository = await OpenRepositoryAsync(repo, create: false, ct);
         var rows = new List<object>();
         foreach (string id in await repository.ListIdsAsync(ct))
         {
@@ -131,7 +132,7 @@ public sealed class BackupCli(TextWriter stdout, TextWriter stderr)
 
     public Task<int> VerifyAsync(string id, string repo, bool json, CancellationToken ct) => RunAsync(async () =>
     {
-        BackupRepository repository = await BackupRepository.OpenFolderAsync(repo, create: false, ct);
+        BackupRepository repository = await OpenRepositoryAsync(repo, create: false, ct);
         IReadOnlyList<ChunkProblem> problems = await new BackupVerifier(repository).VerifyAsync(id, ct);
         if (json)
         {
