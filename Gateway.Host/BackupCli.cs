@@ -17,21 +17,40 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
 {
     private static readonly JsonSerializerOptions Indented = new() { WriteIndented = true };
 
-    public static Command Build()
+    public static Command Build(Option<string> adminUrl)
     {
         var repo = new Option<string>("--repo") { Description = "The backup repository: a folder (made on the first create)", Required = true };
         var json = new Option<bool>("--json") { Description = "Print the result as JSON" };
         var id = new Argument<string>("id") { Description = "Backup id (gateway backup list)" };
-        var backup = new Command("backup", "Deduplicated, always-full backups of exports over NBD (README \"Backup\")");
+        var backup = new Command("backup", "Deduplicated, incremental, always-full backups of exports over NBD (README \"Backup\")");
 
         var export = new Argument<string>("export") { Description = "Export name" };
         var nbd = new Option<string>("--nbd") { Description = "The gateway's NBD address HOST:PORT or unix:PATH", DefaultValueFactory = _ => GatewayOptions.DefaultNbd };
-        var create = new Command("create", "Back an export up: reads what base:allocation says is allocated, stores only chunks the repository lacks, then the manifest");
+        var bitmap = new Option<string>("--bitmap")
+        {
+            Description = "Prefix of the dirty bitmaps that track changes between backups (each backup adds PREFIX.ID and removes its predecessor's)",
+            DefaultValueFactory = _ => BackupTracking.DefaultPrefix,
+        };
+        var noBitmap = new Option<bool>("--no-bitmap") { Description = "Read everything allocated and add no bitmap (any NBD server; no admin API needed)" };
+        var create = new Command("create", "Back an export up: reads what changed since the last backup (or everything allocated), stores only chunks the repository lacks, then the manifest");
         create.Arguments.Add(export);
         create.Options.Add(repo);
         create.Options.Add(nbd);
+        create.Options.Add(adminUrl);
+        create.Options.Add(CliAuth.TokenFile);
+        create.Options.Add(bitmap);
+        create.Options.Add(noBitmap);
         create.Options.Add(json);
-        create.SetAction((p, ct) => Console().CreateAsync(p.GetValue(export)!, p.GetValue(repo)!, p.GetValue(nbd)!, p.GetValue(json), ct));
+        create.SetAction((p, ct) =>
+        {
+            Uri? admin = null;
+            if (!p.GetValue(noBitmap))
+            {
+                CliAuth.Configure(p);
+                admin = AdminClient.BaseUri(p.GetValue(adminUrl)!);
+            }
+            return Console().CreateAsync(p.GetValue(export)!, p.GetValue(repo)!, p.GetValue(nbd)!, admin, p.GetValue(bitmap)!, p.GetValue(json), ct);
+        });
         backup.Subcommands.Add(create);
 
         var toFile = new Option<string>("--to-file") { Description = "Raw image file to write (made or replaced; holes stay sparse)", Required = true };
@@ -61,23 +80,31 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
 
     private static BackupCli Console() => new(System.Console.Out, System.Console.Error);
 
-    public Task<int> CreateAsync(string export, string repo, string nbd, bool json, CancellationToken ct) => RunAsync(async () =>
+    /// <param name="admin">The admin API that keeps the bitmaps; null for a full backup without tracking.</param>
+    public Task<int> CreateAsync(string export, string repo, string nbd, Uri? admin, string prefix, bool json, CancellationToken ct) => RunAsync(async () =>
     {
         EndPoint endpoint;
         try
         {
-            endpoint = GatewayOptions.ParseNbdEndpoint(nbd);
+            endpoint = ParseNbdAddress(nbd);
         }
         catch (ArgumentException e)
         {
             await stderr.WriteLineAsync($"error: {e.Message}");
             return 2;
         }
+        if (!BackupTracking.IsValidPrefix(prefix))
+        {
+            await stderr.WriteLineAsync($"error: --bitmap '{prefix}' is invalid: use up to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-'");
+            return 2;
+        }
+        BackupTracking? tracking = admin is null ? null : new BackupTracking(new AdminBitmapClient(admin), prefix);
         BackupRepository repository = await OpenRepositoryAsync(repo, create: true, ct);
+        using var bar = ProgressBar.OnTerminal(stderr, enabled: !json);
         BackupSummary summary;
         try
         {
-            summary = await new BackupCreator(repository).CreateAsync(endpoint, export, ct);
+            summary = await new BackupCreator(repository) { Progress = bar }.CreateAsync(endpoint, export, tracking, ct);
         }
         catch (PeerExportUnavailableException)
         {
@@ -89,12 +116,24 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
             await stderr.WriteLineAsync($"error: cannot reach the gateway at {nbd}: {e.Message}");
             return 1;
         }
+        bar?.Dispose();
+        foreach (string warning in summary.Warnings)
+        {
+            await stderr.WriteLineAsync($"warning: {warning}");
+        }
+        string kind = summary.Incremental ? $"incremental on {summary.BasedOn}" : summary.FullBecause is { } why ? $"full ({why})" : "full";
         await stdout.WriteLineAsync(json
             ? JsonSerializer.Serialize(summary, Indented)
             : string.Create(CultureInfo.InvariantCulture,
-                $"backup {summary.Id} of {export}: {summary.BytesTotal} bytes, {summary.BytesRead} read, {summary.ChunksNew} chunks new ({summary.BytesUploaded} bytes stored), {summary.ChunksReused} reused, {summary.ChunksZero + summary.ChunksHole} zero or hole, {summary.Seconds:F1} s"));
+                $"backup {summary.Id} of {export}, {kind}: {summary.BytesTotal} bytes, {summary.BytesDirty} to look at, {summary.BytesRead} read, {summary.ChunksNew} chunks new ({summary.BytesUploaded} bytes stored), {summary.ChunksReused} reused, {summary.ChunksUnchanged} unchanged, {summary.ChunksZero + summary.ChunksHole} zero or hole, {summary.Seconds:F1} s"));
         return 0;
     });
+
+    /// <summary>unix:PATH, an IP address and port, or a host name and port.</summary>
+    private static EndPoint ParseNbdAddress(string value) =>
+        value.StartsWith("unix:", StringComparison.Ordinal) ? GatewayOptions.ParseNbdEndpoint(value)
+        : IPEndPoint.TryParse(value, out IPEndPoint? ip) && ip.Port != 0 ? ip
+        : Gateway.Csi.CsiOptions.ParseNbd(value);
 
     public Task<int> RestoreAsync(string id, string repo, string file, bool json, CancellationToken ct) => RunAsync(async () =>
     {
@@ -160,7 +199,7 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
         {
             return await action();
         }
-        catch (Exception e) when (e is BackupFormatException or BackupCorruptException or IOException or UnauthorizedAccessException)
+        catch (Exception e) when (e is BackupFormatException or BackupCorruptException or BackupSourceException or IOException or UnauthorizedAccessException)
         {
             await stderr.WriteLineAsync($"error: {e.Message}");
             return 1;
