@@ -308,16 +308,7 @@ public sealed class BackupCreator(BackupRepository repository)
         {
             dirty[i] = i >= previous.Chunks.Count || previous.Range(i).Length != shape.Range(i).Length;
         }
-        await client.WalkExtentsAsync(DirtyBitmapContext.Prefix + previous.Bitmap, 0, previous.DiskSize, (offset, length, status) =>
-        {
-            if ((status & DirtyBitmapContext.StateDirty) != 0)
-            {
-                for (long chunk = offset / chunkSize; chunk < count && chunk * chunkSize < offset + length; chunk++)
-                {
-                    dirty[chunk] = true;
-                }
-            }
-        }, cancellationToken).ConfigureAwait(false);
+        await ChunkMap.MarkDirtyAsync(client, DirtyBitmapContext.Prefix + previous.Bitmap, previous.DiskSize, chunkSize, dirty, cancellationToken).ConfigureAwait(false);
         return dirty;
     }
 

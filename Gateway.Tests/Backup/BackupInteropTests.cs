@@ -378,7 +378,7 @@ public sealed class BackupInteropTests
             await CreateExportAsync(gateway, "vm", size);
             await QemuIoAsync(gateway, "vm", "write -P 0x01 0 64M");
             var repository = await Gateway.Backup.BackupRepository.OpenFolderAsync(Path.Combine(work.FullName, "repo"), create: true, CancellationToken.None);
-            var tracking = new Gateway.Backup.BackupTracking(new Gateway.Host.AdminBitmapClient(gateway.AdminUri));
+            var tracking = new Gateway.Backup.BackupTracking(new Gateway.Host.BackupAdminClient(gateway.AdminUri));
             var nbd = new IPEndPoint(IPAddress.Loopback, gateway.NbdPort);
 
             // One chunk at a time, in order: once chunk 0 is read, a guest writes to chunk 0 (already
@@ -405,6 +405,89 @@ public sealed class BackupInteropTests
             string restored2 = Path.Combine(work.FullName, "second.img");
             await new Gateway.Backup.BackupRestore(repository).ToFileAsync(second.Id, restored2, CancellationToken.None);
             await AssertSameAsync(gateway, after, restored2);
+            await gateway.StopAsync();
+        }
+        finally
+        {
+            work.Delete(recursive: true);
+        }
+    }
+
+    [Fact]
+    public async Task Restore_to_a_new_export_and_verify_against_the_live_export_catch_a_corrupt_chunk_and_a_byte_the_bitmap_missed()
+    {
+        await using GatewayProcess gateway = await GatewayProcess.StartAsync();
+        DirectoryInfo work = Directory.CreateTempSubdirectory("backup-test-");
+        try
+        {
+            string repo = Path.Combine(work.FullName, "repo");
+            string nbd = $"127.0.0.1:{gateway.NbdPort}", admin = gateway.AdminUri.ToString();
+            await CreateExportAsync(gateway, "vm", 64 * MiB);
+            await QemuIoAsync(gateway, "vm", [.. Enumerable.Range(0, 8).Select(i => $"write -P {i + 1} {i * 4}M 4M"), "write -z 4M 1M", "discard 8M 4M"]);
+            string id = (await CreateBackupAsync(gateway, repo, "vm")).GetProperty("id").GetString()!;
+            string state = await CopyAsync(gateway, "vm", Path.Combine(work.FullName, "state.img"));
+
+            // Into a new export, sparse, equal to the disk at the backup.
+            ToolResult restored = await BackupCliAsync(gateway, "restore", id, "--repo", repo, "--to-export", "copy", "--nbd", nbd, "--admin", admin, "--json");
+            Assert.True(restored.Succeeded, restored.Describe());
+            await AssertSameAsync(gateway, state, await CopyAsync(gateway, "copy", Path.Combine(work.FullName, "copy.img")));
+            ToolResult map = await gateway.RunAsync("nbdinfo", ["--map", gateway.NbdUri("copy")]);
+            Assert.Contains("hole", map.Stdout); // the trimmed chunk and the rest of the disk were not written
+            ToolResult exists = await BackupCliAsync(gateway, "restore", id, "--repo", repo, "--to-export", "copy", "--nbd", nbd, "--admin", admin);
+            Assert.Equal(1, exists.ExitCode);
+            Assert.Contains("'copy'", exists.Stderr);
+            ToolResult small = await BackupCliAsync(gateway, "restore", id, "--repo", repo, "--to-export", "small", "--size", "1M", "--nbd", nbd, "--admin", admin);
+            Assert.Equal(2, small.ExitCode);
+            ToolResult bigger = await BackupCliAsync(gateway, "restore", id, "--repo", repo, "--to-export", "bigger", "--size", "80M", "--nbd", nbd, "--admin", admin);
+            Assert.True(bigger.Succeeded, bigger.Describe());
+            Assert.Equal((80 * MiB).ToString(System.Globalization.CultureInfo.InvariantCulture), (await gateway.RunAsync("nbdinfo", ["--size", gateway.NbdUri("bigger")])).Stdout.Trim());
+
+            // A guest write is marked by the bitmap: verify compares only the rest, and it matches.
+            await QemuIoAsync(gateway, "vm", "write -P 0x77 13M 4k");
+            ToolResult clean = await BackupCliAsync(gateway, "verify", id, "--repo", repo, "--against-export", "vm", "--nbd", nbd, "--admin", admin, "--json");
+            Assert.True(clean.Succeeded, clean.Describe());
+            using (JsonDocument report = JsonDocument.Parse(clean.Stdout))
+            {
+                JsonElement live = report.RootElement.GetProperty("live");
+                Assert.Equal(4 * MiB, live.GetProperty("bytesChanged").GetInt64());
+                Assert.Equal(60 * MiB, live.GetProperty("bytesCompared").GetInt64());
+                Assert.Empty(live.GetProperty("mismatches").EnumerateArray());
+            }
+
+            // A byte changed behind the gateway's back (in the export's file, so no bitmap sees it), in a clean chunk.
+            // The file the gateway made for an export without a path (BackendFactory: DATA/exports/NAME.img).
+            string file = Path.Combine(gateway.DataDirectory, "exports", "vm.img");
+            Assert.True(File.Exists(file), $"no export file {file}");
+            long flipped = 5 * MiB + 123;
+            await using (FileStream stream = new(file, FileMode.Open, FileAccess.ReadWrite))
+            {
+                stream.Position = flipped;
+                int old = stream.ReadByte();
+                stream.Position = flipped;
+                stream.WriteByte((byte)(old ^ 0x40));
+            }
+            ToolResult missed = await BackupCliAsync(gateway, "verify", id, "--repo", repo, "--against-export", "vm", "--nbd", nbd, "--admin", admin);
+            Assert.Equal(1, missed.ExitCode);
+            Assert.Contains($"disk offsets {4 * MiB}+{4 * MiB}", missed.Stderr);
+            Assert.Contains($"1 bytes differ", missed.Stderr);
+            Assert.Contains($"first at disk offset {flipped}", missed.Stderr);
+
+            // A corrupt stored chunk is reported too (the chunk of offset 0: all 0x01), with its offset.
+            string sha = Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(Enumerable.Repeat((byte)0x01, (int)(4 * MiB)).ToArray()));
+            string chunk = Path.Combine(repo, "chunks", sha[..2], sha);
+            byte[] bytes = File.ReadAllBytes(chunk);
+            bytes[bytes.Length / 2] ^= 0xff;
+            File.WriteAllBytes(chunk, bytes);
+            ToolResult corrupt = await BackupCliAsync(gateway, "verify", id, "--repo", repo, "--against-export", "vm", "--nbd", nbd, "--admin", admin);
+            Assert.Equal(1, corrupt.ExitCode);
+            Assert.Contains($"chunk {sha}", corrupt.Stderr);
+            Assert.Contains("disk offsets 0+", corrupt.Stderr);
+
+            // Only a backup whose bitmap is still on the export can be checked against it.
+            JsonElement untracked = await CreateBackupAsync(gateway, repo, "vm", "--no-bitmap");
+            ToolResult noBitmap = await BackupCliAsync(gateway, "verify", untracked.GetProperty("id").GetString()!, "--repo", repo, "--against-export", "vm", "--nbd", nbd, "--admin", admin);
+            Assert.Equal(1, noBitmap.ExitCode);
+            Assert.Contains("without a bitmap", noBitmap.Stderr);
             await gateway.StopAsync();
         }
         finally

@@ -1,14 +1,16 @@
 using System.Net;
 using System.Net.Http.Json;
+using System.Text.Json;
 using Gateway.Backup;
 
 namespace Gateway.Host;
 
 /// <summary>
-/// The bitmap endpoints of the admin API (<c>/v1/exports/{name}/bitmaps</c>) as an incremental
-/// backup uses them; an error answer becomes a <see cref="BackupSourceException"/> with the API's message.
+/// The admin API as <c>gateway backup</c> uses it: an export's bitmaps (incremental backups,
+/// <c>verify --against-export</c>) and making or removing the export a restore writes into; an
+/// error answer becomes a <see cref="BackupSourceException"/> with the API's message.
 /// </summary>
-public sealed class AdminBitmapClient(Uri admin) : AdminClient(admin, TextWriter.Null, TextWriter.Null), IBitmapAdmin
+public sealed class BackupAdminClient(Uri admin) : AdminClient(admin, TextWriter.Null, TextWriter.Null), IBitmapAdmin
 {
     public async Task<IReadOnlyList<TrackedBitmap>> ListAsync(string export, CancellationToken cancellationToken)
     {
@@ -32,6 +34,21 @@ public sealed class AdminBitmapClient(Uri admin) : AdminClient(admin, TextWriter
         {
             await EnsureAsync(response, $"removing bitmap '{name}' of export '{export}'", cancellationToken);
         }
+    }
+
+    /// <summary>A new export of <paramref name="size"/> bytes on the gateway's default backend (a sparse file): it reads as zeros.</summary>
+    public async Task CreateExportAsync(string export, long size, CancellationToken cancellationToken)
+    {
+        var request = new CreateExportRequest(export, JsonSerializer.SerializeToElement(size), null, null, "restored by gateway backup");
+        using var body = JsonContent.Create(request, AdminJson.Default.CreateExportRequest);
+        using HttpResponseMessage response = await SendOrFailAsync(HttpMethod.Post, "v1/exports", body, cancellationToken);
+        await EnsureAsync(response, $"creating export '{export}'", cancellationToken);
+    }
+
+    public async Task RemoveExportAsync(string export, CancellationToken cancellationToken)
+    {
+        using HttpResponseMessage response = await SendOrFailAsync(HttpMethod.Delete, $"v1/exports/{Uri.EscapeDataString(export)}", null, cancellationToken);
+        await EnsureAsync(response, $"removing export '{export}'", cancellationToken);
     }
 
     private static string Path(string export) => $"v1/exports/{Uri.EscapeDataString(export)}/bitmaps";
