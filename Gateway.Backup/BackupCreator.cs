@@ -19,6 +19,7 @@ public sealed record BackupSummary(
     [property: JsonPropertyName("bytesTotal")] long BytesTotal,
     [property: JsonPropertyName("bytesDirty")] long BytesDirty,
     [property: JsonPropertyName("bytesRead")] long BytesRead,
+    [property: JsonPropertyName("bytesFromPrevious")] long BytesFromPrevious,
     [property: JsonPropertyName("bytesZero")] long BytesZero,
     [property: JsonPropertyName("bytesHole")] long BytesHole,
     [property: JsonPropertyName("bytesDeduplicated")] long BytesDeduplicated,
@@ -148,8 +149,11 @@ public sealed class BackupCreator(BackupRepository repository)
         string? fullBecause = tracking is null ? null
             : await WhyFullAsync(client, tracking, export, previous, diskSize, cancellationToken).ConfigureAwait(false);
         bool incremental = tracking is not null && fullBecause is null;
+        // Inside a chunk that is only partly dirty, only the dirty ranges are read from the export;
+        // the rest comes from the previous backup's chunk (the bitmap vouches that it is unchanged).
+        var parts = new Dictionary<int, List<(int Start, int Length)>>();
         bool[] dirty = incremental
-            ? await DirtyChunksAsync(client, previous!, shape, cancellationToken).ConfigureAwait(false)
+            ? await DirtyChunksAsync(client, previous!, shape, parts, cancellationToken).ConfigureAwait(false)
             : [.. Enumerable.Repeat(true, entries.Length)];
         if (incremental)
         {
@@ -170,9 +174,9 @@ public sealed class BackupCreator(BackupRepository repository)
         }
         await ClassifyAsync(client, shape, dirty, cancellationToken).ConfigureAwait(false);
 
-        long read = 0, deduplicated = 0, uploaded = 0, chunksNew = 0, chunksReused = 0;
+        long read = 0, fromPrevious = 0, deduplicated = 0, uploaded = 0, chunksNew = 0, chunksReused = 0;
         int[] toRead = [.. Enumerable.Range(0, entries.Length).Where(i => entries[i] is null)];
-        long bytesToRead = toRead.Sum(i => (long)shape.Range(i).Length);
+        long bytesToRead = toRead.Sum(i => (long)(parts.TryGetValue(i, out List<(int, int Length)>? p) ? p.Sum(r => r.Length) : shape.Range(i).Length));
         Progress?.Report(new BackupProgress(bytesToRead, 0));
         var options = new ParallelOptions { MaxDegreeOfParallelism = Parallelism, CancellationToken = cancellationToken };
         await Parallel.ForEachAsync(toRead, options, async (index, ct) =>
@@ -182,8 +186,20 @@ public sealed class BackupCreator(BackupRepository repository)
             try
             {
                 Memory<byte> data = buffer.AsMemory(0, length);
-                await client.ReadAsync(offset, data, ct).ConfigureAwait(false);
-                long done = Interlocked.Add(ref read, length);
+                long bytes = parts.TryGetValue(index, out List<(int Start, int Length)>? dirtyParts)
+                    && await ReadPreviousAsync(previous!.Chunks[index], data, ct).ConfigureAwait(false)
+                    ? await ReadPartsAsync(client, offset, data, dirtyParts, ct).ConfigureAwait(false)
+                    : 0;
+                if (bytes > 0)
+                {
+                    Interlocked.Add(ref fromPrevious, length - bytes);
+                }
+                else
+                {
+                    await client.ReadAsync(offset, data, ct).ConfigureAwait(false);
+                    bytes = length;
+                }
+                long done = Interlocked.Add(ref read, bytes);
                 Progress?.Report(new BackupProgress(bytesToRead, done));
                 if (!data.Span.ContainsAnyExcept((byte)0))
                 {
@@ -230,7 +246,7 @@ public sealed class BackupCreator(BackupRepository repository)
             }
         }
         return new BackupSummary(id, export, incremental, incremental ? previous!.Id : null, fullBecause, bitmap,
-            diskSize, bytesDirty, read, zero, hole, deduplicated, uploaded, unchanged, chunksNew, chunksReused, chunksZero, chunksHole,
+            diskSize, bytesDirty, read, fromPrevious, zero, hole, deduplicated, uploaded, unchanged, chunksNew, chunksReused, chunksZero, chunksHole,
             Math.Round(clock.Elapsed.TotalSeconds, 3), warnings);
     }
 
@@ -300,7 +316,8 @@ public sealed class BackupCreator(BackupRepository repository)
     /// The chunks the previous backup's bitmap marks (any dirty byte), and every chunk past the
     /// previous disk's end or longer than it was (the export grew).
     /// </summary>
-    private static async Task<bool[]> DirtyChunksAsync(PeerNbdClient client, Manifest previous, Manifest shape, CancellationToken cancellationToken)
+    private static async Task<bool[]> DirtyChunksAsync(PeerNbdClient client, Manifest previous, Manifest shape,
+        Dictionary<int, List<(int Start, int Length)>> parts, CancellationToken cancellationToken)
     {
         int count = shape.Chunks.Count, chunkSize = shape.ChunkSize;
         bool[] dirty = new bool[count];
@@ -308,8 +325,48 @@ public sealed class BackupCreator(BackupRepository repository)
         {
             dirty[i] = i >= previous.Chunks.Count || previous.Range(i).Length != shape.Range(i).Length;
         }
-        await ChunkMap.MarkDirtyAsync(client, DirtyBitmapContext.Prefix + previous.Bitmap, previous.DiskSize, chunkSize, dirty, cancellationToken).ConfigureAwait(false);
+        await ChunkMap.MarkDirtyAsync(client, DirtyBitmapContext.Prefix + previous.Bitmap, previous.DiskSize, chunkSize, dirty, cancellationToken, parts).ConfigureAwait(false);
+        // A chunk that grew has bytes no previous chunk holds: it is read whole.
+        foreach (int grown in parts.Keys.Where(i => i >= previous.Chunks.Count || previous.Range(i).Length != shape.Range(i).Length).ToArray())
+        {
+            parts.Remove(grown);
+        }
         return dirty;
+    }
+
+    /// <summary>
+    /// The previous backup's bytes of a chunk into <paramref name="data"/>: zeros for a hole or zero
+    /// chunk, the stored chunk for data. False when that chunk cannot be read (missing or corrupt):
+    /// the caller then reads the whole chunk from the export.
+    /// </summary>
+    private async Task<bool> ReadPreviousAsync(ChunkEntry previous, Memory<byte> data, CancellationToken cancellationToken)
+    {
+        if (previous.Kind != ChunkKind.Data)
+        {
+            data.Span.Clear();
+            return true;
+        }
+        try
+        {
+            await repository.ReadChunkAsync(previous.Sha256!, data, cancellationToken).ConfigureAwait(false);
+            return true;
+        }
+        catch (BackupCorruptException)
+        {
+            return false;
+        }
+    }
+
+    /// <summary>The dirty ranges of a chunk from the export over the previous bytes; returns the bytes read.</summary>
+    private static async Task<long> ReadPartsAsync(PeerNbdClient client, long offset, Memory<byte> data, List<(int Start, int Length)> parts, CancellationToken cancellationToken)
+    {
+        long bytes = 0;
+        foreach ((int start, int length) in parts)
+        {
+            await client.ReadAsync(offset + start, data.Slice(start, length), cancellationToken).ConfigureAwait(false);
+            bytes += length;
+        }
+        return bytes;
     }
 
     /// <summary>
