@@ -111,10 +111,19 @@ public sealed class Qcow2Device : IBlockDevice, IImageChain
     {
         DeviceBounds.ThrowIfClosed(Volatile.Read(ref _disposed) != 0);
         Span<ImageExtent> runs = stackalloc ImageExtent[Math.Min(extents.Length, 64)];
-        int count = _shared.Image.GetAllocation(offset, length, runs);
-        for (int i = 0; i < count; i++)
+        int n = _shared.Image.GetAllocation(offset, length, runs);
+        int count = 0;
+        for (int i = 0; i < n; i++)
         {
-            extents[i] = new DepthExtent(runs[i].Length, runs[i].Depth);
+            // Runs split only by zero-ness are one run of depth.
+            if (count > 0 && extents[count - 1].Depth == runs[i].Depth)
+            {
+                extents[count - 1] = new DepthExtent(extents[count - 1].Length + runs[i].Length, runs[i].Depth);
+            }
+            else
+            {
+                extents[count++] = new DepthExtent(runs[i].Length, runs[i].Depth);
+            }
         }
         return count;
     }
