@@ -102,6 +102,7 @@ root.Subcommands.Add(export);
 root.Subcommands.Add(BitmapCli.Build(adminUrlOption));
 root.Subcommands.Add(CsiCli.Build(adminUrlOption));
 root.Subcommands.Add(BackupCli.Build(adminUrlOption));
+root.Subcommands.Add(ImageCli.Build());
 root.Subcommands.Add(ClusterCliCommands.Build(adminUrlOption, p => AdminClient.BaseUri(p.GetValue(adminUrlOption)!)));
 root.Subcommands.Add(NodeCliCommands.Build(adminUrlOption, p => AdminClient.BaseUri(p.GetValue(adminUrlOption)!)));
 
