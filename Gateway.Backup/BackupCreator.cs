@@ -40,6 +40,9 @@ public sealed class BackupCreator(BackupRepository repository)
 
     public async Task<BackupSummary> CreateAsync(EndPoint nbd, string export, CancellationToken cancellationToken)
     {
+        // Upkeep hook (BackupLease): the lease before any chunk is looked at; its token stops the run if the lease lapses.
+        await using BackupLease lease = await BackupLease.AcquireAsync(repository, cancellationToken).ConfigureAwait(false);
+        cancellationToken = lease.Token;
         var clock = Stopwatch.StartNew();
         DateTimeOffset created = DateTimeOffset.UtcNow;
         await using PeerNbdClient client = await PeerNbdClient.ConnectAsync(nbd, export, cancellationToken).ConfigureAwait(false);
