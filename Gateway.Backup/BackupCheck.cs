@@ -20,8 +20,8 @@ public sealed record CheckReport(
 /// The repository's consistency: <c>repository.json</c> is valid, every manifest parses and
 /// keeps the rules, every chunk a manifest names exists (and with <c>readData</c> decompresses
 /// and hashes to its name), every object under <c>chunks/</c> is named like a chunk, and no
-/// interrupted write left a temp file. A temp file younger than the oldest live backup lease
-/// may be that backup's write in flight, so it is counted, not reported. Unreferenced chunks
+/// interrupted write left a temp file. A temp file younger than the lease TTL may be a write
+/// in flight (a running backup's), so it is counted, not reported. Unreferenced chunks
 /// are counted, not an error (garbage collection removes them).
 /// </summary>
 public sealed class BackupCheck(IBackupStore store)
@@ -122,10 +122,10 @@ public sealed class BackupCheck(IBackupStore store)
             problems.AddRange(corrupt.Order(StringComparer.Ordinal));
         }
 
-        // A temp file is a running backup's write in flight if it is younger than the oldest live
-        // backup lease (allowing for skew); otherwise an interrupted write left it.
-        IReadOnlyList<LeaseMarker> running = await BackupLease.ListLiveAsync(store, Leases, LeaseKind.Backup, cancellationToken).ConfigureAwait(false);
-        DateTimeOffset? inFlightSince = running.Count == 0 ? null : running.Min(l => l.Started) - Leases.ClockSkew;
+        // A temp file written within the last lease TTL may be a write in flight (of a backup, or
+        // of a lease marker before the lease exists); an older one was left by an interrupted write,
+        // as a holder that has not written for that long has lost its lease anyway.
+        DateTimeOffset inFlightSince = Leases.Time.GetUtcNow() - Leases.Ttl - Leases.ClockSkew;
         int inFlight = 0;
         await foreach (StoredObject temp in store.ListIncompleteAsync(cancellationToken).ConfigureAwait(false))
         {

@@ -255,7 +255,7 @@ public sealed class BackupMaintenanceTests : IDisposable
         CheckReport stray = await check.CheckAsync(readData: false, repair: false, CancellationToken.None);
         Assert.Contains("chunks/ab/.tmp-0123456789abcdef", Assert.Single(stray.Problems));
 
-        // While a backup runs, a temp file younger than its lease may be its write in flight: not a problem.
+        // A temp file younger than the lease TTL may be a running backup's write in flight: not a problem.
         await using (BackupLease lease = await BackupLease.AcquireAsync(repository, CancellationToken.None))
         {
             string inFlight = Path.Combine(_folder.FullName, "chunks", "cd", ".tmp-fedcba9876543210");
