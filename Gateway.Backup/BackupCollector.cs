@@ -24,7 +24,20 @@ public sealed class BackupCollector(BackupRepository repository)
 {
     /// <exception cref="BackupBusyException">A backup holds a live lease.</exception>
     /// <exception cref="BackupFormatException">A manifest does not parse or breaks the rules; nothing was deleted.</exception>
+    /// <exception cref="BackupLeaseLostException">The collection's own lease may have lapsed (refreshes failed); it stopped.</exception>
     public async Task<CollectSummary> CollectAsync(CancellationToken cancellationToken)
+    {
+        try
+        {
+            return await CollectUnderLeaseAsync(cancellationToken).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
+        {
+            throw new BackupLeaseLostException("garbage collection stopped: its lease could not be refreshed for half its TTL, so a backup may have started");
+        }
+    }
+
+    private async Task<CollectSummary> CollectUnderLeaseAsync(CancellationToken cancellationToken)
     {
         var clock = Stopwatch.StartNew();
         await using BackupLease lease = await BackupLease.AcquireCollectionAsync(repository, cancellationToken).ConfigureAwait(false);

@@ -50,6 +50,9 @@ public sealed record LeaseOptions
 /// <summary>A garbage collection will not run: a backup holds a live lease (exit 3 of <c>gc</c> and <c>prune</c>).</summary>
 public sealed class BackupBusyException(string message) : Exception(message);
 
+/// <summary>A lease's holder stopped because its lease may have lapsed (an I/O failure, so the CLI reports it and exits 1).</summary>
+public sealed class BackupLeaseLostException(string message) : IOException(message);
+
 /// <summary>
 /// The lease protocol that lets garbage collection delete chunks while backups run against the
 /// same repository from other processes or hosts, on a folder or on S3, with no lock and no

@@ -8,7 +8,8 @@ using Xunit;
 namespace Gateway.Tests.Backup;
 
 /// <summary>
-/// <c>gateway backup create</c> killed with SIGKILL at random moments against a real gateway:
+/// <c>gateway backup create</c> killed with SIGKILL at random moments (counted from its lease
+/// marker's appearance) against a real gateway:
 /// the repository stays consistent after every kill (<c>backup check</c>), and the next complete
 /// run skips the chunks the killed runs stored and restores byte-exact.
 /// </summary>
@@ -34,6 +35,9 @@ public sealed class BackupKillTests
     private static int ChunkFiles(string repo) =>
         Directory.Exists(Path.Combine(repo, "chunks")) ? Directory.EnumerateFiles(Path.Combine(repo, "chunks"), "*", SearchOption.AllDirectories)
             .Count(f => !Path.GetFileName(f).StartsWith(".tmp-", StringComparison.Ordinal)) : 0;
+
+    private static string[] Markers(string repo) =>
+        Directory.Exists(Path.Combine(repo, "locks")) ? [.. Directory.EnumerateFiles(Path.Combine(repo, "locks"), "backup-*.json")] : [];
 
     [Fact]
     public async Task A_create_killed_at_random_moments_leaves_a_consistent_repository_and_the_complete_run_reuses_what_the_killed_runs_stored()
@@ -88,8 +92,15 @@ public sealed class BackupKillTests
                 {
                     start.ArgumentList.Add(arg);
                 }
+                string[] markers = Markers(repo);
                 using Process backup = Process.Start(start)!;
                 Task<string> stdout = backup.StandardOutput.ReadToEndAsync(), stderr = backup.StandardError.ReadToEndAsync();
+                // The moment counts from the backup's start proper, its lease marker (a loaded
+                // machine can take seconds to start a process), not from the process's start.
+                for (int poll = 0; poll < 600 && !backup.HasExited && Markers(repo).Except(markers).FirstOrDefault() is null; poll++)
+                {
+                    await Task.Delay(50);
+                }
                 await Task.Delay(delay);
                 bool alive = !backup.HasExited;
                 if (alive)

@@ -1,4 +1,6 @@
+using System.Text.Json;
 using Gateway.Backup;
+using Gateway.Host;
 using Xunit;
 
 namespace Gateway.Tests.Backup;
@@ -276,5 +278,52 @@ public sealed class BackupMaintenanceTests : IDisposable
         Assert.Contains("20261206T130000Z-00000002", Assert.Single(broken.Problems));
         File.WriteAllText(Path.Combine(_folder.FullName, BackupRepository.InfoKey), "{}");
         Assert.False((await check.CheckAsync(readData: false, repair: false, CancellationToken.None)).Ok);
+    }
+
+    [Fact]
+    public async Task The_upkeep_commands_exit_2_without_a_rule_3_while_a_backup_runs_and_1_on_an_inconsistent_repository()
+    {
+        BackupRepository repository = await NewRepositoryAsync();
+        string a = await PutChunkAsync(repository, 1), b = await PutChunkAsync(repository, 2);
+        await PutManifestAsync(repository, "old", "vm", Monday, a, b);
+        await PutManifestAsync(repository, "new", "vm", Monday.AddDays(1), a);
+        string repo = _folder.FullName;
+        var stdout = new StringWriter();
+        var stderr = new StringWriter();
+        var cli = new BackupCli(stdout, stderr);
+
+        Assert.Equal(2, await cli.PruneAsync(repo, null, new RetentionPolicy(0, 0, 0), false, true, false, CancellationToken.None));
+        Assert.Contains("at least one of --keep-last", stderr.ToString());
+        Assert.Equal(2, (await repository.ListIdsAsync(CancellationToken.None)).Count);
+
+        // While a backup runs, prune deletes the manifest but its gc gives way: exit 3, the chunk stays.
+        await using (BackupLease lease = await BackupLease.AcquireAsync(repository, CancellationToken.None))
+        {
+            stdout.GetStringBuilder().Clear();
+            Assert.Equal(BackupCli.ExitBusy, await cli.PruneAsync(repo, "vm", new RetentionPolicy(1, 0, 0), false, true, true, CancellationToken.None));
+            using JsonDocument pruned = JsonDocument.Parse(stdout.ToString());
+            Assert.Equal([false, true], pruned.RootElement.GetProperty("backups").EnumerateArray().Select(d => d.GetProperty("keep").GetBoolean()));
+            Assert.Contains(lease.Marker.Id, pruned.RootElement.GetProperty("gcPostponed").GetString());
+            Assert.Equal(["new"], await repository.ListIdsAsync(CancellationToken.None));
+            Assert.True(File.Exists(ChunkFile(b)));
+            Assert.Equal(BackupCli.ExitBusy, await cli.CollectAsync(repo, false, CancellationToken.None));
+        }
+
+        stdout.GetStringBuilder().Clear();
+        Assert.Equal(0, await cli.CollectAsync(repo, true, CancellationToken.None));
+        using (JsonDocument collected = JsonDocument.Parse(stdout.ToString()))
+        {
+            Assert.Equal(1, collected.RootElement.GetProperty("chunksDeleted").GetInt64());
+        }
+        Assert.False(File.Exists(ChunkFile(b)));
+
+        stdout.GetStringBuilder().Clear();
+        Assert.Equal(0, await cli.CheckAsync(repo, true, false, false, CancellationToken.None));
+        Assert.StartsWith("consistent", stdout.ToString());
+        File.Delete(ChunkFile(a));
+        stderr.GetStringBuilder().Clear();
+        Assert.Equal(1, await cli.CheckAsync(repo, false, false, false, CancellationToken.None));
+        Assert.Contains($"error: chunk {a} is missing (backup new disk offset 0 needs it)", stderr.ToString());
+        Assert.Equal(1, await cli.CheckAsync(Path.Combine(repo, "absent"), false, false, false, CancellationToken.None));
     }
 }
