@@ -326,4 +326,51 @@ public sealed class BackupMaintenanceTests : IDisposable
         Assert.Contains($"error: chunk {a} is missing (backup new disk offset 0 needs it)", stderr.ToString());
         Assert.Equal(1, await cli.CheckAsync(Path.Combine(repo, "absent"), false, false, false, CancellationToken.None));
     }
+
+    /// <summary>A folder store whose overwrites (lease refreshes) fail on demand: a lost network, a full disk.</summary>
+    private sealed class FailingRefreshStore(string root) : IBackupStore
+    {
+        private readonly FolderStore _inner = new(root);
+
+        public volatile bool FailOverwrites;
+
+        public Task PutAsync(string key, ReadOnlyMemory<byte> data, CancellationToken cancellationToken) =>
+            FailOverwrites ? Task.FromException(new IOException("the store is unreachable")) : _inner.PutAsync(key, data, cancellationToken);
+
+        public Task<bool> PutIfAbsentAsync(string key, ReadOnlyMemory<byte> data, CancellationToken cancellationToken) => _inner.PutIfAbsentAsync(key, data, cancellationToken);
+
+        public Task<byte[]?> GetAsync(string key, CancellationToken cancellationToken) => _inner.GetAsync(key, cancellationToken);
+
+        public Task<bool> ExistsAsync(string key, CancellationToken cancellationToken) => _inner.ExistsAsync(key, cancellationToken);
+
+        public Task<bool> DeleteAsync(string key, CancellationToken cancellationToken) => _inner.DeleteAsync(key, cancellationToken);
+
+        public IAsyncEnumerable<string> ListAsync(string prefix, CancellationToken cancellationToken) => _inner.ListAsync(prefix, cancellationToken);
+
+        public IAsyncEnumerable<StoredObject> ListObjectsAsync(string prefix, CancellationToken cancellationToken) => _inner.ListObjectsAsync(prefix, cancellationToken);
+
+        public IAsyncEnumerable<StoredObject> ListIncompleteAsync(CancellationToken cancellationToken) => _inner.ListIncompleteAsync(cancellationToken);
+
+        public Task DeleteIncompleteAsync(string key, CancellationToken cancellationToken) => _inner.DeleteIncompleteAsync(key, cancellationToken);
+    }
+
+    [Fact]
+    public async Task A_lease_that_cannot_be_refreshed_stops_its_holder_before_it_writes_a_manifest()
+    {
+        var store = new FailingRefreshStore(_folder.FullName);
+        BackupRepository repository = await BackupRepository.OpenOrCreateAsync(store, ChunkSize, CancellationToken.None);
+        repository.Leases = LeaseOptions.Default with { Ttl = TimeSpan.FromSeconds(3) };
+        await using BackupLease lease = await BackupLease.AcquireAsync(repository, CancellationToken.None);
+        string sha = await PutChunkAsync(repository, 1);
+
+        // Refreshes keep it alive past its first TTL while they succeed.
+        await Task.Delay(TimeSpan.FromSeconds(4));
+        Assert.False(lease.Token.IsCancellationRequested, "a refreshed lease lapsed");
+
+        store.FailOverwrites = true;
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => Task.Delay(Timeout.InfiniteTimeSpan, lease.Token).WaitAsync(TimeSpan.FromSeconds(30)));
+        var manifest = new Manifest(Manifest.CurrentVersion, "late", "vm", ChunkSize, ChunkSize, DateTimeOffset.UtcNow, [new ChunkEntry(ChunkKind.Data, sha)]);
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => repository.PutManifestAsync(manifest, lease.Token));
+        Assert.Empty(await repository.ListIdsAsync(CancellationToken.None));
+    }
 }
