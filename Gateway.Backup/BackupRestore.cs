@@ -1,4 +1,6 @@
 using System.Buffers;
+using System.Net;
+using Gateway.Actors.Cluster;
 using Microsoft.Win32.SafeHandles;
 
 namespace Gateway.Backup;
@@ -8,8 +10,9 @@ public sealed record RestoreSummary(string Id, long DiskSize, long BytesWritten,
 
 /// <summary>
 /// Restores a backup from its manifest alone (every backup is full, so never a chain) into a
-/// raw file: the file is emptied and set to the disk's size, so holes and zero chunks are holes
-/// without a write; data chunks are checked against their hash as they are written.
+/// raw file or a new export: the file is emptied and set to the disk's size (a new export reads
+/// as zeros already), so holes and zero chunks are holes without a write; data chunks are checked
+/// against their hash as they are written, and their all-zero 64 KiB blocks are not written.
 /// </summary>
 public sealed class BackupRestore(BackupRepository repository)
 {
@@ -33,31 +36,11 @@ public sealed class BackupRestore(BackupRepository repository)
                 // a hole or zeros reads as zeros without writing them, and stays unallocated.
                 RandomAccess.SetLength(handle, 0);
                 RandomAccess.SetLength(handle, manifest.DiskSize);
-                IEnumerable<int> data = Enumerable.Range(0, manifest.Chunks.Count).Where(i => manifest.Chunks[i].Kind == ChunkKind.Data);
-                var options = new ParallelOptions { MaxDegreeOfParallelism = Parallelism, CancellationToken = cancellationToken };
-                await Parallel.ForEachAsync(data, options, async (index, ct) =>
+                await ForEachDataChunkAsync(manifest, async (bytes, offset, ct) =>
                 {
-                    (long offset, int length) = manifest.Range(index);
-                    byte[] buffer = ArrayPool<byte>.Shared.Rent(length);
-                    try
-                    {
-                        Memory<byte> bytes = buffer.AsMemory(0, length);
-                        try
-                        {
-                            await repository.ReadChunkAsync(manifest.Chunks[index].Sha256!, bytes, ct).ConfigureAwait(false);
-                        }
-                        catch (BackupCorruptException e)
-                        {
-                            throw new BackupCorruptException($"backup {id}: disk offset {offset} (length {length}): {e.Message}");
-                        }
-                        Interlocked.Add(ref written, await WriteAllocatedAsync(handle, bytes, offset, ct).ConfigureAwait(false));
-                        Interlocked.Increment(ref chunks);
-                    }
-                    finally
-                    {
-                        ArrayPool<byte>.Shared.Return(buffer);
-                    }
-                }).ConfigureAwait(false);
+                    Interlocked.Add(ref written, await WriteAllocatedAsync((block, at, c) => RandomAccess.WriteAsync(handle, block, at, c), bytes, offset, ct).ConfigureAwait(false));
+                    Interlocked.Increment(ref chunks);
+                }, cancellationToken).ConfigureAwait(false);
                 RandomAccess.FlushToDisk(handle);
             }
         }
@@ -69,8 +52,61 @@ public sealed class BackupRestore(BackupRepository repository)
         return new RestoreSummary(id, manifest.DiskSize, written, chunks, Math.Round(clock.Elapsed.TotalSeconds, 3));
     }
 
-    /// <summary>The file was emptied first, so zero blocks inside a data chunk are left unwritten: they stay holes.</summary>
-    private static async Task<long> WriteAllocatedAsync(SafeFileHandle handle, ReadOnlyMemory<byte> chunk, long offset, CancellationToken ct)
+    /// <summary>
+    /// Into <paramref name="export"/>, a new export of at least the backup's size that reads as
+    /// zeros (<c>gateway backup restore --to-export</c> makes it), over NBD; flushed at the end.
+    /// </summary>
+    /// <exception cref="BackupCorruptException">A chunk is missing or corrupt: the message names the disk offset.</exception>
+    public async Task<RestoreSummary> ToExportAsync(string id, EndPoint nbd, string export, CancellationToken cancellationToken)
+    {
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        Manifest manifest = await repository.GetManifestAsync(id, cancellationToken).ConfigureAwait(false);
+        await using PeerNbdClient client = await PeerNbdClient.ConnectAsync(nbd, export, cancellationToken).ConfigureAwait(false);
+        if (client.Info.Size < manifest.DiskSize)
+        {
+            throw new BackupFormatException($"export '{export}' has {client.Info.Size} bytes, fewer than backup {id}'s {manifest.DiskSize}");
+        }
+        long written = 0, chunks = 0;
+        await ForEachDataChunkAsync(manifest, async (bytes, offset, ct) =>
+        {
+            Interlocked.Add(ref written, await WriteAllocatedAsync((block, at, c) => client.WriteAsync(at, block, fua: false, c), bytes, offset, ct).ConfigureAwait(false));
+            Interlocked.Increment(ref chunks);
+        }, cancellationToken).ConfigureAwait(false);
+        await client.FlushAsync(cancellationToken).ConfigureAwait(false);
+        return new RestoreSummary(id, manifest.DiskSize, written, chunks, Math.Round(clock.Elapsed.TotalSeconds, 3));
+    }
+
+    /// <summary>Every data chunk of <paramref name="manifest"/>, read and checked, <see cref="Parallelism"/> at a time.</summary>
+    private async Task ForEachDataChunkAsync(Manifest manifest, Func<ReadOnlyMemory<byte>, long, CancellationToken, Task> write, CancellationToken cancellationToken)
+    {
+        IEnumerable<int> data = Enumerable.Range(0, manifest.Chunks.Count).Where(i => manifest.Chunks[i].Kind == ChunkKind.Data);
+        var options = new ParallelOptions { MaxDegreeOfParallelism = Parallelism, CancellationToken = cancellationToken };
+        await Parallel.ForEachAsync(data, options, async (index, ct) =>
+        {
+            (long offset, int length) = manifest.Range(index);
+            byte[] buffer = ArrayPool<byte>.Shared.Rent(length);
+            try
+            {
+                Memory<byte> bytes = buffer.AsMemory(0, length);
+                try
+                {
+                    await repository.ReadChunkAsync(manifest.Chunks[index].Sha256!, bytes, ct).ConfigureAwait(false);
+                }
+                catch (BackupCorruptException e)
+                {
+                    throw new BackupCorruptException($"backup {manifest.Id}: disk offset {offset} (length {length}): {e.Message}");
+                }
+                await write(bytes, offset, ct).ConfigureAwait(false);
+            }
+            finally
+            {
+                ArrayPool<byte>.Shared.Return(buffer);
+            }
+        }).ConfigureAwait(false);
+    }
+
+    /// <summary>The target reads as zeros already, so zero blocks inside a data chunk are left unwritten: they stay holes.</summary>
+    private static async Task<long> WriteAllocatedAsync(Func<ReadOnlyMemory<byte>, long, CancellationToken, ValueTask> write, ReadOnlyMemory<byte> chunk, long offset, CancellationToken ct)
     {
         long written = 0;
         int start = -1;
@@ -84,7 +120,7 @@ public sealed class BackupRestore(BackupRepository repository)
             else if (!data && start >= 0)
             {
                 int end = Math.Min(at, chunk.Length);
-                await RandomAccess.WriteAsync(handle, chunk[start..end], offset + start, ct).ConfigureAwait(false);
+                await write(chunk[start..end], offset + start, ct).ConfigureAwait(false);
                 written += end - start;
                 start = -1;
             }

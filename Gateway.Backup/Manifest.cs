@@ -32,7 +32,9 @@ public sealed record ChunkEntry(
 /// <summary>
 /// A backup: the whole disk at one moment, one entry per chunk index, so every backup is
 /// logically full and a restore reads one manifest, never a chain. Written last, after every
-/// chunk it names is stored.
+/// chunk it names is stored. <see cref="Bitmap"/> names the export's dirty bitmap added at this
+/// backup's start (before any byte was read): what it marks is everything that may differ from
+/// this manifest, so the next backup reads only that.
 /// </summary>
 public sealed record Manifest(
     [property: JsonPropertyName("version")] int Version,
@@ -41,7 +43,8 @@ public sealed record Manifest(
     [property: JsonPropertyName("diskSize")] long DiskSize,
     [property: JsonPropertyName("chunkSize")] int ChunkSize,
     [property: JsonPropertyName("created")] DateTimeOffset Created,
-    [property: JsonPropertyName("chunks")] IReadOnlyList<ChunkEntry> Chunks)
+    [property: JsonPropertyName("chunks")] IReadOnlyList<ChunkEntry> Chunks,
+    [property: JsonPropertyName("bitmap"), JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] string? Bitmap = null)
 {
     public const int CurrentVersion = 1;
 

@@ -46,18 +46,23 @@ public abstract class AdminClient(Uri admin, TextWriter stdout, TextWriter stder
 
     protected async Task<int> FailAsync(HttpResponseMessage response, CancellationToken ct)
     {
+        await stderr.WriteLineAsync($"error: {await ErrorMessageAsync(response, ct)} (HTTP {(int)response.StatusCode})");
+        return 1;
+    }
+
+    /// <summary>The <c>{error}</c> of a failed answer, or its body as it came when it is not the API's JSON.</summary>
+    protected static async Task<string> ErrorMessageAsync(HttpResponseMessage response, CancellationToken ct)
+    {
         string text = await response.Content.ReadAsStringAsync(ct);
-        string message = text;
         try
         {
-            message = JsonSerializer.Deserialize(text, AdminJson.Default.ErrorDto)?.Error ?? text;
+            return JsonSerializer.Deserialize(text, AdminJson.Default.ErrorDto)?.Error ?? text;
         }
         catch (JsonException)
         {
             // Not the API's JSON (a proxy's page, say): print it as it came.
+            return text;
         }
-        await stderr.WriteLineAsync($"error: {message} (HTTP {(int)response.StatusCode})");
-        return 1;
     }
 }
 

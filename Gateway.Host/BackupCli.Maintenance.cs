@@ -120,7 +120,7 @@ public sealed partial class BackupCli
 
     public Task<int> CheckAsync(string repo, bool readData, bool repair, bool json, CancellationToken ct) => RunAsync(async () =>
     {
-        CheckReport report = await new BackupCheck(OpenStore(repo)).CheckAsync(readData, repair, ct);
+        CheckReport report = await new BackupCheck(await OpenStoreAsync(repo, ct)).CheckAsync(readData, repair, ct);
         if (json)
         {
             await stdout.WriteLineAsync(JsonSerializer.Serialize(report, Indented));

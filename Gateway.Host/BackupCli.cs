@@ -17,30 +17,64 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
 {
     private static readonly JsonSerializerOptions Indented = new() { WriteIndented = true };
 
-    public static Command Build()
+    public static Command Build(Option<string> adminUrl)
     {
         var repo = new Option<string>("--repo") { Description = "The backup repository: a folder (made on the first create)", Required = true };
         var json = new Option<bool>("--json") { Description = "Print the result as JSON" };
         var id = new Argument<string>("id") { Description = "Backup id (gateway backup list)" };
-        var backup = new Command("backup", "Deduplicated, always-full backups of exports over NBD (README \"Backup\")");
+        var backup = new Command("backup", "Deduplicated, incremental, always-full backups of exports over NBD (README \"Backup\")");
 
         var export = new Argument<string>("export") { Description = "Export name" };
         var nbd = new Option<string>("--nbd") { Description = "The gateway's NBD address HOST:PORT or unix:PATH", DefaultValueFactory = _ => GatewayOptions.DefaultNbd };
-        var create = new Command("create", "Back an export up: reads what base:allocation says is allocated, stores only chunks the repository lacks, then the manifest");
+        var bitmap = new Option<string>("--bitmap")
+        {
+            Description = "Prefix of the dirty bitmaps that track changes between backups (each backup adds PREFIX.ID and removes its predecessor's)",
+            DefaultValueFactory = _ => BackupTracking.DefaultPrefix,
+        };
+        var noBitmap = new Option<bool>("--no-bitmap") { Description = "Read everything allocated and add no bitmap (any NBD server; no admin API needed)" };
+        var create = new Command("create", "Back an export up: reads what changed since the last backup (or everything allocated), stores only chunks the repository lacks, then the manifest");
         create.Arguments.Add(export);
         create.Options.Add(repo);
         create.Options.Add(nbd);
+        create.Options.Add(adminUrl);
+        create.Options.Add(CliAuth.TokenFile);
+        create.Options.Add(bitmap);
+        create.Options.Add(noBitmap);
         create.Options.Add(json);
-        create.SetAction((p, ct) => Console().CreateAsync(p.GetValue(export)!, p.GetValue(repo)!, p.GetValue(nbd)!, p.GetValue(json), ct));
+        create.SetAction((p, ct) =>
+        {
+            Uri? admin = null;
+            if (!p.GetValue(noBitmap))
+            {
+                CliAuth.Configure(p);
+                admin = AdminClient.BaseUri(p.GetValue(adminUrl)!);
+            }
+            return Console().CreateAsync(p.GetValue(export)!, p.GetValue(repo)!, p.GetValue(nbd)!, admin, p.GetValue(bitmap)!, p.GetValue(json), ct);
+        });
         backup.Subcommands.Add(create);
 
-        var toFile = new Option<string>("--to-file") { Description = "Raw image file to write (made or replaced; holes stay sparse)", Required = true };
-        var restore = new Command("restore", "Restore a backup into a raw file, every chunk checked against its hash");
+        var toFile = new Option<string?>("--to-file") { Description = "Raw image file to write (made or replaced; holes stay sparse)" };
+        var toExport = new Option<string?>("--to-export") { Description = "A new export to make (the gateway's default backend) and write the backup into over NBD" };
+        var size = new Option<string?>("--size") { Description = "The new export's size (default: the backup's disk size; not smaller), e.g. 20G" };
+        var restore = new Command("restore", "Restore a backup into a raw file or a new export, every chunk checked against its hash");
         restore.Arguments.Add(id);
         restore.Options.Add(repo);
         restore.Options.Add(toFile);
+        restore.Options.Add(toExport);
+        restore.Options.Add(size);
+        restore.Options.Add(nbd);
+        restore.Options.Add(adminUrl);
+        restore.Options.Add(CliAuth.TokenFile);
         restore.Options.Add(json);
-        restore.SetAction((p, ct) => Console().RestoreAsync(p.GetValue(id)!, p.GetValue(repo)!, p.GetValue(toFile)!, p.GetValue(json), ct));
+        restore.SetAction((p, ct) =>
+        {
+            if (p.GetValue(toExport) is { } target)
+            {
+                CliAuth.Configure(p);
+                return Console().RestoreToExportAsync(p.GetValue(id)!, p.GetValue(repo)!, target, p.GetValue(size), p.GetValue(nbd)!, AdminClient.BaseUri(p.GetValue(adminUrl)!), p.GetValue(toFile), p.GetValue(json), ct);
+            }
+            return Console().RestoreAsync(p.GetValue(id)!, p.GetValue(repo)!, p.GetValue(toFile), p.GetValue(json), ct);
+        });
         backup.Subcommands.Add(restore);
 
         var list = new Command("list", "List the repository's backups, oldest first");
@@ -49,11 +83,28 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
         list.SetAction((p, ct) => Console().ListAsync(p.GetValue(repo)!, p.GetValue(json), ct));
         backup.Subcommands.Add(list);
 
-        var verify = new Command("verify", "Check that every chunk of a backup is present and hashes to its name; exit 1 naming the disk offsets of any that are not");
+        var against = new Option<string?>("--against-export")
+        {
+            Description = "Also read the live export where the backup's bitmap says nothing changed since, and compare with the backup (catches a write the change tracking missed)",
+        };
+        var verify = new Command("verify", "Check that every chunk of a backup is present and hashes to its name, and optionally that the live export still matches it where its bitmap is clean; exit 1 naming the disk offsets of any problem");
         verify.Arguments.Add(id);
         verify.Options.Add(repo);
+        verify.Options.Add(against);
+        verify.Options.Add(nbd);
+        verify.Options.Add(adminUrl);
+        verify.Options.Add(CliAuth.TokenFile);
         verify.Options.Add(json);
-        verify.SetAction((p, ct) => Console().VerifyAsync(p.GetValue(id)!, p.GetValue(repo)!, p.GetValue(json), ct));
+        verify.SetAction((p, ct) =>
+        {
+            LiveTarget? live = null;
+            if (p.GetValue(against) is { } export)
+            {
+                CliAuth.Configure(p);
+                live = new LiveTarget(export, p.GetValue(nbd)!, AdminClient.BaseUri(p.GetValue(adminUrl)!));
+            }
+            return Console().VerifyAsync(p.GetValue(id)!, p.GetValue(repo)!, live, p.GetValue(json), ct);
+        });
         backup.Subcommands.Add(verify);
         AddMaintenanceCommands(backup, repo, json);
         return backup;
@@ -61,23 +112,31 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
 
     private static BackupCli Console() => new(System.Console.Out, System.Console.Error);
 
-    public Task<int> CreateAsync(string export, string repo, string nbd, bool json, CancellationToken ct) => RunAsync(async () =>
+    /// <param name="admin">The admin API that keeps the bitmaps; null for a full backup without tracking.</param>
+    public Task<int> CreateAsync(string export, string repo, string nbd, Uri? admin, string prefix, bool json, CancellationToken ct) => RunAsync(async () =>
     {
         EndPoint endpoint;
         try
         {
-            endpoint = GatewayOptions.ParseNbdEndpoint(nbd);
+            endpoint = ParseNbdAddress(nbd);
         }
         catch (ArgumentException e)
         {
             await stderr.WriteLineAsync($"error: {e.Message}");
             return 2;
         }
+        if (!BackupTracking.IsValidPrefix(prefix))
+        {
+            await stderr.WriteLineAsync($"error: --bitmap '{prefix}' is invalid: use up to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-'");
+            return 2;
+        }
+        BackupTracking? tracking = admin is null ? null : new BackupTracking(new BackupAdminClient(admin), prefix);
         BackupRepository repository = await OpenRepositoryAsync(repo, create: true, ct);
+        using var bar = ProgressBar.OnTerminal(stderr, enabled: !json);
         BackupSummary summary;
         try
         {
-            summary = await new BackupCreator(repository).CreateAsync(endpoint, export, ct);
+            summary = await new BackupCreator(repository) { Progress = bar }.CreateAsync(endpoint, export, tracking, ct);
         }
         catch (PeerExportUnavailableException)
         {
@@ -89,22 +148,93 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
             await stderr.WriteLineAsync($"error: cannot reach the gateway at {nbd}: {e.Message}");
             return 1;
         }
+        bar?.Dispose();
+        foreach (string warning in summary.Warnings)
+        {
+            await stderr.WriteLineAsync($"warning: {warning}");
+        }
+        string kind = summary.Incremental ? $"incremental on {summary.BasedOn}" : summary.FullBecause is { } why ? $"full ({why})" : "full";
         await stdout.WriteLineAsync(json
             ? JsonSerializer.Serialize(summary, Indented)
             : string.Create(CultureInfo.InvariantCulture,
-                $"backup {summary.Id} of {export}: {summary.BytesTotal} bytes, {summary.BytesRead} read, {summary.ChunksNew} chunks new ({summary.BytesUploaded} bytes stored), {summary.ChunksReused} reused, {summary.ChunksZero + summary.ChunksHole} zero or hole, {summary.Seconds:F1} s"));
+                $"backup {summary.Id} of {export}, {kind}: {summary.BytesTotal} bytes, {summary.BytesDirty} to look at, {summary.BytesRead} read, {summary.ChunksNew} chunks new ({summary.BytesUploaded} bytes stored), {summary.ChunksReused} reused, {summary.ChunksUnchanged} unchanged, {summary.ChunksZero + summary.ChunksHole} zero or hole, {summary.Seconds:F1} s"));
         return 0;
     });
 
-    public Task<int> RestoreAsync(string id, string repo, string file, bool json, CancellationToken ct) => RunAsync(async () =>
+    /// <summary>unix:PATH, an IP address and port, or a host name and port.</summary>
+    private static EndPoint ParseNbdAddress(string value) =>
+        value.StartsWith("unix:", StringComparison.Ordinal) ? GatewayOptions.ParseNbdEndpoint(value)
+        : IPEndPoint.TryParse(value, out IPEndPoint? ip) && ip.Port != 0 ? ip
+        : Gateway.Csi.CsiOptions.ParseNbd(value);
+
+    public Task<int> RestoreAsync(string id, string repo, string? file, bool json, CancellationToken ct) => RunAsync(async () =>
     {
+        if (file is null)
+        {
+            await stderr.WriteLineAsync("error: give --to-file FILE or --to-export NAME");
+            return 2;
+        }
         BackupRepository repository = await OpenRepositoryAsync(repo, create: false, ct);
         RestoreSummary summary = await new BackupRestore(repository).ToFileAsync(id, Path.GetFullPath(file), ct);
-        await stdout.WriteLineAsync(json
-            ? JsonSerializer.Serialize(summary, Indented)
-            : string.Create(CultureInfo.InvariantCulture, $"restored {id} into {file}: {summary.DiskSize} bytes, {summary.BytesWritten} written, {summary.Seconds:F1} s"));
+        await PrintRestoredAsync(summary, file, json);
         return 0;
     });
+
+    /// <summary>Makes <paramref name="export"/> (refused if it exists), writes the backup into it, and removes it again if that fails.</summary>
+    public Task<int> RestoreToExportAsync(string id, string repo, string export, string? size, string nbd, Uri admin, string? file, bool json, CancellationToken ct) => RunAsync(async () =>
+    {
+        if (file is not null)
+        {
+            await stderr.WriteLineAsync("error: give --to-file or --to-export, not both");
+            return 2;
+        }
+        EndPoint endpoint;
+        try
+        {
+            endpoint = ParseNbdAddress(nbd);
+        }
+        catch (ArgumentException e)
+        {
+            await stderr.WriteLineAsync($"error: {e.Message}");
+            return 2;
+        }
+        BackupRepository repository = await OpenRepositoryAsync(repo, create: false, ct);
+        Manifest manifest = await repository.GetManifestAsync(id, ct);
+        long bytes = manifest.DiskSize;
+        if (size is not null && (!Sizes.TryParse(size, out bytes) || bytes < manifest.DiskSize))
+        {
+            await stderr.WriteLineAsync($"error: --size '{size}' must be a size of at least the backup's {manifest.DiskSize} bytes");
+            return 2;
+        }
+        var client = new BackupAdminClient(admin);
+        await client.CreateExportAsync(export, bytes, ct);
+        RestoreSummary summary;
+        try
+        {
+            summary = await new BackupRestore(repository).ToExportAsync(id, endpoint, export, ct);
+        }
+        catch
+        {
+            // Nothing half-written: the export was made for this restore, so it goes with it.
+            using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+            try
+            {
+                await client.RemoveExportAsync(export, timeout.Token);
+            }
+            catch (Exception e) when (e is BackupSourceException or OperationCanceledException)
+            {
+                await stderr.WriteLineAsync($"warning: could not remove the half-restored export '{export}': {e.Message}");
+            }
+            throw;
+        }
+        await PrintRestoredAsync(summary, $"export '{export}'", json);
+        return 0;
+    });
+
+    private Task PrintRestoredAsync(RestoreSummary summary, string into, bool json) =>
+        stdout.WriteLineAsync(json
+            ? JsonSerializer.Serialize(summary, Indented)
+            : string.Create(CultureInfo.InvariantCulture, $"restored {summary.Id} into {into}: {summary.DiskSize} bytes, {summary.BytesWritten} written, {summary.Seconds:F1} s"));
 
     public Task<int> ListAsync(string repo, bool json, CancellationToken ct) => RunAsync(async () =>
     {
@@ -130,28 +260,68 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
         return 0;
     });
 
-    public Task<int> VerifyAsync(string id, string repo, bool json, CancellationToken ct) => RunAsync(async () =>
+    /// <summary>The live export <c>verify --against-export</c> compares, and where to reach it.</summary>
+    public sealed record LiveTarget(string Export, string Nbd, Uri Admin);
+
+    public Task<int> VerifyAsync(string id, string repo, LiveTarget? live, bool json, CancellationToken ct) => RunAsync(async () =>
     {
+        EndPoint? endpoint = null;
+        if (live is not null)
+        {
+            try
+            {
+                endpoint = ParseNbdAddress(live.Nbd);
+            }
+            catch (ArgumentException e)
+            {
+                await stderr.WriteLineAsync($"error: {e.Message}");
+                return 2;
+            }
+        }
         BackupRepository repository = await OpenRepositoryAsync(repo, create: false, ct);
         IReadOnlyList<ChunkProblem> problems = await new BackupVerifier(repository).VerifyAsync(id, ct);
+        LiveVerifyResult? compared = live is null ? null
+            : await new LiveVerifier(repository).VerifyAsync(id, endpoint!, live.Export, new BackupAdminClient(live.Admin), ct);
+        bool ok = problems.Count == 0 && (compared is null || compared.Mismatches.Count == 0);
         if (json)
         {
             await stdout.WriteLineAsync(JsonSerializer.Serialize(new
             {
                 id,
-                ok = problems.Count == 0,
+                ok,
                 problems = problems.Select(p => new { sha256 = p.Sha256, problem = p.Problem, ranges = p.Ranges.Select(r => new { offset = r.Offset, length = r.Length }) }),
+                live = compared is null ? null : new
+                {
+                    export = live!.Export,
+                    bitmap = compared.Bitmap,
+                    bytesCompared = compared.BytesCompared,
+                    bytesChanged = compared.BytesChanged,
+                    mismatches = compared.Mismatches.Select(m => new
+                    {
+                        offset = m.ChunkOffset,
+                        length = m.ChunkLength,
+                        firstDifference = m.FirstDifference,
+                        bytesDiffering = m.BytesDiffering,
+                        expected = m.Expected,
+                    }),
+                },
             }, Indented));
         }
-        else if (problems.Count == 0)
+        else if (ok)
         {
-            await stdout.WriteLineAsync($"backup {id}: every chunk present and whole");
+            await stdout.WriteLineAsync(compared is null
+                ? $"backup {id}: every chunk present and whole"
+                : string.Create(CultureInfo.InvariantCulture, $"backup {id}: every chunk present and whole; export '{live!.Export}' matches it in the {compared.BytesCompared} bytes its bitmap '{compared.Bitmap}' calls unchanged ({compared.BytesChanged} changed since)"));
         }
         foreach (ChunkProblem problem in problems)
         {
             await stderr.WriteLineAsync($"error: backup {id}: {problem}");
         }
-        return problems.Count == 0 ? 0 : 1;
+        foreach (LiveMismatch mismatch in compared?.Mismatches ?? [])
+        {
+            await stderr.WriteLineAsync($"error: export '{live!.Export}' against backup {id}: {mismatch}");
+        }
+        return ok ? 0 : 1;
     });
 
     private async Task<int> RunAsync(Func<Task<int>> action)
@@ -160,7 +330,7 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
         {
             return await action();
         }
-        catch (Exception e) when (e is BackupFormatException or BackupCorruptException or IOException or UnauthorizedAccessException)
+        catch (Exception e) when (e is BackupFormatException or BackupCorruptException or BackupSourceException or IOException or UnauthorizedAccessException)
         {
             await stderr.WriteLineAsync($"error: {e.Message}");
             return 1;

@@ -101,7 +101,7 @@ root.Subcommands.Add(serve);
 root.Subcommands.Add(export);
 root.Subcommands.Add(BitmapCli.Build(adminUrlOption));
 root.Subcommands.Add(CsiCli.Build(adminUrlOption));
-root.Subcommands.Add(BackupCli.Build());
+root.Subcommands.Add(BackupCli.Build(adminUrlOption));
 root.Subcommands.Add(ClusterCliCommands.Build(adminUrlOption, p => AdminClient.BaseUri(p.GetValue(adminUrlOption)!)));
 root.Subcommands.Add(NodeCliCommands.Build(adminUrlOption, p => AdminClient.BaseUri(p.GetValue(adminUrlOption)!)));
 

@@ -27,6 +27,12 @@ public sealed class S3ObjectStore : IObjectStore
     public S3ObjectStore(S3BucketLocation location)
     {
         _bucket = location.Bucket;
+        _client = NewClient(location);
+    }
+
+    /// <summary>A client with the settings above (also for other stores in the bucket, such as backup repositories).</summary>
+    public static AmazonS3Client NewClient(S3BucketLocation location)
+    {
         var config = new AmazonS3Config
         {
             ServiceURL = location.Endpoint,
@@ -38,7 +44,7 @@ public sealed class S3ObjectStore : IObjectStore
             MaxErrorRetry = 3,
             Timeout = TimeSpan.FromSeconds(30),
         };
-        _client = location.AccessKey is { Length: > 0 } accessKey
+        return location.AccessKey is { Length: > 0 } accessKey
             ? new AmazonS3Client(new BasicAWSCredentials(accessKey, location.SecretKey ?? ""), config)
             : new AmazonS3Client(config); // the default AWS chain: environment, profile, instance role
     }

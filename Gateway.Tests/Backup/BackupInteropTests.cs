@@ -30,9 +30,9 @@ public sealed class BackupInteropTests
         Tool.RunAsync(GatewayProcess.DotnetHost, [GatewayProcess.GatewayDll, "backup", .. args], timeout: TimeSpan.FromMinutes(2),
             check: false, workingDirectory: gateway.DataDirectory, context: gateway.Describe);
 
-    private static async Task<JsonElement> CreateBackupAsync(GatewayProcess gateway, string repo, string export)
+    private static async Task<JsonElement> CreateBackupAsync(GatewayProcess gateway, string repo, string export, params string[] more)
     {
-        ToolResult result = await BackupCliAsync(gateway, "create", export, "--repo", repo, "--nbd", $"127.0.0.1:{gateway.NbdPort}", "--json");
+        ToolResult result = await BackupCliAsync(gateway, ["create", export, "--repo", repo, "--nbd", $"127.0.0.1:{gateway.NbdPort}", "--admin", gateway.AdminUri.ToString(), "--json", .. more]);
         Assert.True(result.Succeeded, result.Describe() + "\n" + gateway.Describe());
         using JsonDocument summary = JsonDocument.Parse(result.Stdout);
         return summary.RootElement.Clone();
@@ -96,15 +96,26 @@ public sealed class BackupInteropTests
             // Data chunks 0, 1, 10, 63 hold 5 + 1 + 1 MiB of data; their zeros are not written either.
             Assert.True(Allocated(restored1) <= 8 * MiB, $"the restored file has {Allocated(restored1)} bytes allocated");
 
-            // 1 MiB changed: one new chunk, the other three reused, little uploaded.
+            // 1 MiB changed: the bitmap marks one chunk, which alone is read; one new chunk, little uploaded.
             await QemuIoAsync(gateway, "vm", "write -P 0x66 2M 1M");
             JsonElement second = await CreateBackupAsync(gateway, repo, "vm");
             string secondId = second.GetProperty("id").GetString()!;
             string state2 = await CopyAsync(gateway, "vm", Path.Combine(work.FullName, "state2.img"));
+            Assert.True(second.GetProperty("incremental").GetBoolean(), second.ToString());
+            // Only the dirty megabyte is read from the export; the chunk's other 3 MiB come from the previous backup's chunk.
+            Assert.Equal(1 * MiB, second.GetProperty("bytesRead").GetInt64());
+            Assert.Equal(3 * MiB, second.GetProperty("bytesFromPrevious").GetInt64());
             Assert.Equal(1, second.GetProperty("chunksNew").GetInt64());
-            Assert.Equal(3, second.GetProperty("chunksReused").GetInt64());
-            Assert.Equal(3 * 4 * MiB, second.GetProperty("bytesDeduplicated").GetInt64());
+            Assert.Equal(63, second.GetProperty("chunksUnchanged").GetInt64());
             Assert.True(second.GetProperty("bytesUploaded").GetInt64() < MiB / 4, second.ToString());
+
+            // Without the bitmap everything allocated is read again, and the unchanged chunks deduplicate.
+            JsonElement untracked = await CreateBackupAsync(gateway, repo, "vm", "--no-bitmap");
+            Assert.False(untracked.GetProperty("incremental").GetBoolean(), untracked.ToString());
+            Assert.Equal(0, untracked.GetProperty("chunksNew").GetInt64());
+            Assert.Equal(4, untracked.GetProperty("chunksReused").GetInt64());
+            Assert.Equal(4 * 4 * MiB, untracked.GetProperty("bytesDeduplicated").GetInt64());
+            File.Delete(Path.Combine(repo, "backups", untracked.GetProperty("id").GetString() + ".json"));
             Assert.True(string.CompareOrdinal(firstId, secondId) < 0, $"ids sort by time: {firstId} {secondId}");
 
             await AssertSameAsync(gateway, state2, await RestoreAsync(gateway, repo, secondId, work.FullName));
@@ -190,15 +201,25 @@ public sealed class BackupInteropTests
                 Assert.Equal(8 * MiB, Assert.Single(problem.GetProperty("ranges").EnumerateArray()).GetProperty("offset").GetInt64());
             }
 
-            // The next backup stores the chunk again (it is looked up, not assumed), and its restore is whole.
+            // The next backup (incremental: nothing changed) stores the chunk again: chunks it takes
+            // from the previous manifest are looked up, not assumed, and its restore is whole.
             JsonElement again = await CreateBackupAsync(gateway, repo, "vm");
+            Assert.True(again.GetProperty("incremental").GetBoolean(), again.ToString());
             Assert.Equal(1, again.GetProperty("chunksNew").GetInt64());
+            Assert.Contains("missing", Assert.Single(again.GetProperty("warnings").EnumerateArray()).GetString());
             await AssertSameAsync(gateway, state, await RestoreAsync(gateway, repo, again.GetProperty("id").GetString()!, work.FullName));
 
             // Errors, not stack traces: an unknown export, an unknown backup, a missing repository.
-            ToolResult missing = await BackupCliAsync(gateway, "create", "nope", "--repo", repo, "--nbd", $"127.0.0.1:{gateway.NbdPort}");
+            ToolResult missing = await BackupCliAsync(gateway, "create", "nope", "--repo", repo, "--nbd", $"127.0.0.1:{gateway.NbdPort}", "--no-bitmap");
             Assert.Equal(1, missing.ExitCode);
             Assert.Contains("no export 'nope'", missing.Stderr);
+            missing = await BackupCliAsync(gateway, "create", "nope", "--repo", repo, "--nbd", $"127.0.0.1:{gateway.NbdPort}", "--admin", gateway.AdminUri.ToString());
+            Assert.Equal(1, missing.ExitCode);
+            Assert.Contains("export 'nope'", missing.Stderr);
+            Assert.Contains("HTTP 404", missing.Stderr);
+            missing = await BackupCliAsync(gateway, "create", "vm", "--repo", repo, "--nbd", $"127.0.0.1:{gateway.NbdPort}", "--admin", $"127.0.0.1:{GatewayProcess.FreePort()}");
+            Assert.Equal(1, missing.ExitCode);
+            Assert.Contains("cannot reach the gateway admin API", missing.Stderr);
             ToolResult unknown = await BackupCliAsync(gateway, "verify", "20260101T000000Z-00000000", "--repo", repo);
             Assert.Equal(1, unknown.ExitCode);
             Assert.Contains("no backup 20260101T000000Z-00000000", unknown.Stderr);
@@ -238,6 +259,239 @@ public sealed class BackupInteropTests
             Assert.Equal(0, rerun.GetProperty("bytesUploaded").GetInt64());
             string state = await CopyAsync(gateway, "vm", Path.Combine(work.FullName, "state.img"));
             await AssertSameAsync(gateway, state, await RestoreAsync(gateway, repo, rerun.GetProperty("id").GetString()!, work.FullName));
+            await gateway.StopAsync();
+        }
+        finally
+        {
+            work.Delete(recursive: true);
+        }
+    }
+
+    private static async Task<string[]> BitmapNamesAsync(GatewayProcess gateway, string export)
+    {
+        using JsonDocument bitmaps = JsonDocument.Parse(await gateway.Http.GetStringAsync($"v1/exports/{export}/bitmaps"));
+        return [.. bitmaps.RootElement.EnumerateArray().Select(b => b.GetProperty("name").GetString()!).Order(StringComparer.Ordinal)];
+    }
+
+    [Fact]
+    public async Task An_incremental_reads_only_the_chunks_the_bitmap_marks_and_restores_byte_exact_with_writes_trims_and_zeroes()
+    {
+        await using GatewayProcess gateway = await GatewayProcess.StartAsync();
+        DirectoryInfo work = Directory.CreateTempSubdirectory("backup-test-");
+        try
+        {
+            string repo = Path.Combine(work.FullName, "repo");
+            await CreateExportAsync(gateway, "vm", DiskSize);
+            await QemuIoAsync(gateway, "vm", [.. Enumerable.Range(0, 16).Select(i => $"write -P {i + 1} {i * 4}M 4M")]); // chunks 0-15
+
+            JsonElement first = await CreateBackupAsync(gateway, repo, "vm");
+            string firstId = first.GetProperty("id").GetString()!;
+            string state1 = await CopyAsync(gateway, "vm", Path.Combine(work.FullName, "state1.img"));
+            Assert.False(first.GetProperty("incremental").GetBoolean(), first.ToString());
+            Assert.Contains("no earlier backup", first.GetProperty("fullBecause").GetString());
+            Assert.Equal(DiskSize, first.GetProperty("bytesDirty").GetInt64());
+            Assert.Equal($"backup.{firstId}", first.GetProperty("bitmap").GetString());
+            Assert.Equal([$"backup.{firstId}"], await BitmapNamesAsync(gateway, "vm"));
+
+            // A write inside chunk 2, zeroes over chunk 5, a trim of chunk 8, new data in chunk 50 (a hole before).
+            await QemuIoAsync(gateway, "vm", "write -P 0x99 9M 64k", "write -z 20M 4M", "discard 32M 4M", "write -P 0xaa 200M 1M");
+            JsonElement second = await CreateBackupAsync(gateway, repo, "vm");
+            string secondId = second.GetProperty("id").GetString()!;
+            string state2 = await CopyAsync(gateway, "vm", Path.Combine(work.FullName, "state2.img"));
+            Assert.True(second.GetProperty("incremental").GetBoolean(), second.ToString());
+            Assert.Equal(firstId, second.GetProperty("basedOn").GetString());
+            Assert.Equal(4 * 4 * MiB, second.GetProperty("bytesDirty").GetInt64());
+            Assert.Equal(60, second.GetProperty("chunksUnchanged").GetInt64());
+            // Of chunks 2 and 50 only the dirty granules (64 KiB) are read, the rest comes from the
+            // previous backup; the zeroed and the trimmed chunk are known from base:allocation alone.
+            Assert.Equal(64 * 1024 + MiB, second.GetProperty("bytesRead").GetInt64());
+            Assert.Equal(2 * 4 * MiB - 64 * 1024 - MiB, second.GetProperty("bytesFromPrevious").GetInt64());
+            Assert.Equal(2, second.GetProperty("chunksNew").GetInt64());
+            Assert.Equal([$"backup.{secondId}"], await BitmapNamesAsync(gateway, "vm"));
+
+            await AssertSameAsync(gateway, state2, await RestoreAsync(gateway, repo, secondId, work.FullName));
+            await AssertSameAsync(gateway, state1, await RestoreAsync(gateway, repo, firstId, work.FullName));
+            foreach (string id in new[] { firstId, secondId })
+            {
+                ToolResult compare = await gateway.RunAsync("qemu-img", ["compare", "-f", "raw", "-F", "raw", id == firstId ? state1 : state2, Path.Combine(work.FullName, id + ".img")], check: false);
+                Assert.True(compare.Succeeded, compare.Describe());
+            }
+
+            // The export grows: the new chunks are read (and are holes), the old ones stay incremental.
+            using (HttpResponseMessage grown = await gateway.Http.PostAsJsonAsync("v1/exports/vm/resize", new { size = DiskSize + 8 * MiB }))
+            {
+                Assert.True(grown.IsSuccessStatusCode, await grown.Content.ReadAsStringAsync());
+            }
+            JsonElement third = await CreateBackupAsync(gateway, repo, "vm");
+            Assert.True(third.GetProperty("incremental").GetBoolean(), third.ToString());
+            Assert.Equal(DiskSize + 8 * MiB, third.GetProperty("bytesTotal").GetInt64());
+            Assert.Equal(2 * 4 * MiB, third.GetProperty("bytesDirty").GetInt64());
+            Assert.Equal(0, third.GetProperty("bytesRead").GetInt64());
+            string state3 = await CopyAsync(gateway, "vm", Path.Combine(work.FullName, "state3.img"));
+            await AssertSameAsync(gateway, state3, await RestoreAsync(gateway, repo, third.GetProperty("id").GetString()!, work.FullName));
+
+            // Someone removes the backup's bitmap: the next backup cannot trust what it would say, so it is full and says why.
+            string thirdBitmap = third.GetProperty("bitmap").GetString()!;
+            using (HttpResponseMessage removed = await gateway.Http.DeleteAsync($"v1/exports/vm/bitmaps/{thirdBitmap}"))
+            {
+                Assert.True(removed.IsSuccessStatusCode, await removed.Content.ReadAsStringAsync());
+            }
+            await QemuIoAsync(gateway, "vm", "write -P 0xbb 100M 4k");
+            JsonElement fourth = await CreateBackupAsync(gateway, repo, "vm");
+            Assert.False(fourth.GetProperty("incremental").GetBoolean(), fourth.ToString());
+            Assert.Contains($"'{thirdBitmap}'", fourth.GetProperty("fullBecause").GetString());
+            Assert.Contains("gone", fourth.GetProperty("fullBecause").GetString());
+            string state4 = await CopyAsync(gateway, "vm", Path.Combine(work.FullName, "state4.img"));
+            await AssertSameAsync(gateway, state4, await RestoreAsync(gateway, repo, fourth.GetProperty("id").GetString()!, work.FullName));
+
+            // A failed backup (no such export) leaves no bitmap behind; a bad prefix is refused before anything.
+            ToolResult badPrefix = await BackupCliAsync(gateway, "create", "vm", "--repo", repo, "--nbd", $"127.0.0.1:{gateway.NbdPort}", "--admin", gateway.AdminUri.ToString(), "--bitmap", ".x");
+            Assert.Equal(2, badPrefix.ExitCode);
+            Assert.Equal([fourth.GetProperty("bitmap").GetString()!], await BitmapNamesAsync(gateway, "vm"));
+            await gateway.StopAsync();
+        }
+        finally
+        {
+            work.Delete(recursive: true);
+        }
+    }
+
+    /// <summary>A test's progress hook: runs <paramref name="action"/> once, on the first report after a chunk was read.</summary>
+    private sealed class OnFirstChunk(Action action) : IProgress<Gateway.Backup.BackupProgress>
+    {
+        private int _done;
+
+        public void Report(Gateway.Backup.BackupProgress value)
+        {
+            if (value.BytesRead > 0 && Interlocked.Exchange(ref _done, 1) == 0)
+            {
+                action();
+            }
+        }
+    }
+
+    [Fact]
+    public async Task Writes_that_land_while_a_backup_reads_are_in_the_next_backup()
+    {
+        await using GatewayProcess gateway = await GatewayProcess.StartAsync();
+        DirectoryInfo work = Directory.CreateTempSubdirectory("backup-test-");
+        try
+        {
+            const long size = 64 * MiB;
+            int chunk = (int)(4 * MiB);
+            await CreateExportAsync(gateway, "vm", size);
+            await QemuIoAsync(gateway, "vm", "write -P 0x01 0 64M");
+            var repository = await Gateway.Backup.BackupRepository.OpenFolderAsync(Path.Combine(work.FullName, "repo"), create: true, CancellationToken.None);
+            var tracking = new Gateway.Backup.BackupTracking(new Gateway.Host.BackupAdminClient(gateway.AdminUri));
+            var nbd = new IPEndPoint(IPAddress.Loopback, gateway.NbdPort);
+
+            // One chunk at a time, in order: once chunk 0 is read, a guest writes to chunk 0 (already
+            // read: this backup keeps the old bytes) and to chunk 15 (not yet read: this backup has the new).
+            var creator = new Gateway.Backup.BackupCreator(repository)
+            {
+                Parallelism = 1,
+                Progress = new OnFirstChunk(() => QemuIoAsync(gateway, "vm", "write -P 0x02 0 4k", "write -P 0x03 60M 4k").GetAwaiter().GetResult()),
+            };
+            Gateway.Backup.BackupSummary first = await creator.CreateAsync(nbd, "vm", tracking, CancellationToken.None);
+            string after = await CopyAsync(gateway, "vm", Path.Combine(work.FullName, "after.img"));
+
+            string restored1 = Path.Combine(work.FullName, "first.img");
+            await new Gateway.Backup.BackupRestore(repository).ToFileAsync(first.Id, restored1, CancellationToken.None);
+            byte[] one = await File.ReadAllBytesAsync(restored1), now = await File.ReadAllBytesAsync(after);
+            Assert.True(one.AsSpan(0, chunk).IndexOfAnyExcept((byte)0x01) < 0, "the first backup's chunk 0 should be as it was when it was read");
+            Assert.True(one.AsSpan(15 * chunk, chunk).SequenceEqual(now.AsSpan(15 * chunk, chunk)), "the first backup's chunk 15 should hold the write made before it was read");
+            Assert.Equal(0x02, now[0]);
+
+            // The next backup reads both written chunks again (the bitmap added at the first's start marked them) and equals the disk.
+            Gateway.Backup.BackupSummary second = await new Gateway.Backup.BackupCreator(repository).CreateAsync(nbd, "vm", tracking, CancellationToken.None);
+            Assert.True(second.Incremental, second.ToString());
+            Assert.Equal(2 * chunk, second.BytesDirty);
+            string restored2 = Path.Combine(work.FullName, "second.img");
+            await new Gateway.Backup.BackupRestore(repository).ToFileAsync(second.Id, restored2, CancellationToken.None);
+            await AssertSameAsync(gateway, after, restored2);
+            await gateway.StopAsync();
+        }
+        finally
+        {
+            work.Delete(recursive: true);
+        }
+    }
+
+    [Fact]
+    public async Task Restore_to_a_new_export_and_verify_against_the_live_export_catch_a_corrupt_chunk_and_a_byte_the_bitmap_missed()
+    {
+        await using GatewayProcess gateway = await GatewayProcess.StartAsync();
+        DirectoryInfo work = Directory.CreateTempSubdirectory("backup-test-");
+        try
+        {
+            string repo = Path.Combine(work.FullName, "repo");
+            string nbd = $"127.0.0.1:{gateway.NbdPort}", admin = gateway.AdminUri.ToString();
+            await CreateExportAsync(gateway, "vm", 64 * MiB);
+            await QemuIoAsync(gateway, "vm", [.. Enumerable.Range(0, 8).Select(i => $"write -P {i + 1} {i * 4}M 4M"), "write -z 4M 1M", "discard 8M 4M"]);
+            string id = (await CreateBackupAsync(gateway, repo, "vm")).GetProperty("id").GetString()!;
+            string state = await CopyAsync(gateway, "vm", Path.Combine(work.FullName, "state.img"));
+
+            // Into a new export, sparse, equal to the disk at the backup.
+            ToolResult restored = await BackupCliAsync(gateway, "restore", id, "--repo", repo, "--to-export", "copy", "--nbd", nbd, "--admin", admin, "--json");
+            Assert.True(restored.Succeeded, restored.Describe());
+            await AssertSameAsync(gateway, state, await CopyAsync(gateway, "copy", Path.Combine(work.FullName, "copy.img")));
+            ToolResult map = await gateway.RunAsync("nbdinfo", ["--map", gateway.NbdUri("copy")]);
+            Assert.Contains("hole", map.Stdout); // the trimmed chunk and the rest of the disk were not written
+            ToolResult exists = await BackupCliAsync(gateway, "restore", id, "--repo", repo, "--to-export", "copy", "--nbd", nbd, "--admin", admin);
+            Assert.Equal(1, exists.ExitCode);
+            Assert.Contains("'copy'", exists.Stderr);
+            ToolResult small = await BackupCliAsync(gateway, "restore", id, "--repo", repo, "--to-export", "small", "--size", "1M", "--nbd", nbd, "--admin", admin);
+            Assert.Equal(2, small.ExitCode);
+            ToolResult bigger = await BackupCliAsync(gateway, "restore", id, "--repo", repo, "--to-export", "bigger", "--size", "80M", "--nbd", nbd, "--admin", admin);
+            Assert.True(bigger.Succeeded, bigger.Describe());
+            Assert.Equal((80 * MiB).ToString(System.Globalization.CultureInfo.InvariantCulture), (await gateway.RunAsync("nbdinfo", ["--size", gateway.NbdUri("bigger")])).Stdout.Trim());
+
+            // A guest write is marked by the bitmap: verify compares only the rest, and it matches.
+            await QemuIoAsync(gateway, "vm", "write -P 0x77 13M 4k");
+            ToolResult clean = await BackupCliAsync(gateway, "verify", id, "--repo", repo, "--against-export", "vm", "--nbd", nbd, "--admin", admin, "--json");
+            Assert.True(clean.Succeeded, clean.Describe());
+            using (JsonDocument report = JsonDocument.Parse(clean.Stdout))
+            {
+                JsonElement live = report.RootElement.GetProperty("live");
+                Assert.Equal(4 * MiB, live.GetProperty("bytesChanged").GetInt64());
+                Assert.Equal(60 * MiB, live.GetProperty("bytesCompared").GetInt64());
+                Assert.Empty(live.GetProperty("mismatches").EnumerateArray());
+            }
+
+            // A byte changed behind the gateway's back (in the export's file, so no bitmap sees it), in a clean chunk.
+            // The file the gateway made for an export without a path (BackendFactory: DATA/exports/NAME.img).
+            string file = Path.Combine(gateway.DataDirectory, "exports", "vm.img");
+            Assert.True(File.Exists(file), $"no export file {file}");
+            long flipped = 5 * MiB + 123;
+            await using (FileStream stream = new(file, FileMode.Open, FileAccess.ReadWrite))
+            {
+                stream.Position = flipped;
+                int old = stream.ReadByte();
+                stream.Position = flipped;
+                stream.WriteByte((byte)(old ^ 0x40));
+            }
+            ToolResult missed = await BackupCliAsync(gateway, "verify", id, "--repo", repo, "--against-export", "vm", "--nbd", nbd, "--admin", admin);
+            Assert.Equal(1, missed.ExitCode);
+            Assert.Contains($"disk offsets {4 * MiB}+{4 * MiB}", missed.Stderr);
+            Assert.Contains($"1 bytes differ", missed.Stderr);
+            Assert.Contains($"first at disk offset {flipped}", missed.Stderr);
+
+            // A corrupt stored chunk is reported too (the chunk of offset 0: all 0x01), with its offset.
+            string sha = Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(Enumerable.Repeat((byte)0x01, (int)(4 * MiB)).ToArray()));
+            string chunk = Path.Combine(repo, "chunks", sha[..2], sha);
+            byte[] bytes = File.ReadAllBytes(chunk);
+            bytes[bytes.Length / 2] ^= 0xff;
+            File.WriteAllBytes(chunk, bytes);
+            ToolResult corrupt = await BackupCliAsync(gateway, "verify", id, "--repo", repo, "--against-export", "vm", "--nbd", nbd, "--admin", admin);
+            Assert.Equal(1, corrupt.ExitCode);
+            Assert.Contains($"chunk {sha}", corrupt.Stderr);
+            Assert.Contains("disk offsets 0+", corrupt.Stderr);
+
+            // Only a backup whose bitmap is still on the export can be checked against it.
+            JsonElement untracked = await CreateBackupAsync(gateway, repo, "vm", "--no-bitmap");
+            ToolResult noBitmap = await BackupCliAsync(gateway, "verify", untracked.GetProperty("id").GetString()!, "--repo", repo, "--against-export", "vm", "--nbd", nbd, "--admin", admin);
+            Assert.Equal(1, noBitmap.ExitCode);
+            Assert.Contains("without a bitmap", noBitmap.Stderr);
             await gateway.StopAsync();
         }
         finally
