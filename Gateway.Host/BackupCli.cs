@@ -115,16 +115,7 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
     /// <param name="admin">The admin API that keeps the bitmaps; null for a full backup without tracking.</param>
     public Task<int> CreateAsync(string export, string repo, string nbd, Uri? admin, string prefix, bool json, CancellationToken ct) => RunAsync(async () =>
     {
-        EndPoint endpoint;
-        try
-        {
-            endpoint = ParseNbdAddress(nbd);
-        }
-        catch (ArgumentException e)
-        {
-            await stderr.WriteLineAsync($"error: {e.Message}");
-            return 2;
-        }
+        EndPoint endpoint = ParseNbdAddress(nbd);
         if (!BackupTracking.IsValidPrefix(prefix))
         {
             await stderr.WriteLineAsync($"error: --bitmap '{prefix}' is invalid: use up to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-'");
@@ -162,10 +153,23 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
     });
 
     /// <summary>unix:PATH, an IP address and port, or a host name and port.</summary>
-    private static EndPoint ParseNbdAddress(string value) =>
-        value.StartsWith("unix:", StringComparison.Ordinal) ? GatewayOptions.ParseNbdEndpoint(value)
-        : IPEndPoint.TryParse(value, out IPEndPoint? ip) && ip.Port != 0 ? ip
-        : Gateway.Csi.CsiOptions.ParseNbd(value);
+    /// <exception cref="UsageException">None of those (exit 2).</exception>
+    private static EndPoint ParseNbdAddress(string value)
+    {
+        try
+        {
+            return value.StartsWith("unix:", StringComparison.Ordinal) ? GatewayOptions.ParseNbdEndpoint(value)
+                : IPEndPoint.TryParse(value, out IPEndPoint? ip) && ip.Port != 0 ? ip
+                : Gateway.Csi.CsiOptions.ParseNbd(value);
+        }
+        catch (ArgumentException e)
+        {
+            throw new UsageException(e.Message);
+        }
+    }
+
+    /// <summary>A bad argument: printed as one line, exit 2.</summary>
+    private sealed class UsageException(string message) : Exception(message);
 
     public Task<int> RestoreAsync(string id, string repo, string? file, bool json, CancellationToken ct) => RunAsync(async () =>
     {
@@ -188,16 +192,7 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
             await stderr.WriteLineAsync("error: give --to-file or --to-export, not both");
             return 2;
         }
-        EndPoint endpoint;
-        try
-        {
-            endpoint = ParseNbdAddress(nbd);
-        }
-        catch (ArgumentException e)
-        {
-            await stderr.WriteLineAsync($"error: {e.Message}");
-            return 2;
-        }
+        EndPoint endpoint = ParseNbdAddress(nbd);
         BackupRepository repository = await OpenRepositoryAsync(repo, create: false, ct);
         Manifest manifest = await repository.GetManifestAsync(id, ct);
         long bytes = manifest.DiskSize;
@@ -265,19 +260,7 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
 
     public Task<int> VerifyAsync(string id, string repo, LiveTarget? live, bool json, CancellationToken ct) => RunAsync(async () =>
     {
-        EndPoint? endpoint = null;
-        if (live is not null)
-        {
-            try
-            {
-                endpoint = ParseNbdAddress(live.Nbd);
-            }
-            catch (ArgumentException e)
-            {
-                await stderr.WriteLineAsync($"error: {e.Message}");
-                return 2;
-            }
-        }
+        EndPoint? endpoint = live is null ? null : ParseNbdAddress(live.Nbd);
         BackupRepository repository = await OpenRepositoryAsync(repo, create: false, ct);
         IReadOnlyList<ChunkProblem> problems = await new BackupVerifier(repository).VerifyAsync(id, ct);
         LiveVerifyResult? compared = live is null ? null
@@ -329,6 +312,11 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
         try
         {
             return await action();
+        }
+        catch (UsageException e)
+        {
+            await stderr.WriteLineAsync($"error: {e.Message}");
+            return 2;
         }
         catch (Exception e) when (e is BackupFormatException or BackupCorruptException or BackupSourceException or IOException or UnauthorizedAccessException)
         {

@@ -34,7 +34,7 @@ public static class OverlayCli
 {
     private static readonly Option<bool> OverlayOption = new("--overlay") { Description = "Make an overlay export: a writable top layer over frozen layers (see 'export snapshot')" };
     private static readonly Option<string?> BaseOption = new("--base") { Description = "Overlay on another export's frozen data (a golden image); implies --overlay" };
-    private static readonly Option<string?> BaseImageOption = new("--base-image") { Description = "Overlay on a raw image file, read-only; implies --overlay" };
+    private static readonly Option<string?> BaseImageOption = new("--base-image") { Description = "Overlay on a raw or qcow2 image file (with its backing chain), read-only; implies --overlay" };
 
     public static void AddOptions(Command add)
     {

@@ -1,5 +1,6 @@
 using Gateway.Backends;
 using Gateway.Backends.Overlay;
+using Gateway.Backends.Qcow2;
 
 namespace Gateway.Actors.Exports;
 
@@ -8,7 +9,7 @@ public sealed partial class BackendFactory
 {
     public string LayerDirectory => Path.Combine(DataDirectory, "layers");
 
-    /// <summary>Where a raw base image is: an absolute path, or relative to the data folder.</summary>
+    /// <summary>Where a base image (raw or qcow2) is: an absolute path, or relative to the data folder.</summary>
     public string BaseImagePath(string path) => Path.GetFullPath(path, DataDirectory);
 
     /// <summary>Creates an overlay's top layer (the lower layers exist already and are shared).</summary>
@@ -21,7 +22,8 @@ public sealed partial class BackendFactory
             {
                 throw new InvalidOperationException($"base image '{BaseImagePath(image)}' does not exist");
             }
-            RefuseNonRaw(BaseImagePath(image));
+            // Opened once (and closed) so a qcow2 image the gateway will not read is refused now, not at first use.
+            OpenBaseImage(BaseImagePath(image)).Dispose();
         }
         foreach (string lower in layers.Skip(1))
         {
@@ -34,15 +36,29 @@ public sealed partial class BackendFactory
     }
 
     /// <summary>
-    /// Base images are served as raw bytes: an image in another format (qcow2, vmdk...) would hand
-    /// the guest its header and tables as data, so it is refused with the conversion to run.
+    /// A base image as the overlay's bottom layer, its format read from its header: qcow2 (with its
+    /// backing chain, one reader shared by every export on the file) or raw. Any other format would
+    /// hand the guest its header and tables as data, so it is refused with the conversion to run;
+    /// so is a qcow2 image the reader refuses (encrypted, dirty, unknown features, bad metadata).
     /// </summary>
-    private static void RefuseNonRaw(string path)
+    private static Layer OpenBaseImage(string path)
     {
-        if (ImageFormat.DetectNonRaw(path) is { } format)
+        switch (ImageFormat.DetectNonRaw(path))
         {
-            throw new InvalidOperationException(
-                $"base image '{path}' is a {format} image, not raw: only raw base images are served; convert it with `qemu-img convert -O raw {path} IMAGE.raw`");
+            case null:
+                return LayerFiles.OpenRaw(path);
+            case "qcow2":
+                try
+                {
+                    return new Layer(path, Qcow2Device.Open(path), map: null);
+                }
+                catch (Qcow2Exception e)
+                {
+                    throw new InvalidOperationException($"base image '{path}' cannot be served: {e.Message}", e);
+                }
+            case { } format:
+                throw new InvalidOperationException(
+                    $"base image '{path}' is a {format} image, not raw or qcow2: only raw and qcow2 base images are served; convert it with `qemu-img convert -O raw {path} IMAGE.raw`");
         }
     }
 
@@ -68,9 +84,8 @@ public sealed partial class BackendFactory
             }
             if (spec.Backend.BaseImage is { } image)
             {
-                // Checked again at every open: the file may have been replaced since the export was made.
-                RefuseNonRaw(BaseImagePath(image));
-                layers.Add(LayerFiles.OpenRaw(BaseImagePath(image)));
+                // Detected again at every open: the file may have been replaced since the export was made.
+                layers.Add(OpenBaseImage(BaseImagePath(image)));
             }
             if (spec.ReadOnly || layers[0].Map!.LayerSize >= spec.Size)
             {

@@ -19,7 +19,7 @@ public static partial class OverlayRules
         }
         if (backend.Path is not null)
         {
-            return "an overlay has no path: its layers live under data/layers (use baseImage for a raw image below it)";
+            return "an overlay has no path: its layers live under data/layers (use baseImage for a raw or qcow2 image below it)";
         }
         // A request names one or the other; the chain the registry completes from a base that is
         // a file export (or has a raw image) records both, with its layers, and must pass too.

@@ -100,3 +100,14 @@ public sealed class Layer(string id, IBlockDevice data, LayerMap? map) : IDispos
         Map?.Dispose();
     }
 }
+
+/// <summary>
+/// A bottom layer's store that is itself a chain of files (a qcow2 image over its backing files):
+/// it tells which of its files provides each run, so <c>qemu:allocation-depth</c> counts them as
+/// qemu does instead of calling the whole image one layer.
+/// </summary>
+public interface IImageChain
+{
+    /// <summary>Consecutive runs from <paramref name="offset"/>: 1 = the chain's top file, n = its n-th, 0 = none; returns how many.</summary>
+    int GetDepth(long offset, long length, Span<DepthExtent> extents);
+}

@@ -229,7 +229,7 @@ public sealed class OverlayBackend : IBlockDevice, INonBlockingIo, IGrowableDevi
     /// <summary>
     /// qemu:allocation-depth: for each run, 1 when the top provides it (data, or zeros that mask the
     /// layers below), n for the n-th layer, 0 when no layer does. A raw image is allocated throughout,
-    /// as qemu reports a raw backing file.
+    /// as qemu reports a raw backing file; a qcow2 bottom counts each file of its own chain.
     /// </summary>
     public int GetDepth(long offset, long length, Span<DepthExtent> extents)
     {
@@ -238,11 +238,27 @@ public sealed class OverlayBackend : IBlockDevice, INonBlockingIo, IGrowableDevi
         Layer[] layers = _layers;
         long end = offset + length;
         int count = 0;
+        Span<DepthExtent> within = stackalloc DepthExtent[16];
         while (offset < end)
         {
             long cluster = offset >> _shift;
             (int source, bool masked) = Provider(layers, cluster, 0);
             long next = RunEnd(layers, offset, end, source, masked);
+            if (source >= 0 && layers[source].Data is IImageChain chain && offset < layers[source].Size)
+            {
+                // A bottom image with its own backing files (qcow2): each of its files is a layer
+                // of its own, counted on from the image's depth, as qemu counts a backing chain.
+                int n = chain.GetDepth(offset, Math.Min(next, layers[source].Size) - offset, within);
+                for (int i = 0; i < n; i++)
+                {
+                    if (!TryAddDepth(extents, ref count, within[i].Length, within[i].Depth == 0 ? 0 : (uint)source + within[i].Depth))
+                    {
+                        return count;
+                    }
+                    offset += within[i].Length;
+                }
+                continue;
+            }
             uint depth = source >= 0 ? (uint)source + 1 : 0;
             if (source >= 0 && next > layers[source].Size)
             {
@@ -256,21 +272,28 @@ public sealed class OverlayBackend : IBlockDevice, INonBlockingIo, IGrowableDevi
                     depth = 0;
                 }
             }
-            if (count > 0 && extents[count - 1].Depth == depth)
-            {
-                extents[count - 1] = new DepthExtent(extents[count - 1].Length + next - offset, depth);
-            }
-            else if (count == extents.Length)
+            if (!TryAddDepth(extents, ref count, next - offset, depth))
             {
                 break;
-            }
-            else
-            {
-                extents[count++] = new DepthExtent(next - offset, depth);
             }
             offset = next;
         }
         return count;
+    }
+
+    private static bool TryAddDepth(Span<DepthExtent> extents, ref int count, long length, uint depth)
+    {
+        if (count > 0 && extents[count - 1].Depth == depth)
+        {
+            extents[count - 1] = new DepthExtent(extents[count - 1].Length + length, depth);
+            return true;
+        }
+        if (count == extents.Length)
+        {
+            return false;
+        }
+        extents[count++] = new DepthExtent(length, depth);
+        return true;
     }
 
     /// <summary>
