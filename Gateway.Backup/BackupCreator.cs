@@ -69,6 +69,9 @@ public sealed class BackupCreator(BackupRepository repository)
     /// <exception cref="PeerExportUnavailableException">The NBD server has no such export.</exception>
     public async Task<BackupSummary> CreateAsync(EndPoint nbd, string export, BackupTracking? tracking, CancellationToken cancellationToken)
     {
+        // Upkeep hook (BackupLease): the lease before any chunk is looked at; its token stops the run if the lease lapses.
+        await using BackupLease lease = await BackupLease.AcquireAsync(repository, cancellationToken).ConfigureAwait(false);
+        cancellationToken = lease.Token;
         var clock = Stopwatch.StartNew();
         DateTimeOffset created = DateTimeOffset.UtcNow;
         string id = Manifest.NewId(created);

@@ -23,14 +23,18 @@ public sealed record RepositoryInfo(
 /// repository.json              {"format":"nbd-gateway-backup","version":1,"chunkSize":4194304}
 /// chunks/ab/ab12…(64 hex)      one chunk's bytes, zstd-compressed; the name is the SHA-256 of the uncompressed bytes
 /// backups/&lt;id&gt;.json            a manifest (<see cref="Manifest"/>), written after all its chunks
+/// locks/backup-&lt;id&gt;.json       a running backup's lease marker (<see cref="BackupLease"/>)
+/// locks/gc-&lt;id&gt;.json           a running garbage collection's lease marker
 /// </code>
 /// Chunks are shared by every backup of every export that holds the same bytes at the same
-/// chunk size; nothing is ever overwritten.
+/// chunk size; chunks and manifests are never overwritten, only deleted by prune and garbage
+/// collection (<see cref="BackupCollector"/>), under the lease protocol.
 /// </summary>
 public sealed class BackupRepository
 {
     public const string InfoKey = "repository.json";
     public const string BackupsPrefix = "backups/";
+    public const string ChunksPrefix = "chunks/";
     private const int CompressionLevel = 3;
 
     private static readonly JsonSerializerOptions Json = new() { WriteIndented = false };
@@ -46,6 +50,9 @@ public sealed class BackupRepository
     public RepositoryInfo Info { get; }
 
     public int ChunkSize => Info.ChunkSize;
+
+    /// <summary>The lease timings (<see cref="BackupLease"/>) of every backup and collection through this instance.</summary>
+    public LeaseOptions Leases { get; set; } = LeaseOptions.Default;
 
     /// <summary>Opens a repository; it must exist and be of this format version.</summary>
     /// <exception cref="BackupFormatException">No repository.json, or another format or version.</exception>
@@ -109,7 +116,19 @@ public sealed class BackupRepository
         return create ? OpenOrCreateAsync(store, RepositoryInfo.DefaultChunkSize, cancellationToken) : OpenAsync(store, cancellationToken);
     }
 
-    public static string ChunkKey(string sha256) => $"chunks/{sha256[..2]}/{sha256}";
+    public static string ChunkKey(string sha256) => $"{ChunksPrefix}{sha256[..2]}/{sha256}";
+
+    /// <summary>The chunk's hash if <paramref name="key"/> is a well-formed chunk key, else null.</summary>
+    public static string? ChunkHashOf(string key)
+    {
+        if (!key.StartsWith(ChunksPrefix, StringComparison.Ordinal))
+        {
+            return null;
+        }
+        string rest = key[ChunksPrefix.Length..];
+        return rest.Length == 67 && rest[2] == '/' && rest.AsSpan(3).StartsWith(rest.AsSpan(0, 2), StringComparison.Ordinal)
+            && !rest.AsSpan(3).ContainsAnyExcept("0123456789abcdef") ? rest[3..] : null;
+    }
 
     public static string ManifestKey(string id) => BackupsPrefix + id + ".json";
 
@@ -172,9 +191,16 @@ public sealed class BackupRepository
     /// <summary>Stores a manifest, after every chunk it names (the caller's duty): a manifest never points at a missing chunk.</summary>
     public Task PutManifestAsync(Manifest manifest, CancellationToken cancellationToken)
     {
+        // Under a lease whose token has been cancelled (it may have lapsed), no manifest: a
+        // collection may have deleted chunks it names.
+        cancellationToken.ThrowIfCancellationRequested();
         manifest.Validate();
         return Store.PutIfAbsentAsync(ManifestKey(manifest.Id), JsonSerializer.SerializeToUtf8Bytes(manifest, Json), cancellationToken);
     }
+
+    /// <summary>Deletes a backup's manifest (prune); its chunks stay until garbage collection.</summary>
+    public Task<bool> DeleteManifestAsync(string id, CancellationToken cancellationToken) =>
+        Manifest.IsValidId(id) ? Store.DeleteAsync(ManifestKey(id), cancellationToken) : throw new BackupFormatException($"'{id}' is not a backup id");
 
     /// <exception cref="BackupFormatException">No such backup, or its manifest breaks the rules.</exception>
     public async Task<Manifest> GetManifestAsync(string id, CancellationToken cancellationToken)

@@ -22,16 +22,9 @@ public sealed partial class FolderStore(string root) : IBackupStore
         {
             return false;
         }
-        string folder = Path.GetDirectoryName(path)!;
-        Directory.CreateDirectory(folder);
-        string temp = Path.Combine(folder, TempPrefix + Guid.NewGuid().ToString("N"));
+        string temp = await WriteTempAsync(path, data, cancellationToken).ConfigureAwait(false);
         try
         {
-            using (SafeFileHandle handle = File.OpenHandle(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None, FileOptions.Asynchronous))
-            {
-                await RandomAccess.WriteAsync(handle, data, 0, cancellationToken).ConfigureAwait(false);
-                RandomAccess.FlushToDisk(handle);
-            }
             try
             {
                 // Without overwrite: a concurrent writer of the same key (the same content, as keys
@@ -42,12 +35,59 @@ public sealed partial class FolderStore(string root) : IBackupStore
             {
                 return false;
             }
-            FsyncFolder(folder);
+            FsyncFolder(Path.GetDirectoryName(path)!);
             return true;
         }
         finally
         {
             File.Delete(temp);
+        }
+    }
+
+    public async Task PutAsync(string key, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
+    {
+        string path = PathOf(key);
+        string temp = await WriteTempAsync(path, data, cancellationToken).ConfigureAwait(false);
+        try
+        {
+            File.Move(temp, path, overwrite: true);
+            FsyncFolder(Path.GetDirectoryName(path)!);
+        }
+        finally
+        {
+            File.Delete(temp);
+        }
+    }
+
+    public Task<bool> DeleteAsync(string key, CancellationToken cancellationToken)
+    {
+        string path = PathOf(key);
+        if (!File.Exists(path))
+        {
+            return Task.FromResult(false);
+        }
+        File.Delete(path);
+        FsyncFolder(Path.GetDirectoryName(path)!);
+        return Task.FromResult(true);
+    }
+
+    /// <summary>A temporary file beside <paramref name="path"/> holding <paramref name="data"/>, fsynced; the caller renames or deletes it.</summary>
+    private static async Task<string> WriteTempAsync(string path, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
+    {
+        string folder = Path.GetDirectoryName(path)!;
+        Directory.CreateDirectory(folder);
+        string temp = Path.Combine(folder, TempPrefix + Guid.NewGuid().ToString("N"));
+        try
+        {
+            using SafeFileHandle handle = File.OpenHandle(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None, FileOptions.Asynchronous);
+            await RandomAccess.WriteAsync(handle, data, 0, cancellationToken).ConfigureAwait(false);
+            RandomAccess.FlushToDisk(handle);
+            return temp;
+        }
+        catch
+        {
+            File.Delete(temp);
+            throw;
         }
     }
 
@@ -83,6 +123,60 @@ public sealed partial class FolderStore(string root) : IBackupStore
             }
         }
         await Task.CompletedTask.ConfigureAwait(false);
+    }
+
+    public async IAsyncEnumerable<StoredObject> ListObjectsAsync(string prefix, [EnumeratorCancellation] CancellationToken cancellationToken)
+    {
+        foreach (StoredObject stored in Walk(prefix, temporary: false))
+        {
+            cancellationToken.ThrowIfCancellationRequested();
+            yield return stored;
+        }
+        await Task.CompletedTask.ConfigureAwait(false);
+    }
+
+    public async IAsyncEnumerable<StoredObject> ListIncompleteAsync([EnumeratorCancellation] CancellationToken cancellationToken)
+    {
+        foreach (StoredObject stored in Walk("", temporary: true))
+        {
+            cancellationToken.ThrowIfCancellationRequested();
+            yield return stored;
+        }
+        await Task.CompletedTask.ConfigureAwait(false);
+    }
+
+    public Task DeleteIncompleteAsync(string key, CancellationToken cancellationToken)
+    {
+        if (!Path.GetFileName(key).StartsWith(TempPrefix, StringComparison.Ordinal))
+        {
+            throw new ArgumentException($"'{key}' is not a leftover of an interrupted write", nameof(key));
+        }
+        File.Delete(PathOf(key));
+        return Task.CompletedTask;
+    }
+
+    /// <summary>The files under <paramref name="prefix"/> at any depth: the objects, or (<paramref name="temporary"/>) only the temp files.</summary>
+    private IEnumerable<StoredObject> Walk(string prefix, bool temporary)
+    {
+        string folder = prefix.Length == 0 ? Root : PathOf(prefix);
+        if (!Directory.Exists(folder))
+        {
+            yield break;
+        }
+        foreach (string file in Directory.EnumerateFiles(folder, "*", SearchOption.AllDirectories))
+        {
+            if (Path.GetFileName(file).StartsWith(TempPrefix, StringComparison.Ordinal) != temporary)
+            {
+                continue;
+            }
+            var info = new FileInfo(file);
+            if (!info.Exists)
+            {
+                continue; // deleted or renamed since the folder was read
+            }
+            string key = Path.GetRelativePath(Root, file).Replace(Path.DirectorySeparatorChar, '/');
+            yield return new StoredObject(key, info.Length, new DateTimeOffset(info.LastWriteTimeUtc, TimeSpan.Zero));
+        }
     }
 
     private string PathOf(string key)

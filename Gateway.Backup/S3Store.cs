@@ -114,6 +114,49 @@ public sealed class S3Store : IBackupStore, IDisposable
         while (token is not null);
     }
 
+    /// <summary>A plain PUT (lease markers): S3 replaces the object whole.</summary>
+    public async Task PutAsync(string key, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
+    {
+        using var body = new MemoryStream(data.ToArray(), writable: false);
+        var request = new PutObjectRequest { BucketName = _bucket, Key = _prefix + key, InputStream = body, UseChunkEncoding = false };
+        await Call(() => _client.PutObjectAsync(request, cancellationToken), key).ConfigureAwait(false);
+    }
+
+    /// <summary>S3's DELETE succeeds whether or not the object was there, so this says true.</summary>
+    public async Task<bool> DeleteAsync(string key, CancellationToken cancellationToken)
+    {
+        await Call(() => _client.DeleteObjectAsync(_bucket, _prefix + key, cancellationToken), key).ConfigureAwait(false);
+        return true;
+    }
+
+    public async IAsyncEnumerable<StoredObject> ListObjectsAsync(string prefix, [EnumeratorCancellation] CancellationToken cancellationToken)
+    {
+        string? token = null;
+        do
+        {
+            var request = new ListObjectsV2Request { BucketName = _bucket, Prefix = _prefix + prefix, ContinuationToken = token };
+            ListObjectsV2Response response = await Call(() => _client.ListObjectsV2Async(request, cancellationToken), prefix).ConfigureAwait(false);
+            foreach (S3Object item in response.S3Objects ?? [])
+            {
+                DateTime modified = item.LastModified ?? DateTime.UnixEpoch;
+                yield return new StoredObject(item.Key[_prefix.Length..], item.Size ?? 0,
+                    new DateTimeOffset(modified.Kind == DateTimeKind.Unspecified ? DateTime.SpecifyKind(modified, DateTimeKind.Utc) : modified.ToUniversalTime(), TimeSpan.Zero));
+            }
+            token = response.IsTruncated == true ? response.NextContinuationToken : null;
+        }
+        while (token is not null);
+    }
+
+    /// <summary>None: every object is one PUT, never a multipart upload, so an interrupted write leaves nothing.</summary>
+    public async IAsyncEnumerable<StoredObject> ListIncompleteAsync([EnumeratorCancellation] CancellationToken cancellationToken)
+    {
+        await Task.CompletedTask.ConfigureAwait(false);
+        yield break;
+    }
+
+    public Task DeleteIncompleteAsync(string key, CancellationToken cancellationToken) =>
+        throw new ArgumentException($"'{key}' is not a leftover of an interrupted write (this store leaves none)", nameof(key));
+
     /// <summary>Fails fast with a clear error when the bucket is missing or unreachable.</summary>
     public async Task CheckBucketAsync(CancellationToken cancellationToken) =>
         await Call(() => _client.ListObjectsV2Async(new ListObjectsV2Request { BucketName = _bucket, MaxKeys = 1 }, cancellationToken), "the bucket").ConfigureAwait(false);

@@ -39,4 +39,18 @@ public sealed partial class BackupCli
             ? await BackupRepository.OpenOrCreateAsync(store, RepositoryInfo.DefaultChunkSize, ct)
             : await BackupRepository.OpenAsync(store, ct);
     }
+
+    /// <summary>
+    /// The store under the repository <c>--repo</c> names, not yet opened as a repository, so that
+    /// check can report a broken repository.json of a folder. An S3 repository is opened whole
+    /// (a broken repository.json is then an error, exit 1, all the same).
+    /// </summary>
+    private static async Task<IBackupStore> OpenStoreAsync(string repo, CancellationToken ct)
+    {
+        if (!repo.StartsWith("s3://", StringComparison.OrdinalIgnoreCase))
+        {
+            return Directory.Exists(repo) ? new FolderStore(repo) : throw new BackupFormatException($"repository {repo} does not exist");
+        }
+        return (await OpenRepositoryAsync(repo, create: false, ct)).Store;
+    }
 }
