@@ -67,11 +67,24 @@ public sealed class BackupCreator(BackupRepository repository)
 
     /// <exception cref="BackupSourceException">The admin API refused or failed a bitmap step.</exception>
     /// <exception cref="PeerExportUnavailableException">The NBD server has no such export.</exception>
+    /// <exception cref="BackupLeaseLostException">The run's lease on the repository could not be refreshed; it stopped before its manifest.</exception>
     public async Task<BackupSummary> CreateAsync(EndPoint nbd, string export, BackupTracking? tracking, CancellationToken cancellationToken)
     {
-        // Upkeep hook (BackupLease): the lease before any chunk is looked at; its token stops the run if the lease lapses.
+        // The lease before any chunk is looked at (BackupLease: a garbage collection never deletes a
+        // chunk a running backup may name); its token stops the run if the lease lapses.
         await using BackupLease lease = await BackupLease.AcquireAsync(repository, cancellationToken).ConfigureAwait(false);
-        cancellationToken = lease.Token;
+        try
+        {
+            return await CreateLeasedAsync(nbd, export, tracking, lease.Token).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
+        {
+            throw new BackupLeaseLostException("the backup stopped before its manifest: its lease on the repository could not be refreshed, so a garbage collection may have started; run it again (stored chunks are kept)");
+        }
+    }
+
+    private async Task<BackupSummary> CreateLeasedAsync(EndPoint nbd, string export, BackupTracking? tracking, CancellationToken cancellationToken)
+    {
         var clock = Stopwatch.StartNew();
         DateTimeOffset created = DateTimeOffset.UtcNow;
         string id = Manifest.NewId(created);

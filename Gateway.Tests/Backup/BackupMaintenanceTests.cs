@@ -191,9 +191,15 @@ public sealed class BackupMaintenanceTests : IDisposable
         repository.Leases = LeaseOptions.Default with { PollInterval = TimeSpan.FromMilliseconds(50) };
         BackupLease gc = await BackupLease.AcquireCollectionAsync(repository, CancellationToken.None);
         Task<BackupLease> backup = BackupLease.AcquireAsync(repository, CancellationToken.None);
-        Task first = await Task.WhenAny(backup, Task.Delay(TimeSpan.FromMilliseconds(500)));
-        Assert.NotSame(backup, first);
-        Assert.Equal(2, Locks().Length); // the waiting backup's marker is written: a gc that looks now gives way
+        // The waiting backup's marker gets written (polled, bounded: a loaded machine may take a while),
+        // and the backup keeps waiting: a gc that looks now gives way.
+        for (int i = 0; i < 200 && Locks().Length < 2; i++)
+        {
+            await Task.Delay(50);
+        }
+        Assert.Equal(2, Locks().Length);
+        await Task.Delay(200);
+        Assert.False(backup.IsCompleted, "the backup did not wait for the running gc");
         await Assert.ThrowsAsync<BackupBusyException>(gc.ThrowIfBackupsRunAsync);
 
         await gc.DisposeAsync();
@@ -359,12 +365,14 @@ public sealed class BackupMaintenanceTests : IDisposable
     {
         var store = new FailingRefreshStore(_folder.FullName);
         BackupRepository repository = await BackupRepository.OpenOrCreateAsync(store, ChunkSize, CancellationToken.None);
-        repository.Leases = LeaseOptions.Default with { Ttl = TimeSpan.FromSeconds(3) };
+        // Refreshed every TTL/4, lapsed after TTL/2 of failures: 12 s leaves a loaded CI machine 6 s
+        // of slack (3 s was flaky beside two builds).
+        repository.Leases = LeaseOptions.Default with { Ttl = TimeSpan.FromSeconds(12) };
         await using BackupLease lease = await BackupLease.AcquireAsync(repository, CancellationToken.None);
         string sha = await PutChunkAsync(repository, 1);
 
         // Refreshes keep it alive past its first TTL while they succeed.
-        await Task.Delay(TimeSpan.FromSeconds(4));
+        await Task.Delay(TimeSpan.FromSeconds(13));
         Assert.False(lease.Token.IsCancellationRequested, "a refreshed lease lapsed");
 
         store.FailOverwrites = true;
