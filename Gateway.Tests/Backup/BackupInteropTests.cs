@@ -499,4 +499,53 @@ public sealed class BackupInteropTests
             work.Delete(recursive: true);
         }
     }
+
+    [Fact]
+    public async Task A_4_GiB_export_with_1_percent_changed_restores_full_and_incremental_into_new_exports_byte_equal()
+    {
+        const long size = 4L << 30;
+        await using GatewayProcess gateway = await GatewayProcess.StartAsync();
+        DirectoryInfo work = Directory.CreateTempSubdirectory("backup-test-");
+        try
+        {
+            string repo = Path.Combine(work.FullName, "repo");
+            string nbd = $"127.0.0.1:{gateway.NbdPort}", admin = gateway.AdminUri.ToString();
+            await CreateExportAsync(gateway, "vm", size);
+            // A sparse disk: 1 MiB of data at the start of every 64 MiB (64 MiB in all).
+            await QemuIoAsync(gateway, "vm", [.. Enumerable.Range(0, 64).Select(i => $"write -P {(i % 250) + 1} {i * 64}M 1M")]);
+            JsonElement full = await CreateBackupAsync(gateway, repo, "vm");
+            string state1 = await CopyAsync(gateway, "vm", Path.Combine(work.FullName, "state1.img"));
+
+            // 1 % (41 MiB) changed as a guest would: writes, write-zeroes and trims of 64 KiB to 1 MiB at fixed random places.
+            var random = new Random(20);
+            var commands = new List<string>();
+            for (long changed = 0; changed < size / 100;)
+            {
+                long length = new[] { 64L << 10, 256L << 10, 1L << 20 }[random.Next(3)];
+                long offset = random.NextInt64(0, size - length) / 65536 * 65536;
+                double kind = random.NextDouble();
+                commands.Add(kind < 0.6 ? $"write -P {random.Next(1, 255)} {offset} {length}" : kind < 0.8 ? $"write -z {offset} {length}" : $"discard {offset} {length}");
+                changed += length;
+            }
+            await QemuIoAsync(gateway, "vm", [.. commands]);
+            JsonElement incremental = await CreateBackupAsync(gateway, repo, "vm");
+            Assert.True(incremental.GetProperty("incremental").GetBoolean(), incremental.ToString());
+            Assert.True(incremental.GetProperty("bytesRead").GetInt64() <= size / 100 + (4L << 20), incremental.ToString());
+            string state2 = await CopyAsync(gateway, "vm", Path.Combine(work.FullName, "state2.img"));
+
+            foreach ((JsonElement backup, string state, string target) in new[] { (full, state1, "restored-full"), (incremental, state2, "restored-incremental") })
+            {
+                ToolResult restore = await BackupCliAsync(gateway, "restore", backup.GetProperty("id").GetString()!, "--repo", repo, "--to-export", target, "--nbd", nbd, "--admin", admin);
+                Assert.True(restore.Succeeded, restore.Describe());
+                ToolResult compare = await gateway.RunAsync("qemu-img", ["compare", "-f", "raw", "-F", "raw", state, gateway.NbdUri(target)], check: false);
+                Assert.True(compare.Succeeded, compare.Describe());
+                await AssertSameAsync(gateway, state, await CopyAsync(gateway, target, Path.Combine(work.FullName, target + ".img")));
+            }
+            await gateway.StopAsync();
+        }
+        finally
+        {
+            work.Delete(recursive: true);
+        }
+    }
 }
