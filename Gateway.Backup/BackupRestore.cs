@@ -1,6 +1,7 @@
 using System.Buffers;
 using System.Net;
 using Gateway.Actors.Cluster;
+using Gateway.Backends;
 using Microsoft.Win32.SafeHandles;
 
 namespace Gateway.Backup;
@@ -57,7 +58,12 @@ public sealed class BackupRestore(BackupRepository repository)
     /// zeros (<c>gateway backup restore --to-export</c> makes it), over NBD; flushed at the end.
     /// </summary>
     /// <exception cref="BackupCorruptException">A chunk is missing or corrupt: the message names the disk offset.</exception>
-    public async Task<RestoreSummary> ToExportAsync(string id, EndPoint nbd, string export, CancellationToken cancellationToken)
+    /// <param name="zeroFirst">
+    /// The export may not read as zeros (a new export on a backend whose storage could hold older
+    /// bytes, such as an S3 prefix): the whole disk is zeroed first (WRITE_ZEROES, which may punch
+    /// holes), so what the backup calls a hole or zeros reads as zeros.
+    /// </param>
+    public async Task<RestoreSummary> ToExportAsync(string id, EndPoint nbd, string export, bool zeroFirst, CancellationToken cancellationToken)
     {
         var clock = System.Diagnostics.Stopwatch.StartNew();
         Manifest manifest = await repository.GetManifestAsync(id, cancellationToken).ConfigureAwait(false);
@@ -65,6 +71,10 @@ public sealed class BackupRestore(BackupRepository repository)
         if (client.Info.Size < manifest.DiskSize)
         {
             throw new BackupFormatException($"export '{export}' has {client.Info.Size} bytes, fewer than backup {id}'s {manifest.DiskSize}");
+        }
+        for (long at = 0; zeroFirst && at < manifest.DiskSize; at += 1L << 30)
+        {
+            await client.ZeroAsync(at, Math.Min(1L << 30, manifest.DiskSize - at), ZeroFlags.None, cancellationToken).ConfigureAwait(false);
         }
         long written = 0, chunks = 0;
         await ForEachDataChunkAsync(manifest, async (bytes, offset, ct) =>

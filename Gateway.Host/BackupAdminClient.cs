@@ -36,10 +36,10 @@ public sealed class BackupAdminClient(Uri admin) : AdminClient(admin, TextWriter
         }
     }
 
-    /// <summary>A new export of <paramref name="size"/> bytes on the gateway's default backend (a sparse file): it reads as zeros.</summary>
-    public async Task CreateExportAsync(string export, long size, CancellationToken cancellationToken)
+    /// <summary>A new export of <paramref name="size"/> bytes on <paramref name="backend"/> (null: the gateway's default, a sparse file): it reads as zeros.</summary>
+    public async Task CreateExportAsync(string export, long size, BackendDto? backend, CancellationToken cancellationToken)
     {
-        var request = new CreateExportRequest(export, JsonSerializer.SerializeToElement(size), null, null, "restored by gateway backup");
+        var request = new CreateExportRequest(export, JsonSerializer.SerializeToElement(size), backend, null, "restored by gateway backup");
         using var body = JsonContent.Create(request, AdminJson.Default.CreateExportRequest);
         using HttpResponseMessage response = await SendOrFailAsync(HttpMethod.Post, "v1/exports", body, cancellationToken);
         await EnsureAsync(response, $"creating export '{export}'", cancellationToken);

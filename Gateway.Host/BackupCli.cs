@@ -54,7 +54,7 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
         backup.Subcommands.Add(create);
 
         var toFile = new Option<string?>("--to-file") { Description = "Raw image file to write (made or replaced; holes stay sparse)" };
-        var toExport = new Option<string?>("--to-export") { Description = "A new export to make (the gateway's default backend) and write the backup into over NBD" };
+        var toExport = new Option<string?>("--to-export") { Description = "A new export to make (the gateway's default backend, or S3 with the --s3-* options) and write the backup into over NBD" };
         var size = new Option<string?>("--size") { Description = "The new export's size (default: the backup's disk size; not smaller), e.g. 20G" };
         var restore = new Command("restore", "Restore a backup into a raw file or a new export, every chunk checked against its hash");
         restore.Arguments.Add(id);
@@ -66,12 +66,15 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
         restore.Options.Add(adminUrl);
         restore.Options.Add(CliAuth.TokenFile);
         restore.Options.Add(json);
+        S3Cli.AddOptions(restore); // --to-export on an S3 backend, as with export add
         restore.SetAction((p, ct) =>
         {
             if (p.GetValue(toExport) is { } target)
             {
                 CliAuth.Configure(p);
-                return Console().RestoreToExportAsync(p.GetValue(id)!, p.GetValue(repo)!, target, p.GetValue(size), p.GetValue(nbd)!, AdminClient.BaseUri(p.GetValue(adminUrl)!), p.GetValue(toFile), p.GetValue(json), ct);
+                BackendDto? backend = S3Cli.IsS3(p) ? new BackendDto("s3", null, S3: S3Cli.Spec(p)) : null;
+                return Console().RestoreToExportAsync(p.GetValue(id)!, p.GetValue(repo)!, target, p.GetValue(size), backend,
+                    p.GetValue(nbd)!, AdminClient.BaseUri(p.GetValue(adminUrl)!), p.GetValue(toFile), p.GetValue(json), ct);
             }
             return Console().RestoreAsync(p.GetValue(id)!, p.GetValue(repo)!, p.GetValue(toFile), p.GetValue(json), ct);
         });
@@ -184,8 +187,11 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
         return 0;
     });
 
-    /// <summary>Makes <paramref name="export"/> (refused if it exists), writes the backup into it, and removes it again if that fails.</summary>
-    public Task<int> RestoreToExportAsync(string id, string repo, string export, string? size, string nbd, Uri admin, string? file, bool json, CancellationToken ct) => RunAsync(async () =>
+    /// <summary>
+    /// Makes <paramref name="export"/> (refused if it exists) on <paramref name="backend"/> (null: the
+    /// gateway's default, a sparse file), writes the backup into it, and removes it again if that fails.
+    /// </summary>
+    public Task<int> RestoreToExportAsync(string id, string repo, string export, string? size, BackendDto? backend, string nbd, Uri admin, string? file, bool json, CancellationToken ct) => RunAsync(async () =>
     {
         if (file is not null)
         {
@@ -202,11 +208,12 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
             return 2;
         }
         var client = new BackupAdminClient(admin);
-        await client.CreateExportAsync(export, bytes, ct);
+        await client.CreateExportAsync(export, bytes, backend, ct);
         RestoreSummary summary;
         try
         {
-            summary = await new BackupRestore(repository).ToExportAsync(id, endpoint, export, ct);
+            // A new file export is a new sparse file; another backend's storage may hold older bytes.
+            summary = await new BackupRestore(repository).ToExportAsync(id, endpoint, export, zeroFirst: backend is not null, ct);
         }
         catch
         {
