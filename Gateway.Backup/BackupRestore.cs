@@ -1,17 +1,25 @@
 using System.Buffers;
 using System.Net;
+using System.Net.Sockets;
 using Gateway.Actors.Cluster;
 using Gateway.Backends;
 using Microsoft.Win32.SafeHandles;
 
 namespace Gateway.Backup;
 
+/// <summary>The image format of <c>restore --to-file</c>.</summary>
+public enum RestoreFormat
+{
+    Raw,
+    Qcow2,
+}
+
 /// <summary>What a restore wrote.</summary>
 public sealed record RestoreSummary(string Id, long DiskSize, long BytesWritten, long ChunksData, double Seconds);
 
 /// <summary>
 /// Restores a backup from its manifest alone (every backup is full, so never a chain) into a
-/// raw file or a new export: the file is emptied and set to the disk's size (a new export reads
+/// raw or qcow2 file or a new export: a new file is made at the disk's size (a new export reads
 /// as zeros already), so holes and zero chunks are holes without a write; data chunks are checked
 /// against their hash as they are written, and their all-zero 64 KiB blocks are not written.
 /// </summary>
@@ -22,35 +30,69 @@ public sealed class BackupRestore(BackupRepository repository)
 
     public int Parallelism { get; init; } = 4;
 
-    /// <exception cref="BackupCorruptException">A chunk is missing or corrupt: the message names the disk offset; a file this call created is removed.</exception>
-    public async Task<RestoreSummary> ToFileAsync(string id, string file, CancellationToken cancellationToken)
+    /// <summary>
+    /// Into <paramref name="file"/>, a raw or qcow2 image, made beside it under a temporary name and
+    /// renamed over it only when whole: a restore that fails leaves the file as it was (or absent).
+    /// </summary>
+    /// <exception cref="BackupCorruptException">A chunk is missing or corrupt: the message names the disk offset.</exception>
+    /// <exception cref="IOException">The file system (full, say), or qemu-img / qemu-nbd for qcow2.</exception>
+    public async Task<RestoreSummary> ToFileAsync(string id, string file, RestoreFormat format, CancellationToken cancellationToken)
     {
         var clock = System.Diagnostics.Stopwatch.StartNew();
         Manifest manifest = await repository.GetManifestAsync(id, cancellationToken).ConfigureAwait(false);
-        bool existed = File.Exists(file);
-        long written = 0, chunks = 0;
+        string temp = Path.Combine(Path.GetDirectoryName(file)!, $".restore-{Guid.NewGuid():N}-{Path.GetFileName(file)}");
         try
         {
-            using (SafeFileHandle handle = File.OpenHandle(file, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None, FileOptions.Asynchronous))
-            {
-                // Truncating to nothing first drops whatever the file held: what the backup calls
-                // a hole or zeros reads as zeros without writing them, and stays unallocated.
-                RandomAccess.SetLength(handle, 0);
-                RandomAccess.SetLength(handle, manifest.DiskSize);
-                await ForEachDataChunkAsync(manifest, async (bytes, offset, ct) =>
-                {
-                    Interlocked.Add(ref written, await WriteAllocatedAsync((block, at, c) => RandomAccess.WriteAsync(handle, block, at, c), bytes, offset, ct).ConfigureAwait(false));
-                    Interlocked.Increment(ref chunks);
-                }, cancellationToken).ConfigureAwait(false);
-                RandomAccess.FlushToDisk(handle);
-            }
+            (long written, long chunks) = format == RestoreFormat.Qcow2
+                ? await ToQcow2Async(manifest, temp, cancellationToken).ConfigureAwait(false)
+                : await ToRawAsync(manifest, temp, cancellationToken).ConfigureAwait(false);
+            File.Move(temp, file, overwrite: true);
+            return new RestoreSummary(id, manifest.DiskSize, written, chunks, Math.Round(clock.Elapsed.TotalSeconds, 3));
         }
-        catch when (!existed)
+        finally
         {
-            File.Delete(file);
-            throw;
+            File.Delete(temp);
         }
-        return new RestoreSummary(id, manifest.DiskSize, written, chunks, Math.Round(clock.Elapsed.TotalSeconds, 3));
+    }
+
+    /// <summary>A new sparse file of the disk's size: what the backup calls a hole or zeros reads as zeros without a write, and stays unallocated.</summary>
+    private async Task<(long Written, long Chunks)> ToRawAsync(Manifest manifest, string file, CancellationToken cancellationToken)
+    {
+        long written = 0, chunks = 0;
+        using (SafeFileHandle handle = File.OpenHandle(file, FileMode.CreateNew, FileAccess.ReadWrite, FileShare.None, FileOptions.Asynchronous))
+        {
+            RandomAccess.SetLength(handle, manifest.DiskSize);
+            await ForEachDataChunkAsync(manifest, async (bytes, offset, ct) =>
+            {
+                Interlocked.Add(ref written, await WriteAllocatedAsync((block, at, c) => RandomAccess.WriteAsync(handle, block, at, c), bytes, offset, ct).ConfigureAwait(false));
+                Interlocked.Increment(ref chunks);
+            }, cancellationToken).ConfigureAwait(false);
+            RandomAccess.FlushToDisk(handle);
+        }
+        return (written, chunks);
+    }
+
+    /// <summary>
+    /// A new qcow2 image (<c>qemu-img create</c>), written over NBD through <c>qemu-nbd</c> on a
+    /// private unix socket like an export: one pass, no raw copy on the way, and the clusters the
+    /// backup calls holes or zeros are never allocated. qemu-nbd exits when the restore disconnects.
+    /// </summary>
+    private async Task<(long Written, long Chunks)> ToQcow2Async(Manifest manifest, string image, CancellationToken cancellationToken)
+    {
+        await QemuTools.RunAsync("qemu-img", ["create", "-q", "-f", "qcow2", image, manifest.DiskSize.ToString(System.Globalization.CultureInfo.InvariantCulture)], cancellationToken).ConfigureAwait(false);
+        string socket = Path.Combine(Path.GetTempPath(), $"gateway-restore-{Guid.NewGuid():N}.sock");
+        using QemuTools.Server server = QemuTools.Serve("qemu-nbd", ["--format=qcow2", "--cache=writeback", $"--socket={socket}", "--export-name=restore", image]);
+        try
+        {
+            await server.WaitForSocketAsync(socket, cancellationToken).ConfigureAwait(false);
+            (long written, long chunks) = await WriteOverNbdAsync(manifest, new UnixDomainSocketEndPoint(socket), "restore", zeroFirst: false, cancellationToken).ConfigureAwait(false);
+            await server.WaitForExitAsync(cancellationToken).ConfigureAwait(false);
+            return (written, chunks);
+        }
+        finally
+        {
+            File.Delete(socket);
+        }
     }
 
     /// <summary>
@@ -67,10 +109,16 @@ public sealed class BackupRestore(BackupRepository repository)
     {
         var clock = System.Diagnostics.Stopwatch.StartNew();
         Manifest manifest = await repository.GetManifestAsync(id, cancellationToken).ConfigureAwait(false);
+        (long written, long chunks) = await WriteOverNbdAsync(manifest, nbd, export, zeroFirst, cancellationToken).ConfigureAwait(false);
+        return new RestoreSummary(id, manifest.DiskSize, written, chunks, Math.Round(clock.Elapsed.TotalSeconds, 3));
+    }
+
+    private async Task<(long Written, long Chunks)> WriteOverNbdAsync(Manifest manifest, EndPoint nbd, string export, bool zeroFirst, CancellationToken cancellationToken)
+    {
         await using PeerNbdClient client = await PeerNbdClient.ConnectAsync(nbd, export, cancellationToken).ConfigureAwait(false);
         if (client.Info.Size < manifest.DiskSize)
         {
-            throw new BackupFormatException($"export '{export}' has {client.Info.Size} bytes, fewer than backup {id}'s {manifest.DiskSize}");
+            throw new BackupFormatException($"export '{export}' has {client.Info.Size} bytes, fewer than backup {manifest.Id}'s {manifest.DiskSize}");
         }
         for (long at = 0; zeroFirst && at < manifest.DiskSize; at += 1L << 30)
         {
@@ -83,7 +131,7 @@ public sealed class BackupRestore(BackupRepository repository)
             Interlocked.Increment(ref chunks);
         }, cancellationToken).ConfigureAwait(false);
         await client.FlushAsync(cancellationToken).ConfigureAwait(false);
-        return new RestoreSummary(id, manifest.DiskSize, written, chunks, Math.Round(clock.Elapsed.TotalSeconds, 3));
+        return (written, chunks);
     }
 
     /// <summary>Every data chunk of <paramref name="manifest"/>, read and checked, <see cref="Parallelism"/> at a time.</summary>

@@ -53,13 +53,19 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
         });
         backup.Subcommands.Add(create);
 
-        var toFile = new Option<string?>("--to-file") { Description = "Raw image file to write (made or replaced; holes stay sparse)" };
+        var toFile = new Option<string?>("--to-file") { Description = "Image file to write (made or replaced whole; holes stay sparse)" };
+        var format = new Option<string?>("--format")
+        {
+            Description = "The --to-file image's format: raw or qcow2 (through qemu-img and qemu-nbd); default qcow2 for a name ending in .qcow2, raw otherwise",
+        };
+        format.AcceptOnlyFromAmong("raw", "qcow2");
         var toExport = new Option<string?>("--to-export") { Description = "A new export to make (the gateway's default backend, or S3 with the --s3-* options) and write the backup into over NBD" };
         var size = new Option<string?>("--size") { Description = "The new export's size (default: the backup's disk size; not smaller), e.g. 20G" };
         var restore = new Command("restore", "Restore a backup into a raw file or a new export, every chunk checked against its hash");
         restore.Arguments.Add(id);
         restore.Options.Add(repo);
         restore.Options.Add(toFile);
+        restore.Options.Add(format);
         restore.Options.Add(toExport);
         restore.Options.Add(size);
         restore.Options.Add(nbd);
@@ -76,7 +82,7 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
                 return Console().RestoreToExportAsync(p.GetValue(id)!, p.GetValue(repo)!, target, p.GetValue(size), backend,
                     p.GetValue(nbd)!, AdminClient.BaseUri(p.GetValue(adminUrl)!), p.GetValue(toFile), p.GetValue(json), ct);
             }
-            return Console().RestoreAsync(p.GetValue(id)!, p.GetValue(repo)!, p.GetValue(toFile), p.GetValue(json), ct);
+            return Console().RestoreAsync(p.GetValue(id)!, p.GetValue(repo)!, p.GetValue(toFile), p.GetValue(format), p.GetValue(json), ct);
         });
         backup.Subcommands.Add(restore);
 
@@ -174,16 +180,18 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
     /// <summary>A bad argument: printed as one line, exit 2.</summary>
     private sealed class UsageException(string message) : Exception(message);
 
-    public Task<int> RestoreAsync(string id, string repo, string? file, bool json, CancellationToken ct) => RunAsync(async () =>
+    /// <param name="format">raw or qcow2; null: qcow2 for a name ending in .qcow2, raw otherwise.</param>
+    public Task<int> RestoreAsync(string id, string repo, string? file, string? format, bool json, CancellationToken ct) => RunAsync(async () =>
     {
         if (file is null)
         {
             await stderr.WriteLineAsync("error: give --to-file FILE or --to-export NAME");
             return 2;
         }
+        RestoreFormat image = (format ?? (file.EndsWith(".qcow2", StringComparison.OrdinalIgnoreCase) ? "qcow2" : "raw")) == "qcow2" ? RestoreFormat.Qcow2 : RestoreFormat.Raw;
         BackupRepository repository = await OpenRepositoryAsync(repo, create: false, ct);
-        RestoreSummary summary = await new BackupRestore(repository).ToFileAsync(id, Path.GetFullPath(file), ct);
-        await PrintRestoredAsync(summary, file, json);
+        RestoreSummary summary = await new BackupRestore(repository).ToFileAsync(id, Path.GetFullPath(file), image, ct);
+        await PrintRestoredAsync(summary, $"{file} ({image.ToString().ToLowerInvariant()})", json);
         return 0;
     });
 

@@ -1,6 +1,7 @@
 using System.Net;
 using System.Net.Http.Json;
 using System.Text.Json;
+using Gateway.Backup;
 using Gateway.Tests.Interop;
 using Xunit;
 
@@ -129,6 +130,24 @@ public sealed class BackupInteropTests
             ToolResult over = await BackupCliAsync(gateway, "restore", firstId, "--repo", repo, "--to-file", reused);
             Assert.True(over.Succeeded, over.Describe());
             await AssertSameAsync(gateway, state1, reused);
+
+            // qcow2 through qemu-nbd: qemu-img compares it with the export's copy, and the holes stay unallocated clusters.
+            string qcow2 = Path.Combine(work.FullName, "second.qcow2");
+            ToolResult toQcow2 = await BackupCliAsync(gateway, "restore", secondId, "--repo", repo, "--to-file", qcow2, "--json");
+            Assert.True(toQcow2.Succeeded, toQcow2.Describe());
+            ToolResult info = await gateway.RunAsync("qemu-img", ["info", "--output=json", qcow2]);
+            using (JsonDocument image = JsonDocument.Parse(info.Stdout))
+            {
+                Assert.Equal("qcow2", image.RootElement.GetProperty("format").GetString());
+                Assert.Equal(DiskSize, image.RootElement.GetProperty("virtual-size").GetInt64());
+                Assert.True(image.RootElement.GetProperty("actual-size").GetInt64() <= 12 * MiB, info.Stdout);
+            }
+            ToolResult compare = await gateway.RunAsync("qemu-img", ["compare", "-f", "raw", "-F", "qcow2", state2, qcow2], check: false);
+            Assert.True(compare.Succeeded, compare.Describe());
+            ToolResult asRaw = await BackupCliAsync(gateway, "restore", firstId, "--repo", repo, "--to-file", qcow2, "--format", "raw");
+            Assert.True(asRaw.Succeeded, asRaw.Describe());
+            await AssertSameAsync(gateway, state1, qcow2);
+            Assert.Empty(Directory.EnumerateFiles(work.FullName, ".restore-*"));
 
             // Another export with the same content stores nothing new.
             await CreateExportAsync(gateway, "twin", DiskSize);
@@ -396,7 +415,7 @@ public sealed class BackupInteropTests
             string after = await CopyAsync(gateway, "vm", Path.Combine(work.FullName, "after.img"));
 
             string restored1 = Path.Combine(work.FullName, "first.img");
-            await new Gateway.Backup.BackupRestore(repository).ToFileAsync(first.Id, restored1, CancellationToken.None);
+            await new BackupRestore(repository).ToFileAsync(first.Id, restored1, RestoreFormat.Raw, CancellationToken.None);
             byte[] one = await File.ReadAllBytesAsync(restored1), now = await File.ReadAllBytesAsync(after);
             Assert.True(one.AsSpan(0, chunk).IndexOfAnyExcept((byte)0x01) < 0, "the first backup's chunk 0 should be as it was when it was read");
             Assert.True(one.AsSpan(15 * chunk, chunk).SequenceEqual(now.AsSpan(15 * chunk, chunk)), "the first backup's chunk 15 should hold the write made before it was read");
@@ -407,7 +426,7 @@ public sealed class BackupInteropTests
             Assert.True(second.Incremental, second.ToString());
             Assert.Equal(2 * chunk, second.BytesDirty);
             string restored2 = Path.Combine(work.FullName, "second.img");
-            await new Gateway.Backup.BackupRestore(repository).ToFileAsync(second.Id, restored2, CancellationToken.None);
+            await new BackupRestore(repository).ToFileAsync(second.Id, restored2, RestoreFormat.Raw, CancellationToken.None);
             await AssertSameAsync(gateway, after, restored2);
             await gateway.StopAsync();
         }

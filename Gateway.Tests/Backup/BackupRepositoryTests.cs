@@ -110,10 +110,15 @@ public sealed class BackupRepositoryTests : IDisposable
         Assert.Equal([(0L, (long)ChunkSize), (3L * ChunkSize, (long)ChunkSize)], problem.Ranges);
 
         string file = Path.Combine(_folder.FullName, "restored.img");
-        BackupCorruptException e = await Assert.ThrowsAsync<BackupCorruptException>(() => new BackupRestore(repository).ToFileAsync(manifest.Id, file, CancellationToken.None));
+        BackupCorruptException e = await Assert.ThrowsAsync<BackupCorruptException>(() => new BackupRestore(repository).ToFileAsync(manifest.Id, file, RestoreFormat.Raw, CancellationToken.None));
         // Chunks are restored in parallel, so either chunk that needs the missing hash may be the one that fails first.
         Assert.Matches($@"disk offset (0|{3L * ChunkSize}) \(length {ChunkSize}\)", e.Message);
         Assert.False(File.Exists(file));
+        // A file that was there keeps its bytes: the restore writes beside it and renames only when whole.
+        await File.WriteAllTextAsync(file, "the image before");
+        await Assert.ThrowsAsync<BackupCorruptException>(() => new BackupRestore(repository).ToFileAsync(manifest.Id, file, RestoreFormat.Raw, CancellationToken.None));
+        Assert.Equal("the image before", await File.ReadAllTextAsync(file));
+        Assert.Empty(Directory.EnumerateFiles(_folder.FullName, ".restore-*"));
     }
 
     [Fact]
