@@ -75,7 +75,7 @@ public sealed class BackupCreator(BackupRepository repository)
         await using BackupLease lease = await BackupLease.AcquireAsync(repository, cancellationToken).ConfigureAwait(false);
         try
         {
-            return await CreateLeasedAsync(nbd, export, tracking, lease.Token).ConfigureAwait(false);
+            return await CreateLeasedAsync(nbd, export, tracking, lease, lease.Token).ConfigureAwait(false);
         }
         catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
         {
@@ -83,13 +83,13 @@ public sealed class BackupCreator(BackupRepository repository)
         }
     }
 
-    private async Task<BackupSummary> CreateLeasedAsync(EndPoint nbd, string export, BackupTracking? tracking, CancellationToken cancellationToken)
+    private async Task<BackupSummary> CreateLeasedAsync(EndPoint nbd, string export, BackupTracking? tracking, BackupLease lease, CancellationToken cancellationToken)
     {
         var clock = Stopwatch.StartNew();
         DateTimeOffset created = DateTimeOffset.UtcNow;
         string id = Manifest.NewId(created);
         Manifest? previous = tracking is null ? null : await LatestTrackedAsync(export, cancellationToken).ConfigureAwait(false);
-        string? bitmap = tracking?.BitmapFor(id);
+        string? bitmap = tracking?.BitmapFor(repository.Info.Id, id);
         if (tracking is not null)
         {
             // Before any byte is read: a write after this point is in the next backup.
@@ -127,7 +127,41 @@ public sealed class BackupCreator(BackupRepository repository)
                 warnings.Add($"could not remove the previous backup's bitmap '{old}' (remove it with gateway bitmap remove): {e.Message}");
             }
         }
+        if (tracking is not null && repository.Info.Id is { } repositoryId)
+        {
+            await RemoveOrphanedBitmapsAsync(export, tracking, tracking.OwnedPrefix(repositoryId), bitmap!, lease, warnings, cancellationToken).ConfigureAwait(false);
+        }
         return summary;
+    }
+
+    /// <summary>
+    /// A create killed before its manifest (kill -9, a lost node) leaves its bitmap on the export,
+    /// where it would mark every write forever. Once this backup's manifest names its own bitmap,
+    /// every other bitmap of this prefix and repository on the export is such a leftover, unless
+    /// another create into this repository is running now (a live lease besides this one): then
+    /// they are left for the next create. Another repository's bitmaps have another id in their names.
+    /// </summary>
+    private async Task RemoveOrphanedBitmapsAsync(string export, BackupTracking tracking, string owned, string current, BackupLease lease,
+        List<string> warnings, CancellationToken cancellationToken)
+    {
+        try
+        {
+            IReadOnlyList<LeaseMarker> running = await BackupLease.ListLiveAsync(repository.Store, repository.Leases, LeaseKind.Backup, cancellationToken).ConfigureAwait(false);
+            if (running.Any(m => m.Id != lease.Marker.Id))
+            {
+                return;
+            }
+            foreach (TrackedBitmap orphan in (await tracking.Admin.ListAsync(export, cancellationToken).ConfigureAwait(false))
+                .Where(b => b.Name.StartsWith(owned, StringComparison.Ordinal) && b.Name != current))
+            {
+                await tracking.Admin.RemoveAsync(export, orphan.Name, cancellationToken).ConfigureAwait(false);
+                warnings.Add($"removed bitmap '{orphan.Name}', left on the export by a backup into this repository that did not finish");
+            }
+        }
+        catch (BackupSourceException e)
+        {
+            warnings.Add($"could not look for bitmaps left by unfinished backups (list them with gateway bitmap list): {e.Message}");
+        }
     }
 
     /// <summary>The newest backup of <paramref name="export"/> in this repository that names a bitmap, or null.</summary>
@@ -224,8 +258,14 @@ public sealed class BackupCreator(BackupRepository repository)
                 }
                 string sha256 = BackupRepository.Hash(data.Span);
                 entries[index] = new ChunkEntry(ChunkKind.Data, sha256);
-                long stored = await repository.HasChunkAsync(sha256, ct).ConfigureAwait(false) ? 0
-                    : await repository.PutChunkAsync(sha256, data, ct).ConfigureAwait(false);
+                (long stored, bool replaced) = await repository.StoreChunkAsync(sha256, data, ct).ConfigureAwait(false);
+                if (replaced)
+                {
+                    lock (warnings)
+                    {
+                        warnings.Add($"chunk {sha256} (disk offset {offset}) was in the repository damaged, as an interrupted upload to a store without atomic writes leaves it; stored again");
+                    }
+                }
                 if (stored > 0)
                 {
                     Interlocked.Increment(ref chunksNew);

@@ -7,20 +7,30 @@ using ZstdSharp;
 namespace Gateway.Backup;
 
 /// <summary>The contents of <c>repository.json</c>: what every reader checks before it reads anything else.</summary>
+/// <param name="Id">
+/// 8 random hex digits, given when the repository is made (absent in repositories made before it
+/// was): names this repository's bitmaps apart from another repository's on the same export.
+/// </param>
 public sealed record RepositoryInfo(
     [property: JsonPropertyName("format")] string Format,
     [property: JsonPropertyName("version")] int Version,
-    [property: JsonPropertyName("chunkSize")] int ChunkSize)
+    [property: JsonPropertyName("chunkSize")] int ChunkSize,
+    [property: JsonPropertyName("id"), JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] string? Id = null)
 {
     public const string FormatName = "nbd-gateway-backup";
     public const int CurrentVersion = 1;
     public const int DefaultChunkSize = 4 << 20;
 }
 
+/// <summary>What storing a chunk did.</summary>
+/// <param name="Uploaded">The compressed bytes written; 0 if the repository held the chunk whole already.</param>
+/// <param name="Replaced">A damaged object was under the chunk's key and has been overwritten.</param>
+public readonly record struct StoredChunk(long Uploaded, bool Replaced);
+
 /// <summary>
 /// A backup repository (README "Backup"), over any <see cref="IBackupStore"/>:
 /// <code>
-/// repository.json              {"format":"nbd-gateway-backup","version":1,"chunkSize":4194304}
+/// repository.json              {"format":"nbd-gateway-backup","version":1,"chunkSize":4194304,"id":"3f9a01bc"}
 /// chunks/ab/ab12…(64 hex)      one chunk's bytes, zstd-compressed; the name is the SHA-256 of the uncompressed bytes
 /// backups/&lt;id&gt;.json            a manifest (<see cref="Manifest"/>), written after all its chunks
 /// locks/backup-&lt;id&gt;.json       a running backup's lease marker (<see cref="BackupLease"/>)
@@ -93,7 +103,7 @@ public sealed class BackupRepository
             {
                 throw new BackupFormatException($"the store holds backups but no {InfoKey}");
             }
-            var info = new RepositoryInfo(RepositoryInfo.FormatName, RepositoryInfo.CurrentVersion, chunkSize);
+            var info = new RepositoryInfo(RepositoryInfo.FormatName, RepositoryInfo.CurrentVersion, chunkSize, RandomNumberGenerator.GetHexString(8, lowercase: true));
             // Two creators at once: one wins, and both then read the winner's.
             await store.PutIfAbsentAsync(InfoKey, JsonSerializer.SerializeToUtf8Bytes(info, Json), cancellationToken).ConfigureAwait(false);
         }
@@ -139,7 +149,17 @@ public sealed class BackupRepository
 
     /// <summary>Compresses and stores a chunk whose hash is <paramref name="sha256"/>.</summary>
     /// <returns>The compressed bytes stored, or 0 if the chunk was already there.</returns>
-    public async Task<long> PutChunkAsync(string sha256, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
+    public async Task<long> PutChunkAsync(string sha256, ReadOnlyMemory<byte> data, CancellationToken cancellationToken) =>
+        (await StoreChunkAsync(sha256, data, cancellationToken).ConfigureAwait(false)).Uploaded;
+
+    /// <summary>
+    /// Compresses and stores a chunk whose hash is <paramref name="sha256"/>, unless the repository
+    /// holds it whole already. An object of the same length is taken as whole (a store writes an
+    /// object all at once, or, as a folder, renames it into place); one of another length is read
+    /// and checked, and stored again if it is damaged: a store without atomic writes (s3rver, killed
+    /// mid-PUT) can leave a torn object that a resumed backup must not reuse.
+    /// </summary>
+    public async Task<StoredChunk> StoreChunkAsync(string sha256, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
     {
         byte[] compressed = ArrayPool<byte>.Shared.Rent(Compressor.GetCompressBound(data.Length));
         try
@@ -149,12 +169,45 @@ public sealed class BackupRepository
             {
                 length = compressor.Wrap(data.Span, compressed);
             }
-            bool stored = await Store.PutIfAbsentAsync(ChunkKey(sha256), compressed.AsMemory(0, length), cancellationToken).ConfigureAwait(false);
-            return stored ? length : 0;
+            string key = ChunkKey(sha256);
+            ReadOnlyMemory<byte> bytes = compressed.AsMemory(0, length);
+            long? there = await Store.LengthAsync(key, cancellationToken).ConfigureAwait(false);
+            if (there == length)
+            {
+                return new StoredChunk(0, Replaced: false);
+            }
+            if (there is null)
+            {
+                return new StoredChunk(await Store.PutIfAbsentAsync(key, bytes, cancellationToken).ConfigureAwait(false) ? length : 0, Replaced: false);
+            }
+            if (await IsWholeAsync(sha256, data.Length, cancellationToken).ConfigureAwait(false))
+            {
+                return new StoredChunk(0, Replaced: false); // compressed by another version or level
+            }
+            await Store.PutAsync(key, bytes, cancellationToken).ConfigureAwait(false);
+            return new StoredChunk(length, Replaced: true);
         }
         finally
         {
             ArrayPool<byte>.Shared.Return(compressed);
+        }
+    }
+
+    private async Task<bool> IsWholeAsync(string sha256, int length, CancellationToken cancellationToken)
+    {
+        byte[] buffer = ArrayPool<byte>.Shared.Rent(length);
+        try
+        {
+            await ReadChunkAsync(sha256, buffer.AsMemory(0, length), cancellationToken).ConfigureAwait(false);
+            return true;
+        }
+        catch (BackupCorruptException)
+        {
+            return false;
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(buffer);
         }
     }
 

@@ -103,8 +103,11 @@ public sealed partial class FolderStore(string root) : IBackupStore
         }
     }
 
-    public Task<bool> ExistsAsync(string key, CancellationToken cancellationToken) =>
-        Task.FromResult(File.Exists(PathOf(key)));
+    public Task<long?> LengthAsync(string key, CancellationToken cancellationToken)
+    {
+        var file = new FileInfo(PathOf(key));
+        return Task.FromResult(file.Exists ? file.Length : (long?)null);
+    }
 
     public async IAsyncEnumerable<string> ListAsync(string prefix, [EnumeratorCancellation] CancellationToken cancellationToken)
     {

@@ -27,7 +27,11 @@ public interface IBackupStore
     /// <summary>The object's bytes, or null if there is none.</summary>
     Task<byte[]?> GetAsync(string key, CancellationToken cancellationToken);
 
-    Task<bool> ExistsAsync(string key, CancellationToken cancellationToken);
+    /// <summary>The object's length in bytes, or null if there is none.</summary>
+    Task<long?> LengthAsync(string key, CancellationToken cancellationToken);
+
+    async Task<bool> ExistsAsync(string key, CancellationToken cancellationToken) =>
+        await LengthAsync(key, cancellationToken).ConfigureAwait(false) is not null;
 
     /// <summary>Deletes the object; true if there was one (S3 cannot tell and says true).</summary>
     Task<bool> DeleteAsync(string key, CancellationToken cancellationToken);

@@ -24,8 +24,9 @@ public interface IBitmapAdmin
 
 /// <summary>How <c>backup create</c> tracks changes between backups: the admin API and the prefix of its bitmaps' names.</summary>
 /// <param name="Prefix">
-/// Backups of an export keep one bitmap, named <c>PREFIX.BACKUPID</c> after the backup at whose
-/// start it was added; the next backup reads only what it marks and then removes it.
+/// Backups of an export keep one bitmap, named <c>PREFIX.REPOSITORYID.BACKUPID</c> after the
+/// repository and the backup at whose start it was added (<c>PREFIX.BACKUPID</c> in a repository
+/// made before repositories had ids); the next backup reads only what it marks and then removes it.
 /// </param>
 public sealed record BackupTracking(IBitmapAdmin Admin, string Prefix = BackupTracking.DefaultPrefix)
 {
@@ -37,8 +38,11 @@ public sealed record BackupTracking(IBitmapAdmin Admin, string Prefix = BackupTr
         && prefix[0] is not ('.' or '-')
         && prefix.All(c => char.IsAsciiLetterOrDigit(c) || c is '.' or '_' or '-');
 
-    /// <summary>The bitmap that a backup with id <paramref name="id"/> adds at its start.</summary>
-    public string BitmapFor(string id) => $"{Prefix}.{id}";
+    /// <summary>The bitmap that backup <paramref name="id"/> into repository <paramref name="repositoryId"/> adds at its start.</summary>
+    public string BitmapFor(string? repositoryId, string id) => repositoryId is null ? $"{Prefix}.{id}" : $"{OwnedPrefix(repositoryId)}{id}";
+
+    /// <summary>What every bitmap of this prefix's backups into repository <paramref name="repositoryId"/> starts with.</summary>
+    public string OwnedPrefix(string repositoryId) => $"{Prefix}.{repositoryId}.";
 }
 
 /// <summary>The gateway (its admin API or its NBD side) refused or failed what the backup needed from it.</summary>

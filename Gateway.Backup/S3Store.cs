@@ -81,19 +81,25 @@ public sealed class S3Store : IBackupStore, IDisposable
         {
             return null;
         }
+        catch (ArgumentException e)
+        {
+            // The SDK could not take the answer apart (s3rver, killed mid-PUT, leaves an object
+            // without its metadata, and answers it with an empty ETag): the object is damaged.
+            throw new BackupCorruptException($"S3 bucket '{_bucket}', {_prefix}{key}: the store's answer for it is malformed ({e.Message})");
+        }
     }
 
-    public async Task<bool> ExistsAsync(string key, CancellationToken cancellationToken)
+    public async Task<long?> LengthAsync(string key, CancellationToken cancellationToken)
     {
         try
         {
-            await Call(() => _client.GetObjectMetadataAsync(_bucket, _prefix + key, cancellationToken), key).ConfigureAwait(false);
-            return true;
+            GetObjectMetadataResponse head = await Call(() => _client.GetObjectMetadataAsync(_bucket, _prefix + key, cancellationToken), key).ConfigureAwait(false);
+            return head.ContentLength;
         }
         catch (IOException e) when (e.InnerException is AmazonS3Exception { StatusCode: HttpStatusCode.NotFound } s3 && s3.ErrorCode is "NoSuchKey" or "NotFound" or null or "")
         {
             // HEAD has no body, so a 404 carries no error code: with the bucket there (checked on open), the key is absent.
-            return false;
+            return null;
         }
     }
 

@@ -322,6 +322,9 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
         return ok ? 0 : 1;
     });
 
+    /// <summary>ENOSPC, which .NET gives as an IOException's HResult on Linux.</summary>
+    private const int NoSpace = 28;
+
     private async Task<int> RunAsync(Func<Task<int>> action)
     {
         try
@@ -332,6 +335,11 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
         {
             await stderr.WriteLineAsync($"error: {e.Message}");
             return 2;
+        }
+        catch (IOException e) when (e.HResult == NoSpace)
+        {
+            await stderr.WriteLineAsync($"error: {e.Message}: free space (or run gc) and run it again; what was stored is kept, and a backup reuses it");
+            return 1;
         }
         catch (Exception e) when (e is BackupFormatException or BackupCorruptException or BackupSourceException or IOException or UnauthorizedAccessException)
         {

@@ -309,8 +309,12 @@ public sealed class BackupInteropTests
             Assert.False(first.GetProperty("incremental").GetBoolean(), first.ToString());
             Assert.Contains("no earlier backup", first.GetProperty("fullBecause").GetString());
             Assert.Equal(DiskSize, first.GetProperty("bytesDirty").GetInt64());
-            Assert.Equal($"backup.{firstId}", first.GetProperty("bitmap").GetString());
-            Assert.Equal([$"backup.{firstId}"], await BitmapNamesAsync(gateway, "vm"));
+            // The bitmap is named after the repository (its id) and the backup.
+            using JsonDocument info = JsonDocument.Parse(await File.ReadAllBytesAsync(Path.Combine(repo, "repository.json")));
+            string owned = $"backup.{info.RootElement.GetProperty("id").GetString()}.";
+            Assert.Matches("^backup\\.[0-9a-f]{8}\\.$", owned);
+            Assert.Equal(owned + firstId, first.GetProperty("bitmap").GetString());
+            Assert.Equal([owned + firstId], await BitmapNamesAsync(gateway, "vm"));
 
             // A write inside chunk 2, zeroes over chunk 5, a trim of chunk 8, new data in chunk 50 (a hole before).
             await QemuIoAsync(gateway, "vm", "write -P 0x99 9M 64k", "write -z 20M 4M", "discard 32M 4M", "write -P 0xaa 200M 1M");
@@ -326,7 +330,7 @@ public sealed class BackupInteropTests
             Assert.Equal(64 * 1024 + MiB, second.GetProperty("bytesRead").GetInt64());
             Assert.Equal(2 * 4 * MiB - 64 * 1024 - MiB, second.GetProperty("bytesFromPrevious").GetInt64());
             Assert.Equal(2, second.GetProperty("chunksNew").GetInt64());
-            Assert.Equal([$"backup.{secondId}"], await BitmapNamesAsync(gateway, "vm"));
+            Assert.Equal([owned + secondId], await BitmapNamesAsync(gateway, "vm"));
 
             await AssertSameAsync(gateway, state2, await RestoreAsync(gateway, repo, secondId, work.FullName));
             await AssertSameAsync(gateway, state1, await RestoreAsync(gateway, repo, firstId, work.FullName));
@@ -341,8 +345,23 @@ public sealed class BackupInteropTests
             {
                 Assert.True(grown.IsSuccessStatusCode, await grown.Content.ReadAsStringAsync());
             }
+            // What a create killed before its manifest leaves: its bitmap. Beside it, another
+            // repository's bitmap and a user's. The next create removes only the leftover.
+            string leftover = owned + "20261206T000000Z-0badf00d", otherRepository = "backup.0123abcd.20261206T000000Z-0badf00d";
+            foreach (string name in new[] { leftover, otherRepository, "mine" })
+            {
+                using HttpResponseMessage added = await gateway.Http.PostAsJsonAsync("v1/exports/vm/bitmaps", new { name });
+                Assert.True(added.IsSuccessStatusCode, await added.Content.ReadAsStringAsync());
+            }
             JsonElement third = await CreateBackupAsync(gateway, repo, "vm");
             Assert.True(third.GetProperty("incremental").GetBoolean(), third.ToString());
+            Assert.Equal(new[] { owned + third.GetProperty("id").GetString(), otherRepository, "mine" }.Order(StringComparer.Ordinal), await BitmapNamesAsync(gateway, "vm"));
+            Assert.Contains(third.GetProperty("warnings").EnumerateArray(), w => w.GetString()!.Contains($"removed bitmap '{leftover}'"));
+            foreach (string name in new[] { otherRepository, "mine" })
+            {
+                using HttpResponseMessage removed = await gateway.Http.DeleteAsync($"v1/exports/vm/bitmaps/{name}");
+                Assert.True(removed.IsSuccessStatusCode, await removed.Content.ReadAsStringAsync());
+            }
             Assert.Equal(DiskSize + 8 * MiB, third.GetProperty("bytesTotal").GetInt64());
             Assert.Equal(2 * 4 * MiB, third.GetProperty("bytesDirty").GetInt64());
             Assert.Equal(0, third.GetProperty("bytesRead").GetInt64());

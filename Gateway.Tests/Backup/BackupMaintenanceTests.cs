@@ -347,7 +347,7 @@ public sealed class BackupMaintenanceTests : IDisposable
 
         public Task<byte[]?> GetAsync(string key, CancellationToken cancellationToken) => _inner.GetAsync(key, cancellationToken);
 
-        public Task<bool> ExistsAsync(string key, CancellationToken cancellationToken) => _inner.ExistsAsync(key, cancellationToken);
+        public Task<long?> LengthAsync(string key, CancellationToken cancellationToken) => _inner.LengthAsync(key, cancellationToken);
 
         public Task<bool> DeleteAsync(string key, CancellationToken cancellationToken) => _inner.DeleteAsync(key, cancellationToken);
 

@@ -81,6 +81,46 @@ public sealed class BackupRepositoryTests : IDisposable
     }
 
     [Fact]
+    public async Task A_torn_chunk_object_left_by_an_interrupted_upload_is_stored_again_and_a_whole_one_is_kept()
+    {
+        BackupRepository repository = await NewRepositoryAsync();
+        byte[] data = new byte[ChunkSize];
+        var random = new Random(5);
+        for (int i = 0; i < data.Length; i++)
+        {
+            data[i] = (byte)random.Next(16); // compressible, so compression levels differ in length
+        }
+        string sha = BackupRepository.Hash(data);
+        StoredChunk first = await repository.StoreChunkAsync(sha, data, CancellationToken.None);
+        Assert.True(first.Uploaded > 0 && !first.Replaced);
+        Assert.Equal(new StoredChunk(0, false), await repository.StoreChunkAsync(sha, data, CancellationToken.None));
+        string file = Directory.EnumerateFiles(Path.Combine(_folder.FullName, "chunks"), sha, SearchOption.AllDirectories).Single();
+        byte[] whole = await File.ReadAllBytesAsync(file);
+
+        // Torn: the first half of the object, as a store without atomic writes leaves it when killed mid-PUT.
+        await File.WriteAllBytesAsync(file, whole[..(whole.Length / 2)]);
+        StoredChunk again = await repository.StoreChunkAsync(sha, data, CancellationToken.None);
+        Assert.True(again.Replaced);
+        Assert.Equal(whole.Length, again.Uploaded);
+        byte[] back = new byte[ChunkSize];
+        await repository.ReadChunkAsync(sha, back, CancellationToken.None);
+        Assert.Equal(data, back);
+
+        // Whole but of another length (another compressor): kept, not rewritten.
+        byte[] stored = new byte[whole.Length + 16];
+        whole.CopyTo(stored, 0);
+        int otherLength;
+        using (var compressor = new ZstdSharp.Compressor(1))
+        {
+            otherLength = compressor.Wrap(data, stored);
+        }
+        Assert.NotEqual(whole.Length, otherLength);
+        await File.WriteAllBytesAsync(file, stored[..otherLength]);
+        Assert.Equal(new StoredChunk(0, false), await repository.StoreChunkAsync(sha, data, CancellationToken.None));
+        Assert.Equal(otherLength, new FileInfo(file).Length);
+    }
+
+    [Fact]
     public async Task Verify_reports_a_manifest_that_points_at_a_missing_chunk_with_every_offset_that_needs_it()
     {
         BackupRepository repository = await NewRepositoryAsync();

@@ -19,11 +19,11 @@ public sealed class S3BackupTests
         await S3TestServer.EnsureBucketAsync();
         using var store = new S3Store(S3TestServer.Location(), S3TestServer.NewPrefix("backup-store") + "/repo/");
         Assert.Null(await store.GetAsync("repository.json", CancellationToken.None));
-        Assert.False(await store.ExistsAsync("repository.json", CancellationToken.None));
+        Assert.Null(await store.LengthAsync("repository.json", CancellationToken.None));
 
         Assert.True(await store.PutIfAbsentAsync("backups/a.json", "{}"u8.ToArray(), CancellationToken.None));
         Assert.True(await store.PutIfAbsentAsync("chunks/ab/ab01", new byte[] { 1, 2, 3 }, CancellationToken.None));
-        Assert.True(await store.ExistsAsync("chunks/ab/ab01", CancellationToken.None));
+        Assert.Equal(3, await store.LengthAsync("chunks/ab/ab01", CancellationToken.None));
         Assert.Equal(new byte[] { 1, 2, 3 }, await store.GetAsync("chunks/ab/ab01", CancellationToken.None));
 
         var listed = new List<string>();
