@@ -59,7 +59,7 @@ internal sealed class Qcow2Layer : ImageLayer
     {
         long fileLength = RandomAccess.GetLength(file);
         byte[] bytes = new byte[header.L1Size * 8L];
-        if (RandomAccess.Read(file, bytes, header.L1Offset) != bytes.Length)
+        if (bytes.Length > 0 && RandomAccess.Read(file, bytes, header.L1Offset) != bytes.Length)
         {
             throw new Qcow2Exception(path, "the L1 table could not be read whole");
         }
