@@ -20,6 +20,7 @@ public static class Harnesses
     {
         ["handshake"] = Handshake,
         ["transmission"] = TransmissionPhase,
+        ["qcow2"] = Qcow2Harness.Run,
     };
 
     /// <summary>

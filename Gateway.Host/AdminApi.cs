@@ -11,7 +11,8 @@ namespace Gateway.Host;
 /// <summary>JSON shapes of the admin API (docs/architecture.md#the-interface-contract).</summary>
 /// <summary>Overlays add <c>base</c> (an export) or <c>baseImage</c> (a raw file) on create, and show their <c>layers</c> (top first).</summary>
 /// <remarks>S3 exports add <c>s3</c> {endpoint, bucket, prefix, region, objectSize, accessKey, secretKey, cacheBytes, parallelism}; answers never carry secretKey.</remarks>
-public sealed record BackendDto(string? Type, string? Path, string? Base = null, string? BaseImage = null, string[]? Layers = null, S3Spec? S3 = null);
+public sealed record BackendDto(string? Type, string? Path, string? Base = null, string? BaseImage = null, string[]? Layers = null, S3Spec? S3 = null,
+    string? BaseFormat = null);
 
 /// <remarks><c>access</c> {tlsRequired, allowedClients, maxConnections}: who may use the export over NBD (README "TLS").</remarks>
 public sealed record CreateExportRequest(string? Name, JsonElement? Size, BackendDto? Backend, bool? ReadOnly, string? Description, ExportAccess? Access = null);
@@ -19,7 +20,7 @@ public sealed record CreateExportRequest(string? Name, JsonElement? Size, Backen
 public sealed record ExportDto(string Name, long Size, BackendDto Backend, bool ReadOnly, string? Description, ExportAccess? Access = null)
 {
     public static ExportDto From(ExportSpec spec) =>
-        new(spec.Name, spec.Size, new BackendDto(spec.Backend.Type, spec.Backend.Path, spec.Backend.Base, spec.Backend.BaseImage, spec.Backend.Layers, spec.Backend.S3?.Redacted()), spec.ReadOnly, spec.Description, spec.Access);
+        new(spec.Name, spec.Size, new BackendDto(spec.Backend.Type, spec.Backend.Path, spec.Backend.Base, spec.Backend.BaseImage, spec.Backend.Layers, spec.Backend.S3?.Redacted(), spec.Backend.BaseFormat), spec.ReadOnly, spec.Description, spec.Access);
 }
 
 public sealed record ErrorDto(string Error);
@@ -136,7 +137,7 @@ public static class AdminApi
                 Prefix = s3?.Prefix ?? body.Name + "/",
             };
         }
-        var spec = new ExportSpec(body.Name, size, new BackendSpec(body.Backend?.Type ?? "file", body.Backend?.Path, Base: body.Backend?.Base, BaseImage: body.Backend?.BaseImage, S3: s3), body.ReadOnly ?? false, body.Description,
+        var spec = new ExportSpec(body.Name, size, new BackendSpec(body.Backend?.Type ?? "file", body.Backend?.Path, Base: body.Backend?.Base, BaseImage: body.Backend?.BaseImage, S3: s3, BaseFormat: body.Backend?.BaseFormat), body.ReadOnly ?? false, body.Description,
             body.Access == ExportAccess.Open ? null : body.Access);
         problem = ExportRules.Validate(spec);
         return problem is null ? spec : null;

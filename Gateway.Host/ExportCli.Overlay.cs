@@ -4,10 +4,11 @@ using System.Text.Json;
 
 namespace Gateway.Host;
 
-/// <summary><c>gateway export add --overlay [--base NAME | --base-image FILE]</c> and <c>gateway export snapshot NAME</c>.</summary>
+/// <summary><c>gateway export add --overlay [--base NAME | --base-image FILE [--base-format raw|qcow2]]</c> and <c>gateway export snapshot NAME</c>.</summary>
 public sealed partial class ExportCli
 {
-    public async Task<int> AddOverlayAsync(string name, string size, bool readOnly, string? description, string? baseExport, string? baseImage, CancellationToken ct)
+    public async Task<int> AddOverlayAsync(string name, string size, bool readOnly, string? description, string? baseExport, string? baseImage, CancellationToken ct,
+        string? baseFormat = null)
     {
         if (!Sizes.TryParse(size, out long bytes))
         {
@@ -16,7 +17,7 @@ public sealed partial class ExportCli
         }
         // A relative image path means the caller's folder, not the gateway's.
         string? image = baseImage is null ? null : Path.GetFullPath(baseImage);
-        var body = new CreateExportRequest(name, JsonSerializer.SerializeToElement(bytes), new BackendDto("overlay", null, baseExport, image), readOnly, description);
+        var body = new CreateExportRequest(name, JsonSerializer.SerializeToElement(bytes), new BackendDto("overlay", null, baseExport, image, BaseFormat: baseFormat), readOnly, description);
         using var content = JsonContent.Create(body, AdminJson.Default.CreateExportRequest);
         using HttpResponseMessage response = await SendAsync(HttpMethod.Post, "v1/exports", content, ct);
         return response.IsSuccessStatusCode ? await PrintBodyAsync(response, ct) : await FailAsync(response, ct);
@@ -36,11 +37,17 @@ public static class OverlayCli
     private static readonly Option<string?> BaseOption = new("--base") { Description = "Overlay on another export's frozen data (a golden image); implies --overlay" };
     private static readonly Option<string?> BaseImageOption = new("--base-image") { Description = "Overlay on a raw or qcow2 image file (with its backing chain), read-only; implies --overlay" };
 
+    private static readonly Option<string?> BaseFormatOption = new Option<string?>("--base-format")
+    {
+        Description = "The --base-image's format, raw or qcow2 (detected from its header when left out; a header that disagrees is refused)",
+    }.AcceptOnlyFromAmong("raw", "qcow2");
+
     public static void AddOptions(Command add)
     {
         add.Options.Add(OverlayOption);
         add.Options.Add(BaseOption);
         add.Options.Add(BaseImageOption);
+        add.Options.Add(BaseFormatOption);
     }
 
     public static bool IsOverlay(ParseResult parse) =>
@@ -49,6 +56,8 @@ public static class OverlayCli
     public static string? Base(ParseResult parse) => parse.GetValue(BaseOption);
 
     public static string? BaseImage(ParseResult parse) => parse.GetValue(BaseImageOption);
+
+    public static string? BaseFormat(ParseResult parse) => parse.GetValue(BaseFormatOption);
 
     public static Command SnapshotCommand(Argument<string> name, Func<ParseResult, ExportCli> cli)
     {

@@ -78,7 +78,7 @@ S3Cli.AddOptions(add);
 add.SetAction((parse, ct) => S3Cli.IsS3(parse)
     ? Cli(parse).AddS3Async(parse.GetValue(nameArgument)!, parse.GetValue(sizeOption)!, parse.GetValue(readOnlyOption), parse.GetValue(descriptionOption), S3Cli.Spec(parse), ct)
     : OverlayCli.IsOverlay(parse)
-    ? Cli(parse).AddOverlayAsync(parse.GetValue(nameArgument)!, parse.GetValue(sizeOption)!, parse.GetValue(readOnlyOption), parse.GetValue(descriptionOption), OverlayCli.Base(parse), OverlayCli.BaseImage(parse), ct)
+    ? Cli(parse).AddOverlayAsync(parse.GetValue(nameArgument)!, parse.GetValue(sizeOption)!, parse.GetValue(readOnlyOption), parse.GetValue(descriptionOption), OverlayCli.Base(parse), OverlayCli.BaseImage(parse), ct, OverlayCli.BaseFormat(parse))
     : Cli(parse).AddAsync(parse.GetValue(nameArgument)!, parse.GetValue(sizeOption)!, parse.GetValue(readOnlyOption),
     parse.GetValue(descriptionOption), parse.GetValue(pathOption), ct));
 

@@ -23,7 +23,7 @@ public sealed partial class BackendFactory
                 throw new InvalidOperationException($"base image '{BaseImagePath(image)}' does not exist");
             }
             // Opened once (and closed) so a qcow2 image the gateway will not read is refused now, not at first use.
-            OpenBaseImage(BaseImagePath(image)).Dispose();
+            OpenBaseImage(BaseImagePath(image), spec.Backend.BaseFormat).Dispose();
         }
         foreach (string lower in layers.Skip(1))
         {
@@ -40,10 +40,23 @@ public sealed partial class BackendFactory
     /// backing chain, one reader shared by every export on the file) or raw. Any other format would
     /// hand the guest its header and tables as data, so it is refused with the conversion to run;
     /// so is a qcow2 image the reader refuses (encrypted, dirty, unknown features, bad metadata).
+    /// A <paramref name="forced"/> format (the spec's baseFormat) must agree with the header: raw
+    /// forced on a qcow2 file would serve its tables as the disk, qcow2 forced on anything else
+    /// has no tables to read; either is refused, never served.
     /// </summary>
-    private static Layer OpenBaseImage(string path)
+    private static Layer OpenBaseImage(string path, string? forced)
     {
-        switch (ImageFormat.DetectNonRaw(path))
+        string? detected = ImageFormat.DetectNonRaw(path);
+        switch (forced, detected)
+        {
+            case (ImageFormat.Raw, ImageFormat.Qcow2):
+                throw new InvalidOperationException(
+                    $"base image '{path}' is a qcow2 image (its header says so), but baseFormat is raw: served as raw, its header and tables would be the guest's disk; give baseFormat qcow2 or leave it out");
+            case (ImageFormat.Qcow2, null):
+                throw new InvalidOperationException(
+                    $"base image '{path}' is not a qcow2 image (it has no qcow2 header), but baseFormat is qcow2; give baseFormat raw or leave it out");
+        }
+        switch (detected)
         {
             case null:
                 return LayerFiles.OpenRaw(path);
@@ -85,7 +98,7 @@ public sealed partial class BackendFactory
             if (spec.Backend.BaseImage is { } image)
             {
                 // Detected again at every open: the file may have been replaced since the export was made.
-                layers.Add(OpenBaseImage(BaseImagePath(image)));
+                layers.Add(OpenBaseImage(BaseImagePath(image), spec.Backend.BaseFormat));
             }
             if (spec.ReadOnly || layers[0].Map!.LayerSize >= spec.Size)
             {

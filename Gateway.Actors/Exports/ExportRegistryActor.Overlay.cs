@@ -49,7 +49,7 @@ public sealed partial class ExportRegistryActor
         }
         if (source.ReadOnly)
         {
-            Create(create with { Spec = spec with { Backend = backend with { Layers = [top, .. source.Backend.Layers ?? []], BaseImage = source.Backend.BaseImage } } });
+            Create(create with { Spec = spec with { Backend = backend with { Layers = [top, .. source.Backend.Layers ?? []], BaseImage = source.Backend.BaseImage, BaseFormat = source.Backend.BaseFormat } } });
             return;
         }
         CreateExport withTop = create with { Spec = spec with { Backend = backend with { Layers = [top] } } };
@@ -77,7 +77,7 @@ public sealed partial class ExportRegistryActor
             return;
         }
         // Create replies to Sender: make it the original asker.
-        Self.Tell(new CreateExport(spec with { Backend = spec.Backend with { Layers = [spec.Backend.Layers![0], .. layers[1..]], BaseImage = source.Backend.BaseImage } }), next.ReplyTo);
+        Self.Tell(new CreateExport(spec with { Backend = spec.Backend with { Layers = [spec.Backend.Layers![0], .. layers[1..]], BaseImage = source.Backend.BaseImage, BaseFormat = source.Backend.BaseFormat } }), next.ReplyTo);
     }
 
     /// <summary>The base's snapshot is done: share the layers below its new top.</summary>
@@ -94,7 +94,7 @@ public sealed partial class ExportRegistryActor
             Sender.Tell(CommandResult.Fail(ExportErrorKind.Conflict, $"base export '{spec.Backend.Base}' went away while it was being snapshotted"));
             return;
         }
-        Create(done.Create with { Spec = spec with { Backend = spec.Backend with { Layers = [spec.Backend.Layers![0], .. layers[1..]], BaseImage = source.Backend.BaseImage } } });
+        Create(done.Create with { Spec = spec with { Backend = spec.Backend with { Layers = [spec.Backend.Layers![0], .. layers[1..]], BaseImage = source.Backend.BaseImage, BaseFormat = source.Backend.BaseFormat } } });
     }
 
     /// <summary>

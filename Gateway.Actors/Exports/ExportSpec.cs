@@ -14,10 +14,13 @@ public sealed record ExportSpec(string Name, long Size, BackendSpec Backend, boo
 /// <summary>
 /// Where an export's data lives. <c>file</c>: a sparse raw file (Path relative to the data folder,
 /// or absolute). <c>overlay</c>: a chain of <see cref="Layers"/> (ids under data/layers, top first)
-/// over an optional raw <see cref="BaseImage"/>; <see cref="Base"/> names the export it was made on.
+/// over an optional raw or qcow2 <see cref="BaseImage"/> (its format detected from its header, or
+/// forced by <see cref="BaseFormat"/>, which the header must then agree with); <see cref="Base"/>
+/// names the export it was made on.
 /// <c>s3</c>: objects in a bucket, as <see cref="S3"/> says.
 /// </summary>
-public sealed record BackendSpec(string Type, string? Path = null, string[]? Layers = null, string? Base = null, string? BaseImage = null, S3Spec? S3 = null)
+public sealed record BackendSpec(string Type, string? Path = null, string[]? Layers = null, string? Base = null, string? BaseImage = null, S3Spec? S3 = null,
+    string? BaseFormat = null)
 {
     public const string File = "file";
     public const string Overlay = "overlay";
@@ -25,10 +28,10 @@ public sealed record BackendSpec(string Type, string? Path = null, string[]? Lay
 
     // Arrays compare by content, so specs read back from the journal equal the ones written.
     public bool Equals(BackendSpec? other) =>
-        other is not null && Type == other.Type && Path == other.Path && Base == other.Base && BaseImage == other.BaseImage &&
+        other is not null && Type == other.Type && Path == other.Path && Base == other.Base && BaseImage == other.BaseImage && BaseFormat == other.BaseFormat &&
         (Layers ?? []).SequenceEqual(other.Layers ?? []) && S3 == other.S3;
 
-    public override int GetHashCode() => HashCode.Combine(Type, Path, Base, BaseImage, Layers?.Length, S3);
+    public override int GetHashCode() => HashCode.Combine(Type, Path, Base, BaseImage, BaseFormat, Layers?.Length, S3);
 }
 
 public static partial class ExportRules

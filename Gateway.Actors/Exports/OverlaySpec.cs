@@ -1,3 +1,4 @@
+using Gateway.Backends.Overlay;
 using System.Text.RegularExpressions;
 
 namespace Gateway.Actors.Exports;
@@ -13,8 +14,8 @@ public static partial class OverlayRules
         BackendSpec backend = spec.Backend;
         if (!spec.IsOverlay())
         {
-            return backend.Layers is not null || backend.Base is not null || backend.BaseImage is not null
-                ? "base, baseImage and layers apply to backend type overlay only"
+            return backend.Layers is not null || backend.Base is not null || backend.BaseImage is not null || backend.BaseFormat is not null
+                ? "base, baseImage, baseFormat and layers apply to backend type overlay only"
                 : null;
         }
         if (backend.Path is not null)
@@ -26,6 +27,14 @@ public static partial class OverlayRules
         if (backend.Base is not null && backend.BaseImage is not null && backend.Layers is null)
         {
             return "give base (an export) or baseImage (a raw file), not both";
+        }
+        if (backend.BaseFormat is { } format && format is not (ImageFormat.Raw or ImageFormat.Qcow2))
+        {
+            return $"baseFormat '{format}' is not supported: give raw or qcow2, or leave it out to detect the format from the image's header";
+        }
+        if (backend.BaseFormat is not null && backend.BaseImage is null)
+        {
+            return "baseFormat applies to a baseImage only (a base export's format is its own)";
         }
         if (backend.Base is { } name && !NamePattern().IsMatch(name))
         {

@@ -9,6 +9,10 @@ namespace Gateway.Backends.Overlay;
 /// </summary>
 public static class ImageFormat
 {
+    /// <summary>The formats a base image may be served as (an overlay's baseFormat).</summary>
+    public const string Raw = "raw";
+    public const string Qcow2 = "qcow2";
+
     /// <summary>The format named by the header of <paramref name="path"/>, or null when none matches (raw).</summary>
     public static string? DetectNonRaw(string path)
     {
@@ -30,7 +34,7 @@ public static class ImageFormat
             switch (magic)
             {
                 case 0x514649fb: // "QFI\xfb"
-                    return header.Length >= 8 && BinaryPrimitives.ReadUInt32BigEndian(header[4..]) is 2 or 3 ? "qcow2" : "qcow";
+                    return header.Length >= 8 && BinaryPrimitives.ReadUInt32BigEndian(header[4..]) is 2 or 3 ? Qcow2 : "qcow";
                 case 0x51454400: // "QED\0"
                     return "qed";
                 case 0x4b444d56: // "KDMV"

@@ -255,11 +255,17 @@ public sealed class Qcow2Header
         {
             throw new Qcow2Exception(path, $"L1 table of {l1Size} entries is too small for a virtual size of {size} bytes ({l1Needed} needed)");
         }
+        // Checked even for an empty table, as qemu does: the offset becomes a file offset (found
+        // by ops/fuzz: an empty L1 at 0xfffa000000000600 reached RandomAccess as a negative offset).
+        if ((l1Offset & (ulong)(clusterSize - 1)) != 0 || l1Offset > long.MaxValue)
+        {
+            throw new Qcow2Exception(path, $"L1 table offset 0x{l1Offset:x} is not a cluster boundary within a file");
+        }
         if (l1Size > 0)
         {
-            if ((l1Offset & (ulong)(clusterSize - 1)) != 0 || l1Offset == 0)
+            if (l1Offset == 0)
             {
-                throw new Qcow2Exception(path, $"L1 table offset 0x{l1Offset:x} is not a cluster boundary");
+                throw new Qcow2Exception(path, "L1 table offset 0 is the header's cluster");
             }
             if (l1Offset > (ulong)fileLength || (ulong)fileLength - l1Offset < (ulong)l1Size * 8)
             {

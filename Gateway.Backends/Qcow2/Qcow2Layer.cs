@@ -59,7 +59,7 @@ internal sealed class Qcow2Layer : ImageLayer
     {
         long fileLength = RandomAccess.GetLength(file);
         byte[] bytes = new byte[header.L1Size * 8L];
-        if (RandomAccess.Read(file, bytes, header.L1Offset) != bytes.Length)
+        if (bytes.Length > 0 && RandomAccess.Read(file, bytes, header.L1Offset) != bytes.Length)
         {
             throw new Qcow2Exception(path, "the L1 table could not be read whole");
         }
@@ -98,43 +98,61 @@ internal sealed class Qcow2Layer : ImageLayer
         return new Qcow2Layer(file, dataFile, header, l1, fileLength, dataLength) { Path = path };
     }
 
+    /// <summary>
+    /// The run from <paramref name="offset"/>. It goes on across L2 tables while its kind goes on
+    /// (and, for data, its host offset): an image whose data clusters lie one after another in the
+    /// file (preallocated metadata, an external data file) is read with one call per guest read,
+    /// not one per L2 table.
+    /// </summary>
     public override LayerRun Map(long offset, long length)
     {
-        int clusterBits = Header.ClusterBits;
-        int l2Bits = Header.L2Bits;
-        long l1Index = offset >> (clusterBits + l2Bits);
-        long end = Math.Min(offset + length, (l1Index + 1) << (clusterBits + l2Bits));
-        ulong table = _l1[l1Index];
-        if (table == 0)
-        {
-            return new LayerRun(end - offset, RunKind.Unallocated);
-        }
-        byte[] l2 = LoadL2((long)table);
-        LayerRun first = default;
+        int spanBits = Header.ClusterBits + Header.L2Bits;
+        long end = offset + length;
+        LayerRun run = default;
         long at = offset;
         while (at < end)
         {
-            (RunKind kind, long host, long unitEnd) = Classify(l2, at);
-            long piece = Math.Min(unitEnd, end) - at;
-            if (at == offset)
+            long l1Index = at >> spanBits;
+            long tableEnd = Math.Min(end, (l1Index + 1) << spanBits);
+            ulong table = _l1[l1Index];
+            if (table == 0)
             {
-                first = new LayerRun(piece, kind, host);
-                if (kind == RunKind.Compressed)
+                if (!Extend(ref run, offset, at, tableEnd - at, RunKind.Unallocated, 0))
                 {
-                    return first;
+                    break;
                 }
+                at = tableEnd;
+                continue;
             }
-            else if (kind == first.Kind && kind != RunKind.Compressed && (kind != RunKind.Data || host == first.HostOffset + first.Length))
+            byte[] l2 = LoadL2((long)table);
+            while (at < tableEnd)
             {
-                first = first with { Length = first.Length + piece };
+                (RunKind kind, long host, long unitEnd) = Classify(l2, at);
+                long piece = Math.Min(unitEnd, tableEnd) - at;
+                if (!Extend(ref run, offset, at, piece, kind, host) || kind == RunKind.Compressed)
+                {
+                    return run;
+                }
+                at += piece;
             }
-            else
-            {
-                break;
-            }
-            at += piece;
         }
-        return first;
+        return run;
+    }
+
+    /// <summary>Adds the piece at <paramref name="at"/> to the run that began at <paramref name="offset"/>; false when it cannot join it (a compressed cluster is a run of its own).</summary>
+    private static bool Extend(ref LayerRun run, long offset, long at, long piece, RunKind kind, long host)
+    {
+        if (at == offset)
+        {
+            run = new LayerRun(piece, kind, host);
+            return true;
+        }
+        if (kind == run.Kind && kind != RunKind.Compressed && (kind != RunKind.Data || host == run.HostOffset + run.Length))
+        {
+            run = run with { Length = run.Length + piece };
+            return true;
+        }
+        return false;
     }
 
     /// <summary>What the L2 entry says about the guest byte at <paramref name="offset"/>, and where its cluster or subcluster ends.</summary>

@@ -18,7 +18,7 @@ namespace Gateway.Tests.Cluster;
 public sealed class ClusterMessageSerializationTests : Akka.TestKit.Xunit2.TestKit
 {
     private static readonly ExportSpec Overlay = new("vm1", 1L << 30,
-        new BackendSpec("overlay", Layers: ["vm1-top", "golden-1"], BaseImage: "/data/golden.img"), ReadOnly: false, "a VM disk",
+        new BackendSpec("overlay", Layers: ["vm1-top", "golden-1"], BaseImage: "/data/golden.img", BaseFormat: "qcow2"), ReadOnly: false, "a VM disk",
         new ExportAccess(TlsRequired: true, AllowedClients: ["CN=backup"], MaxConnections: 4));
 
     private static readonly ExportSpec S3 = new("bucketed", 1L << 34,
