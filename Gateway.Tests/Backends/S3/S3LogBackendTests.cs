@@ -448,6 +448,20 @@ public sealed class S3LogBackendTests
     }
 
     [Fact]
+    public async Task The_chunk_path_refuses_a_prefix_that_holds_a_log()
+    {
+        var store = new MemoryObjectStore();
+        using (S3LogBackend device = Open(store))
+        {
+            await device.WriteAsync(0, Pattern(4 * KiB, 15), fua: true);
+        }
+
+        BlockDeviceException e = await Assert.ThrowsAsync<BlockDeviceException>(() =>
+            S3Backend.OpenAsync(store, "disk", 4 * MiB, readOnly: false, new S3DeviceOptions { ObjectSize = 64 * KiB, CacheBytes = 2 * MiB }, ownsStore: false));
+        Assert.Contains("write log", e.Message);
+    }
+
+    [Fact]
     public async Task The_timer_stores_a_segment_without_a_FLUSH()
     {
         var store = new MemoryObjectStore();
@@ -458,5 +472,43 @@ public sealed class S3LogBackendTests
             await Task.Delay(10);
         }
         Assert.Single(SegmentKeys(store));
+    }
+}
+
+/// <summary>The contract suite on the write log against the loopback s3rver (ranged GETs of real segment objects).</summary>
+public sealed class S3LogBackendContractTests : BlockDeviceContract, IAsyncLifetime
+{
+    public Task InitializeAsync() => S3TestServer.EnsureBucketAsync();
+
+    public Task DisposeAsync() => Task.CompletedTask;
+
+    protected override IBlockDevice CreateDevice(long size, bool readOnly = false) =>
+        S3LogBackend.OpenAsync(new S3ObjectStore(S3TestServer.Location()), S3TestServer.NewPrefix("log-contract"), size, readOnly, new S3DeviceOptions
+        {
+            ObjectSize = 64 * KiB,
+            CacheBytes = 1, // no segment stays cached: reads of stored segments are ranged GETs
+            WriteLog = true,
+            LogSegmentBytes = 256 * KiB,
+            LogDirtyBytes = 4 * MiB,
+        }).GetAwaiter().GetResult();
+
+    [Fact]
+    public async Task Flushed_log_reads_back_from_the_server_through_a_new_device()
+    {
+        string prefix = S3TestServer.NewPrefix("log-reopen");
+        var options = new S3DeviceOptions { ObjectSize = 64 * KiB, CacheBytes = 1, WriteLog = true, LogSegmentBytes = 256 * KiB, LogDirtyBytes = 4 * MiB };
+        byte[] data = Pattern(3 * MiB + 1000, seed: 31);
+        using (S3LogBackend device = await S3LogBackend.OpenAsync(new S3ObjectStore(S3TestServer.Location()), prefix, 8 * MiB, false, options))
+        {
+            await device.WriteAsync(12_345, data, fua: false);
+            await device.TrimAsync(MiB, 64 * KiB, fua: false);
+            await device.FlushAsync();
+        }
+        Array.Clear(data, MiB - 12_345, 64 * KiB);
+
+        using S3LogBackend fresh = await S3LogBackend.OpenAsync(new S3ObjectStore(S3TestServer.Location()), prefix, 8 * MiB, false, options);
+        Assert.Equal(0, fresh.IgnoredSegments);
+        Assert.Equal(data, await ReadAsync(fresh, 12_345, data.Length));
+        AssertZeros(await ReadAsync(fresh, 0, 12_345));
     }
 }
