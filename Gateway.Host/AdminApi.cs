@@ -10,7 +10,7 @@ namespace Gateway.Host;
 
 /// <summary>JSON shapes of the admin API (docs/architecture.md#the-interface-contract).</summary>
 /// <summary>Overlays add <c>base</c> (an export) or <c>baseImage</c> (a raw file) on create, and show their <c>layers</c> (top first).</summary>
-/// <remarks>S3 exports add <c>s3</c> {endpoint, bucket, prefix, region, objectSize, accessKey, secretKey, cacheBytes, parallelism}; answers never carry secretKey.</remarks>
+/// <remarks>S3 exports add <c>s3</c> {endpoint, bucket, prefix, region, objectSize, accessKey, secretKey, cacheBytes, parallelism, writeLog}; answers never carry secretKey.</remarks>
 public sealed record BackendDto(string? Type, string? Path, string? Base = null, string? BaseImage = null, string[]? Layers = null, S3Spec? S3 = null,
     string? BaseFormat = null);
 

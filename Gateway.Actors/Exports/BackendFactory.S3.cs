@@ -12,6 +12,9 @@ public sealed partial class BackendFactory
     // Short: a store that is down must not keep the export from opening (it lists again later).
     private static readonly TimeSpan S3ListTimeout = TimeSpan.FromSeconds(5);
 
+    // Until checkpoints and compaction bound the log, replay reads every segment.
+    private static readonly TimeSpan S3ReplayTimeout = TimeSpan.FromMinutes(5);
+
     public static bool IsS3(ExportSpec spec) => spec.Backend.Type == BackendSpec.S3Type;
 
     /// <summary>
@@ -37,12 +40,21 @@ public sealed partial class BackendFactory
         }
     }
 
-    private static async Task<S3Backend> OpenS3Async(ExportSpec spec, CancellationToken cancellationToken)
+    private static async Task<IBlockDevice> OpenS3Async(ExportSpec spec, CancellationToken cancellationToken)
     {
         S3Spec s3 = spec.Backend.S3 ?? throw new InvalidOperationException($"s3 export '{spec.Name}' has no s3 settings");
+        S3DeviceOptions options = s3.ToDeviceOptions();
         using var timeout = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        if (options.WriteLog)
+        {
+            // The log must be replayed before the first request (a disk without it is stale): the
+            // open reads every segment since the base, which takes longer than a listing.
+            timeout.CancelAfter(S3ReplayTimeout);
+            return await S3LogBackend.OpenAsync(new S3ObjectStore(s3.ToLocation()), s3.Prefix!, spec.Size, spec.ReadOnly, options, ownsStore: true, timeout.Token)
+                .ConfigureAwait(false);
+        }
         timeout.CancelAfter(S3ListTimeout);
-        return await S3Backend.OpenAsync(new S3ObjectStore(s3.ToLocation()), s3.Prefix!, spec.Size, spec.ReadOnly, s3.ToDeviceOptions(), ownsStore: true, timeout.Token)
+        return await S3Backend.OpenAsync(new S3ObjectStore(s3.ToLocation()), s3.Prefix!, spec.Size, spec.ReadOnly, options, ownsStore: true, timeout.Token)
             .ConfigureAwait(false);
     }
 }

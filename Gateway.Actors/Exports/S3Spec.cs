@@ -5,7 +5,8 @@ namespace Gateway.Actors.Exports;
 /// <summary>
 /// Where an <c>s3</c> export's objects live (<c>PREFIX/%016x</c>, nbdkit's S3 layout) and how they are
 /// cached. Credentials are optional (the default AWS chain otherwise); <see cref="SecretKey"/> is
-/// stored with the export but never shown by the API or logged.
+/// stored with the export but never shown by the API or logged. <see cref="WriteLog"/> (default off)
+/// writes through a log of segment objects (<see cref="S3LogBackend"/>) instead of the chunk cache.
 /// </summary>
 public sealed record S3Spec(
     string? Endpoint,
@@ -16,7 +17,8 @@ public sealed record S3Spec(
     string? AccessKey = null,
     string? SecretKey = null,
     long? CacheBytes = null,
-    int? Parallelism = null)
+    int? Parallelism = null,
+    bool? WriteLog = null)
 {
     public const int MinObjectSize = 4096;
     public const int MaxObjectSize = 256 << 20;
@@ -28,6 +30,7 @@ public sealed record S3Spec(
         ObjectSize = ObjectSize ?? S3DeviceOptions.DefaultObjectSize,
         CacheBytes = CacheBytes ?? Math.Max(S3DeviceOptions.DefaultCacheBytes, 8L * (ObjectSize ?? S3DeviceOptions.DefaultObjectSize)),
         Parallelism = Parallelism ?? S3DeviceOptions.DefaultParallelism,
+        WriteLog = WriteLog ?? false,
     };
 
     /// <summary>The same spec without the secret, for API answers.</summary>

@@ -92,7 +92,7 @@ public sealed class S3Backend : IBlockDevice, IGrowableDevice
         {
             await device.EnsureMapAsync(cancellationToken).ConfigureAwait(false);
         }
-        catch (Exception e) when (e is BlockDeviceException or OperationCanceledException)
+        catch (Exception e) when (e is BlockDeviceException { Kind: not BlockErrorKind.NotSupported } or OperationCanceledException)
         {
             // The store is down or slow: open anyway, so the export serves what it can and the
             // listing is retried by the first request that needs it.
@@ -116,10 +116,12 @@ public sealed class S3Backend : IBlockDevice, IGrowableDevice
             }
             string listPrefix = _prefix + "/";
             var found = new List<long>();
+            bool hasLog = false;
             try
             {
                 await foreach (string key in _store.ListAsync(listPrefix, ct).ConfigureAwait(false))
                 {
+                    hasLog |= LogSegment.TryParseKey(_prefix, key, out _, out _);
                     ReadOnlySpan<char> name = key.AsSpan(listPrefix.Length);
                     if (name.Length == 16 && long.TryParse(name, System.Globalization.NumberStyles.AllowHexSpecifier, null, out long index) &&
                         index >= 0 && index < _allocated.ChunkCount)
@@ -131,6 +133,11 @@ public sealed class S3Backend : IBlockDevice, IGrowableDevice
             catch (Exception e) when (e is not OperationCanceledException || !ct.IsCancellationRequested)
             {
                 throw new BlockDeviceException(BlockErrorKind.Io, $"S3 listing of '{listPrefix}' failed: {e.Message}", e);
+            }
+            if (hasLog)
+            {
+                // Its newest bytes are in the log, which this path cannot read: serving the chunks would be serving a stale disk.
+                throw new BlockDeviceException(BlockErrorKind.NotSupported, $"S3 prefix '{listPrefix}' holds a write log (log/): open it with writeLog");
             }
             // Writes made before the listing already set their bits; add the stored chunks to them.
             foreach (long index in found)

@@ -19,6 +19,21 @@ public sealed record S3DeviceOptions
     /// <summary>A dirty chunk not written for this long is written back without waiting for a FLUSH.</summary>
     public TimeSpan WritebackDelay { get; init; } = TimeSpan.FromSeconds(1);
 
+    /// <summary>
+    /// Writes go to a write-ahead log of segment objects (<see cref="S3LogBackend"/>) instead of the
+    /// write-back cache of whole chunks. Off by default until the log path has compaction.
+    /// </summary>
+    public bool WriteLog { get; init; }
+
+    /// <summary>A log segment is sealed and stored once it holds this many bytes.</summary>
+    public int LogSegmentBytes { get; init; } = 4 << 20;
+
+    /// <summary>A log segment is sealed and stored once its first record is this old, FLUSH or not.</summary>
+    public TimeSpan LogSegmentDelay { get; init; } = TimeSpan.FromMilliseconds(20);
+
+    /// <summary>Memory for log segments not yet stored; writers wait beyond it.</summary>
+    public long LogDirtyBytes { get; init; } = 64L << 20;
+
     /// <summary>The object key of chunk <paramref name="index"/>: nbdkit's <c>KEY/%016x</c>.</summary>
     public static string Key(string prefix, long index) => $"{prefix}/{index:x16}";
 }

@@ -1,0 +1,150 @@
+using System.Buffers.Binary;
+using System.Numerics;
+
+namespace Gateway.Backends.S3;
+
+/// <summary>What a write-log record does to its range.</summary>
+public enum LogRecordKind : uint
+{
+    /// <summary>The record's data follows it.</summary>
+    Write = 1,
+
+    /// <summary>TRIM, or WRITE_ZEROES that may punch a hole: reads zeros, a hole in <c>base:allocation</c>.</summary>
+    Trim = 2,
+
+    /// <summary>WRITE_ZEROES with NO_HOLE: reads zeros, allocated (zero, not a hole).</summary>
+    Zero = 3,
+}
+
+/// <summary>One record as decoded from a segment: where its data starts inside the segment object.</summary>
+public readonly record struct LogRecord(long Offset, long Length, LogRecordKind Kind, int DataOffset);
+
+/// <summary>
+/// A write-log segment object, <c>PREFIX/log/&lt;term&gt;-&lt;seq&gt;</c> (16 hex digits each, so the
+/// keys sort in replay order). Little-endian throughout:
+/// <code>
+/// header   0  magic "GWLOGSG1"        8
+///          8  term                    u64
+///         16  seq                     u64
+///         24  record count            u32
+///         28  reserved (0)            u32
+/// records 32  offset u64 | length u64 | kind u32 | reserved u32 | data (length bytes, Write only)
+/// trailer     CRC-32C of every byte before it   u32 | magic "GWSE"  u32
+/// </code>
+/// A segment that fails any check (too short, bad magic, bad checksum, a record past the end) is
+/// torn or corrupt and is not replayed, nor is anything after it in its term.
+/// </summary>
+public static class LogSegment
+{
+    public const int HeaderSize = 32;
+    public const int RecordHeaderSize = 24;
+    public const int TrailerSize = 8;
+
+    private const ulong Magic = 0x3147535F474F4C57; // "WLOG_SG1" read little-endian: distinct from any chunk's bytes
+    private const uint EndMagic = 0x45535747; // "GWSE"
+
+    public static string Key(string prefix, long term, long seq) => $"{prefix}/log/{term:x16}-{seq:x16}";
+
+    /// <summary>The term and sequence number in a segment key, or false when the key is not one.</summary>
+    public static bool TryParseKey(string prefix, string key, out long term, out long seq)
+    {
+        term = seq = 0;
+        string logPrefix = prefix + "/log/";
+        if (!key.StartsWith(logPrefix, StringComparison.Ordinal) || key.Length != logPrefix.Length + 33 || key[logPrefix.Length + 16] != '-')
+        {
+            return false;
+        }
+        ReadOnlySpan<char> name = key.AsSpan(logPrefix.Length);
+        return long.TryParse(name[..16], System.Globalization.NumberStyles.AllowHexSpecifier, null, out term) && term >= 0 &&
+               long.TryParse(name[17..], System.Globalization.NumberStyles.AllowHexSpecifier, null, out seq) && seq >= 0;
+    }
+
+    public static void WriteHeader(Span<byte> buffer, long term, long seq)
+    {
+        BinaryPrimitives.WriteUInt64LittleEndian(buffer, Magic);
+        BinaryPrimitives.WriteInt64LittleEndian(buffer[8..], term);
+        BinaryPrimitives.WriteInt64LittleEndian(buffer[16..], seq);
+        BinaryPrimitives.WriteUInt32LittleEndian(buffer[24..], 0);
+        BinaryPrimitives.WriteUInt32LittleEndian(buffer[28..], 0);
+    }
+
+    /// <summary>Writes a record header at <paramref name="buffer"/>; the caller copies a Write's data after it.</summary>
+    public static void WriteRecordHeader(Span<byte> buffer, long offset, long length, LogRecordKind kind)
+    {
+        BinaryPrimitives.WriteInt64LittleEndian(buffer, offset);
+        BinaryPrimitives.WriteInt64LittleEndian(buffer[8..], length);
+        BinaryPrimitives.WriteUInt32LittleEndian(buffer[16..], (uint)kind);
+        BinaryPrimitives.WriteUInt32LittleEndian(buffer[20..], 0);
+    }
+
+    /// <summary>Stamps the record count and appends the trailer at <paramref name="length"/>; returns the object's length.</summary>
+    public static int Seal(Span<byte> buffer, int length, int records)
+    {
+        BinaryPrimitives.WriteInt32LittleEndian(buffer[24..], records);
+        BinaryPrimitives.WriteUInt32LittleEndian(buffer[length..], Crc32C(buffer[..length]));
+        BinaryPrimitives.WriteUInt32LittleEndian(buffer[(length + 4)..], EndMagic);
+        return length + TrailerSize;
+    }
+
+    /// <summary>Checks a whole segment object and decodes its records; false when it is torn or corrupt.</summary>
+    public static bool TryDecode(ReadOnlySpan<byte> segment, long expectedTerm, long expectedSeq, List<LogRecord> records)
+    {
+        records.Clear();
+        if (segment.Length < HeaderSize + TrailerSize ||
+            BinaryPrimitives.ReadUInt64LittleEndian(segment) != Magic ||
+            BinaryPrimitives.ReadUInt32LittleEndian(segment[^4..]) != EndMagic)
+        {
+            return false;
+        }
+        int body = segment.Length - TrailerSize;
+        if (BinaryPrimitives.ReadUInt32LittleEndian(segment[body..]) != Crc32C(segment[..body]) ||
+            BinaryPrimitives.ReadInt64LittleEndian(segment[8..]) != expectedTerm ||
+            BinaryPrimitives.ReadInt64LittleEndian(segment[16..]) != expectedSeq)
+        {
+            return false;
+        }
+        int count = BinaryPrimitives.ReadInt32LittleEndian(segment[24..]);
+        int at = HeaderSize;
+        for (int i = 0; i < count; i++)
+        {
+            if (body - at < RecordHeaderSize)
+            {
+                return false;
+            }
+            long offset = BinaryPrimitives.ReadInt64LittleEndian(segment[at..]);
+            long length = BinaryPrimitives.ReadInt64LittleEndian(segment[(at + 8)..]);
+            var kind = (LogRecordKind)BinaryPrimitives.ReadUInt32LittleEndian(segment[(at + 16)..]);
+            at += RecordHeaderSize;
+            if (offset < 0 || length <= 0 || kind is not (LogRecordKind.Write or LogRecordKind.Trim or LogRecordKind.Zero))
+            {
+                return false;
+            }
+            records.Add(new LogRecord(offset, length, kind, at));
+            if (kind == LogRecordKind.Write)
+            {
+                if (length > body - at)
+                {
+                    return false;
+                }
+                at += (int)length;
+            }
+        }
+        return at == body;
+    }
+
+    /// <summary>CRC-32C (Castagnoli) with the processor's instruction where there is one.</summary>
+    public static uint Crc32C(ReadOnlySpan<byte> data)
+    {
+        uint crc = ~0u;
+        int i = 0;
+        for (; i + 8 <= data.Length; i += 8)
+        {
+            crc = BitOperations.Crc32C(crc, BinaryPrimitives.ReadUInt64LittleEndian(data[i..]));
+        }
+        for (; i < data.Length; i++)
+        {
+            crc = BitOperations.Crc32C(crc, data[i]);
+        }
+        return ~crc;
+    }
+}
