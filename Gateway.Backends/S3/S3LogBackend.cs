@@ -212,13 +212,34 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
     }
 
     /// <summary>The whole segment object; its size is not known ahead, so the buffer grows until the object fits.</summary>
+    /// <remarks>
+    /// A segment whose body keeps ending before its announced length (three tries) is torn: a store
+    /// without atomic writes (s3rver) keeps the part of a PUT that a kill -9 cut off, and announces
+    /// more than it holds. Such a PUT was never answered, so no FLUSH or FUA was acknowledged on it,
+    /// and replay treats it like a segment whose checksum fails (length -1). Any other failure
+    /// fails the open.
+    /// </remarks>
     private async Task<(byte[] Data, int Length)> FetchSegmentAsync(string key, CancellationToken ct)
     {
         int size = _segmentBytes + LogSegment.TrailerSize + 1;
+        int cut = 0;
         for (int attempt = 0; attempt < 12; attempt++)
         {
             byte[] buffer = GC.AllocateUninitializedArray<byte>(size);
-            int n = await StoreAsync(() => _store.GetAsync(key, 0, buffer, ct), "GET", key, ct).ConfigureAwait(false);
+            int n;
+            try
+            {
+                n = await StoreAsync(() => _store.GetAsync(key, 0, buffer, ct), "GET", key, ct).ConfigureAwait(false);
+            }
+            catch (BlockDeviceException e) when (e.InnerException is HttpIOException { HttpRequestError: HttpRequestError.ResponseEnded })
+            {
+                if (++cut == 3)
+                {
+                    return (buffer, -1);
+                }
+                await Task.Delay(200, ct).ConfigureAwait(false);
+                continue;
+            }
             if (n < buffer.Length)
             {
                 return (buffer, n);

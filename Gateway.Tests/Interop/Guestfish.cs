@@ -21,6 +21,16 @@ public static class Guestfish
     /// <summary>The guest's name for the n-th disk (the n-th <c>-a</c>), stable unlike /dev/sdX.</summary>
     public static string DiskById(int index) => $"/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_hd{index}";
 
+    /// <summary>A file of seeded random bytes in the gateway's folder (to upload into a guest), and its SHA-256.</summary>
+    public static (string Path, string Sha256) MakePayload(GatewayProcess gateway, string name, long size, int seed)
+    {
+        string path = Path.Combine(gateway.DataDirectory, name);
+        byte[] bytes = new byte[size];
+        new Random(seed).NextBytes(bytes);
+        File.WriteAllBytes(path, bytes);
+        return (path, Tool.Sha256(path));
+    }
+
     /// <summary>A read-only check of the filesystem on the n-th disk; the run fails when it is damaged.</summary>
     public static string Fsck(int index) => $"debug sh \"e2fsck -fn {DiskById(index)}\"";
 

@@ -44,7 +44,7 @@ public sealed class VmInteropTests
     /// </summary>
     private static async Task FormatWriteCheckReadAsync(GatewayProcess gateway, string export)
     {
-        (string payload, string payloadSha) = MakePayload(gateway, "payload.bin", 8 * MiB, seed: 1);
+        (string payload, string payloadSha) = Guestfish.MakePayload(gateway, "payload.bin", 8 * MiB, seed: 1);
         await Guestfish.RunAsync(gateway, [gateway.NbdUri(export)], $"""
             run
             mkfs ext4 /dev/sda
@@ -78,7 +78,7 @@ public sealed class VmInteropTests
     {
         await using GatewayProcess gateway = await GatewayProcess.StartAsync();
         await CreateExportAsync(gateway, new { name = "golden", size = DiskSize, backend = new { type = "overlay" } });
-        (string goldenPayload, string goldenSha) = MakePayload(gateway, "golden.bin", 4 * MiB, seed: 10);
+        (string goldenPayload, string goldenSha) = Guestfish.MakePayload(gateway, "golden.bin", 4 * MiB, seed: 10);
         await Guestfish.RunAsync(gateway, [gateway.NbdUri("golden")], $"""
             run
             mkfs ext4 /dev/sda
@@ -98,8 +98,8 @@ public sealed class VmInteropTests
         Dictionary<string, string> layerShas = LayerFileShas(gateway, shared);
         string goldenImageSha = await CopySha256Async(gateway, "golden");
 
-        (string payload1, string sha1) = MakePayload(gateway, "vm1.bin", 4 * MiB, seed: 11);
-        (string payload2, string sha2) = MakePayload(gateway, "vm2.bin", 4 * MiB, seed: 12);
+        (string payload1, string sha1) = Guestfish.MakePayload(gateway, "vm1.bin", 4 * MiB, seed: 11);
+        (string payload2, string sha2) = Guestfish.MakePayload(gateway, "vm2.bin", 4 * MiB, seed: 12);
         var clock = Stopwatch.StartNew();
         async Task<(TimeSpan Start, TimeSpan End)> Guest(string vm, string payload)
         {
@@ -191,7 +191,7 @@ public sealed class VmInteropTests
     {
         await using GatewayProcess gateway = await GatewayProcess.StartAsync();
         await CreateExportAsync(gateway, new { name = "crashdisk", size = DiskSize });
-        (string payload, string payloadSha) = MakePayload(gateway, "synced.bin", 8 * MiB, seed: 20);
+        (string payload, string payloadSha) = Guestfish.MakePayload(gateway, "synced.bin", 8 * MiB, seed: 20);
 
         await using (GuestfishSession guest = await GuestfishSession.StartAsync(gateway, gateway.NbdUri("crashdisk")))
         {
@@ -270,8 +270,8 @@ public sealed class VmInteropTests
     {
         await using GatewayProcess gateway = await GatewayProcess.StartAsync();
         await CreateExportAsync(gateway, new { name = "bkdisk", size = DiskSize });
-        (string oldPayload, string oldSha) = MakePayload(gateway, "old.bin", 4 * MiB, seed: 30);
-        (string newPayload, string newSha) = MakePayload(gateway, "new.bin", 4 * MiB, seed: 31);
+        (string oldPayload, string oldSha) = Guestfish.MakePayload(gateway, "old.bin", 4 * MiB, seed: 30);
+        (string newPayload, string newSha) = Guestfish.MakePayload(gateway, "new.bin", 4 * MiB, seed: 31);
         await Guestfish.RunAsync(gateway, [gateway.NbdUri("bkdisk")], $"""
             run
             mkfs ext4 /dev/sda
@@ -343,16 +343,6 @@ public sealed class VmInteropTests
         using HttpResponseMessage response = await gateway.Http.PostAsJsonAsync("v1/exports", request);
         Assert.True(response.StatusCode == HttpStatusCode.Created,
             $"creating an export answered {(int)response.StatusCode}: {await response.Content.ReadAsStringAsync()}\n{gateway.Describe()}");
-    }
-
-    /// <summary>A file of seeded random bytes in the gateway's folder, and its SHA-256.</summary>
-    private static (string Path, string Sha256) MakePayload(GatewayProcess gateway, string name, long size, int seed)
-    {
-        string path = Path.Combine(gateway.DataDirectory, name);
-        byte[] bytes = new byte[size];
-        new Random(seed).NextBytes(bytes);
-        File.WriteAllBytes(path, bytes);
-        return (path, Tool.Sha256(path));
     }
 
     private static async Task<string[]> LayersAsync(GatewayProcess gateway, string export)

@@ -26,8 +26,8 @@ public sealed class Qcow2VmTests
         string raw = Path.Combine(folder, "golden.raw");
         string compressed = Path.Combine(folder, "golden-base.qcow2");
         string golden = Path.Combine(folder, "golden.qcow2");
-        (string goldenPayload, string goldenSha) = MakePayload(gateway, "golden.bin", 4 * MiB, seed: 20);
-        (string ownPayload, string ownSha) = MakePayload(gateway, "own.bin", 4 * MiB, seed: 21);
+        (string goldenPayload, string goldenSha) = Guestfish.MakePayload(gateway, "golden.bin", 4 * MiB, seed: 20);
+        (string ownPayload, string ownSha) = Guestfish.MakePayload(gateway, "own.bin", 4 * MiB, seed: 21);
 
         // The golden image: ext4 with files, made by a guest on a local raw file, then compressed
         // into qcow2 and given a qcow2 top (a chain of two), as images come from other tools.
@@ -97,14 +97,5 @@ public sealed class Qcow2VmTests
         Assert.Equal(goldenShas, new[] { Tool.Sha256(compressed), Tool.Sha256(golden) });
         await gateway.RunAsync("qemu-img", ["check", golden]);
         await gateway.StopAsync();
-    }
-
-    private static (string Path, string Sha256) MakePayload(GatewayProcess gateway, string name, long size, int seed)
-    {
-        string path = Path.Combine(gateway.DataDirectory, name);
-        byte[] bytes = new byte[size];
-        new Random(seed).NextBytes(bytes);
-        File.WriteAllBytes(path, bytes);
-        return (path, Tool.Sha256(path));
     }
 }

@@ -361,6 +361,65 @@ public sealed class S3LogBackendTests
         Assert.Equal(Pattern(4 * KiB, 9), later[(300 * KiB)..(304 * KiB)]);
     }
 
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public async Task A_last_segment_whose_body_keeps_ending_early_is_torn_and_any_other_read_failure_fails_the_open(bool endsEarly)
+    {
+        // s3rver keeps the part of a PUT a kill -9 cut off and announces more than it holds: the
+        // GET's body ends early, every time. That PUT was never answered, so nothing on it was
+        // acknowledged. Any other failure is the store's, and the open must not guess.
+        var store = new MemoryObjectStore();
+        byte[] first = Pattern(200 * KiB, 17);
+        using (S3LogBackend device = Open(store))
+        {
+            await device.WriteAsync(0, first, fua: true);
+            await device.WriteAsync(100 * KiB, Pattern(200 * KiB, 18), fua: true);
+        }
+        List<string> keys = SegmentKeys(store);
+        Assert.Equal(2, keys.Count);
+        var failing = new FailingGetStore(store, keys[1], endsEarly
+            ? new HttpIOException(HttpRequestError.ResponseEnded, "The response ended prematurely")
+            : new IOException("connection reset"));
+        if (!endsEarly)
+        {
+            await Assert.ThrowsAsync<BlockDeviceException>(() => S3LogBackend.OpenAsync(failing, "disk", 4 * MiB, readOnly: false, Options(), ownsStore: false));
+            return;
+        }
+        using S3LogBackend reopened = Open(failing);
+        Assert.Equal((1, 1), (reopened.ReplayedSegments, reopened.IgnoredSegments));
+        Assert.Equal(3, failing.Failures); // tried three times before calling it torn
+        byte[] all = await ReadAllAsync(reopened);
+        Assert.Equal(first, all[..first.Length]);
+        Assert.True(all.AsSpan(first.Length).IndexOfAnyExcept((byte)0) < 0);
+    }
+
+    /// <summary>Every GET of one key fails with the given exception, as the SDK's response stream throws it.</summary>
+    private sealed class FailingGetStore(MemoryObjectStore inner, string key, Exception failure) : IObjectStore
+    {
+        public int Failures;
+
+        public Task<int> GetAsync(string key1, long start, Memory<byte> destination, CancellationToken cancellationToken)
+        {
+            if (key1 == key)
+            {
+                Interlocked.Increment(ref Failures);
+                return Task.FromException<int>(failure);
+            }
+            return inner.GetAsync(key1, start, destination, cancellationToken);
+        }
+
+        public Task PutAsync(string key1, byte[] data, int length, CancellationToken cancellationToken) => inner.PutAsync(key1, data, length, cancellationToken);
+
+        public Task DeleteAsync(string key1, CancellationToken cancellationToken) => inner.DeleteAsync(key1, cancellationToken);
+
+        public IAsyncEnumerable<string> ListAsync(string prefix, CancellationToken cancellationToken) => inner.ListAsync(prefix, cancellationToken);
+
+        public void Dispose()
+        {
+        }
+    }
+
     [Fact]
     public async Task A_segment_after_a_gap_in_its_term_is_not_replayed()
     {
