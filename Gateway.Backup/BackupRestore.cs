@@ -33,12 +33,15 @@ public sealed class BackupRestore(BackupRepository repository)
     /// <summary>
     /// Into <paramref name="file"/>, a raw or qcow2 image, made beside it under a temporary name and
     /// renamed over it only when whole: a restore that fails leaves the file as it was (or absent).
+    /// A link is followed (<see cref="RestoreTarget"/>).
     /// </summary>
+    /// <exception cref="ArgumentException">The target is a device, a folder or another non-regular file.</exception>
     /// <exception cref="BackupCorruptException">A chunk is missing or corrupt: the message names the disk offset.</exception>
     /// <exception cref="IOException">The file system (full, say), or qemu-img / qemu-nbd for qcow2.</exception>
     public async Task<RestoreSummary> ToFileAsync(string id, string file, RestoreFormat format, CancellationToken cancellationToken)
     {
         var clock = System.Diagnostics.Stopwatch.StartNew();
+        file = RestoreTarget.Resolve(file);
         Manifest manifest = await repository.GetManifestAsync(id, cancellationToken).ConfigureAwait(false);
         string temp = Path.Combine(Path.GetDirectoryName(file)!, $".restore-{Guid.NewGuid():N}-{Path.GetFileName(file)}");
         try

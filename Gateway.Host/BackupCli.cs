@@ -189,8 +189,17 @@ public sealed partial class BackupCli(TextWriter stdout, TextWriter stderr)
             return 2;
         }
         RestoreFormat image = (format ?? (file.EndsWith(".qcow2", StringComparison.OrdinalIgnoreCase) ? "qcow2" : "raw")) == "qcow2" ? RestoreFormat.Qcow2 : RestoreFormat.Raw;
+        string target;
+        try
+        {
+            target = RestoreTarget.Resolve(Path.GetFullPath(file));
+        }
+        catch (ArgumentException e)
+        {
+            throw new UsageException(e.Message);
+        }
         BackupRepository repository = await OpenRepositoryAsync(repo, create: false, ct);
-        RestoreSummary summary = await new BackupRestore(repository).ToFileAsync(id, Path.GetFullPath(file), image, ct);
+        RestoreSummary summary = await new BackupRestore(repository).ToFileAsync(id, target, image, ct);
         await PrintRestoredAsync(summary, $"{file} ({image.ToString().ToLowerInvariant()})", json);
         return 0;
     });

@@ -1,5 +1,6 @@
 using System.Text;
 using Gateway.Backup;
+using Gateway.Tests.Interop;
 using Xunit;
 
 namespace Gateway.Tests.Backup;
@@ -159,6 +160,50 @@ public sealed class BackupRepositoryTests : IDisposable
         await Assert.ThrowsAsync<BackupCorruptException>(() => new BackupRestore(repository).ToFileAsync(manifest.Id, file, RestoreFormat.Raw, CancellationToken.None));
         Assert.Equal("the image before", await File.ReadAllTextAsync(file));
         Assert.Empty(Directory.EnumerateFiles(_folder.FullName, ".restore-*"));
+    }
+
+    [Fact]
+    public async Task A_file_restore_refuses_a_device_or_folder_target_and_writes_through_a_link_to_its_file()
+    {
+        BackupRepository repository = await NewRepositoryAsync();
+        byte[] data = Filled(0x5A);
+        string sha = BackupRepository.Hash(data);
+        await repository.PutChunkAsync(sha, data, CancellationToken.None);
+        var manifest = new Manifest(Manifest.CurrentVersion, "20261206T120000Z-0000beef", "vm", 2L * ChunkSize, ChunkSize, DateTimeOffset.UtcNow,
+            [new ChunkEntry(ChunkKind.Data, sha), ChunkEntry.Hole]);
+        await repository.PutManifestAsync(manifest, CancellationToken.None);
+        var restore = new BackupRestore(repository);
+
+        // Renamed over, a device node would be replaced by a file in /dev (RAM): refused before a byte is written.
+        string[] devBefore = [.. Directory.EnumerateFileSystemEntries("/dev", ".restore-*")];
+        ArgumentException device = await Assert.ThrowsAsync<ArgumentException>(() => restore.ToFileAsync(manifest.Id, "/dev/null", RestoreFormat.Raw, CancellationToken.None));
+        Assert.Contains("'/dev/null' is a character device", device.Message);
+        Assert.Contains("--to-export", device.Message);
+        Assert.Equal(devBefore, Directory.EnumerateFileSystemEntries("/dev", ".restore-*"));
+
+        string fifo = Path.Combine(_folder.FullName, "pipe");
+        Assert.Equal(0, (await Tool.RunAsync("mkfifo", [fifo])).ExitCode);
+        Assert.Contains("is a FIFO", (await Assert.ThrowsAsync<ArgumentException>(() => restore.ToFileAsync(manifest.Id, fifo, RestoreFormat.Raw, CancellationToken.None))).Message);
+        Assert.Contains("is a directory", (await Assert.ThrowsAsync<ArgumentException>(() => restore.ToFileAsync(manifest.Id, _folder.FullName, RestoreFormat.Raw, CancellationToken.None))).Message);
+
+        // A link to the device names both.
+        string toDevice = Path.Combine(_folder.FullName, "disk");
+        File.CreateSymbolicLink(toDevice, "/dev/null");
+        Assert.Contains($"'{toDevice}' (a link to '/dev/null') is a character device",
+            (await Assert.ThrowsAsync<ArgumentException>(() => restore.ToFileAsync(manifest.Id, toDevice, RestoreFormat.Raw, CancellationToken.None))).Message);
+
+        // A link to an image file: the file it names gets the disk, and the link stays a link to it.
+        Directory.CreateDirectory(Path.Combine(_folder.FullName, "images"));
+        string image = Path.Combine(_folder.FullName, "images", "vm.img");
+        await File.WriteAllTextAsync(image, "the image before");
+        string link = Path.Combine(_folder.FullName, "vm.img");
+        File.CreateSymbolicLink(link, image);
+        await restore.ToFileAsync(manifest.Id, link, RestoreFormat.Raw, CancellationToken.None);
+        Assert.Equal(image, new FileInfo(link).LinkTarget);
+        byte[] restored = await File.ReadAllBytesAsync(image);
+        Assert.Equal(2 * ChunkSize, restored.Length);
+        Assert.Equal(data, restored[..ChunkSize]);
+        Assert.All(restored[ChunkSize..], b => Assert.Equal(0, b));
     }
 
     [Fact]
