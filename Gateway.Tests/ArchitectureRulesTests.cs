@@ -115,6 +115,7 @@ public sealed class ArchitectureRulesTests(ITestOutputHelper output)
     [InlineData("Telemetry", "Tls")]
     // Single-node code does not know the cluster, and nothing below the connection actors knows them.
     [InlineData("Bitmaps", "Cluster")]
+    [InlineData("Bitmaps", "Exports")]
     [InlineData("Bitmaps", "Connections")]
     [InlineData("Connections", "Cluster")]
     [InlineData("Connections", "Bitmaps")]

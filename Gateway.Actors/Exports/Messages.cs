@@ -2,12 +2,6 @@ using Gateway.Actors.Nbd;
 
 namespace Gateway.Actors.Exports;
 
-/// <summary>Messages addressed to one export; the name routes them (and, in a cluster, shards them).</summary>
-public interface IWithExportName
-{
-    string ExportName { get; }
-}
-
 // Commands
 public sealed record CreateExport(ExportSpec Spec);
 
@@ -56,9 +50,6 @@ public sealed record ListExports
 
 public sealed record GetExport(string ExportName) : IWithExportName;
 
-/// <summary>Attach a connection: answered with <see cref="ExportOpened"/>. "" names the default export.</summary>
-public sealed record OpenExport(string ExportName) : IWithExportName;
-
 // Replies
 /// <remarks>Arrays in messages that cross nodes: the JSON serializer cannot rebuild the list types collection expressions make.</remarks>
 public sealed record ExportList(ExportStatus[] Exports);
@@ -68,8 +59,6 @@ public sealed record ExportStatus(ExportSpec Spec, ExportInfo? Info)
     /// <summary>What NBD_OPT_LIST shows: the open export's info, else what the spec says (no capabilities yet).</summary>
     public ExportInfo ListedInfo() => Info ?? new ExportInfo(Spec.Name, Spec.Description, Spec.Size, Spec.ReadOnly, default) { Access = Spec.Access ?? ExportAccess.Open };
 }
-
-public sealed record ExportOpened(ExportHandle? Handle);
 
 public sealed record ExportFound(ExportStatus? Export);
 
@@ -81,14 +70,6 @@ public sealed record CommandResult(ExportErrorKind? Error, string? Message, Expo
     public static CommandResult Ok(ExportStatus? export = null) => new(null, null, export);
 
     public static CommandResult Fail(ExportErrorKind kind, string message) => new(kind, message);
-}
-
-public enum ExportErrorKind
-{
-    Invalid,
-    NotFound,
-    Conflict,
-    Failed,
 }
 
 // Events (persisted): never change their shape without a migration.

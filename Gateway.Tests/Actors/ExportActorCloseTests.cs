@@ -1,3 +1,4 @@
+using Gateway.Actors;
 using Akka.Actor;
 using Gateway.Actors.Bitmaps;
 using Gateway.Actors.Exports;

@@ -1,3 +1,4 @@
+using Gateway.Actors;
 using Gateway.Actors.Exports;
 using Xunit;
 

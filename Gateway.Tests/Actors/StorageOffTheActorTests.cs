@@ -1,3 +1,4 @@
+using Gateway.Actors;
 using Akka.Actor;
 using Akka.TestKit;
 using Gateway.Actors.Exports;

@@ -1,3 +1,4 @@
+using Gateway.Actors;
 using Akka.Actor;
 using Akka.Serialization;
 using Gateway.Actors.Bitmaps;

@@ -1,4 +1,5 @@
 using Akka.Serialization;
+using Gateway.Actors;
 using Gateway.Actors.Cluster;
 using Gateway.Actors.Exports;
 using Xunit;
