@@ -58,7 +58,7 @@ public static class GatewayActorsHosting
         builder.WithShardRegion<ExportRegionKey>("export", (_, registry) => _ => ExportEntity.Props(backends, local, node, registry.Get<ExportRegistryKey>(), leases), new ExportMessageExtractor(),
             new ShardOptions { StateStoreMode = StateStoreMode.DData, RememberEntities = false, HandOffStopMessage = CloseExport.Instance });
         builder.WithSingleton<ExportRegistryKey>("export-registry",
-            (_, registry, _) => ExportRegistryActor.Props(backends, initialExport, registry.Get<ExportRegionKey>()),
+            (_, registry, _) => ExportRegistryActor.Props(backends, initialExport, new ShardedExportPlacement(registry.Get<ExportRegionKey>())),
             new ClusterSingletonOptions(), createProxyToo: true);
         return builder.WithActors((system, registry, resolver) =>
         {

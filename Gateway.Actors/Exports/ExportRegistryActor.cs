@@ -3,7 +3,6 @@ using Akka.Event;
 using System.Diagnostics;
 using Akka.Persistence;
 using Gateway.Actors.Bitmaps;
-using Gateway.Actors.Cluster;
 using Gateway.Actors.Telemetry;
 
 namespace Gateway.Actors.Exports;
@@ -11,15 +10,15 @@ namespace Gateway.Actors.Exports;
 /// <summary>
 /// The durable set of exports: persists <see cref="IExportEvent"/>s and routes export messages.
 /// On a single node it keeps one <see cref="ExportActor"/> child per export; in a cluster it is a
-/// cluster singleton and the exports are sharded entities (<see cref="ExportEntity"/>) reached
-/// through the shard region, which it keeps running by waking them periodically.
+/// cluster singleton and the exports run where its <see cref="IExportPlacement"/> puts them (the
+/// shard region), which it keeps running by waking them periodically.
 /// </summary>
 public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithTimers
 {
     private static readonly TimeSpan WakeInterval = TimeSpan.FromSeconds(1);
     private static readonly TimeSpan RetireTimeout = TimeSpan.FromSeconds(60);
     private readonly BackendFactory _backends;
-    private readonly IActorRef? _region;
+    private readonly IExportPlacement? _placement;
     private readonly ILoggingAdapter _log = Context.GetLogger();
     private ExportCatalog _catalog = ExportCatalog.Empty;
     private readonly Dictionary<string, IActorRef> _children = new(StringComparer.Ordinal);
@@ -29,10 +28,10 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
     private ExportSpec? _creating;
     private Activity? _recovery = GatewayTelemetry.ActivitySource.StartActivity("exports.recover");
 
-    public ExportRegistryActor(BackendFactory backends, ExportSpec? initialExport, IActorRef? region = null)
+    public ExportRegistryActor(BackendFactory backends, ExportSpec? initialExport, IExportPlacement? placement = null)
     {
         _backends = backends;
-        _region = region;
+        _placement = placement;
 
         Recover<IExportEvent>(e => _catalog = _catalog.Apply(e));
         Recover<SnapshotOffer>(offer =>
@@ -51,13 +50,12 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
             {
                 Start(spec);
             }
-            if (_region is not null)
+            if (_placement is not null)
             {
                 // Exports whose node died come back without waiting for a client to ask: at
                 // once when the node is removed, and every second in case a wake was lost.
                 Timers.StartPeriodicTimer("wake", WakeAll.Instance, WakeInterval);
-                Akka.Cluster.Cluster.Get(Context.System).Subscribe(Self, Akka.Cluster.ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents,
-                    typeof(Akka.Cluster.ClusterEvent.MemberRemoved));
+                _placement.Start(Context, WakeAll.Instance);
             }
             if (_catalog.Exports.Count == 0 && initialExport is not null)
             {
@@ -71,6 +69,10 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
         CatalogCommands();
         OtherCommands();
     }
+
+    /// <summary>The spec of the export named <paramref name="name"/> ("" names the default export), or null.</summary>
+    private ExportSpec? SpecOf(string name) =>
+        (name.Length == 0 ? _catalog.DefaultExport : name) is { } found && _catalog.Exports.TryGetValue(found, out ExportSpec? spec) ? spec : null;
 
     /// <summary>
     /// Commands that Decide against the catalog and change it. While a storage step is pending they
@@ -100,7 +102,6 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
     private void OtherCommands()
     {
         Command<ListExports>(_ => ListAll());
-        Command<Akka.Cluster.ClusterEvent.MemberRemoved>(_ => Self.Tell(WakeAll.Instance));
         Command<WakeAll>(_ =>
         {
             foreach (ExportSpec spec in _catalog.Exports.Values)
@@ -108,16 +109,11 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
                 Start(spec);
             }
         });
-        Command<GetExportSpec>(get =>
-        {
-            string? name = get.ExportName.Length == 0 ? _catalog.DefaultExport : get.ExportName;
-            Sender.Tell(new ExportSpecFound(name is not null && _catalog.Exports.TryGetValue(name, out ExportSpec? spec) ? spec : null));
-        });
         Command<GetExport>(get =>
         {
-            if (_region is not null && _catalog.Exports.TryGetValue(get.ExportName, out ExportSpec? sharded))
+            if (_placement is not null && _catalog.Exports.TryGetValue(get.ExportName, out ExportSpec? placed))
             {
-                _region.Forward(new ExportEnvelope(sharded, get));
+                _placement.Forward(placed, get);
             }
             else if (_children.TryGetValue(get.ExportName, out IActorRef? child))
             {
@@ -134,9 +130,9 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
         });
         Command<IBitmapCommand>(command =>
         {
-            if (_region is not null && _catalog.Exports.TryGetValue(command.ExportName, out ExportSpec? sharded))
+            if (_placement is not null && _catalog.Exports.TryGetValue(command.ExportName, out ExportSpec? placed))
             {
-                _region.Forward(new ExportEnvelope(sharded, command));
+                _placement.Forward(placed, command);
             }
             else if (_children.TryGetValue(command.ExportName, out IActorRef? child))
             {
@@ -181,14 +177,17 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
         Command<SaveSnapshotFailure>(f => _log.Warning("Snapshot of the export catalog failed: {0}", f.Cause.Message));
         Command<DeleteMessagesSuccess>(_ => { });
         Command<DeleteMessagesFailure>(f => _log.Warning("Deleting old catalog events failed: {0}", f.Cause.Message));
+        // Last: what only the placement knows (another node asking for a spec, a node lost from the
+        // cluster). What it does not take falls through (to the stash, during a storage step).
+        Command<object>(message => _placement?.TryHandle(message, SpecOf, Context) == true);
     }
 
     public override string PersistenceId => "export-registry";
 
     public ITimerScheduler Timers { get; set; } = null!;
 
-    public static Props Props(BackendFactory backends, ExportSpec? initialExport, IActorRef? region = null) =>
-        Akka.Actor.Props.Create(() => new ExportRegistryActor(backends, initialExport, region));
+    public static Props Props(BackendFactory backends, ExportSpec? initialExport, IExportPlacement? placement = null) =>
+        Akka.Actor.Props.Create(() => new ExportRegistryActor(backends, initialExport, placement));
 
     protected override SupervisorStrategy SupervisorStrategy() =>
         // An export whose backend fails to open or breaks is stopped, not restarted in a loop;
@@ -301,11 +300,11 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
         Persist(@event!, e =>
         {
             _catalog = _catalog.Apply(e);
-            if (_region is not null)
+            if (_placement is not null)
             {
                 // The owner purges the bitmaps and closes the export; the storage goes once it has.
-                _region.Ask<ExportRetired>(new ExportEnvelope(spec, RetireExport.Instance), RetireTimeout)
-                    .PipeTo(Self, success: _ => new ExportStopped(spec), failure: f => new RetireFailed(spec, f.Message));
+                _placement.RetireAsync(spec, RetireTimeout)
+                    .PipeTo(Self, success: () => new ExportStopped(spec), failure: f => new RetireFailed(spec, f.Message));
             }
             else if (_children.Remove(spec.Name, out IActorRef? child))
             {
@@ -369,9 +368,9 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
 
     private void Start(ExportSpec spec)
     {
-        if (_region is not null)
+        if (_placement is not null)
         {
-            _region.Tell(new ExportEnvelope(spec, WakeExport.Instance));
+            _placement.Wake(spec);
             return;
         }
         // Unique child names: a removed export's actor may still be stopping when the name is reused.
@@ -394,10 +393,7 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
 
     protected override void PostStop()
     {
-        if (_region is not null)
-        {
-            Akka.Cluster.Cluster.Get(Context.System).Unsubscribe(Self);
-        }
+        _placement?.Stop(Context);
         base.PostStop();
     }
 
@@ -418,9 +414,9 @@ public sealed partial class ExportRegistryActor : ReceivePersistentActor, IWithT
     /// </summary>
     private bool TryAskExport<T>(string name, object message, TimeSpan timeout, out Task<T> answer)
     {
-        if (_region is not null && _catalog.Exports.TryGetValue(name, out ExportSpec? spec))
+        if (_placement is not null && _catalog.Exports.TryGetValue(name, out ExportSpec? spec))
         {
-            answer = _region.Ask<T>(new ExportEnvelope(spec, message), timeout);
+            answer = _placement.Ask<T>(spec, message, timeout);
             return true;
         }
         if (_children.TryGetValue(name, out IActorRef? child))

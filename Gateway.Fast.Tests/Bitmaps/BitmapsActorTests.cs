@@ -58,7 +58,7 @@ public sealed class BitmapsActorTests : Akka.TestKit.Xunit2.TestKit
         akka.loglevel = INFO
         akka.persistence.journal.plugin = "akka.persistence.journal.gated"
         akka.persistence.journal.gated {
-          class = "Gateway.Tests.Bitmaps.GatedJournal, Gateway.Tests"
+          class = "Gateway.Tests.Bitmaps.GatedJournal, Gateway.Fast.Tests"
           plugin-dispatcher = "akka.actor.default-dispatcher"
         }
         akka.persistence.snapshot-store.plugin = "akka.persistence.snapshot-store.inmem"
