@@ -180,6 +180,11 @@ public sealed class BackupRepositoryTests : IDisposable
         Assert.Contains("'/dev/null' is a character device", device.Message);
         Assert.Contains("--to-export", device.Message);
         Assert.Equal(devBefore, Directory.EnumerateFileSystemEntries("/dev", ".restore-*"));
+        // The CLI says so in one line, as a bad argument (exit 2).
+        var stderr = new StringWriter();
+        Assert.Equal(2, await new Gateway.Host.BackupCli(TextWriter.Null, stderr).RestoreAsync(manifest.Id, _folder.FullName, "/dev/null", null, json: false, CancellationToken.None));
+        Assert.StartsWith("error: '/dev/null' is a character device, not a regular file", stderr.ToString());
+        Assert.Single(stderr.ToString().Trim().Split('\n'));
 
         string fifo = Path.Combine(_folder.FullName, "pipe");
         Assert.Equal(0, (await Tool.RunAsync("mkfifo", [fifo])).ExitCode);
