@@ -3,8 +3,8 @@ namespace Gateway.Backends.S3;
 /// <summary>
 /// An S3 disk written through a write-ahead log (issue 18, first step): small random writes become
 /// sequential segment objects <c>PREFIX/log/&lt;term&gt;-&lt;seq&gt;</c> (<see cref="LogSegment"/>) over the
-/// base chunk objects <c>PREFIX/%016x</c> of <see cref="S3Backend"/>, which this device reads but never
-/// writes (compaction, which folds segments into chunks, is the next step).
+/// base chunk objects <c>PREFIX/%016x</c> of <see cref="S3Backend"/>, into which compaction
+/// (<see cref="CompactAsync"/>) folds the segments.
 /// <para>
 /// Writes, and TRIM / WRITE_ZEROES as data-less records, are appended to the open segment in memory
 /// and recorded in the <see cref="ExtentIndex"/>. A segment is sealed and PUT when a FLUSH or FUA
