@@ -781,13 +781,18 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
             }
         }
         ThrowIfAbandoned();
+        foreach (LogSegmentBuffer segment in folded)
+        {
+            // Before the deletes: a read that looked a range up before the pass released it and
+            // finds the object gone must look in the index again, not fail.
+            segment.Folded = true;
+        }
         await Parallel.ForEachAsync(folded.Select(s => s.Key).Concat(garbage), new ParallelOptions { MaxDegreeOfParallelism = _parallelism, CancellationToken = ct },
             async (key, token) => await DeleteObjectAsync(key, CancellationToken.None).ConfigureAwait(false)).ConfigureAwait(false);
         lock (_log)
         {
             foreach (LogSegmentBuffer segment in folded)
             {
-                segment.Folded = true;
                 _stored.Remove(segment);
                 _logBytes -= segment.Length;
                 if (segment.Buffer is { } bytes)
