@@ -32,7 +32,7 @@ public static class S3Cli
     private static readonly Option<string?> ObjectSizeOption = new("--s3-object-size") { Description = "Object size, a power of two (default 4M; 64K to share a disk with Debian's nbdkit S3 plugin)" };
     private static readonly Option<string?> CacheOption = new("--s3-cache") { Description = "Write-back cache memory for this export (default 256M)" };
     private static readonly Option<int?> ParallelismOption = new("--s3-parallelism") { Description = "Most S3 requests in flight for this export (default 16)" };
-    private static readonly Option<bool> WriteLogOption = new("--s3-write-log") { Description = "Write through a log of segment objects (small random writes at local speed; no compaction yet)" };
+    private static readonly Option<bool> WriteLogOption = new("--s3-write-log") { Description = "Write through a log of segment objects (small random writes at local speed; compacted into the chunk objects in the background)" };
     private static readonly Option<string?> AccessKeyOption = new("--s3-access-key") { Description = "Access key (default: the usual AWS credential sources)" };
     private static readonly Option<string?> SecretKeyOption = new("--s3-secret-key") { Description = "Secret key; prefer AWS_SECRET_ACCESS_KEY or a profile (it is stored with the export)" };
 

@@ -12,7 +12,7 @@ public sealed partial class BackendFactory
     // Short: a store that is down must not keep the export from opening (it lists again later).
     private static readonly TimeSpan S3ListTimeout = TimeSpan.FromSeconds(5);
 
-    // Until checkpoints and compaction bound the log, replay reads every segment.
+    // Until checkpoints of the index, replay reads every segment above the fold marker (up to LogCompactBytes of them).
     private static readonly TimeSpan S3ReplayTimeout = TimeSpan.FromMinutes(5);
 
     public static bool IsS3(ExportSpec spec) => spec.Backend.Type == BackendSpec.S3Type;

@@ -91,8 +91,13 @@ internal sealed class ExtentIndex
     private static int SetInPage(List<Entry> list, Entry entry)
     {
         int before = list.Count;
-        int from = entry.Start;
-        int to = entry.End;
+        list.Insert(CutInPage(list, entry.Start, entry.End), entry);
+        return list.Count - before;
+    }
+
+    /// <summary>Removes whatever the list holds in [from, to), splitting the extents across its edges; returns where the gap is.</summary>
+    private static int CutInPage(List<Entry> list, int from, int to)
+    {
         int i = FirstEndingAfter(list, from);
         if (i < list.Count && list[i].Start < from)
         {
@@ -103,10 +108,9 @@ internal sealed class ExtentIndex
             i++;
             if (old.End > to)
             {
-                // The new extent falls inside one old one: it splits in three.
-                list.Insert(i, entry);
-                list.Insert(i + 1, Tail(old, to));
-                return list.Count - before;
+                // The range falls inside one old extent: it splits in two around the gap.
+                list.Insert(i, Tail(old, to));
+                return i;
             }
         }
         int j = i;
@@ -119,8 +123,85 @@ internal sealed class ExtentIndex
             list[j] = Tail(list[j], to);
         }
         list.RemoveRange(i, j - i);
-        list.Insert(i, entry);
-        return list.Count - before;
+        return i;
+    }
+
+    /// <summary>The chunks (of 2^<paramref name="objectShift"/> bytes) that hold any extent, in order: what compaction has to fold.</summary>
+    public List<long> Chunks(int objectShift)
+    {
+        var chunks = new SortedSet<long>();
+        lock (_lock)
+        {
+            foreach ((long page, List<Entry> list) in _pages)
+            {
+                long pageStart = page << PageShift;
+                foreach (Entry e in list)
+                {
+                    for (long c = (pageStart + e.Start) >> objectShift; c <= (pageStart + e.End - 1) >> objectShift; c++)
+                    {
+                        chunks.Add(c);
+                    }
+                }
+            }
+        }
+        return [.. chunks];
+    }
+
+    /// <summary>
+    /// Drops the extents of <paramref name="folded"/> (pieces of one <see cref="Lookup"/>) that still
+    /// hold what that lookup saw, so their range reads the base chunk again; any part written since
+    /// keeps its newer extent. A data extent is the same only with the same segment bytes, so a
+    /// write that came during the fold is never undone by it.
+    /// </summary>
+    public void ReleaseFolded(List<IndexPiece> folded)
+    {
+        lock (_lock)
+        {
+            foreach (IndexPiece piece in folded)
+            {
+                if (piece.Source == ExtentSource.Base)
+                {
+                    continue;
+                }
+                long end = piece.Offset + piece.Length;
+                for (long at = piece.Offset; at < end;)
+                {
+                    long page = at >> PageShift;
+                    long pageStart = page << PageShift;
+                    long to = Math.Min(end, pageStart + PageSize);
+                    if (_pages.TryGetValue(page, out List<Entry>? list))
+                    {
+                        ReleaseInPage(list, piece, pageStart, (int)(at - pageStart), (int)(to - pageStart));
+                        if (list.Count == 0)
+                        {
+                            _pages.Remove(page);
+                        }
+                    }
+                    at = to;
+                }
+            }
+        }
+    }
+
+    private void ReleaseInPage(List<Entry> list, IndexPiece piece, long pageStart, int from, int to)
+    {
+        var same = new List<(int From, int To)>();
+        for (int i = FirstEndingAfter(list, from); i < list.Count && list[i].Start < to; i++)
+        {
+            Entry e = list[i];
+            bool unchanged = e.Source == piece.Source && e.Segment == piece.Segment &&
+                (e.Source != ExtentSource.Segment || e.SegmentOffset - (pageStart + e.Start) == piece.SegmentOffset - piece.Offset);
+            if (unchanged)
+            {
+                same.Add((Math.Max(from, e.Start), Math.Min(to, e.End)));
+            }
+        }
+        foreach ((int a, int b) in same)
+        {
+            int before = list.Count;
+            CutInPage(list, a, b);
+            _entries += list.Count - before;
+        }
     }
 
     /// <summary>The part of <paramref name="old"/> from <paramref name="from"/> on.</summary>

@@ -132,6 +132,53 @@ public static class LogSegment
         return at == body;
     }
 
+    /// <summary>
+    /// The fold marker <c>PREFIX/log/folded-&lt;term&gt;-&lt;seq&gt;</c>: every segment whose key sorts below
+    /// (term, seq) is folded into the chunk objects, so replay skips it and it may be deleted. A new
+    /// key per fold, never an overwrite: a PUT cut off halfway (s3rver keeps the part it got) leaves
+    /// the previous marker whole. Not a segment key (another length), nor a chunk name.
+    /// <code>
+    ///  0  magic "GWFOLD01"  8 | 8  term u64 | 16  seq u64 | 24  CRC-32C of bytes 0..24  u32
+    /// </code>
+    /// </summary>
+    public static string FoldKey(string prefix, long term, long seq) => $"{prefix}/log/folded-{term:x16}-{seq:x16}";
+
+    public const int FoldMarkerSize = 28;
+
+    private const ulong FoldMagic = 0x31304C444F465747; // "GWFOLD01" read little-endian
+
+    /// <summary>The (term, seq) a fold-marker key names, or false when the key is not one.</summary>
+    public static bool TryParseFoldKey(string prefix, string key, out long term, out long seq)
+    {
+        term = seq = 0;
+        string foldPrefix = prefix + "/log/folded-";
+        if (!key.StartsWith(foldPrefix, StringComparison.Ordinal) || key.Length != foldPrefix.Length + 33 || key[foldPrefix.Length + 16] != '-')
+        {
+            return false;
+        }
+        ReadOnlySpan<char> name = key.AsSpan(foldPrefix.Length);
+        return long.TryParse(name[..16], System.Globalization.NumberStyles.AllowHexSpecifier, null, out term) && term >= 0 &&
+               long.TryParse(name[17..], System.Globalization.NumberStyles.AllowHexSpecifier, null, out seq) && seq >= 0;
+    }
+
+    public static byte[] FoldMarker(long term, long seq)
+    {
+        byte[] marker = new byte[FoldMarkerSize];
+        BinaryPrimitives.WriteUInt64LittleEndian(marker, FoldMagic);
+        BinaryPrimitives.WriteInt64LittleEndian(marker.AsSpan(8), term);
+        BinaryPrimitives.WriteInt64LittleEndian(marker.AsSpan(16), seq);
+        BinaryPrimitives.WriteUInt32LittleEndian(marker.AsSpan(24), Crc32C(marker.AsSpan(0, 24)));
+        return marker;
+    }
+
+    /// <summary>True when <paramref name="marker"/> is a whole fold marker for (term, seq).</summary>
+    public static bool IsFoldMarker(ReadOnlySpan<byte> marker, long term, long seq) =>
+        marker.Length == FoldMarkerSize &&
+        BinaryPrimitives.ReadUInt64LittleEndian(marker) == FoldMagic &&
+        BinaryPrimitives.ReadInt64LittleEndian(marker[8..]) == term &&
+        BinaryPrimitives.ReadInt64LittleEndian(marker[16..]) == seq &&
+        BinaryPrimitives.ReadUInt32LittleEndian(marker[24..]) == Crc32C(marker[..24]);
+
     /// <summary>CRC-32C (Castagnoli) with the processor's instruction where there is one.</summary>
     public static uint Crc32C(ReadOnlySpan<byte> data)
     {

@@ -39,4 +39,7 @@ internal sealed class LogSegmentBuffer(long term, long seq, string key)
     public Task? Upload;
 
     public long FailedAt;
+
+    /// <summary>Set once compaction has folded the segment and deleted its object: a read that still held it looks in the index again.</summary>
+    public volatile bool Folded;
 }

@@ -34,6 +34,22 @@ public sealed record S3DeviceOptions
     /// <summary>Memory for log segments not yet stored; writers wait beyond it.</summary>
     public long LogDirtyBytes { get; init; } = 64L << 20;
 
+    /// <summary>
+    /// Compaction folds the log into the chunk objects once the stored segments hold this many bytes:
+    /// with the chunks, the bucket holds at most the disk's allocated chunks plus this much log, plus
+    /// what is written while a compaction runs.
+    /// </summary>
+    public long LogCompactBytes { get; init; } = 256L << 20;
+
+    /// <summary>An export with a log and no write for this long is compacted (a quiet disk ends as plain chunk objects).</summary>
+    public TimeSpan LogCompactIdle { get; init; } = TimeSpan.FromSeconds(10);
+
+    /// <summary>Dispose (a graceful stop) compacts the log, for at most <see cref="LogCompactCloseTimeout"/>.</summary>
+    public bool LogCompactOnClose { get; init; } = true;
+
+    /// <summary>How long a graceful stop may spend compacting; a stop cut short leaves a consistent log that the next open replays.</summary>
+    public TimeSpan LogCompactCloseTimeout { get; init; } = TimeSpan.FromSeconds(30);
+
     /// <summary>The object key of chunk <paramref name="index"/>: nbdkit's <c>KEY/%016x</c>.</summary>
     public static string Key(string prefix, long index) => $"{prefix}/{index:x16}";
 }

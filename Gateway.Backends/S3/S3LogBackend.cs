@@ -3,8 +3,8 @@ namespace Gateway.Backends.S3;
 /// <summary>
 /// An S3 disk written through a write-ahead log (issue 18, first step): small random writes become
 /// sequential segment objects <c>PREFIX/log/&lt;term&gt;-&lt;seq&gt;</c> (<see cref="LogSegment"/>) over the
-/// base chunk objects <c>PREFIX/%016x</c> of <see cref="S3Backend"/>, which this device reads but never
-/// writes (compaction, which folds segments into chunks, is the next step).
+/// base chunk objects <c>PREFIX/%016x</c> of <see cref="S3Backend"/>, into which compaction
+/// (<see cref="CompactAsync"/>) folds the segments.
 /// <para>
 /// Writes, and TRIM / WRITE_ZEROES as data-less records, are appended to the open segment in memory
 /// and recorded in the <see cref="ExtentIndex"/>. A segment is sealed and PUT when a FLUSH or FUA
@@ -52,6 +52,25 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
     private long _backgroundFailures;
     private long _size;
     private volatile bool _disposed;
+    private volatile bool _closing;
+
+    // Compaction (one pass at a time): the stored segments not yet folded, in the bucket's order of
+    // nothing in particular; keys to delete once the next fold marker is stored; the newest marker.
+    private readonly SemaphoreSlim _compacting = new(1, 1);
+    private readonly List<LogSegmentBuffer> _stored = [];
+    private readonly List<string> _garbage = [];
+    private readonly long _compactBytes;
+    private readonly long _compactIdleMs;
+    private readonly bool _compactOnClose;
+    private readonly TimeSpan _compactCloseTimeout;
+    private (long Term, long Seq) _foldedBelow;
+    private string? _foldKey;
+    private long _logBytes;
+    private long _lastWrite = Environment.TickCount64;
+    private long _retryCompactAt;
+    private long _compactions;
+    private long _compactionFailures;
+    private Task? _background;
 
     private S3LogBackend(IObjectStore store, bool ownsStore, string prefix, long size, bool readOnly, S3DeviceOptions options)
     {
@@ -67,6 +86,10 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         _dirtyLimit = options.LogDirtyBytes;
         _cacheLimit = options.CacheBytes;
         _parallelism = options.Parallelism;
+        _compactBytes = options.LogCompactBytes;
+        _compactIdleMs = Math.Max(1, (long)options.LogCompactIdle.TotalMilliseconds);
+        _compactOnClose = options.LogCompactOnClose;
+        _compactCloseTimeout = options.LogCompactCloseTimeout;
         _io = new SemaphoreSlim(options.Parallelism, options.Parallelism);
         _base = new ChunkMap((size + _objectSize - 1) >> _objectShift);
         if (!readOnly)
@@ -127,12 +150,43 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
     /// <summary>Extents in the index (tests, metrics).</summary>
     public long IndexExtents => _index.Count;
 
+    /// <summary>Bytes of the stored segments not yet folded into chunks: the log's share of the bucket.</summary>
+    public long LogBytes
+    {
+        get
+        {
+            lock (_log)
+            {
+                return _logBytes;
+            }
+        }
+    }
+
+    /// <summary>Compaction passes that finished.</summary>
+    public long Compactions => Interlocked.Read(ref _compactions);
+
+    /// <summary>Background compaction passes that failed (retried a few seconds later).</summary>
+    public long CompactionFailures => Interlocked.Read(ref _compactionFailures);
+
+    /// <summary>Every segment whose key sorts below this (term, seq) is folded into the chunks: the newest fold marker.</summary>
+    public (long Term, long Seq) FoldedBelow
+    {
+        get
+        {
+            lock (_log)
+            {
+                return _foldedBelow;
+            }
+        }
+    }
+
     // ---------------------------------------------------------------- open
 
     private async Task ReplayAsync(CancellationToken ct)
     {
         string listPrefix = _prefix + "/";
         var segments = new List<(long Term, long Seq, string Key)>();
+        var markers = new List<(long Term, long Seq, string Key)>();
         try
         {
             await foreach (string key in _store.ListAsync(listPrefix, ct).ConfigureAwait(false))
@@ -140,6 +194,11 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
                 if (LogSegment.TryParseKey(_prefix, key, out long term, out long seq))
                 {
                     segments.Add((term, seq, key));
+                    continue;
+                }
+                if (LogSegment.TryParseFoldKey(_prefix, key, out term, out seq))
+                {
+                    markers.Add((term, seq, key));
                     continue;
                 }
                 ReadOnlySpan<char> name = key.AsSpan(listPrefix.Length);
@@ -154,8 +213,27 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         {
             throw new BlockDeviceException(BlockErrorKind.Io, $"S3 listing of '{listPrefix}' failed: {e.Message}", e);
         }
+        // The newest whole marker says which segments are folded; an older one is stale, a torn one
+        // (its PUT cut off) never counted, and both are leftovers like the segments below the mark.
+        var leftovers = new List<string>();
+        markers.Sort((a, b) => a.Term != b.Term ? b.Term.CompareTo(a.Term) : b.Seq.CompareTo(a.Seq));
+        foreach ((long term, long seq, string key) in markers)
+        {
+            if (_foldKey is null && await IsFoldMarkerAsync(key, term, seq, ct).ConfigureAwait(false))
+            {
+                _foldedBelow = (term, seq);
+                _foldKey = key;
+            }
+            else
+            {
+                leftovers.Add(key);
+            }
+        }
+        leftovers.AddRange(segments.Where(s => IsBelow(s.Term, s.Seq, _foldedBelow)).Select(s => s.Key));
+        segments.RemoveAll(s => IsBelow(s.Term, s.Seq, _foldedBelow));
         segments.Sort((a, b) => a.Term != b.Term ? a.Term.CompareTo(b.Term) : a.Seq.CompareTo(b.Seq));
-        _term = segments.Count == 0 ? 1 : segments.Max(s => s.Term) + 1;
+        // Above every term in the bucket, markers included: segments under a term at or below a marker's would be skipped.
+        _term = Math.Max(segments.Count == 0 ? 0 : segments.Max(s => s.Term), markers.Count == 0 ? 0 : markers.Max(m => m.Term)) + 1;
 
         // Fetched a window ahead in parallel, applied strictly in order.
         var fetches = new Queue<Task<(byte[] Data, int Length)>>();
@@ -174,14 +252,22 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
             if (term == skipTerm)
             {
                 IgnoredSegments++;
+                _garbage.Add(key);
                 continue;
             }
             bool firstOfTerm = i == 0 || segments[i - 1].Term != term;
-            if ((!firstOfTerm && seq != expected) || length < 0 || !LogSegment.TryDecode(data.AsSpan(0, length), term, seq, records))
+            if (firstOfTerm)
             {
-                // A gap or a torn segment: nothing after it in this term was ever flushed.
+                // A term starts at 0, or where the fold marker says its folded part ends.
+                expected = term == _foldedBelow.Term ? _foldedBelow.Seq : 0;
+            }
+            if (seq != expected || length < 0 || !LogSegment.TryDecode(data.AsSpan(0, length), term, seq, records))
+            {
+                // A gap or a torn segment: nothing after it in this term was ever flushed. Its
+                // object is garbage, deleted once a fold marker of this owner's term covers it.
                 skipTerm = term;
                 IgnoredSegments++;
+                _garbage.Add(key);
                 continue;
             }
             expected = seq + 1;
@@ -206,10 +292,62 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
             lock (_log)
             {
                 AddToCacheLocked(segment);
+                _stored.Add(segment);
+                _logBytes += length;
             }
             ReplayedSegments++;
         }
+        if (!IsReadOnly)
+        {
+            await DeleteLeftoversAsync(leftovers, ct).ConfigureAwait(false);
+        }
     }
+
+    private static bool IsBelow(long term, long seq, (long Term, long Seq) mark) => term < mark.Term || (term == mark.Term && seq < mark.Seq);
+
+    private async Task<bool> IsFoldMarkerAsync(string key, long term, long seq, CancellationToken ct)
+    {
+        byte[] buffer = new byte[LogSegment.FoldMarkerSize + 1];
+        try
+        {
+            int n = await StoreAsync(() => _store.GetAsync(key, 0, buffer, ct), "GET", key, ct).ConfigureAwait(false);
+            return n >= 0 && LogSegment.IsFoldMarker(buffer.AsSpan(0, n), term, seq);
+        }
+        catch (BlockDeviceException e) when (e.InnerException is HttpIOException { HttpRequestError: HttpRequestError.ResponseEnded })
+        {
+            return false; // torn, as with a segment (FetchSegmentAsync)
+        }
+    }
+
+    /// <summary>
+    /// Deletes what a compaction cut short left behind: segments below the fold marker (already in
+    /// the chunks, and skipped by replay) and older or torn markers. One that fails to go is left
+    /// for the next compaction.
+    /// </summary>
+    private async Task DeleteLeftoversAsync(List<string> leftovers, CancellationToken ct)
+    {
+        await Parallel.ForEachAsync(leftovers, new ParallelOptions { MaxDegreeOfParallelism = _parallelism, CancellationToken = ct }, async (key, token) =>
+        {
+            try
+            {
+                await DeleteObjectAsync(key, token).ConfigureAwait(false);
+            }
+            catch (BlockDeviceException)
+            {
+                lock (_log)
+                {
+                    _garbage.Add(key);
+                }
+            }
+        }).ConfigureAwait(false);
+    }
+
+    private Task DeleteObjectAsync(string key, CancellationToken ct) =>
+        StoreAsync(async () =>
+        {
+            await _store.DeleteAsync(key, ct).ConfigureAwait(false);
+            return 0;
+        }, "DELETE", key, ct);
 
     /// <summary>The whole segment object; its size is not known ahead, so the buffer grows until the object fits.</summary>
     /// <remarks>
@@ -288,7 +426,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
                     }
                     else
                     {
-                        (fetches ??= []).Add(ReadSegmentRangeAsync(piece.Segment, piece.SegmentOffset, target, cancellationToken));
+                        (fetches ??= []).Add(ReadSegmentRangeAsync(piece.Segment, piece.SegmentOffset, piece.Offset, target, cancellationToken));
                     }
                     break;
                 case ExtentSource.Base:
@@ -305,9 +443,16 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         }
     }
 
-    private async Task ReadSegmentRangeAsync(LogSegmentBuffer segment, long start, Memory<byte> target, CancellationToken ct)
+    private async Task ReadSegmentRangeAsync(LogSegmentBuffer segment, long start, long diskOffset, Memory<byte> target, CancellationToken ct)
     {
         int n = await StoreAsync(() => _store.GetAsync(segment.Key, start, target, ct), "GET", segment.Key, ct).ConfigureAwait(false);
+        if (n != target.Length && segment.Folded)
+        {
+            // Compaction folded the range into its chunk and deleted the segment after this read
+            // looked it up: the index now says where the bytes are.
+            await ReadAsync(diskOffset, target, ct).ConfigureAwait(false);
+            return;
+        }
         if (n != target.Length)
         {
             throw new BlockDeviceException(BlockErrorKind.Io, $"S3 segment {segment.Key} is missing or shorter than its index says ({n} of {target.Length} bytes at {start})");
@@ -341,9 +486,15 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
     {
         string key = S3DeviceOptions.Key(_prefix, index);
         int n = await StoreAsync(() => _store.GetAsync(key, start, part, ct), "GET", key, ct).ConfigureAwait(false);
+        if (n < 0 && !_base.Get(index))
+        {
+            // Compaction deleted the chunk (all zeros) after this read found its bit set.
+            part.Span.Clear();
+            return;
+        }
         if (n < 0)
         {
-            // Listed at open: its absence is a loss, not zeros.
+            // Listed at open, or stored by compaction: its absence is a loss, not zeros.
             throw new BlockDeviceException(BlockErrorKind.Io, $"S3 object {key} is missing although it was listed: refusing to read it as zeros");
         }
         part.Span[n..].Clear();
@@ -461,6 +612,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         {
             return;
         }
+        _closing = true;
         // Best effort for callers that did not flush: the export actor flushes before disposing.
         if (!IsReadOnly && (_open is not null || _pending.Count > 0))
         {
@@ -468,6 +620,27 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
             {
                 using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(30));
                 FlushAsync(timeout.Token).AsTask().GetAwaiter().GetResult();
+            }
+            catch (Exception e) when (e is BlockDeviceException or OperationCanceledException)
+            {
+            }
+        }
+        if (!IsReadOnly)
+        {
+            // A graceful stop leaves the bucket as chunk objects (what nbdkit reads), or, cut short, a
+            // log the next open replays: every step of a pass leaves the bucket consistent.
+            try
+            {
+                using var timeout = new CancellationTokenSource(_compactCloseTimeout);
+                if (_compactOnClose)
+                {
+                    CompactAsync(timeout.Token).GetAwaiter().GetResult();
+                }
+                else
+                {
+                    _compacting.WaitAsync(timeout.Token).GetAwaiter().GetResult(); // a background pass ends before the store goes
+                    _compacting.Release();
+                }
             }
             catch (Exception e) when (e is BlockDeviceException or OperationCanceledException)
             {
@@ -484,14 +657,244 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
     /// <summary>For crash tests: stops the timer and drops every unstored segment, as a killed process would.</summary>
     internal void Abandon()
     {
+        _closing = true;
         _disposed = true;
         _timer?.Dispose();
+    }
+
+    // ---------------------------------------------------------------- compaction
+
+    /// <summary>
+    /// Folds the log into the chunk objects: every chunk the index touches is rebuilt from its
+    /// current object and the index's newest extents, and PUT (or DELETEd when it is all zeros);
+    /// then a fold marker records that the segments below the mark are in the chunks; then those
+    /// segments are deleted. Reads and writes go on meanwhile. Waits for a pass already running.
+    /// </summary>
+    /// <remarks>
+    /// Crash safety, step by step: (1) chunk PUTs before the marker only ever put the newest bytes
+    /// (flushed or not) under the still-replayed segments, and replay lays every segment above the
+    /// mark over them, so a crash here loses nothing flushed. (2) The mark is the first segment not
+    /// yet stored when the pass began: every extent of a segment below it was in the index then,
+    /// so its chunk was folded in this pass. (3) The marker is a new object (a torn PUT leaves the
+    /// previous one), stored before any segment delete; an open skips segments below it and deletes
+    /// what a crash left (those segments, older markers).
+    /// </remarks>
+    public async Task CompactAsync(CancellationToken cancellationToken = default)
+    {
+        DeviceBounds.ThrowIfNotWritable(_disposed, IsReadOnly);
+        await _compacting.WaitAsync(cancellationToken).ConfigureAwait(false);
+        try
+        {
+            await CompactOnceAsync(cancellationToken).ConfigureAwait(false);
+            Interlocked.Increment(ref _compactions);
+        }
+        finally
+        {
+            _compacting.Release();
+        }
+    }
+
+    /// <summary>Starts a background pass when the log holds the threshold, or when the export has been quiet for the idle time.</summary>
+    private void MaybeStartCompaction()
+    {
+        if (IsReadOnly || _closing)
+        {
+            return;
+        }
+        long now = Environment.TickCount64;
+        lock (_log)
+        {
+            if (_background is { IsCompleted: false } || now < _retryCompactAt)
+            {
+                return;
+            }
+            bool quiet = now - Volatile.Read(ref _lastWrite) >= _compactIdleMs && (_stored.Count > 0 || _garbage.Count > 0);
+            if (_logBytes < _compactBytes && !quiet)
+            {
+                return;
+            }
+            _background = Task.Run(BackgroundCompactAsync);
+        }
+    }
+
+    private async Task BackgroundCompactAsync()
+    {
+        try
+        {
+            await CompactAsync(CancellationToken.None).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is BlockDeviceException or OperationCanceledException or ObjectDisposedException)
+        {
+            Interlocked.Increment(ref _compactionFailures);
+            lock (_log)
+            {
+                _retryCompactAt = Environment.TickCount64 + 5000; // a store that is down is not asked again at once
+            }
+        }
+    }
+
+    private async Task CompactOnceAsync(CancellationToken ct)
+    {
+        (long Term, long Seq) below;
+        lock (_log)
+        {
+            // The first segment of this term not yet stored (the oldest unstored one, or the open one).
+            long first = _open?.Seq ?? _nextSeq;
+            foreach (LogSegmentBuffer pending in _pending)
+            {
+                first = Math.Min(first, pending.Seq);
+            }
+            below = (_term, first);
+        }
+        // Taken after the mark: every extent of a segment below it is in the index by now (later
+        // writes go to later segments), so folding every chunk the index touches folds all of them.
+        List<long> chunks = _index.Chunks(_objectShift);
+        await Parallel.ForEachAsync(chunks, new ParallelOptions { MaxDegreeOfParallelism = Math.Max(1, _parallelism / 2), CancellationToken = ct },
+            async (index, token) => await FoldChunkAsync(index, token).ConfigureAwait(false)).ConfigureAwait(false);
+
+        LogSegmentBuffer[] folded;
+        string[] garbage;
+        bool newMark;
+        string? previousKey;
+        lock (_log)
+        {
+            folded = _stored.Where(s => IsBelow(s.Term, s.Seq, below)).ToArray();
+            garbage = [.. _garbage];
+            newMark = below != _foldedBelow;
+            previousKey = _foldKey;
+        }
+        if (folded.Length == 0 && garbage.Length == 0)
+        {
+            return;
+        }
+        ThrowIfAbandoned();
+        string markerKey = LogSegment.FoldKey(_prefix, below.Term, below.Seq);
+        if (newMark)
+        {
+            // Garbage (torn segments of older terms, leftovers) sorts below any mark of this term.
+            byte[] marker = LogSegment.FoldMarker(below.Term, below.Seq);
+            await PutObjectAsync(markerKey, marker, marker.Length).ConfigureAwait(false);
+            lock (_log)
+            {
+                _foldedBelow = below;
+                _foldKey = markerKey;
+            }
+        }
+        ThrowIfAbandoned();
+        foreach (LogSegmentBuffer segment in folded)
+        {
+            // Before the deletes: a read that looked a range up before the pass released it and
+            // finds the object gone must look in the index again, not fail.
+            segment.Folded = true;
+        }
+        await Parallel.ForEachAsync(folded.Select(s => s.Key).Concat(garbage), new ParallelOptions { MaxDegreeOfParallelism = _parallelism, CancellationToken = ct },
+            async (key, token) => await DeleteObjectAsync(key, CancellationToken.None).ConfigureAwait(false)).ConfigureAwait(false);
+        lock (_log)
+        {
+            foreach (LogSegmentBuffer segment in folded)
+            {
+                _stored.Remove(segment);
+                _logBytes -= segment.Length;
+                if (segment.Buffer is { } bytes)
+                {
+                    _cachedBytes -= bytes.Length; // stored segments with bytes are in the cache queue, which skips a null later
+                    segment.Buffer = null;
+                }
+            }
+            _garbage.RemoveAll(garbage.Contains);
+        }
+        if (newMark && previousKey is not null)
+        {
+            // Last: until the new marker and the deletes are through, the previous marker must stay
+            // readable in case the new one is torn.
+            await DeleteObjectAsync(previousKey, CancellationToken.None).ConfigureAwait(false);
+        }
+    }
+
+    /// <summary>
+    /// Rebuilds one chunk from its object (where the index leaves parts of it to the base) and the
+    /// index's extents, stores it, then points the extents that did not change meanwhile at it.
+    /// </summary>
+    private async Task FoldChunkAsync(long index, CancellationToken ct)
+    {
+        ThrowIfAbandoned();
+        long start = index << _objectShift;
+        long end = Math.Min(start + _objectSize, Size);
+        var pieces = new List<IndexPiece>();
+        _index.Lookup(start, end - start, pieces);
+        if (pieces.TrueForAll(p => p.Source == ExtentSource.Base))
+        {
+            return;
+        }
+        byte[] chunk = new byte[_objectSize];
+        bool exists = _base.Get(index);
+        string key = S3DeviceOptions.Key(_prefix, index);
+        if (exists && (end - start < _objectSize || pieces.Exists(p => p.Source == ExtentSource.Base)))
+        {
+            await ReadChunkRangeAsync(index, 0, chunk, ct).ConfigureAwait(false);
+        }
+        var fetches = new List<Task>();
+        foreach (IndexPiece piece in pieces)
+        {
+            Memory<byte> target = chunk.AsMemory((int)(piece.Offset - start), (int)piece.Length);
+            switch (piece.Source)
+            {
+                case ExtentSource.Segment:
+                    if (piece.Segment!.Buffer is { } bytes)
+                    {
+                        bytes.AsSpan((int)piece.SegmentOffset, target.Length).CopyTo(target.Span);
+                    }
+                    else
+                    {
+                        fetches.Add(ReadSegmentRangeAsync(piece.Segment, piece.SegmentOffset, piece.Offset, target, ct));
+                    }
+                    break;
+                case ExtentSource.Trim or ExtentSource.Zero:
+                    target.Span.Clear();
+                    break;
+            }
+        }
+        await Task.WhenAll(fetches).ConfigureAwait(false);
+        ThrowIfAbandoned();
+        if (chunk.AsSpan().IndexOfAnyExcept((byte)0) < 0)
+        {
+            if (exists)
+            {
+                // Cleared first: a read that finds the object gone must find the bit clear (zeros), not a loss.
+                _base.Set(index, false);
+                await DeleteObjectAsync(key, CancellationToken.None).ConfigureAwait(false);
+            }
+        }
+        else
+        {
+            // Not the caller's token: a PUT cut off halfway could leave a torn chunk behind.
+            await PutObjectAsync(key, chunk, chunk.Length).ConfigureAwait(false);
+            _base.Set(index, true);
+        }
+        _index.ReleaseFolded(pieces);
+    }
+
+    private Task PutObjectAsync(string key, byte[] data, int length) =>
+        StoreAsync(async () =>
+        {
+            await _store.PutAsync(key, data, length, CancellationToken.None).ConfigureAwait(false);
+            return 0;
+        }, "PUT", key, CancellationToken.None);
+
+    /// <summary>A pass of an abandoned device (a crash test's dead process) goes no further.</summary>
+    private void ThrowIfAbandoned()
+    {
+        if (_disposed)
+        {
+            throw new BlockDeviceException(BlockErrorKind.Io, $"the write log of {_prefix} is closed");
+        }
     }
 
     // ---------------------------------------------------------------- the log
 
     private async Task AppendAsync(long offset, long length, LogRecordKind kind, ReadOnlyMemory<byte> data, bool fua, CancellationToken ct)
     {
+        Volatile.Write(ref _lastWrite, Environment.TickCount64);
         await WaitForRoomAsync(ct).ConfigureAwait(false);
         List<LogSegmentBuffer>? sealedNow = null;
         long seq;
@@ -642,10 +1045,13 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
             _pending.Remove(segment);
             _dirty -= segment.Charged;
             AddToCacheLocked(segment);
+            _stored.Add(segment);
+            _logBytes += segment.Length;
             freed = _spaceFreed;
             _spaceFreed = NewSignal();
         }
         freed.TrySetResult();
+        MaybeStartCompaction();
     }
 
     /// <summary>Keeps the newest stored segments' bytes for reads, up to the cache limit.</summary>
@@ -725,6 +1131,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         }
         StartUpload(sealedNow);
         RetryFailedUploads();
+        MaybeStartCompaction();
     }
 
     /// <summary>Uploads that failed are tried again, at most once a second each, so the log drains by itself once the store is back.</summary>

@@ -72,11 +72,13 @@ public sealed class S3InteropTests : IClassFixture<GatewayFixture>, IAsyncLifeti
     /// at once with 143 (SIGTERM) and no output, before it served anything. Such a start is tried
     /// again (at most twice); any other failure, or a failure after it started, fails the test.
     /// </summary>
-    private async Task RunNbdkitS3Async(string[] args)
+    private Task RunNbdkitS3Async(string[] args) => RunNbdkitS3Async(_gateway, args);
+
+    internal static async Task RunNbdkitS3Async(GatewayProcess gateway, string[] args)
     {
         for (int attempt = 1; ; attempt++)
         {
-            ToolResult result = await _gateway.RunAsync("nbdkit", args, TimeSpan.FromSeconds(180), check: attempt == 3);
+            ToolResult result = await gateway.RunAsync("nbdkit", args, TimeSpan.FromSeconds(180), check: attempt == 3);
             bool stillborn = result.ExitCode == 143 && result.Elapsed < TimeSpan.FromSeconds(1) && result.Stderr.Length == 0;
             if (result.Succeeded)
             {
@@ -86,7 +88,7 @@ public sealed class S3InteropTests : IClassFixture<GatewayFixture>, IAsyncLifeti
         }
     }
 
-    private static string[] NbdkitS3Args(string prefix, long size, string? endpoint = null) =>
+    internal static string[] NbdkitS3Args(string prefix, long size, string? endpoint = null) =>
     [
         "-U", "-", "S3",
         $"endpoint-url={endpoint ?? S3TestServer.Endpoint}", $"access-key={S3TestServer.AccessKey}", $"secret-key={S3TestServer.SecretKey}",

@@ -159,6 +159,8 @@ public sealed class S3LogBackendTests
         LogSegmentBytes = segment,
         LogDirtyBytes = dirty,
         LogSegmentDelay = delay ?? TimeSpan.FromMinutes(10), // only size, FLUSH and FUA seal, unless a test wants the timer
+        LogCompactOnClose = false, // these tests look at the log a closed device leaves; compaction has its own
+        LogCompactIdle = TimeSpan.FromHours(1),
     };
 
     private static S3LogBackend Open(IObjectStore store, long size = 4 * MiB, S3DeviceOptions? options = null) =>
