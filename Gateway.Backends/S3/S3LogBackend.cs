@@ -856,7 +856,10 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         }
         await Task.WhenAll(fetches).ConfigureAwait(false);
         ThrowIfAbandoned();
-        if (chunk.AsSpan().IndexOfAnyExcept((byte)0) < 0)
+        // WRITE_ZEROES with NO_HOLE asks for the range to stay provisioned (NBD proto.md), as the
+        // chunk path keeps it: such a chunk is stored as zeros, and only other chunks of zeros go.
+        bool provisioned = pieces.Exists(p => p.Source == ExtentSource.Zero);
+        if (!provisioned && chunk.AsSpan().IndexOfAnyExcept((byte)0) < 0)
         {
             if (exists)
             {

@@ -226,9 +226,10 @@ public sealed class S3LogCompactionTests(ITestOutputHelper output)
             Assert.Equal(model, await ReadAllAsync(device));
             allocation = await AllocationAsync(device);
         }
-        // A chunk of zeros is deleted, never stored; every other chunk is a whole object.
+        // A trimmed chunk is deleted, never stored; every other chunk is a whole object (zeros only
+        // where a NO_HOLE zero asked for it to stay provisioned).
         Assert.DoesNotContain(S3DeviceOptions.Key("disk", 3), store.Objects.Keys);
-        Assert.All(ChunkKeys(store), k => Assert.True(store.Objects[k].Length == ObjectSize && store.Objects[k].AsSpan().IndexOfAnyExcept((byte)0) >= 0, k));
+        Assert.All(ChunkKeys(store), k => Assert.Equal(ObjectSize, store.Objects[k].Length));
         Assert.Single(MarkerKeys(store));
 
         using S3Backend chunkPath = OpenChunkPath(store);
@@ -240,6 +241,32 @@ public sealed class S3LogCompactionTests(ITestOutputHelper output)
         Assert.Equal((0, 0), (reopened.ReplayedSegments, reopened.IgnoredSegments));
         Assert.Equal(model, await ReadAllAsync(reopened));
         Assert.Equal(allocation, await AllocationAsync(reopened));
+    }
+
+    [Fact]
+    public async Task A_chunk_zeroed_with_NO_HOLE_stays_an_allocated_object_after_compaction_and_one_zeroed_without_goes()
+    {
+        var store = new MemoryObjectStore();
+        using (S3LogBackend device = Open(store))
+        {
+            await device.WriteAsync(0, Pattern(2 * ObjectSize, 5), fua: false);
+            await device.FlushAsync();
+            await device.CompactAsync();
+            Assert.Equal(2, ChunkKeys(store).Count);
+
+            await device.ZeroAsync(0, ObjectSize, ZeroFlags.NoHole);
+            await device.ZeroAsync(ObjectSize, ObjectSize, ZeroFlags.None);
+            await device.FlushAsync();
+            await device.CompactAsync();
+
+            Assert.Equal(new byte[2 * ObjectSize], (await ReadAllAsync(device))[..(2 * ObjectSize)]);
+            Extent[] allocation = await AllocationAsync(device);
+            Assert.Equal((ExtentFlags)0, allocation[0].Flags & ExtentFlags.Hole); // provisioned, as NO_HOLE asks
+            Assert.Equal(ObjectSize, allocation[0].Length);
+            Assert.NotEqual((ExtentFlags)0, allocation[1].Flags & ExtentFlags.Hole);
+        }
+        Assert.Equal([S3DeviceOptions.Key("disk", 0)], ChunkKeys(store));
+        Assert.Equal(new byte[ObjectSize], store.Objects[S3DeviceOptions.Key("disk", 0)]);
     }
 
     [Fact]
