@@ -3,7 +3,7 @@ using Gateway.Backends.Overlay;
 namespace Gateway.Backends.Qcow2;
 
 /// <summary>
-/// A qcow2 image (with its backing chain) as the read-only bottom of an overlay. Every device
+/// A qcow2 image (with its backing chain), or a raw S3 object, as the read-only bottom of an overlay. Every device
 /// opened on the same file shares one <see cref="Qcow2Image"/> (its L2 cache and file handles);
 /// the image closes with the last device. A file replaced since (another length or write time)
 /// opens afresh. A bad L2 entry met by a read fails that read with an I/O error, naming the image.
