@@ -484,6 +484,24 @@ public sealed partial class FileBackend : IBlockDevice, INonBlockingIo, IGrowabl
         }
     }
 
+    /// <summary>A whole read of another read-only file from the page cache (<c>preadv2(RWF_NOWAIT)</c>), or false.</summary>
+    internal static unsafe bool TryPreadNoWait(SafeFileHandle handle, Span<byte> destination, long offset)
+    {
+        try
+        {
+            using var lease = new FdLease(handle);
+            fixed (byte* p = destination)
+            {
+                var iov = new Libc.Iovec { Base = p, Length = (nuint)destination.Length };
+                return Libc.preadv2(lease.Fd, &iov, 1, offset, Libc.RWF_NOWAIT) == destination.Length;
+            }
+        }
+        catch (ObjectDisposedException)
+        {
+            return false;
+        }
+    }
+
     /// <summary>
     /// A write into the page cache on the caller's thread when it needs no waiting
     /// (<c>pwritev2(RWF_NOWAIT)</c>); false sends the caller down the blocking path. Filesystems

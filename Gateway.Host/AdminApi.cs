@@ -5,6 +5,7 @@ using Akka.Hosting;
 using Gateway.Actors;
 using Gateway.Actors.Exports;
 using Gateway.Actors.Nbd;
+using Gateway.Backends.Qcow2;
 
 namespace Gateway.Host;
 
@@ -136,6 +137,11 @@ public static class AdminApi
                 Region = s3?.Region ?? s3Defaults.Region,
                 Prefix = s3?.Prefix ?? body.Name + "/",
             };
+        }
+        if (body.Backend is { Type: "overlay", BaseImage: { } image } && S3ImageLocation.IsS3Name(image) && s3Defaults is not null)
+        {
+            // An S3 base image in the gateway's default store unless the request names another.
+            s3 ??= new S3Spec(s3Defaults.Endpoint, null, null, s3Defaults.Region);
         }
         var spec = new ExportSpec(body.Name, size, new BackendSpec(body.Backend?.Type ?? "file", body.Backend?.Path, Base: body.Backend?.Base, BaseImage: body.Backend?.BaseImage, S3: s3, BaseFormat: body.Backend?.BaseFormat), body.ReadOnly ?? false, body.Description,
             body.Access == ExportAccess.Open ? null : body.Access);

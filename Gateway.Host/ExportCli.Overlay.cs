@@ -1,6 +1,8 @@
 using System.CommandLine;
 using System.Net.Http.Json;
 using System.Text.Json;
+using Gateway.Actors.Exports;
+using Gateway.Backends.Qcow2;
 
 namespace Gateway.Host;
 
@@ -8,7 +10,7 @@ namespace Gateway.Host;
 public sealed partial class ExportCli
 {
     public async Task<int> AddOverlayAsync(string name, string size, bool readOnly, string? description, string? baseExport, string? baseImage, CancellationToken ct,
-        string? baseFormat = null)
+        string? baseFormat = null, S3Spec? s3 = null)
     {
         if (!Sizes.TryParse(size, out long bytes))
         {
@@ -16,8 +18,8 @@ public sealed partial class ExportCli
             return 2;
         }
         // A relative image path means the caller's folder, not the gateway's.
-        string? image = baseImage is null ? null : Path.GetFullPath(baseImage);
-        var body = new CreateExportRequest(name, JsonSerializer.SerializeToElement(bytes), new BackendDto("overlay", null, baseExport, image, BaseFormat: baseFormat), readOnly, description);
+        string? image = baseImage is null || S3ImageLocation.IsS3Name(baseImage) ? baseImage : Path.GetFullPath(baseImage);
+        var body = new CreateExportRequest(name, JsonSerializer.SerializeToElement(bytes), new BackendDto("overlay", null, baseExport, image, S3: s3, BaseFormat: baseFormat), readOnly, description);
         using var content = JsonContent.Create(body, AdminJson.Default.CreateExportRequest);
         using HttpResponseMessage response = await SendAsync(HttpMethod.Post, "v1/exports", content, ct);
         return response.IsSuccessStatusCode ? await PrintBodyAsync(response, ct) : await FailAsync(response, ct);
@@ -35,7 +37,7 @@ public static class OverlayCli
 {
     private static readonly Option<bool> OverlayOption = new("--overlay") { Description = "Make an overlay export: a writable top layer over frozen layers (see 'export snapshot')" };
     private static readonly Option<string?> BaseOption = new("--base") { Description = "Overlay on another export's frozen data (a golden image); implies --overlay" };
-    private static readonly Option<string?> BaseImageOption = new("--base-image") { Description = "Overlay on a raw or qcow2 image file (with its backing chain), read-only; implies --overlay" };
+    private static readonly Option<string?> BaseImageOption = new("--base-image") { Description = "Overlay on a raw or qcow2 image (with its backing chain), read-only: a file, or s3://BUCKET/KEY read by range (with --s3-endpoint, and --s3-region and keys if needed); implies --overlay" };
 
     private static readonly Option<string?> BaseFormatOption = new Option<string?>("--base-format")
     {

@@ -3,6 +3,7 @@ using System.Globalization;
 using System.Text.Json;
 using Gateway.Backends.Overlay;
 using Gateway.Backends.Qcow2;
+using Gateway.Backends.S3;
 
 namespace Gateway.Host;
 
@@ -19,19 +20,25 @@ public sealed class ImageCli(TextWriter stdout, TextWriter stderr)
 
     public static Command Build()
     {
-        var file = new Argument<string>("file") { Description = "The image file" };
+        var file = new Argument<string>("file") { Description = "The image file, or s3://BUCKET/KEY (the store from --s3-endpoint or AWS_ENDPOINT_URL_S3, credentials from the AWS environment)" };
         var json = new Option<bool>("--json") { Description = "Print the result as JSON" };
+        var endpoint = new Option<string?>("--s3-endpoint") { Description = "S3 endpoint URL for an s3:// image (default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS)" };
         var inspect = new Command("inspect", "Print what the gateway sees in an image: format, virtual size, qcow2 features, backing chain, allocated bytes");
         inspect.Arguments.Add(file);
         inspect.Options.Add(json);
-        inspect.SetAction(p => new ImageCli(Console.Out, Console.Error).Inspect(p.GetValue(file)!, p.GetValue(json)));
+        inspect.Options.Add(endpoint);
+        inspect.SetAction(p => new ImageCli(Console.Out, Console.Error).Inspect(p.GetValue(file)!, p.GetValue(json), p.GetValue(endpoint)));
         var image = new Command("image", "Disk images the gateway can take as overlay bases");
         image.Subcommands.Add(inspect);
         return image;
     }
 
-    public int Inspect(string path, bool json)
+    public int Inspect(string path, bool json, string? s3Endpoint = null)
     {
+        if (S3ImageLocation.IsS3Name(path))
+        {
+            return InspectS3(path, json, s3Endpoint);
+        }
         if (!File.Exists(path))
         {
             stderr.WriteLine($"error: {path}: no such file");
@@ -55,7 +62,7 @@ public sealed class ImageCli(TextWriter stdout, TextWriter stderr)
                     string.Create(CultureInfo.InvariantCulture, $"file:         {path}\nformat:       raw\nvirtual size: {new FileInfo(path).Length}"));
                 return 0;
             case "qcow2":
-                return InspectQcow2(path, json);
+                return InspectQcow2(path, json, () => Qcow2Image.Open(path));
             default:
                 Print(json, new { file = path, format, served = false, reason = $"{format} is not served: an overlay base must be raw or qcow2" },
                     $"file:         {path}\nformat:       {format}\nrefused:      {format} is not served: an overlay base must be raw or qcow2 (convert it with qemu-img convert -O qcow2)");
@@ -63,12 +70,53 @@ public sealed class ImageCli(TextWriter stdout, TextWriter stderr)
         }
     }
 
-    private int InspectQcow2(string path, bool json)
+    /// <summary>An S3 object, read by range as an overlay on it would read it.</summary>
+    private int InspectS3(string name, bool json, string? endpoint)
+    {
+        if (S3ImageLocation.Split(name) is not (string bucket, _))
+        {
+            stderr.WriteLine($"error: {name}: give s3://BUCKET/KEY");
+            return 2;
+        }
+        endpoint ??= Environment.GetEnvironmentVariable("AWS_ENDPOINT_URL_S3") ?? Environment.GetEnvironmentVariable("AWS_ENDPOINT_URL")
+            ?? $"https://s3.{Environment.GetEnvironmentVariable("AWS_REGION") ?? Environment.GetEnvironmentVariable("AWS_DEFAULT_REGION") ?? "us-east-1"}.amazonaws.com";
+        string? region = Environment.GetEnvironmentVariable("AWS_REGION") ?? Environment.GetEnvironmentVariable("AWS_DEFAULT_REGION");
+        using var location = new S3ImageLocation(new S3ObjectStore(new S3BucketLocation(endpoint, bucket, region)), endpoint, bucket);
+        string? format;
+        long length;
+        try
+        {
+            using ImageSource head = location.Open(name);
+            byte[] bytes = new byte[512];
+            format = ImageFormat.Detect(bytes.AsSpan(0, head.Read(bytes, 0)));
+            length = head.Length;
+        }
+        catch (Exception e) when (e is IOException or NotSupportedException)
+        {
+            stderr.WriteLine($"error: {name}: {e.Message}");
+            return 1;
+        }
+        switch (format)
+        {
+            case null:
+                Print(json, new { file = name, format = "raw", virtualSize = length, served = true },
+                    string.Create(CultureInfo.InvariantCulture, $"file:         {name}\nformat:       raw\nvirtual size: {length}"));
+                return 0;
+            case "qcow2":
+                return InspectQcow2(name, json, () => Qcow2Image.Open(name, location));
+            default:
+                Print(json, new { file = name, format, served = false, reason = $"{format} is not served: an overlay base must be raw or qcow2" },
+                    $"file:         {name}\nformat:       {format}\nrefused:      {format} is not served: an overlay base must be raw or qcow2 (convert it with qemu-img convert -O qcow2)");
+                return 1;
+        }
+    }
+
+    private int InspectQcow2(string path, bool json, Func<Qcow2Image> open)
     {
         Qcow2Image image;
         try
         {
-            image = Qcow2Image.Open(path);
+            image = open();
         }
         catch (Qcow2Exception e)
         {

@@ -1,5 +1,6 @@
 using System.CommandLine;
 using Gateway.Host;
+using Gateway.Backends.Qcow2;
 
 var configOption = new Option<string?>("--config") { Description = "JSON configuration file (keys Gateway:Data, Gateway:Nbd, Gateway:Admin)" };
 var dataOption = new Option<string?>("--data") { Description = $"Data folder: SQLite state and export files (default {GatewayOptions.DefaultData})" };
@@ -75,7 +76,9 @@ add.Options.Add(descriptionOption);
 add.Options.Add(pathOption);
 OverlayCli.AddOptions(add);
 S3Cli.AddOptions(add);
-add.SetAction((parse, ct) => S3Cli.IsS3(parse)
+add.SetAction((parse, ct) => OverlayCli.BaseImage(parse) is { } baseImage && S3ImageLocation.IsS3Name(baseImage)
+    ? Cli(parse).AddOverlayAsync(parse.GetValue(nameArgument)!, parse.GetValue(sizeOption)!, parse.GetValue(readOnlyOption), parse.GetValue(descriptionOption), null, baseImage, ct, OverlayCli.BaseFormat(parse), S3Cli.IsS3(parse) ? S3Cli.Spec(parse) : null)
+    : S3Cli.IsS3(parse)
     ? Cli(parse).AddS3Async(parse.GetValue(nameArgument)!, parse.GetValue(sizeOption)!, parse.GetValue(readOnlyOption), parse.GetValue(descriptionOption), S3Cli.Spec(parse), ct)
     : OverlayCli.IsOverlay(parse)
     ? Cli(parse).AddOverlayAsync(parse.GetValue(nameArgument)!, parse.GetValue(sizeOption)!, parse.GetValue(readOnlyOption), parse.GetValue(descriptionOption), OverlayCli.Base(parse), OverlayCli.BaseImage(parse), ct, OverlayCli.BaseFormat(parse))

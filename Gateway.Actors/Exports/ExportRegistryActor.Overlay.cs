@@ -1,5 +1,6 @@
 using Akka.Actor;
 using Akka.Event;
+using Gateway.Backends.Overlay;
 
 namespace Gateway.Actors.Exports;
 
@@ -44,12 +45,14 @@ public sealed partial class ExportRegistryActor
                     $"base export '{baseName}' is a writable file export: make it read-only to share it as a base image, or use an overlay export as the base"));
                 return;
             }
-            Create(create with { Spec = spec with { Backend = backend with { Layers = [top], BaseImage = _backends.FilePath(source) } } });
+            // Raw, never detected: the guest wrote this file, and a qcow2 header it wrote at offset 0
+            // must not make the gateway follow tables (and backing file names) the guest chose.
+            Create(create with { Spec = spec with { Backend = backend with { Layers = [top], BaseImage = _backends.FilePath(source), BaseFormat = ImageFormat.Raw } } });
             return;
         }
         if (source.ReadOnly)
         {
-            Create(create with { Spec = spec with { Backend = backend with { Layers = [top, .. source.Backend.Layers ?? []], BaseImage = source.Backend.BaseImage, BaseFormat = source.Backend.BaseFormat } } });
+            Create(create with { Spec = spec with { Backend = backend with { Layers = [top, .. source.Backend.Layers ?? []], BaseImage = source.Backend.BaseImage, BaseFormat = source.Backend.BaseFormat, S3 = source.Backend.S3 } } });
             return;
         }
         CreateExport withTop = create with { Spec = spec with { Backend = backend with { Layers = [top] } } };
@@ -77,7 +80,7 @@ public sealed partial class ExportRegistryActor
             return;
         }
         // Create replies to Sender: make it the original asker.
-        Self.Tell(new CreateExport(spec with { Backend = spec.Backend with { Layers = [spec.Backend.Layers![0], .. layers[1..]], BaseImage = source.Backend.BaseImage, BaseFormat = source.Backend.BaseFormat } }), next.ReplyTo);
+        Self.Tell(new CreateExport(spec with { Backend = spec.Backend with { Layers = [spec.Backend.Layers![0], .. layers[1..]], BaseImage = source.Backend.BaseImage, BaseFormat = source.Backend.BaseFormat, S3 = source.Backend.S3 } }), next.ReplyTo);
     }
 
     /// <summary>The base's snapshot is done: share the layers below its new top.</summary>
@@ -94,7 +97,7 @@ public sealed partial class ExportRegistryActor
             Sender.Tell(CommandResult.Fail(ExportErrorKind.Conflict, $"base export '{spec.Backend.Base}' went away while it was being snapshotted"));
             return;
         }
-        Create(done.Create with { Spec = spec with { Backend = spec.Backend with { Layers = [spec.Backend.Layers![0], .. layers[1..]], BaseImage = source.Backend.BaseImage, BaseFormat = source.Backend.BaseFormat } } });
+        Create(done.Create with { Spec = spec with { Backend = spec.Backend with { Layers = [spec.Backend.Layers![0], .. layers[1..]], BaseImage = source.Backend.BaseImage, BaseFormat = source.Backend.BaseFormat, S3 = source.Backend.S3 } } });
     }
 
     /// <summary>

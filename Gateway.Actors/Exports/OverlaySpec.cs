@@ -1,4 +1,5 @@
 using Gateway.Backends.Overlay;
+using Gateway.Backends.Qcow2;
 using System.Text.RegularExpressions;
 
 namespace Gateway.Actors.Exports;
@@ -35,6 +36,21 @@ public static partial class OverlayRules
         if (backend.BaseFormat is not null && backend.BaseImage is null)
         {
             return "baseFormat applies to a baseImage only (a base export's format is its own)";
+        }
+        if (backend.BaseImage is { } image && S3ImageLocation.IsS3Name(image))
+        {
+            if (S3ImageLocation.Split(image) is not (string bucket, _))
+            {
+                return $"baseImage '{image}' is invalid: give s3://BUCKET/KEY";
+            }
+            if (bucket.Length is < 3 or > 63 || bucket.Any(c => !(char.IsAsciiLetterLower(c) || char.IsAsciiDigit(c) || c is '-' or '.')))
+            {
+                return $"baseImage '{image}' is invalid: bucket '{bucket}' must be 3-63 lower-case letters, digits, '-' or '.'";
+            }
+            if (backend.S3 is null)
+            {
+                return $"baseImage '{image}' is an S3 object: give s3 settings with its endpoint (and region and credentials if needed)";
+            }
         }
         if (backend.Base is { } name && !NamePattern().IsMatch(name))
         {

@@ -1,3 +1,4 @@
+using Gateway.Backends.Qcow2;
 using Gateway.Backends.S3;
 
 namespace Gateway.Actors.Exports;
@@ -48,7 +49,13 @@ public static class S3Rules
         S3Spec? s3 = spec.Backend.S3;
         if (spec.Backend.Type != BackendSpec.S3Type)
         {
-            return s3 is null ? null : $"s3 settings are only for backend type 's3', not '{spec.Backend.Type}'";
+            if (s3 is null)
+            {
+                return null;
+            }
+            return spec.Backend.Type == BackendSpec.Overlay && spec.Backend.BaseImage is { } image && S3ImageLocation.IsS3Name(image)
+                ? ValidateBaseImage(s3)
+                : $"s3 settings are only for backend type 's3' (or an overlay whose baseImage is s3://BUCKET/KEY), not '{spec.Backend.Type}'";
         }
         if (s3 is null)
         {
@@ -58,13 +65,9 @@ public static class S3Rules
         {
             return "backend type 's3' takes no path, base or baseImage";
         }
-        if (string.IsNullOrWhiteSpace(s3.Endpoint))
+        if (ValidateEndpoint(s3) is string endpointProblem)
         {
-            return "s3 endpoint is required (e.g. http://127.0.0.1:4568 or https://s3.eu-west-1.amazonaws.com)";
-        }
-        if (!Uri.TryCreate(s3.Endpoint, UriKind.Absolute, out Uri? endpoint) || endpoint.Scheme is not ("http" or "https"))
-        {
-            return $"s3 endpoint '{s3.Endpoint}' is invalid: give an http:// or https:// URL";
+            return endpointProblem;
         }
         if (string.IsNullOrWhiteSpace(s3.Bucket) || s3.Bucket.Length is < 3 or > 63 || s3.Bucket.Any(c => !(char.IsAsciiLetterLower(c) || char.IsAsciiDigit(c) || c is '-' or '.')))
         {
@@ -98,6 +101,35 @@ public static class S3Rules
         if ((spec.Size + options.ObjectSize - 1) / options.ObjectSize > 1L << 32)
         {
             return $"size {spec.Size} is over 2^32 objects of {options.ObjectSize} bytes: use a larger objectSize";
+        }
+        return null;
+    }
+
+    /// <summary>The s3 settings of an overlay whose base image is an S3 object: where the store is and who signs; the bucket and key are the baseImage's.</summary>
+    private static string? ValidateBaseImage(S3Spec s3)
+    {
+        if (s3.Bucket is not null || s3.Prefix is not null || s3.ObjectSize is not null || s3.CacheBytes is not null || s3.Parallelism is not null || s3.WriteLog is not null)
+        {
+            return "an s3:// baseImage takes s3 endpoint, region and credentials only: its bucket and key are in the baseImage";
+        }
+        if (ValidateEndpoint(s3) is string problem)
+        {
+            return problem;
+        }
+        return string.IsNullOrEmpty(s3.AccessKey) != string.IsNullOrEmpty(s3.SecretKey)
+            ? "s3 accessKey and secretKey go together: give both, or neither to use the default AWS credentials"
+            : null;
+    }
+
+    private static string? ValidateEndpoint(S3Spec s3)
+    {
+        if (string.IsNullOrWhiteSpace(s3.Endpoint))
+        {
+            return "s3 endpoint is required (e.g. http://127.0.0.1:4568 or https://s3.eu-west-1.amazonaws.com)";
+        }
+        if (!Uri.TryCreate(s3.Endpoint, UriKind.Absolute, out Uri? endpoint) || endpoint.Scheme is not ("http" or "https"))
+        {
+            return $"s3 endpoint '{s3.Endpoint}' is invalid: give an http:// or https:// URL";
         }
         return null;
     }

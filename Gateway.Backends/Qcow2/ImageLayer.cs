@@ -34,5 +34,14 @@ internal abstract class ImageLayer : IDisposable
     /// <summary>Reads the bytes of a <see cref="RunKind.Data"/> or <see cref="RunKind.Compressed"/> run that <see cref="Map"/> gave for <paramref name="guestOffset"/>.</summary>
     public abstract void Read(LayerRun run, long guestOffset, Span<byte> destination);
 
+    /// <summary>
+    /// <see cref="Map"/> from what is in memory only (the L2 tables cached): false when it would
+    /// have to read the file.
+    /// </summary>
+    public abstract bool TryMapNoWait(long offset, long length, out LayerRun run);
+
+    /// <summary><see cref="Read"/> without waiting (a page-cache hit of a local file's uncompressed data), or false.</summary>
+    public abstract bool TryReadNoWait(LayerRun run, long guestOffset, Span<byte> destination);
+
     public abstract void Dispose();
 }

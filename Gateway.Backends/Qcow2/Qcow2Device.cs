@@ -3,12 +3,12 @@ using Gateway.Backends.Overlay;
 namespace Gateway.Backends.Qcow2;
 
 /// <summary>
-/// A qcow2 image (with its backing chain) as the read-only bottom of an overlay. Every device
+/// A qcow2 image (with its backing chain), or a raw S3 object, as the read-only bottom of an overlay. Every device
 /// opened on the same file shares one <see cref="Qcow2Image"/> (its L2 cache and file handles);
 /// the image closes with the last device. A file replaced since (another length or write time)
 /// opens afresh. A bad L2 entry met by a read fails that read with an I/O error, naming the image.
 /// </summary>
-public sealed class Qcow2Device : IBlockDevice, IImageChain
+public sealed class Qcow2Device : IBlockDevice, IImageChain, INonBlockingIo
 {
     private static readonly Dictionary<(string Path, long Length, DateTime Written), Shared> s_open = [];
     private static readonly Lock s_lock = new();
@@ -40,6 +40,52 @@ public sealed class Qcow2Device : IBlockDevice, IImageChain
             }
             shared.Users++;
             return new Qcow2Device(shared);
+        }
+    }
+
+    /// <summary>
+    /// Opens (or shares) the image <paramref name="name"/> (<c>s3://BUCKET/KEY</c>) as
+    /// <paramref name="format"/> (qcow2 with its chain, or raw), read by range. Shared by store,
+    /// name and format: an object replaced meanwhile is not noticed until every export on it has
+    /// closed. Takes ownership of <paramref name="location"/>.
+    /// </summary>
+    public static Qcow2Device Open(S3ImageLocation location, string name, string format)
+    {
+        using (location)
+        {
+            var key = ($"{location.Endpoint} {format} {name}", -1L, default(DateTime));
+            lock (s_lock)
+            {
+                if (!s_open.TryGetValue(key, out Shared? shared))
+                {
+                    Qcow2Image image = format == ImageFormat.Raw ? Qcow2Image.OpenRaw(name, location) : Qcow2Image.Open(name, location);
+                    shared = new Shared(key, image);
+                    s_open[key] = shared;
+                }
+                shared.Users++;
+                return new Qcow2Device(shared);
+            }
+        }
+    }
+
+    /// <summary>
+    /// The fast path of a read that needs no I/O but a page-cache hit: its L2 tables are cached, so
+    /// an allocated uncompressed cluster is one <c>preadv2(RWF_NOWAIT)</c> at a known offset.
+    /// </summary>
+    public bool TryReadNoWait(long offset, Span<byte> destination) =>
+        Volatile.Read(ref _disposed) == 0 && TryReadImage(offset, destination);
+
+    public bool TryWriteNoWait(long offset, ReadOnlySpan<byte> source) => false;
+
+    private bool TryReadImage(long offset, Span<byte> destination)
+    {
+        try
+        {
+            return _shared.Image.TryReadNoWait(offset, destination);
+        }
+        catch (Exception e) when (e is Qcow2Exception or ObjectDisposedException)
+        {
+            return false; // the blocking path reads it again and reports the error
         }
     }
 
@@ -162,6 +208,7 @@ public sealed class Qcow2Device : IBlockDevice, IImageChain
     {
         Qcow2Exception q => new BlockDeviceException(BlockErrorKind.Io, q.Message, q) { Offset = offset },
         ObjectDisposedException => DeviceBounds.Shutdown(e),
+        IOException => new BlockDeviceException(BlockErrorKind.Io, e.Message, e) { Offset = offset }, // an S3 image's store failing
         _ => e,
     };
 

@@ -1,6 +1,5 @@
 using System.Buffers.Binary;
 using System.Text;
-using Microsoft.Win32.SafeHandles;
 
 namespace Gateway.Backends.Qcow2;
 
@@ -80,16 +79,17 @@ public sealed class Qcow2Header
     public int L2Bits => ClusterBits - (ExtendedL2 ? 4 : 3);
 
     /// <summary>Reads and checks the header of an open image file.</summary>
-    public static Qcow2Header Read(SafeFileHandle file, string path)
+    public static Qcow2Header Read(ImageSource file)
     {
-        long fileLength = RandomAccess.GetLength(file);
+        string path = file.Name;
+        long fileLength = file.Length;
         if (fileLength < 72)
         {
             throw new Qcow2Exception(path, $"file of {fileLength} bytes is shorter than a qcow2 header");
         }
         // Everything the header names sits in its first cluster; read at most the largest one.
         byte[] buffer = new byte[(int)Math.Min(fileLength, 1 << MaxClusterBits)];
-        int got = RandomAccess.Read(file, buffer, 0);
+        int got = file.Read(buffer, 0);
         return Parse(buffer.AsSpan(0, got), fileLength, path);
     }
 

@@ -1,5 +1,4 @@
 using Gateway.Backends.Overlay;
-using Microsoft.Win32.SafeHandles;
 
 namespace Gateway.Backends.Qcow2;
 
@@ -32,20 +31,24 @@ public sealed class Qcow2Image : IDisposable
 
     public long VirtualSize => _layers[0].VirtualSize;
 
-    /// <summary>The top image's header.</summary>
-    public Qcow2Header Header => ((Qcow2Layer)_layers[0]).Header;
+    /// <summary>The top image's header (an image opened with <see cref="OpenRaw"/> has none).</summary>
+    public Qcow2Header Header => _layers[0] is Qcow2Layer top ? top.Header : throw new InvalidOperationException($"'{Path}' is a raw image");
 
     /// <summary>The chain, top first.</summary>
     public IReadOnlyList<ChainFile> Chain => [.. _layers.Select(l => new ChainFile(l.Path, l.Format, l.VirtualSize))];
 
     /// <summary>Opens the qcow2 image at <paramref name="path"/> and its whole backing chain.</summary>
-    public static Qcow2Image Open(string path)
+    public static Qcow2Image Open(string path) => Open(System.IO.Path.GetFullPath(path), ImageLocation.Files);
+
+    /// <summary>Opens the qcow2 image <paramref name="name"/> (a full name in <paramref name="location"/>) and its whole backing chain, found in the same location.</summary>
+    public static Qcow2Image Open(string name, ImageLocation location)
     {
+        string path = name;
         var layers = new List<ImageLayer>();
         var seen = new HashSet<string>(StringComparer.Ordinal);
         try
         {
-            string current = System.IO.Path.GetFullPath(path);
+            string current = name;
             string format = "qcow2";
             string? referrer = null;
             while (true)
@@ -58,25 +61,26 @@ public sealed class Qcow2Image : IDisposable
                 {
                     throw new Qcow2Exception(path, $"backing chain is deeper than {MaxChainLength} images");
                 }
-                SafeFileHandle file = OpenFile(current, referrer);
+                ImageSource file = OpenFile(location, current, referrer);
                 bool owned = false;
                 try
                 {
                     if (format == "raw")
                     {
                         layers.Add(new RawLayer(file) { Path = current });
+                        owned = true;
                         break;
                     }
-                    Qcow2Header header = Qcow2Header.Read(file, current);
-                    layers.Add(Qcow2Layer.Open(current, file, header));
+                    Qcow2Header header = Qcow2Header.Read(file);
+                    layers.Add(Qcow2Layer.Open(file, header, location));
                     owned = true;
                     if (header.BackingFile is not { } backing)
                     {
                         break;
                     }
                     referrer = current;
-                    current = System.IO.Path.GetFullPath(backing, System.IO.Path.GetDirectoryName(current)!);
-                    format = header.BackingFormat ?? Probe(current, referrer);
+                    current = location.Resolve(current, backing);
+                    format = header.BackingFormat ?? Probe(location, current, referrer);
                     if (format is not ("raw" or "qcow2"))
                     {
                         throw new Qcow2Exception(referrer, $"backing file '{current}' is a {format} image: only qcow2 and raw backing files are read");
@@ -100,6 +104,9 @@ public sealed class Qcow2Image : IDisposable
         }
     }
 
+    /// <summary>A raw image alone (an S3 object read by range, with the same cache as a qcow2 image's).</summary>
+    public static Qcow2Image OpenRaw(string name, ImageLocation location) => new([new RawLayer(location.Open(name)) { Path = name }]);
+
     /// <summary>Reads guest bytes; ranges no layer holds read as zeros.</summary>
     public void Read(long offset, Span<byte> destination)
     {
@@ -120,6 +127,42 @@ public sealed class Qcow2Image : IDisposable
             destination = destination[length..];
             offset += length;
         }
+    }
+
+    /// <summary>
+    /// <see cref="Read"/> from memory and the page cache only: L2 tables already cached, data of
+    /// local files already in the page cache. False when any part would wait; the caller then
+    /// calls <see cref="Read"/>, which may have been given some of the bytes already.
+    /// </summary>
+    public bool TryReadNoWait(long offset, Span<byte> destination)
+    {
+        if (offset < 0 || offset > VirtualSize - destination.Length)
+        {
+            return false;
+        }
+        while (!destination.IsEmpty)
+        {
+            if (!TryResolveNoWait(offset, destination.Length, out LayerRun run, out int layer))
+            {
+                return false;
+            }
+            int length = (int)run.Length;
+            Span<byte> part = destination[..length];
+            if (run.Kind is RunKind.Data or RunKind.Compressed)
+            {
+                if (!_layers[layer].TryReadNoWait(run, offset, part))
+                {
+                    return false;
+                }
+            }
+            else
+            {
+                part.Clear();
+            }
+            destination = destination[length..];
+            offset += length;
+        }
+        return true;
     }
 
     public ValueTask ReadAsync(long offset, Memory<byte> destination, CancellationToken cancellationToken = default)
@@ -220,6 +263,33 @@ public sealed class Qcow2Image : IDisposable
         return (new LayerRun(length, RunKind.Unallocated), _layers.Length);
     }
 
+    /// <summary><see cref="Resolve"/> from cached L2 tables only.</summary>
+    private bool TryResolveNoWait(long offset, long length, out LayerRun run, out int layerIndex)
+    {
+        for (int i = 0; i < _layers.Length; i++)
+        {
+            ImageLayer layer = _layers[i];
+            if (offset >= layer.VirtualSize)
+            {
+                (run, layerIndex) = (new LayerRun(length, RunKind.Zero), i);
+                return true;
+            }
+            if (!layer.TryMapNoWait(offset, Math.Min(length, layer.VirtualSize - offset), out run))
+            {
+                layerIndex = -1;
+                return false;
+            }
+            if (run.Kind != RunKind.Unallocated)
+            {
+                layerIndex = i;
+                return true;
+            }
+            length = run.Length;
+        }
+        (run, layerIndex) = (new LayerRun(length, RunKind.Unallocated), _layers.Length);
+        return true;
+    }
+
     private void CheckRange(long offset, long length)
     {
         if (offset < 0 || length < 0 || offset > VirtualSize - length)
@@ -228,11 +298,11 @@ public sealed class Qcow2Image : IDisposable
         }
     }
 
-    private static SafeFileHandle OpenFile(string path, string? referrer)
+    private static ImageSource OpenFile(ImageLocation location, string path, string? referrer)
     {
         try
         {
-            return File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.Read);
+            return location.Open(path);
         }
         catch (Exception e) when (referrer is not null && e is IOException or UnauthorizedAccessException)
         {
@@ -241,11 +311,11 @@ public sealed class Qcow2Image : IDisposable
     }
 
     /// <summary>The format of a backing file the image names without one, from its header.</summary>
-    private static string Probe(string path, string referrer)
+    private static string Probe(ImageLocation location, string path, string referrer)
     {
-        using SafeFileHandle file = OpenFile(path, referrer);
+        using ImageSource file = OpenFile(location, path, referrer);
         byte[] head = new byte[512];
-        int read = RandomAccess.Read(file, head, 0);
+        int read = file.Read(head, 0);
         return ImageFormat.Detect(head.AsSpan(0, read)) ?? "raw";
     }
 }

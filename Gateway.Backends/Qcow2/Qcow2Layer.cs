@@ -1,7 +1,6 @@
 using System.Buffers;
 using System.Buffers.Binary;
 using System.IO.Compression;
-using Microsoft.Win32.SafeHandles;
 
 namespace Gateway.Backends.Qcow2;
 
@@ -25,8 +24,8 @@ internal sealed class Qcow2Layer : ImageLayer
     private const ulong L2Reserved = 0x3f00_0000_0000_01fe;
     private const int Subclusters = 32;
 
-    private readonly SafeFileHandle _file;
-    private readonly SafeFileHandle? _dataFile;
+    private readonly ImageSource _file;
+    private readonly ImageSource? _dataFile;
     private readonly long _fileLength;
     private readonly long _dataLength;
     private readonly ulong[] _l1;
@@ -35,7 +34,7 @@ internal sealed class Qcow2Layer : ImageLayer
     private readonly int _compressedShift;
     private volatile DecompressedCluster? _lastCompressed;
 
-    private Qcow2Layer(SafeFileHandle file, SafeFileHandle? dataFile, Qcow2Header header, ulong[] l1, long fileLength, long dataLength)
+    private Qcow2Layer(ImageSource file, ImageSource? dataFile, Qcow2Header header, ulong[] l1, long fileLength, long dataLength)
     {
         _file = file;
         _dataFile = dataFile;
@@ -55,11 +54,12 @@ internal sealed class Qcow2Layer : ImageLayer
     public override long VirtualSize => Header.VirtualSize;
 
     /// <summary>Opens an image file whose header was read and checked; takes ownership of <paramref name="file"/>.</summary>
-    public static Qcow2Layer Open(string path, SafeFileHandle file, Qcow2Header header)
+    public static Qcow2Layer Open(ImageSource file, Qcow2Header header, ImageLocation location)
     {
-        long fileLength = RandomAccess.GetLength(file);
+        string path = file.Name;
+        long fileLength = file.Length;
         byte[] bytes = new byte[header.L1Size * 8L];
-        if (bytes.Length > 0 && RandomAccess.Read(file, bytes, header.L1Offset) != bytes.Length)
+        if (bytes.Length > 0 && file.Read(bytes, header.L1Offset) != bytes.Length)
         {
             throw new Qcow2Exception(path, "the L1 table could not be read whole");
         }
@@ -80,20 +80,20 @@ internal sealed class Qcow2Layer : ImageLayer
             l1[i] = table;
         }
 
-        SafeFileHandle? dataFile = null;
+        ImageSource? dataFile = null;
         long dataLength = fileLength;
         if (header.DataFile is { } name)
         {
-            string dataPath = System.IO.Path.GetFullPath(name, System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path))!);
+            string dataPath = location.Resolve(path, name);
             try
             {
-                dataFile = File.OpenHandle(dataPath, FileMode.Open, FileAccess.Read, FileShare.Read);
+                dataFile = location.Open(dataPath);
             }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
                 throw new Qcow2Exception(path, $"external data file '{dataPath}' cannot be opened: {e.Message}", e);
             }
-            dataLength = RandomAccess.GetLength(dataFile);
+            dataLength = dataFile.Length;
         }
         return new Qcow2Layer(file, dataFile, header, l1, fileLength, dataLength) { Path = path };
     }
@@ -106,9 +106,18 @@ internal sealed class Qcow2Layer : ImageLayer
     /// </summary>
     public override LayerRun Map(long offset, long length)
     {
+        MapRun(offset, length, noWait: false, out LayerRun run);
+        return run;
+    }
+
+    public override bool TryMapNoWait(long offset, long length, out LayerRun run) => MapRun(offset, length, noWait: true, out run);
+
+    /// <summary>The run as <see cref="Map"/> gives it; with <paramref name="noWait"/>, false instead of reading an L2 table that is not cached.</summary>
+    private bool MapRun(long offset, long length, bool noWait, out LayerRun run)
+    {
         int spanBits = Header.ClusterBits + Header.L2Bits;
         long end = offset + length;
-        LayerRun run = default;
+        run = default;
         long at = offset;
         while (at < end)
         {
@@ -124,19 +133,32 @@ internal sealed class Qcow2Layer : ImageLayer
                 at = tableEnd;
                 continue;
             }
-            byte[] l2 = LoadL2((long)table);
+            byte[] l2;
+            if (!noWait)
+            {
+                l2 = LoadL2((long)table);
+            }
+            else if (!_l2.TryGet((long)table, out byte[]? cached))
+            {
+                // The run so far is whole; only its first table may not be missing.
+                return at > offset;
+            }
+            else
+            {
+                l2 = cached;
+            }
             while (at < tableEnd)
             {
                 (RunKind kind, long host, long unitEnd) = Classify(l2, at);
                 long piece = Math.Min(unitEnd, tableEnd) - at;
                 if (!Extend(ref run, offset, at, piece, kind, host) || kind == RunKind.Compressed)
                 {
-                    return run;
+                    return true;
                 }
                 at += piece;
             }
         }
-        return run;
+        return true;
     }
 
     /// <summary>Adds the piece at <paramref name="at"/> to the run that began at <paramref name="offset"/>; false when it cannot join it (a compressed cluster is a run of its own).</summary>
@@ -211,12 +233,27 @@ internal sealed class Qcow2Layer : ImageLayer
     {
         if (run.Kind == RunKind.Data)
         {
-            HostFile.ReadZeroPadded(_dataFile ?? _file, run.HostOffset, destination);
+            (_dataFile ?? _file).ReadZeroPadded(run.HostOffset, destination);
             return;
         }
         long clusterSize = Header.ClusterSize;
         byte[] cluster = Decompress(run.HostOffset, guestOffset & ~(clusterSize - 1));
         cluster.AsSpan((int)(guestOffset & (clusterSize - 1)), destination.Length).CopyTo(destination);
+    }
+
+    /// <summary>Uncompressed data from the page cache; a compressed cluster only when it is the one kept decompressed.</summary>
+    public override bool TryReadNoWait(LayerRun run, long guestOffset, Span<byte> destination)
+    {
+        if (run.Kind == RunKind.Data)
+        {
+            return (_dataFile ?? _file).TryReadNoWait(destination, run.HostOffset);
+        }
+        if (_lastCompressed is { } last && last.Descriptor == run.HostOffset)
+        {
+            last.Bytes.AsSpan((int)(guestOffset & (Header.ClusterSize - 1)), destination.Length).CopyTo(destination);
+            return true;
+        }
+        return false;
     }
 
     /// <summary>
@@ -243,7 +280,7 @@ internal sealed class Qcow2Layer : ImageLayer
         byte[] cluster = new byte[1 << clusterBits];
         try
         {
-            int read = RandomAccess.Read(_file, compressed.AsSpan(0, (int)size), host);
+            int read = _file.Read(compressed.AsSpan(0, (int)size), host);
             using var input = new MemoryStream(compressed, 0, read, writable: false);
             using Stream decoder = Header.Compression == Qcow2Compression.Zstd
                 ? new ZstdSharp.DecompressionStream(input, leaveOpen: true)
@@ -274,7 +311,7 @@ internal sealed class Qcow2Layer : ImageLayer
         }
         // Read outside the cache's lock: two readers missing the same table both read it, harmlessly.
         table = new byte[Header.ClusterSize];
-        if (RandomAccess.Read(_file, table, offset) != table.Length)
+        if (_file.Read(table, offset) != table.Length)
         {
             throw Corrupt($"L2 table at 0x{offset:x} could not be read whole");
         }

@@ -1,13 +1,11 @@
-using Microsoft.Win32.SafeHandles;
-
 namespace Gateway.Backends.Qcow2;
 
 /// <summary>A raw backing file: every byte up to its length is data.</summary>
 internal sealed class RawLayer : ImageLayer
 {
-    private readonly SafeFileHandle _file;
+    private readonly ImageSource _file;
 
-    public RawLayer(SafeFileHandle file) => (_file, VirtualSize) = (file, RandomAccess.GetLength(file));
+    public RawLayer(ImageSource file) => (_file, VirtualSize) = (file, file.Length);
 
     public override string Format => "raw";
 
@@ -15,27 +13,17 @@ internal sealed class RawLayer : ImageLayer
 
     public override LayerRun Map(long offset, long length) => new(length, RunKind.Data, offset);
 
+    public override bool TryMapNoWait(long offset, long length, out LayerRun run)
+    {
+        run = Map(offset, length);
+        return true;
+    }
+
     public override void Read(LayerRun run, long guestOffset, Span<byte> destination) =>
-        HostFile.ReadZeroPadded(_file, guestOffset, destination);
+        _file.ReadZeroPadded(guestOffset, destination);
+
+    public override bool TryReadNoWait(LayerRun run, long guestOffset, Span<byte> destination) =>
+        _file.TryReadNoWait(destination, guestOffset);
 
     public override void Dispose() => _file.Dispose();
-}
-
-internal static class HostFile
-{
-    /// <summary>Reads at <paramref name="offset"/>; what lies past the file's end reads as zeros (as qemu's file driver does).</summary>
-    public static void ReadZeroPadded(SafeFileHandle file, long offset, Span<byte> destination)
-    {
-        while (!destination.IsEmpty)
-        {
-            int read = RandomAccess.Read(file, destination, offset);
-            if (read == 0)
-            {
-                destination.Clear();
-                return;
-            }
-            destination = destination[read..];
-            offset += read;
-        }
-    }
 }

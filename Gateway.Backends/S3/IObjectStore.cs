@@ -21,6 +21,13 @@ public interface IObjectStore : IDisposable
     /// <summary>Deletes the object; deleting a missing object succeeds.</summary>
     Task DeleteAsync(string key, CancellationToken cancellationToken);
 
+    /// <summary>
+    /// The object's length (S3's HEAD); a <see cref="FileNotFoundException"/> when the store says it
+    /// does not exist. Stores that never hold whole files (the chunk path's tests) need not answer.
+    /// </summary>
+    Task<long> GetLengthAsync(string key, CancellationToken cancellationToken) =>
+        Task.FromException<long>(new NotSupportedException($"{GetType().Name} does not tell object lengths"));
+
     /// <summary>The keys that start with <paramref name="prefix"/>.</summary>
     IAsyncEnumerable<string> ListAsync(string prefix, CancellationToken cancellationToken);
 }

@@ -89,6 +89,20 @@ public sealed class S3ObjectStore : IObjectStore
         }
     }
 
+    public async Task<long> GetLengthAsync(string key, CancellationToken cancellationToken)
+    {
+        try
+        {
+            GetObjectMetadataResponse head = await _client.GetObjectMetadataAsync(_bucket, key, cancellationToken).ConfigureAwait(false);
+            return head.ContentLength;
+        }
+        catch (AmazonS3Exception e) when (e.StatusCode == HttpStatusCode.NotFound)
+        {
+            // A HEAD answer has no body, so NoSuchKey and NoSuchBucket look alike: both are "not there" to whoever opens the object.
+            throw new FileNotFoundException($"S3 has no object '{key}' in bucket '{_bucket}' (404)", key, e);
+        }
+    }
+
     public async Task PutAsync(string key, byte[] data, int length, CancellationToken cancellationToken)
     {
         using var body = new MemoryStream(data, 0, length, writable: false);

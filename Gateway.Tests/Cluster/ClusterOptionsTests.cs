@@ -156,5 +156,19 @@ public sealed class ClusterOptionsTests
 
         Assert.Null(AdminApi.ToSpec(bare, out problem));
         Assert.Contains("endpoint", problem);
+
+        // An overlay on an S3 base image: the configured store unless the request names one; the bucket is the image's.
+        CreateExportRequest overlay = JsonSerializer.Deserialize("""{"name":"c","size":"1G","backend":{"type":"overlay","baseImage":"s3://images/deb.qcow2"}}""", AdminJson.Default.CreateExportRequest)!;
+        spec = AdminApi.ToSpec(overlay, out problem, defaults);
+        Assert.Null(problem);
+        Assert.Equal(("http://minio:9000", null, null), (spec!.Backend.S3!.Endpoint, spec.Backend.S3.Bucket, spec.Backend.S3.Prefix));
+        Assert.Null(AdminApi.ToSpec(overlay, out problem));
+        Assert.Contains("give s3 settings with its endpoint", problem);
+        CreateExportRequest withBucket = JsonSerializer.Deserialize("""{"name":"d","size":"1G","backend":{"type":"overlay","baseImage":"s3://images/deb.qcow2","s3":{"endpoint":"http://x:9000","bucket":"images"}}}""", AdminJson.Default.CreateExportRequest)!;
+        Assert.Null(AdminApi.ToSpec(withBucket, out problem));
+        Assert.Contains("bucket and key are in the baseImage", problem);
+        CreateExportRequest notS3 = JsonSerializer.Deserialize("""{"name":"e","size":"1G","backend":{"type":"overlay","baseImage":"/images/deb.qcow2","s3":{"endpoint":"http://x:9000"}}}""", AdminJson.Default.CreateExportRequest)!;
+        Assert.Null(AdminApi.ToSpec(notS3, out problem));
+        Assert.Contains("s3 settings are only for", problem);
     }
 }

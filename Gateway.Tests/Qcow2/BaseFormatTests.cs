@@ -118,6 +118,34 @@ public sealed class BaseFormatTests
         Assert.Contains("baseFormat is raw", gateway.Output);
     }
 
+    [Fact]
+    public async Task A_file_export_whose_guest_wrote_a_qcow2_header_is_served_raw_as_a_base_never_as_qcow2()
+    {
+        await using GatewayProcess gateway = await GatewayProcess.StartAsync();
+        // What a guest can write to its own disk: a qcow2 header whose backing file is a file of the
+        // gateway's host. Read as qcow2, the overlay would serve the host's file as the guest's disk.
+        string disk = Path.Combine(gateway.DataDirectory, "guest.img");
+        string secret = Path.Combine(gateway.DataDirectory, "host-secret.raw");
+        await gateway.RunAsync("qemu-img", ["create", "-f", "raw", secret, "1M"]);
+        await gateway.RunAsync("qemu-io", ["-f", "raw", "-c", "write -P 0x77 0 1M", secret]);
+        await gateway.RunAsync("qemu-img", ["create", "-f", "qcow2", "-b", secret, "-F", "raw", disk, "1M"]);
+        await gateway.RunAsync("qemu-img", ["resize", "-f", "raw", disk, "1M"]);
+        byte[] written = await File.ReadAllBytesAsync(disk);
+
+        await CreatedAsync(gateway, new { name = "guest", size = MiB, readOnly = true, backend = new { type = "file", path = disk } });
+        await CreatedAsync(gateway, new { name = "on-guest", size = MiB, backend = new { type = "overlay", @base = "guest" } });
+        Assert.Equal("raw", await BaseFormatOfAsync(gateway, "on-guest"));
+        await CreatedAsync(gateway, new { name = "clone", size = MiB, backend = new { type = "overlay", @base = "on-guest" } });
+
+        foreach (string name in new[] { "on-guest", "clone" })
+        {
+            string copy = Path.Combine(gateway.DataDirectory, name + ".copy");
+            await gateway.RunAsync("nbdcopy", [gateway.NbdUri(name), copy]);
+            byte[] read = await File.ReadAllBytesAsync(copy);
+            Assert.True(written.AsSpan().SequenceEqual(read), $"{name}: the overlay on a file export does not serve the file's own bytes (first byte 0x{read[0]:x2}; 0x77 is the host file the header names)");
+        }
+    }
+
     private static async Task<string> RefusedAsync(GatewayProcess gateway, object request)
     {
         using HttpResponseMessage response = await gateway.Http.PostAsJsonAsync("v1/exports", request);

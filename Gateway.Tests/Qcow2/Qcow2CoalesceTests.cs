@@ -1,5 +1,4 @@
 using Gateway.Backends.Qcow2;
-using Microsoft.Win32.SafeHandles;
 using Xunit;
 
 namespace Gateway.Tests.Qcow2;
@@ -44,7 +43,7 @@ public sealed class Qcow2CoalesceTests : IDisposable
 
     private static Qcow2Layer OpenLayer(string path)
     {
-        SafeFileHandle file = File.OpenHandle(path, FileMode.Open, FileAccess.Read, FileShare.Read);
-        return Qcow2Layer.Open(path, file, Qcow2Header.Read(file, path));
+        ImageSource file = ImageLocation.Files.Open(path);
+        return Qcow2Layer.Open(file, Qcow2Header.Read(file), ImageLocation.Files);
     }
 }

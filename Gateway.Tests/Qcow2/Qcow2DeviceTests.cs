@@ -60,6 +60,40 @@ public sealed class Qcow2DeviceTests : IDisposable
     }
 
     [Fact]
+    public async Task A_read_whose_l2_tables_are_cached_is_served_without_waiting_and_one_that_needs_io_is_not()
+    {
+        await _images.RawAsync("nw.raw", 2 * MiB, 0x01);
+        await _images.Qcow2Async("nw.qcow2", 4 * MiB, "-b", "nw.raw", "-F", "raw", "-o", "cluster_size=4k");
+        await _images.Io("nw.qcow2", "write -P 0x02 64k 8k", "write -c -P 0x03 1M 4k", "write -z 128k 4k");
+        using Qcow2Device device = Qcow2Device.Open(_images.PathOf("nw.qcow2"));
+        byte[] bytes = new byte[8192];
+
+        // Nothing cached yet: the L2 table must be read first, so the fast path declines.
+        Assert.False(device.TryReadNoWait(64 * 1024, bytes));
+        await device.ReadAsync(64 * 1024, bytes);
+        Assert.True(device.TryReadNoWait(64 * 1024, bytes)); // the L2 table cached, the data in the page cache
+        Assert.All(bytes, b => Assert.Equal(0x02, b));
+
+        // Zeros, the raw backing file past the qcow2's data, and beyond the backing file's end.
+        Assert.True(device.TryReadNoWait(128 * 1024, bytes.AsSpan(0, 4096)));
+        Assert.All(bytes.AsSpan(0, 4096).ToArray(), b => Assert.Equal(0, b));
+        Assert.True(device.TryReadNoWait(256 * 1024, bytes));
+        Assert.All(bytes, b => Assert.Equal(0x01, b));
+        Assert.True(device.TryReadNoWait(3 * MiB, bytes));
+        Assert.All(bytes, b => Assert.Equal(0, b));
+
+        // A compressed cluster waits for its decompression once, then is served from it.
+        Assert.False(device.TryReadNoWait(MiB, bytes.AsSpan(0, 4096)));
+        await device.ReadAsync(MiB, bytes.AsMemory(0, 4096));
+        bytes.AsSpan().Clear();
+        Assert.True(device.TryReadNoWait(MiB, bytes.AsSpan(0, 4096)));
+        Assert.All(bytes.AsSpan(0, 4096).ToArray(), b => Assert.Equal(0x03, b));
+
+        Assert.False(device.TryReadNoWait(4 * MiB - 4096, bytes)); // past the end: the slow path answers the error
+        Assert.False(device.TryWriteNoWait(0, bytes));
+    }
+
+    [Fact]
     public void The_l2_cache_keeps_at_most_its_capacity_and_the_most_recent_tables()
     {
         var cache = new L2Cache(4);
