@@ -17,12 +17,13 @@ public sealed class NbdServerCollection
 }
 
 /// <summary>
-/// Bad and awkward input over a real loopback socket against the in-process server: each case
-/// checks the exact answer the spec gives it (proto.md), and that afterwards the same connection,
-/// or another one when the spec says to close, still works.
+/// Bad and awkward input against the in-process server: each case checks the exact answer the spec
+/// gives it (proto.md), and that afterwards the same connection, or another one when the spec says
+/// to close, still works. Run twice: over an in-memory pipe (<see cref="BadInputInMemoryTests"/>,
+/// nothing but the server's code between client and server) and over a real loopback socket
+/// (<see cref="BadInputTests"/>, where resets and half-closes are the kernel's).
 /// </summary>
-[Collection(NbdServerCollection.Name)]
-public sealed class BadInputTests : IAsyncLifetime
+public abstract class BadInputSuite : IAsyncLifetime
 {
     private const int KiB = 1024;
     private const int MiB = 1024 * KiB;
@@ -36,13 +37,13 @@ public sealed class BadInputTests : IAsyncLifetime
     private readonly TestDevice _rw;
     private readonly TestDevice _slow;
 
-    public BadInputTests()
+    protected BadInputSuite(bool inMemory)
     {
         var exports = new TestExportDirectory();
         _rw = exports.Add(Rw, new MemoryBackend(RwSize), "read-write test export");
         exports.Add(Ro, new MemoryBackend(RoSize, readOnly: true));
         _slow = exports.Add(Slow, new MemoryBackend(4L * MiB));
-        _server = new NbdTestServer(exports);
+        _server = new NbdTestServer(exports, inMemory: inMemory);
     }
 
     public Task InitializeAsync() => Task.CompletedTask;
@@ -1009,3 +1010,11 @@ public sealed class BadInputTests : IAsyncLifetime
         Assert.Equal([((uint)page - 100, 0u)], oneDataChunk.Descriptors);
     }
 }
+
+/// <summary>The bad-input suite over a real loopback socket.</summary>
+[Collection(NbdServerCollection.Name)]
+public sealed class BadInputTests() : BadInputSuite(inMemory: false);
+
+/// <summary>The bad-input suite over an in-memory pipe: no socket, no kernel between client and server.</summary>
+[Collection(NbdServerCollection.Name)]
+public sealed class BadInputInMemoryTests() : BadInputSuite(inMemory: true);

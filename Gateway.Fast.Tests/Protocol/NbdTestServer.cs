@@ -1,15 +1,18 @@
 using System.Collections.Concurrent;
+using System.IO.Pipelines;
 using System.Net;
 using System.Net.Sockets;
 using Gateway.Actors.Exports;
 using Gateway.Actors.Nbd;
 using Microsoft.Extensions.Logging.Abstractions;
+using Nerdbank.Streams;
 
 namespace Gateway.Tests.Protocol;
 
 /// <summary>
 /// The NBD server in process: a loopback listener on an ephemeral port whose connections are
-/// served by <see cref="NbdConnection.ServeAsync"/>, as the connection actor does, without actors.
+/// served by <see cref="NbdConnection.ServeAsync"/>, as the connection actor does, without actors;
+/// or, with <c>inMemory</c>, connections that are a pair of in-memory pipes (no socket at all).
 /// Disposal stops it and fails if a connection is still being served after a bounded wait, or if
 /// a connection ended with an exception (a client's misbehaviour must never surface as one).
 /// </summary>
@@ -28,9 +31,11 @@ public sealed class NbdTestServer : IAsyncDisposable
     private readonly IExportDirectory _served;
 
     /// <param name="served">The directory connections are served from, when not <paramref name="exports"/> (the peer listener's, say).</param>
-    public NbdTestServer(TestExportDirectory exports, NbdServerSettings? settings = null, IExportDirectory? served = null)
+    /// <param name="inMemory">Connections are in-memory pipes (<see cref="ConnectAsync"/>), not loopback sockets; <see cref="EndPoint"/> still listens.</param>
+    public NbdTestServer(TestExportDirectory exports, NbdServerSettings? settings = null, IExportDirectory? served = null, bool inMemory = false)
     {
         Exports = exports;
+        InMemory = inMemory;
         _settings = settings;
         _served = served ?? exports;
         _listener.Start();
@@ -39,6 +44,8 @@ public sealed class NbdTestServer : IAsyncDisposable
     }
 
     public TestExportDirectory Exports { get; }
+
+    public bool InMemory { get; }
 
     public IPEndPoint EndPoint { get; }
 
@@ -51,11 +58,24 @@ public sealed class NbdTestServer : IAsyncDisposable
     /// <summary>Exceptions that escaped ServeAsync.</summary>
     public ConcurrentQueue<Exception> Faults { get; } = new();
 
-    public Task<RawClient> ConnectAsync() => RawClient.ConnectAsync(EndPoint);
+    public Task<RawClient> ConnectAsync()
+    {
+        if (!InMemory)
+        {
+            return RawClient.ConnectAsync(EndPoint);
+        }
+        (IDuplexPipe client, IDuplexPipe server) = FullDuplexStream.CreatePipePair();
+        Interlocked.Increment(ref _active);
+        lock (_sessions)
+        {
+            _sessions.Add(Task.Run(() => ServeAsync(server.AsStream(), remote: null)));
+        }
+        return Task.FromResult(new RawClient(client));
+    }
 
     /// <summary>A client that has finished the handshake with GO on <paramref name="export"/>.</summary>
-    public Task<RawClient> OpenAsync(string export, bool structured = true, params string[] contexts) =>
-        RawClient.OpenAsync(EndPoint, export, structured, contexts);
+    public async Task<RawClient> OpenAsync(string export, bool structured = true, params string[] contexts) =>
+        await RawClient.NegotiateAsync(await ConnectAsync(), export, structured, contexts);
 
     private async Task AcceptLoopAsync()
     {
@@ -78,13 +98,25 @@ public sealed class NbdTestServer : IAsyncDisposable
         }
     }
 
-    private async Task ServeAsync(Socket socket)
+    private Task ServeAsync(Socket socket)
     {
         try
         {
             socket.NoDelay = true;
-            await using var stream = new NetworkStream(socket, ownsSocket: true);
-            await NbdConnection.ServeAsync(stream, _served, NullLogger.Instance, _stopping.Token, socket.RemoteEndPoint, _settings);
+        }
+        catch (SocketException)
+        {
+            // The client is gone already: the first read says so.
+        }
+        return ServeAsync(new NetworkStream(socket, ownsSocket: true), socket.RemoteEndPoint);
+    }
+
+    private async Task ServeAsync(Stream connection, EndPoint? remote)
+    {
+        try
+        {
+            await using Stream stream = connection;
+            await NbdConnection.ServeAsync(stream, _served, NullLogger.Instance, _stopping.Token, remote, _settings);
         }
         catch (Exception e)
         {

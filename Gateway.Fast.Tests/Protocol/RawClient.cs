@@ -1,9 +1,11 @@
 using System.Buffers;
 using System.Buffers.Binary;
+using System.IO.Pipelines;
 using System.Net;
 using System.Net.Sockets;
 using System.Text;
 using Gateway.Actors.Nbd;
+using Nerdbank.Streams;
 
 namespace Gateway.Tests.Protocol;
 
@@ -152,7 +154,9 @@ public sealed class RawClient : IAsyncDisposable
 {
     public static readonly TimeSpan Timeout = TimeSpan.FromSeconds(15);
 
-    private readonly Socket _socket;
+    // One of the two: a socket, or an in-memory connection (a pair of pipes, no kernel in between).
+    private readonly Socket? _socket;
+    private readonly IDuplexPipe? _pipe;
     private Stream _stream;
     private readonly SemaphoreSlim _sendLock = new(1, 1);
     private readonly Dictionary<ulong, (NbdCommand Command, ulong Offset, ulong Length)> _pending = [];
@@ -165,6 +169,13 @@ public sealed class RawClient : IAsyncDisposable
         _stream = new NetworkStream(socket, ownsSocket: true);
     }
 
+    /// <summary>Over the client's end of an in-memory connection (<c>FullDuplexStream.CreatePipePair</c>).</summary>
+    public RawClient(IDuplexPipe pipe)
+    {
+        _pipe = pipe;
+        _stream = pipe.AsStream();
+    }
+
     public static async Task<RawClient> ConnectAsync(IPEndPoint endPoint)
     {
         var socket = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
@@ -174,9 +185,12 @@ public sealed class RawClient : IAsyncDisposable
     }
 
     /// <summary>Connects, negotiates (optionally structured replies and metadata contexts) and GOes.</summary>
-    public static async Task<RawClient> OpenAsync(IPEndPoint endPoint, string export, bool structured = true, params string[] contexts)
+    public static async Task<RawClient> OpenAsync(IPEndPoint endPoint, string export, bool structured = true, params string[] contexts) =>
+        await NegotiateAsync(await ConnectAsync(endPoint), export, structured, contexts);
+
+    /// <summary>Negotiates on a new connection (optionally structured replies and metadata contexts) and GOes.</summary>
+    public static async Task<RawClient> NegotiateAsync(RawClient client, string export, bool structured = true, params string[] contexts)
     {
-        RawClient client = await ConnectAsync(endPoint);
         await client.StartAsync();
         if (structured)
         {
@@ -650,17 +664,52 @@ public sealed class RawClient : IAsyncDisposable
     }
 
     /// <summary>True when the server sends nothing (and does not close) for <paramref name="period"/>.</summary>
-    public bool SilentFor(TimeSpan period) => !_socket.Poll(period, SelectMode.SelectRead);
+    public bool SilentFor(TimeSpan period)
+    {
+        if (_socket is not null)
+        {
+            return !_socket.Poll(period, SelectMode.SelectRead);
+        }
+        // Looks without taking: the next read gets the same bytes (or the end) again.
+        using var cts = new CancellationTokenSource(period);
+        try
+        {
+            ReadResult result = _pipe!.Input.ReadAsync(cts.Token).AsTask().GetAwaiter().GetResult();
+            _pipe.Input.AdvanceTo(result.Buffer.Start);
+            return false;
+        }
+        catch (OperationCanceledException) when (cts.IsCancellationRequested)
+        {
+            return true;
+        }
+    }
 
     /// <summary>Closes the connection abortively: the server sees a reset rather than an orderly close.</summary>
     public void Reset()
     {
-        _socket.LingerState = new LingerOption(true, 0);
-        _socket.Close();
+        if (_socket is not null)
+        {
+            _socket.LingerState = new LingerOption(true, 0);
+            _socket.Close();
+            return;
+        }
+        // What a reset is to the server's reads: an error, not an orderly end.
+        _pipe!.Output.Complete(new IOException("connection reset by the client (in-memory)", new SocketException((int)SocketError.ConnectionReset)));
+        _pipe.Input.Complete();
     }
 
     /// <summary>Half-closes: the server sees end of stream, the client can still read.</summary>
-    public void ShutdownSend() => _socket.Shutdown(SocketShutdown.Send);
+    public void ShutdownSend()
+    {
+        if (_socket is not null)
+        {
+            _socket.Shutdown(SocketShutdown.Send);
+        }
+        else
+        {
+            _pipe!.Output.Complete();
+        }
+    }
 
     public static byte[] Pattern(int length, byte seed)
     {
