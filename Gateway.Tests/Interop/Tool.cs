@@ -28,7 +28,7 @@ public sealed record ToolResult(string CommandLine, int ExitCode, string Stdout,
 public static class Tool
 {
     public const string InstallHint =
-        "install the interop tools: apt-get install -y qemu-utils libnbd-bin nbdkit fio python3-libnbd (./ops/test does this)";
+        "install the interop tools: apt-get install -y qemu-utils libnbd-bin nbdkit fio python3-libnbd nbd-client (./ops/test does this)";
 
     public static readonly TimeSpan DefaultTimeout = TimeSpan.FromSeconds(60);
 
