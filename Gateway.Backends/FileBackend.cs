@@ -463,26 +463,8 @@ public sealed partial class FileBackend : IBlockDevice, INonBlockingIo, IGrowabl
     /// A read served from the page cache on the caller's thread: <c>preadv2(RWF_NOWAIT)</c> fails
     /// instead of waiting for the disk, and then the caller takes the blocking path.
     /// </summary>
-    public unsafe bool TryReadNoWait(long offset, Span<byte> destination)
-    {
-        if (_disposed || offset < 0 || destination.Length > Size - offset)
-        {
-            return false;
-        }
-        try
-        {
-            using var lease = new FdLease(_handle);
-            fixed (byte* p = destination)
-            {
-                var iov = new Libc.Iovec { Base = p, Length = (nuint)destination.Length };
-                return Libc.preadv2(lease.Fd, &iov, 1, offset, Libc.RWF_NOWAIT) == destination.Length;
-            }
-        }
-        catch (ObjectDisposedException)
-        {
-            return false;
-        }
-    }
+    public bool TryReadNoWait(long offset, Span<byte> destination) =>
+        !_disposed && offset >= 0 && destination.Length <= Size - offset && TryPreadNoWait(_handle, destination, offset);
 
     /// <summary>A whole read of another read-only file from the page cache (<c>preadv2(RWF_NOWAIT)</c>), or false.</summary>
     internal static unsafe bool TryPreadNoWait(SafeFileHandle handle, Span<byte> destination, long offset)
