@@ -9,8 +9,11 @@ public sealed partial class BackendFactory
     /// <summary>How long a create waits for the bucket to answer. Settable so tests need not wait a minute.</summary>
     internal TimeSpan S3CreateTimeout { get; set; } = TimeSpan.FromSeconds(60);
 
-    // Short: a store that is down must not keep the export from opening (it lists again later).
-    private static readonly TimeSpan S3ListTimeout = TimeSpan.FromSeconds(5);
+    /// <summary>
+    /// How long an open waits for the bucket's listing: short, since a store that is down must not
+    /// keep the export from opening (it lists again later). Settable so tests need not wait.
+    /// </summary>
+    internal TimeSpan S3ListTimeout { get; set; } = TimeSpan.FromSeconds(5);
 
     // Until checkpoints of the index, replay reads every segment above the fold marker (up to LogCompactBytes of them).
     private static readonly TimeSpan S3ReplayTimeout = TimeSpan.FromMinutes(5);
@@ -40,7 +43,7 @@ public sealed partial class BackendFactory
         }
     }
 
-    private static async Task<IBlockDevice> OpenS3Async(ExportSpec spec, CancellationToken cancellationToken)
+    private async Task<IBlockDevice> OpenS3Async(ExportSpec spec, CancellationToken cancellationToken)
     {
         S3Spec s3 = spec.Backend.S3 ?? throw new InvalidOperationException($"s3 export '{spec.Name}' has no s3 settings");
         S3DeviceOptions options = s3.ToDeviceOptions();

@@ -1,5 +1,3 @@
-using System.Diagnostics;
-
 namespace Gateway.Actors.Nbd;
 
 /// <summary>
@@ -9,24 +7,27 @@ namespace Gateway.Actors.Nbd;
 /// owner's lease), the clock stops, so a client that did nothing wrong is not cut off for the
 /// server's slowness (seen in ops/chaos-kill9: a restart that took 11 s closed the first
 /// nbdinfo with "handshake not finished"). The open itself ends with the node's stopping token
-/// or the directory's own timeouts.
+/// or the directory's own timeouts. The clock is <see cref="NbdServerSettings.Time"/>, so tests
+/// move it instead of waiting on it.
 /// </summary>
 public sealed class HandshakeDeadline : IDisposable
 {
+    private readonly CancellationTokenSource _deadline;
     private readonly CancellationTokenSource _source;
+    private readonly TimeProvider _time;
     private readonly TimeSpan _limit;
-    private readonly long _started = Stopwatch.GetTimestamp();
+    private readonly long _started;
     private TimeSpan _stopped;
 
-    public HandshakeDeadline(TimeSpan limit, CancellationToken stopping)
+    public HandshakeDeadline(TimeSpan limit, CancellationToken stopping, TimeProvider? time = null)
     {
-        _source = CancellationTokenSource.CreateLinkedTokenSource(stopping);
+        _time = time ?? TimeProvider.System;
+        _started = _time.GetTimestamp();
+        // The timer's source runs on the given clock; a linked source cannot take one.
+        _deadline = new CancellationTokenSource(limit > TimeSpan.Zero ? limit : Timeout.InfiniteTimeSpan, _time);
+        _source = CancellationTokenSource.CreateLinkedTokenSource(stopping, _deadline.Token);
         _limit = limit;
         Stopping = stopping;
-        if (limit > TimeSpan.Zero)
-        {
-            _source.CancelAfter(limit);
-        }
     }
 
     /// <summary>Cancelled at the deadline or when the node stops.</summary>
@@ -36,7 +37,7 @@ public sealed class HandshakeDeadline : IDisposable
     public CancellationToken Stopping { get; }
 
     /// <summary>Whether the deadline (not the node stopping) ended the handshake.</summary>
-    public bool Expired => _source.IsCancellationRequested && !Stopping.IsCancellationRequested;
+    public bool Expired => _deadline.IsCancellationRequested && !Stopping.IsCancellationRequested;
 
     /// <summary>Runs the server's own work with the clock stopped; the client's time left is the same after it.</summary>
     public async ValueTask<T> ExcludingAsync<T>(Func<CancellationToken, ValueTask<T>> work)
@@ -45,27 +46,31 @@ public sealed class HandshakeDeadline : IDisposable
         {
             return await work(Token).ConfigureAwait(false);
         }
-        long stoppedAt = Stopwatch.GetTimestamp();
-        _source.CancelAfter(Timeout.InfiniteTimeSpan);
+        long stoppedAt = _time.GetTimestamp();
+        _deadline.CancelAfter(Timeout.InfiniteTimeSpan);
         try
         {
             return await work(Stopping).ConfigureAwait(false);
         }
         finally
         {
-            _stopped += Stopwatch.GetElapsedTime(stoppedAt);
+            _stopped += _time.GetElapsedTime(stoppedAt);
             Restart();
         }
     }
 
     /// <summary>Attached: the deadline no longer applies (an idle attached client is fine).</summary>
-    public void End() => _source.CancelAfter(Timeout.InfiniteTimeSpan);
+    public void End() => _deadline.CancelAfter(Timeout.InfiniteTimeSpan);
 
-    public void Dispose() => _source.Dispose();
+    public void Dispose()
+    {
+        _source.Dispose();
+        _deadline.Dispose();
+    }
 
     private void Restart()
     {
-        TimeSpan left = _limit - (Stopwatch.GetElapsedTime(_started) - _stopped);
-        _source.CancelAfter(left > TimeSpan.Zero ? left : TimeSpan.Zero);
+        TimeSpan left = _limit - (_time.GetElapsedTime(_started) - _stopped);
+        _deadline.CancelAfter(left > TimeSpan.Zero ? left : TimeSpan.Zero);
     }
 }

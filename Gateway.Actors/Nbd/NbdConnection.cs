@@ -28,7 +28,7 @@ public static class NbdConnection
         // on the socket and takes this token, so a silent or trickling client holds no thread
         // and is cut off at the deadline whatever step it stalls in. Opening an export stops the
         // clock (HandshakeDeadline): that time is the server's, not the client's.
-        using var handshake = new HandshakeDeadline(settings.HandshakeTimeout, stopping);
+        using var handshake = new HandshakeDeadline(settings.HandshakeTimeout, stopping, settings.Time);
         SslStream? tls = null;
         if (settings.TlsFirst)
         {

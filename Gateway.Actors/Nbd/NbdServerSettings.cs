@@ -20,6 +20,9 @@ public sealed record NbdServerSettings(TlsMode TlsMode = TlsMode.Off, TlsCredent
     /// </summary>
     public TimeSpan HandshakeTimeout { get; init; } = DefaultHandshakeTimeout;
 
+    /// <summary>The clock of <see cref="HandshakeTimeout"/>: the system's, or a test's that it moves by hand.</summary>
+    public TimeProvider Time { get; init; } = TimeProvider.System;
+
     /// <summary>How long a client may take over the TLS handshake after STARTTLS.</summary>
     public TimeSpan TlsHandshakeTimeout { get; init; } = TimeSpan.FromSeconds(30);
 

@@ -69,13 +69,14 @@ public sealed class StorageOffTheActorTests : Akka.TestKit.Xunit2.TestKit
     public async Task Messages_sent_while_an_export_opens_wait_and_are_answered_once_it_is_open()
     {
         using var store = new SilentStore();
-        var backends = new BackendFactory(_data);
+        // Shortened for the test from 5 s.
+        var backends = new BackendFactory(_data) { S3ListTimeout = TimeSpan.FromSeconds(1) };
         IActorRef export = Sys.ActorOf(ExportActor.Props(S3Export(store), backends));
         TestProbe client = CreateTestProbe();
         export.Tell(new GetExport("remote"), client);
         await store.Connected.WaitAsync(Patience);
         // The first listing gets no answer: the export is still opening.
-        await client.ExpectNoMsgAsync(TimeSpan.FromSeconds(1));
+        await client.ExpectNoMsgAsync(TimeSpan.FromMilliseconds(300));
         // The listing gives up (a store that is down does not keep an export closed) and the
         // export opens: the question asked meanwhile is answered with the open export's info.
         ExportFound found = await client.ExpectMsgAsync<ExportFound>(Patience);

@@ -49,14 +49,21 @@ public sealed class TestExportDirectory : IExportDirectory
         }
     }
 
-    /// <summary>How long each OpenAsync takes, as the server's own work (an export opening after a restart).</summary>
-    public TimeSpan OpenDelay { get; init; }
+    /// <summary>
+    /// When set, each OpenAsync waits for it: the server's own work (an export opening after a
+    /// restart) lasts until the test completes it. <see cref="OpenBegun"/> says an open is waiting.
+    /// </summary>
+    public Task? HoldOpens { get; init; }
+
+    /// <summary>Completed when an OpenAsync has begun.</summary>
+    public TaskCompletionSource OpenBegun { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
 
     public async ValueTask<ExportHandle?> OpenAsync(string name, CancellationToken cancellationToken)
     {
-        if (OpenDelay > TimeSpan.Zero)
+        OpenBegun.TrySetResult();
+        if (HoldOpens is not null)
         {
-            await Task.Delay(OpenDelay, cancellationToken);
+            await HoldOpens.WaitAsync(cancellationToken);
         }
         if (name == FailOn)
         {
