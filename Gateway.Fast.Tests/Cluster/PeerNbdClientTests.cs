@@ -19,11 +19,10 @@ namespace Gateway.Tests.Cluster;
 /// against a scripted owner for what a correct server never does (protocol violations, replies
 /// held back until after a cancellation, a connection severed mid-flight).
 /// <para>
-/// Serial (<see cref="Protocol.NbdServerCollection"/>): one test counts the bytes the process
-/// allocates, which another test running beside it would add to.
+/// The one test that counts the bytes the process allocates is apart, in
+/// <see cref="PeerNbdClientAllocationTests"/>, so these run in parallel with the rest.
 /// </para>
 /// </summary>
-[Collection(Protocol.NbdServerCollection.Name)]
 public sealed class PeerNbdClientTests : IDisposable
 {
     private const int KiB = 1024;
@@ -245,79 +244,6 @@ public sealed class PeerNbdClientTests : IDisposable
         Assert.Equal(0, client.InFlight);
         // Request objects are pooled: about one or two per concurrent caller, not one per request.
         Assert.InRange(client.RequestsCreated, 1, 3 * Workers);
-    }
-
-    [Theory]
-    [InlineData(false)]
-    [InlineData(true)] // the holes kept as segments (ReadSegmentsAsync), as a forwarding node reads
-    public async Task Read_replies_are_parsed_and_received_without_allocating(bool segmented)
-    {
-        const int Reads = 1000;
-        await using var owner = new ScriptedOwner();
-        await using PeerNbdClient client = await owner.ConnectAsync();
-        byte[][] buffers = [.. Enumerable.Range(0, Reads).Select(_ => new byte[4 * KiB])];
-        Extent[][] segments = [.. Enumerable.Range(0, Reads).Select(_ => new Extent[3])];
-        byte[] data = Pattern(2 * KiB, 11);
-        var reads = new ValueTask[Reads];
-        var segmentedReads = new ValueTask<int>[Reads];
-        var allocated = new List<long>();
-
-        // Round 0 fills the pools (requests, state machines); the others are measured. Another
-        // thread of the process (the test runner's) may allocate meanwhile: the least is checked.
-        for (int round = 0; round < 4; round++)
-        {
-            client.Cork();
-            for (int i = 0; i < Reads; i++)
-            {
-                if (segmented)
-                {
-                    segmentedReads[i] = client.ReadSegmentsAsync(i * 4L * KiB, buffers[i], segments[i]);
-                }
-                else
-                {
-                    reads[i] = client.ReadAsync(i * 4L * KiB, buffers[i]);
-                }
-            }
-            client.Uncork();
-            var replies = new ArrayBufferWriter<byte>();
-            for (int i = 0; i < Reads; i++)
-            {
-                (NbdRequest request, _) = await owner.ReceiveAsync();
-                // Data for the first half, a hole for the second: both chunk paths.
-                Replies.WriteOffsetData(replies, new ReplyTo(request.Cookie), done: false, request.Offset, data);
-                Replies.WriteOffsetHole(replies, new ReplyTo(request.Cookie), done: true, request.Offset + 2 * KiB, 2 * KiB);
-            }
-            byte[] bytes = replies.WrittenSpan.ToArray();
-
-            // Off the test's synchronization context, which would allocate to post each continuation.
-            allocated.Add(await Task.Run(async () =>
-            {
-                long before = GC.GetTotalAllocatedBytes(precise: true);
-                await owner.SendAsync(bytes);
-                for (int i = 0; i < Reads; i++)
-                {
-                    if (segmented)
-                    {
-                        await segmentedReads[i];
-                    }
-                    else
-                    {
-                        await reads[i];
-                    }
-                }
-                return GC.GetTotalAllocatedBytes(precise: true) - before;
-            }));
-        }
-
-        // A plain read zero-fills the hole; a segmented one leaves its bytes alone and says where it is.
-        Assert.All(buffers, b => Assert.True(b.AsSpan(0, 2 * KiB).SequenceEqual(data) && (segmented || b.AsSpan(2 * KiB).IndexOfAnyExcept((byte)0) < 0)));
-        if (segmented)
-        {
-            Assert.All(segments, s => Assert.Equal([new Extent(2 * KiB, ExtentFlags.Data), new Extent(2 * KiB, ExtentFlags.Hole)], s[..2]));
-        }
-        // A few hundred bytes in all when nothing regresses; one delegate or box per chunk is 64 KB and more.
-        long least = allocated.Skip(1).Min();
-        Assert.True(least < Reads * 16, $"{least} bytes allocated for {Reads} read replies (rounds: {string.Join(", ", allocated)})");
     }
 
     [Theory]
@@ -809,7 +735,7 @@ public sealed class PeerNbdClientTests : IDisposable
         return e;
     }
 
-    private static byte[] Pattern(int length, int seed)
+    internal static byte[] Pattern(int length, int seed)
     {
         byte[] data = new byte[length];
         new Random(seed).NextBytes(data);
@@ -978,7 +904,7 @@ public sealed class PeerNbdClientTests : IDisposable
     /// base:allocation as context 7, FLUSH and FUA offered), then lets the test read each request
     /// and write whatever reply bytes it likes, in any order, right or wrong.
     /// </summary>
-    private sealed class ScriptedOwner(bool structured = true, bool servesExport = true) : IAsyncDisposable
+    internal sealed class ScriptedOwner(bool structured = true, bool servesExport = true) : IAsyncDisposable
     {
         public const long Size = 4 * MiB;
         public const TransmissionFlags Flags = TransmissionFlags.HasFlags | TransmissionFlags.SendFlush | TransmissionFlags.SendFua;
@@ -1132,5 +1058,88 @@ public sealed class PeerNbdClientTests : IDisposable
             _socket?.Dispose();
             return ValueTask.CompletedTask;
         }
+    }
+}
+
+/// <summary>
+/// Serial (<see cref="Protocol.NbdServerCollection"/>): it counts the bytes the process allocates,
+/// which another test running beside it would add to.
+/// </summary>
+[Collection(Protocol.NbdServerCollection.Name)]
+public sealed class PeerNbdClientAllocationTests
+{
+    private const int KiB = 1024;
+
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)] // the holes kept as segments (ReadSegmentsAsync), as a forwarding node reads
+    public async Task Read_replies_are_parsed_and_received_without_allocating(bool segmented)
+    {
+        const int Reads = 1000;
+        await using var owner = new PeerNbdClientTests.ScriptedOwner();
+        await using PeerNbdClient client = await owner.ConnectAsync();
+        byte[][] buffers = [.. Enumerable.Range(0, Reads).Select(_ => new byte[4 * KiB])];
+        Extent[][] segments = [.. Enumerable.Range(0, Reads).Select(_ => new Extent[3])];
+        byte[] data = PeerNbdClientTests.Pattern(2 * KiB, 11);
+        var reads = new ValueTask[Reads];
+        var segmentedReads = new ValueTask<int>[Reads];
+        var allocated = new List<long>();
+
+        // Round 0 fills the pools (requests, state machines); the others are measured. Another
+        // thread of the process (the test runner's) may allocate meanwhile: the least is checked.
+        for (int round = 0; round < 4; round++)
+        {
+            client.Cork();
+            for (int i = 0; i < Reads; i++)
+            {
+                if (segmented)
+                {
+                    segmentedReads[i] = client.ReadSegmentsAsync(i * 4L * KiB, buffers[i], segments[i]);
+                }
+                else
+                {
+                    reads[i] = client.ReadAsync(i * 4L * KiB, buffers[i]);
+                }
+            }
+            client.Uncork();
+            var replies = new ArrayBufferWriter<byte>();
+            for (int i = 0; i < Reads; i++)
+            {
+                (NbdRequest request, _) = await owner.ReceiveAsync();
+                // Data for the first half, a hole for the second: both chunk paths.
+                Replies.WriteOffsetData(replies, new ReplyTo(request.Cookie), done: false, request.Offset, data);
+                Replies.WriteOffsetHole(replies, new ReplyTo(request.Cookie), done: true, request.Offset + 2 * KiB, 2 * KiB);
+            }
+            byte[] bytes = replies.WrittenSpan.ToArray();
+
+            // Off the test's synchronization context, which would allocate to post each continuation.
+            allocated.Add(await Task.Run(async () =>
+            {
+                long before = GC.GetTotalAllocatedBytes(precise: true);
+                await owner.SendAsync(bytes);
+                for (int i = 0; i < Reads; i++)
+                {
+                    if (segmented)
+                    {
+                        await segmentedReads[i];
+                    }
+                    else
+                    {
+                        await reads[i];
+                    }
+                }
+                return GC.GetTotalAllocatedBytes(precise: true) - before;
+            }));
+        }
+
+        // A plain read zero-fills the hole; a segmented one leaves its bytes alone and says where it is.
+        Assert.All(buffers, b => Assert.True(b.AsSpan(0, 2 * KiB).SequenceEqual(data) && (segmented || b.AsSpan(2 * KiB).IndexOfAnyExcept((byte)0) < 0)));
+        if (segmented)
+        {
+            Assert.All(segments, s => Assert.Equal([new Extent(2 * KiB, ExtentFlags.Data), new Extent(2 * KiB, ExtentFlags.Hole)], s[..2]));
+        }
+        // A few hundred bytes in all when nothing regresses; one delegate or box per chunk is 64 KB and more.
+        long least = allocated.Skip(1).Min();
+        Assert.True(least < Reads * 16, $"{least} bytes allocated for {Reads} read replies (rounds: {string.Join(", ", allocated)})");
     }
 }
