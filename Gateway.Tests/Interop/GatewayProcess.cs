@@ -2,7 +2,9 @@ using System.Diagnostics;
 using System.Net;
 using System.Net.Sockets;
 using System.Runtime.InteropServices;
+using System.Net.Http.Json;
 using System.Text;
+using System.Text.Json;
 using Xunit;
 
 namespace Gateway.Tests.Interop;
@@ -351,6 +353,35 @@ public sealed partial class GatewayProcess : IAsyncDisposable
     /// <summary>Runs <c>gateway export ... --admin URL</c> (the CLI against this gateway).</summary>
     public Task<ToolResult> CliAsync(params string[] args) =>
         Tool.RunAsync(DotnetHost, [GatewayDll, .. args, "--admin", AdminUri.ToString()], check: false, workingDirectory: DataDirectory, context: Describe);
+
+    /// <summary>POST v1/exports with <paramref name="request"/>; anything but 201 Created fails the test.</summary>
+    public async Task CreateExportAsync(object request)
+    {
+        using HttpResponseMessage response = await Http.PostAsJsonAsync("v1/exports", request);
+        Assert.True(response.StatusCode == HttpStatusCode.Created,
+            $"creating an export answered {(int)response.StatusCode}: {await response.Content.ReadAsStringAsync()}\n{Describe()}");
+    }
+
+    /// <summary><c>nbdinfo --json --map=CONTEXT TARGET</c>, adjacent runs of one value merged.</summary>
+    public async Task<List<(long Offset, long Length, uint Value)>> MapRunsAsync(string context, string[] target)
+    {
+        ToolResult map = await RunAsync("nbdinfo", ["--json", $"--map={context}", .. target]);
+        using JsonDocument json = JsonDocument.Parse(map.Stdout);
+        var runs = new List<(long Offset, long Length, uint Value)>();
+        foreach (JsonElement e in json.RootElement.EnumerateArray())
+        {
+            (long offset, long length, uint value) = (e.GetProperty("offset").GetInt64(), e.GetProperty("length").GetInt64(), e.GetProperty("type").GetUInt32());
+            if (runs.Count > 0 && runs[^1].Value == value)
+            {
+                runs[^1] = (runs[^1].Offset, runs[^1].Length + length, value);
+            }
+            else
+            {
+                runs.Add((offset, length, value));
+            }
+        }
+        return runs;
+    }
 
     /// <summary>The gateway's state and log, for failure messages.</summary>
     public string Describe() =>

@@ -43,7 +43,7 @@ public sealed class OverlayInteropTests
     public async Task Four_layer_chain_gives_nbdinfo_and_qemu_img_the_expected_depths_and_reads_like_a_flat_image_across_a_restart()
     {
         await using GatewayProcess gateway = await GatewayProcess.StartAsync();
-        await CreateAsync(gateway, new { name = "chain", size = 16 * MiB, backend = new { type = "overlay" } });
+        await gateway.CreateExportAsync(new { name = "chain", size = 16 * MiB, backend = new { type = "overlay" } });
         string reference = Path.Combine(gateway.DataDirectory, "reference.raw");
         await using (FileStream file = File.Create(reference))
         {
@@ -75,7 +75,7 @@ public sealed class OverlayInteropTests
     public async Task Snapshots_while_a_client_writes_lose_no_write()
     {
         await using GatewayProcess gateway = await GatewayProcess.StartAsync();
-        await CreateAsync(gateway, new { name = "busy", size = 64 * MiB, backend = new { type = "overlay" } });
+        await gateway.CreateExportAsync(new { name = "busy", size = 64 * MiB, backend = new { type = "overlay" } });
         const int Writes = 600;
         // One qemu-io connection, each write a distinct pattern at its own 64 KiB slot; partial
         // clusters (60 KiB) so many writes copy up while the top changes under them.
@@ -98,9 +98,9 @@ public sealed class OverlayInteropTests
     public async Task Overlays_on_a_golden_export_share_its_frozen_data_and_write_independently()
     {
         await using GatewayProcess gateway = await GatewayProcess.StartAsync();
-        await CreateAsync(gateway, new { name = "golden", size = 8 * MiB, backend = new { type = "overlay" } });
+        await gateway.CreateExportAsync(new { name = "golden", size = 8 * MiB, backend = new { type = "overlay" } });
         await QemuIoAsync(gateway, gateway.NbdUri("golden"), "write -P 0x5a 0 8M");
-        await CreateAsync(gateway, new { name = "vm1", size = 8 * MiB, backend = new { type = "overlay", @base = "golden" } });
+        await gateway.CreateExportAsync(new { name = "vm1", size = 8 * MiB, backend = new { type = "overlay", @base = "golden" } });
         ToolResult cli = await gateway.CliAsync("export", "add", "vm2", "--size", "8M", "--base", "golden");
         Assert.True(cli.Succeeded, cli.Describe());
 
@@ -203,19 +203,12 @@ public sealed class OverlayInteropTests
             Assert.Equal(HttpStatusCode.NotFound, listed.StatusCode);
         }
 
-        await CreateAsync(gateway, new { name = "on-raw", size = 8 * MiB, backend = new { type = "overlay", baseImage = raw } });
+        await gateway.CreateExportAsync(new { name = "on-raw", size = 8 * MiB, backend = new { type = "overlay", baseImage = raw } });
         await QemuIoAsync(gateway, gateway.NbdUri("on-raw"), "read -P 0x6d 1M 64k", "read -P 0 0 1M");
         string copy = Path.Combine(gateway.DataDirectory, "copy.raw");
         await gateway.RunAsync("nbdcopy", [gateway.NbdUri("on-raw"), copy]);
         ToolResult cmp = await gateway.RunAsync("cmp", [raw, copy], check: false);
         Assert.True(cmp.Succeeded, cmp.Describe());
-    }
-
-    private static async Task CreateAsync(GatewayProcess gateway, object request)
-    {
-        using HttpResponseMessage response = await gateway.Http.PostAsJsonAsync("v1/exports", request);
-        Assert.True(response.StatusCode == HttpStatusCode.Created,
-            $"creating an export answered {(int)response.StatusCode}: {await response.Content.ReadAsStringAsync()}\n{gateway.Describe()}");
     }
 
     private static async Task SnapshotAsync(GatewayProcess gateway, string export, bool viaCli)

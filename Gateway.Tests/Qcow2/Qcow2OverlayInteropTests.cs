@@ -32,7 +32,7 @@ public sealed class Qcow2OverlayInteropTests
         await gateway.RunAsync("qemu-img", ["create", "-f", "qcow2", "-o", "extended_l2=on", "-b", mid, "-F", "qcow2", top, "8M"]);
         await gateway.RunAsync("qemu-io", ["-c", "write -P 0x33 1536k 64k", "-c", "write -P 0x34 3M 6k", "-c", "discard 4M 64k", "-c", "write -z 5M 128k", top]);
 
-        await CreateAsync(gateway, new { name = "vm", size = 8 * MiB, backend = new { type = "overlay", baseImage = top } });
+        await gateway.CreateExportAsync(new { name = "vm", size = 8 * MiB, backend = new { type = "overlay", baseImage = top } });
 
         string expected = Path.Combine(gateway.DataDirectory, "expected.raw");
         string copy = Path.Combine(gateway.DataDirectory, "copy.raw");
@@ -45,14 +45,14 @@ public sealed class Qcow2OverlayInteropTests
         await gateway.RunAsync("qemu-img", ["create", "-f", "qcow2", "-b", top, "-F", "qcow2", reference, "8M"]);
         foreach (string context in new[] { "qemu:allocation-depth", "base:allocation" })
         {
-            List<(long, long, uint)> ours = await MapAsync(gateway, context, [gateway.NbdUri("vm")]);
-            List<(long, long, uint)> qemu = await MapAsync(gateway, context, ["--", "[", Tool.Locate("qemu-nbd"), "-r", "-A", "-f", "qcow2", reference, "]"]);
+            List<(long, long, uint)> ours = await gateway.MapRunsAsync(context, [gateway.NbdUri("vm")]);
+            List<(long, long, uint)> qemu = await gateway.MapRunsAsync(context, ["--", "[", Tool.Locate("qemu-nbd"), "-r", "-A", "-f", "qcow2", reference, "]"]);
             Assert.True(qemu.SequenceEqual(ours), $"{context}: the gateway serves\n{string.Join("\n", ours)}\nqemu-nbd serves\n{string.Join("\n", qemu)}");
         }
-        Assert.Contains((7 * MiB, 64 * 1024L, 3u), await MapAsync(gateway, "qemu:allocation-depth", [gateway.NbdUri("vm")]));
+        Assert.Contains((7 * MiB, 64 * 1024L, 3u), await gateway.MapRunsAsync("qemu:allocation-depth", [gateway.NbdUri("vm")]));
 
         // Writes land in the overlay's top; a second export on the same base still sees the base.
-        await CreateAsync(gateway, new { name = "vm2", size = 8 * MiB, backend = new { type = "overlay", baseImage = top } });
+        await gateway.CreateExportAsync(new { name = "vm2", size = 8 * MiB, backend = new { type = "overlay", baseImage = top } });
         await gateway.RunAsync("qemu-io", ["-f", "raw", "-c", "write -P 0x55 1M 4k", gateway.NbdUri("vm")]);
         await gateway.RunAsync("qemu-io", ["-f", "raw", "-c", "read -P 0x55 1M 4k", "-c", "read -P 0x22 1028k 4k", gateway.NbdUri("vm")]);
         await gateway.RunAsync("qemu-io", ["-f", "raw", "-c", "read -P 0x22 1M 4k", "-c", "read -P 0x33 1536k 64k", "-c", "read -P 0x11 0 1M", gateway.NbdUri("vm2")]);
@@ -75,33 +75,5 @@ public sealed class Qcow2OverlayInteropTests
         Assert.True(response.StatusCode == HttpStatusCode.BadRequest, $"a dirty qcow2 base answered {(int)response.StatusCode}: {body}");
         Assert.Contains("dirty", body);
         Assert.Contains(dirty, body);
-    }
-
-    private static async Task CreateAsync(GatewayProcess gateway, object request)
-    {
-        using HttpResponseMessage response = await gateway.Http.PostAsJsonAsync("v1/exports", request);
-        Assert.True(response.StatusCode == HttpStatusCode.Created,
-            $"creating an export answered {(int)response.StatusCode}: {await response.Content.ReadAsStringAsync()}\n{gateway.Describe()}");
-    }
-
-    /// <summary><c>nbdinfo --json --map=CONTEXT</c>, adjacent runs of one value merged.</summary>
-    private static async Task<List<(long Offset, long Length, uint Value)>> MapAsync(GatewayProcess gateway, string context, string[] target)
-    {
-        ToolResult map = await gateway.RunAsync("nbdinfo", ["--json", $"--map={context}", .. target]);
-        using JsonDocument json = JsonDocument.Parse(map.Stdout);
-        var runs = new List<(long Offset, long Length, uint Value)>();
-        foreach (JsonElement e in json.RootElement.EnumerateArray())
-        {
-            (long offset, long length, uint value) = (e.GetProperty("offset").GetInt64(), e.GetProperty("length").GetInt64(), e.GetProperty("type").GetUInt32());
-            if (runs.Count > 0 && runs[^1].Value == value)
-            {
-                runs[^1] = (runs[^1].Offset, runs[^1].Length + length, value);
-            }
-            else
-            {
-                runs.Add((offset, length, value));
-            }
-        }
-        return runs;
     }
 }

@@ -34,7 +34,7 @@ public sealed class Qcow2S3BaseTests
         string image = $"s3://{S3TestServer.Bucket}/{prefix}/golden/golden.qcow2";
         var s3 = new { endpoint = S3TestServer.Endpoint, accessKey = S3TestServer.AccessKey, secretKey = S3TestServer.SecretKey };
 
-        await CreateAsync(gateway, new { name = "vm", size = 8 * MiB, backend = new { type = "overlay", baseImage = image, s3 } });
+        await gateway.CreateExportAsync(new { name = "vm", size = 8 * MiB, backend = new { type = "overlay", baseImage = image, s3 } });
         using (JsonDocument export = JsonDocument.Parse(await gateway.Http.GetStringAsync("v1/exports/vm")))
         {
             JsonElement backend = export.RootElement.GetProperty("backend");
@@ -55,8 +55,8 @@ public sealed class Qcow2S3BaseTests
         await gateway.RunAsync("qemu-img", ["create", "-f", "qcow2", "-b", top, "-F", "qcow2", reference, "8M"]);
         foreach (string context in new[] { "qemu:allocation-depth", "base:allocation" })
         {
-            List<(long, long, uint)> ours = await MapAsync(gateway, context, [gateway.NbdUri("vm")]);
-            List<(long, long, uint)> qemu = await MapAsync(gateway, context, ["--", "[", Tool.Locate("qemu-nbd"), "-r", "-A", "-f", "qcow2", reference, "]"]);
+            List<(long, long, uint)> ours = await gateway.MapRunsAsync(context, [gateway.NbdUri("vm")]);
+            List<(long, long, uint)> qemu = await gateway.MapRunsAsync(context, ["--", "[", Tool.Locate("qemu-nbd"), "-r", "-A", "-f", "qcow2", reference, "]"]);
             Assert.True(qemu.SequenceEqual(ours), $"{context}: the gateway serves\n{string.Join("\n", ours)}\nqemu-nbd serves\n{string.Join("\n", qemu)}");
         }
 
@@ -65,11 +65,11 @@ public sealed class Qcow2S3BaseTests
             "--s3-endpoint", S3TestServer.Endpoint, "--s3-access-key", S3TestServer.AccessKey, "--s3-secret-key", S3TestServer.SecretKey);
         Assert.True(add.Succeeded, add.Describe());
         await gateway.RunAsync("qemu-io", ["-f", "raw", "-c", "read -P 0x33 1536k 64k", "-c", "read -P 0x23 7M 64k", gateway.NbdUri("cli")]);
-        await CreateAsync(gateway, new { name = "raw", size = 8 * MiB, backend = new { type = "overlay", baseImage = $"s3://{S3TestServer.Bucket}/{prefix}/golden/base.raw", s3 } });
+        await gateway.CreateExportAsync(new { name = "raw", size = 8 * MiB, backend = new { type = "overlay", baseImage = $"s3://{S3TestServer.Bucket}/{prefix}/golden/base.raw", s3 } });
         await gateway.RunAsync("qemu-io", ["-f", "raw", "-c", "read -P 0x11 0 6M", "-c", "read -P 0 6M 2M", gateway.NbdUri("raw")]);
 
         // A clone of the overlay shares its S3 base, across a restart.
-        await CreateAsync(gateway, new { name = "clone", size = 8 * MiB, backend = new { type = "overlay", @base = "vm" } });
+        await gateway.CreateExportAsync(new { name = "clone", size = 8 * MiB, backend = new { type = "overlay", @base = "vm" } });
         await gateway.StopAsync();
         await gateway.RestartAsync();
         string again = Path.Combine(gateway.DataDirectory, "again.raw");
@@ -189,33 +189,6 @@ public sealed class Qcow2S3BaseTests
                 UseChunkEncoding = false,
             });
         }
-    }
-
-    private static async Task CreateAsync(GatewayProcess gateway, object request)
-    {
-        using HttpResponseMessage response = await gateway.Http.PostAsJsonAsync("v1/exports", request);
-        Assert.True(response.StatusCode == HttpStatusCode.Created,
-            $"creating an export answered {(int)response.StatusCode}: {await response.Content.ReadAsStringAsync()}\n{gateway.Describe()}");
-    }
-
-    private static async Task<List<(long Offset, long Length, uint Value)>> MapAsync(GatewayProcess gateway, string context, string[] target)
-    {
-        ToolResult map = await gateway.RunAsync("nbdinfo", ["--json", $"--map={context}", .. target]);
-        using JsonDocument json = JsonDocument.Parse(map.Stdout);
-        var runs = new List<(long Offset, long Length, uint Value)>();
-        foreach (JsonElement e in json.RootElement.EnumerateArray())
-        {
-            (long offset, long length, uint value) = (e.GetProperty("offset").GetInt64(), e.GetProperty("length").GetInt64(), e.GetProperty("type").GetUInt32());
-            if (runs.Count > 0 && runs[^1].Value == value)
-            {
-                runs[^1] = (runs[^1].Offset, runs[^1].Length + length, value);
-            }
-            else
-            {
-                runs.Add((offset, length, value));
-            }
-        }
-        return runs;
     }
 
     private sealed class CountingStore(IObjectStore inner) : IObjectStore
