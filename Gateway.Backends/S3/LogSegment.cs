@@ -179,6 +179,82 @@ public static class LogSegment
         BinaryPrimitives.ReadInt64LittleEndian(marker[16..]) == seq &&
         BinaryPrimitives.ReadUInt32LittleEndian(marker[24..]) == Crc32C(marker[..24]);
 
+    /// <summary>
+    /// The term fence <c>PREFIX/log/term-&lt;term&gt;</c>: an owner's claim on the log. An open PUTs it
+    /// twice: first as a claim (not complete, no ends) before it lists the bucket, so a stale writer
+    /// that checks after that sees a higher term; then, after replay and before it acknowledges
+    /// anything, complete, with where each older term's replayed segments end. A segment of an older
+    /// term at or past its end (0 for a term the fence does not name) is a stale writer's, never seen
+    /// by the owner: replay ignores it. Not a segment key, a fold-marker key, nor a chunk name, so an
+    /// older gateway lists past it.
+    /// <code>
+    ///  0  magic "GWFENCE1"  8 | 8  term u64 | 16  flags u32 (1 = complete) | 20  count u32
+    /// 24  count x (older term u64, end seq u64) | CRC-32C of every byte before it  u32
+    /// </code>
+    /// </summary>
+    public static string FenceKey(string prefix, long term) => $"{prefix}/log/term-{term:x16}";
+
+    /// <summary>The key prefix every fence of <paramref name="prefix"/> starts with (one LIST finds them).</summary>
+    public static string FencePrefix(string prefix) => prefix + "/log/term-";
+
+    private const ulong FenceMagic = 0x3145434E45465747; // "GWFENCE1" read little-endian
+
+    /// <summary>The term a fence key names, or false when the key is not one.</summary>
+    public static bool TryParseFenceKey(string prefix, string key, out long term)
+    {
+        term = 0;
+        string fencePrefix = FencePrefix(prefix);
+        return key.StartsWith(fencePrefix, StringComparison.Ordinal) && key.Length == fencePrefix.Length + 16 &&
+               long.TryParse(key.AsSpan(fencePrefix.Length), System.Globalization.NumberStyles.AllowHexSpecifier, null, out term) && term >= 0;
+    }
+
+    /// <summary>A fence for <paramref name="term"/>: a claim when <paramref name="ends"/> is null, else complete.</summary>
+    public static byte[] Fence(long term, IReadOnlyDictionary<long, long>? ends)
+    {
+        int count = ends?.Count ?? 0;
+        byte[] fence = new byte[24 + 16 * count + 4];
+        BinaryPrimitives.WriteUInt64LittleEndian(fence, FenceMagic);
+        BinaryPrimitives.WriteInt64LittleEndian(fence.AsSpan(8), term);
+        BinaryPrimitives.WriteUInt32LittleEndian(fence.AsSpan(16), ends is null ? 0u : 1u);
+        BinaryPrimitives.WriteInt32LittleEndian(fence.AsSpan(20), count);
+        int at = 24;
+        foreach ((long older, long end) in (ends ?? new Dictionary<long, long>()).OrderBy(e => e.Key))
+        {
+            BinaryPrimitives.WriteInt64LittleEndian(fence.AsSpan(at), older);
+            BinaryPrimitives.WriteInt64LittleEndian(fence.AsSpan(at + 8), end);
+            at += 16;
+        }
+        BinaryPrimitives.WriteUInt32LittleEndian(fence.AsSpan(at), Crc32C(fence.AsSpan(0, at)));
+        return fence;
+    }
+
+    /// <summary>
+    /// Checks a fence object of <paramref name="term"/> and fills <paramref name="ends"/>; false when it
+    /// is torn or corrupt. A whole claim decodes with <paramref name="complete"/> false and no ends.
+    /// </summary>
+    public static bool TryDecodeFence(ReadOnlySpan<byte> fence, long term, out bool complete, Dictionary<long, long> ends)
+    {
+        ends.Clear();
+        complete = false;
+        if (fence.Length < 28 || BinaryPrimitives.ReadUInt64LittleEndian(fence) != FenceMagic ||
+            BinaryPrimitives.ReadInt64LittleEndian(fence[8..]) != term)
+        {
+            return false;
+        }
+        int count = BinaryPrimitives.ReadInt32LittleEndian(fence[20..]);
+        if (count < 0 || fence.Length != 24 + 16L * count + 4 ||
+            BinaryPrimitives.ReadUInt32LittleEndian(fence[^4..]) != Crc32C(fence[..^4]))
+        {
+            return false;
+        }
+        complete = BinaryPrimitives.ReadUInt32LittleEndian(fence[16..]) == 1;
+        for (int i = 0, at = 24; i < count; i++, at += 16)
+        {
+            ends[BinaryPrimitives.ReadInt64LittleEndian(fence[at..])] = BinaryPrimitives.ReadInt64LittleEndian(fence[(at + 8)..]);
+        }
+        return true;
+    }
+
     /// <summary>CRC-32C (Castagnoli) with the processor's instruction where there is one.</summary>
     public static uint Crc32C(ReadOnlySpan<byte> data)
     {
