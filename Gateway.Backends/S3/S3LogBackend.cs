@@ -19,7 +19,18 @@ namespace Gateway.Backends.S3;
 /// term, replay stops at the first missing, torn or corrupt segment: FLUSH never acknowledges a segment
 /// before every earlier one is stored, so what follows a gap was never flushed. Each open takes a term
 /// above every term in the bucket and starts at sequence 0, so it never overwrites a segment a previous
-/// owner left (fencing two live owners is the cluster issue's).
+/// owner left.
+/// </para>
+/// <para>
+/// Fencing (<see cref="LogSegment.FenceKey"/>): a writable open stores a claim of its term before it
+/// lists, and, before it returns, the complete fence: where each older term's replayed segments end.
+/// Replay ignores an older term's segments past the newest complete fence's end for it (a stale
+/// writer's, never seen by the owner that wrote the fence). A FLUSH or FUA, once stored, GETs the
+/// fence of the next term (one GET per batch) and fails with EIO if it exists; so does everything
+/// after it, and compaction checks before each chunk write. Guaranteed: a stale writer's acknowledged
+/// FLUSH was stored before the new owner's claim, hence before its listing, hence replayed. Left: a
+/// stale compaction's chunk PUT in flight between its check and the PUT, and two opens racing for one
+/// term; both need a conditional PUT (or the cluster's lease).
 /// </para>
 /// </summary>
 public sealed class S3LogBackend : IBlockDevice, IGrowableDevice

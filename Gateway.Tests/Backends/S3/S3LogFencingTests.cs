@@ -136,6 +136,69 @@ public sealed class S3LogFencingTests
     }
 
     [Fact]
+    public async Task A_stale_FLUSH_between_the_new_owners_claim_and_its_listing_fails()
+    {
+        var store = new MemoryObjectStore();
+        S3LogBackend a = Open(store);
+        await a.WriteAsync(0, Pattern(64 * KiB, 1), fua: true);
+        Task? staleFlush = null;
+        // The replay listing (the whole prefix) comes after the claim: a stale FLUSH in between must
+        // see the claim. Were the claim stored after the listing, that FLUSH would be acknowledged with
+        // its segment missing from the new owner's replay and fence: a flushed write lost.
+        var hooked = new ListHookStore(store, "disk/", () =>
+        {
+            staleFlush = Task.Run(async () =>
+            {
+                await a.WriteAsync(MiB, Pattern(64 * KiB, 2), fua: false);
+                await a.FlushAsync();
+            });
+            return staleFlush.ContinueWith(_ => { }, TaskScheduler.Default);
+        });
+        using (S3LogBackend b = Open(hooked))
+        {
+            Assert.NotNull(staleFlush);
+            await Assert.ThrowsAsync<BlockDeviceException>(() => staleFlush!);
+            await b.WriteAsync(2 * MiB, Pattern(64 * KiB, 3), fua: true);
+            b.Abandon();
+        }
+        a.Abandon();
+        // What the new owner saw (its replay may hold the stale, unacknowledged write or not) is what the next open sees.
+        using S3LogBackend c = Open(store);
+        byte[] all = await ReadAllAsync(c);
+        Assert.Equal(Pattern(64 * KiB, 1), all[..(64 * KiB)]);
+        Assert.Equal(Pattern(64 * KiB, 3), all[(2 * MiB)..(2 * MiB + 64 * KiB)]);
+    }
+
+    /// <summary>Runs a callback (once) before the first listing of one prefix goes to the store.</summary>
+    private sealed class ListHookStore(MemoryObjectStore inner, string prefix, Func<Task> before) : IObjectStore
+    {
+        private int _fired;
+
+        public Task<int> GetAsync(string key, long start, Memory<byte> destination, CancellationToken cancellationToken) =>
+            inner.GetAsync(key, start, destination, cancellationToken);
+
+        public Task PutAsync(string key, byte[] data, int length, CancellationToken cancellationToken) => inner.PutAsync(key, data, length, cancellationToken);
+
+        public Task DeleteAsync(string key, CancellationToken cancellationToken) => inner.DeleteAsync(key, cancellationToken);
+
+        public async IAsyncEnumerable<string> ListAsync(string listPrefix, [System.Runtime.CompilerServices.EnumeratorCancellation] CancellationToken cancellationToken)
+        {
+            if (listPrefix == prefix && Interlocked.Exchange(ref _fired, 1) == 0)
+            {
+                await before();
+            }
+            await foreach (string key in inner.ListAsync(listPrefix, cancellationToken))
+            {
+                yield return key;
+            }
+        }
+
+        public void Dispose()
+        {
+        }
+    }
+
+    [Fact]
     public async Task A_FLUSH_batch_checks_the_fence_with_one_GET()
     {
         var store = new FenceCheckStore(new MemoryObjectStore());
