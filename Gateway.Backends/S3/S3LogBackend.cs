@@ -90,6 +90,15 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
     private long _fenceRequests;
     private long _fenceCheckedThrough;
 
+    // Index checkpoints: written after _checkpointSegments stored segments, one at a time with compaction.
+    private readonly int _checkpointSegments;
+    private int _storedSinceCheckpoint;
+    private string? _checkpointKey;
+    private (long Term, long Seq) _checkpointMark;
+    private Task? _checkpointTask;
+    private long _checkpoints;
+    private long _checkpointFailures;
+
     private S3LogBackend(IObjectStore store, bool ownsStore, string prefix, long size, bool readOnly, S3DeviceOptions options)
     {
         _store = store;
@@ -108,6 +117,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         _compactIdleMs = Math.Max(1, (long)options.LogCompactIdle.TotalMilliseconds);
         _compactOnClose = options.LogCompactOnClose;
         _compactCloseTimeout = options.LogCompactCloseTimeout;
+        _checkpointSegments = options.LogCheckpointSegments;
         _io = new SemaphoreSlim(options.Parallelism, options.Parallelism);
         _base = new ChunkMap((size + _objectSize - 1) >> _objectShift);
         if (!readOnly)
@@ -166,6 +176,14 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
     /// <summary>Segments found at open past their term's end in the newest fence: a stale writer's, never replayed.</summary>
     public int StaleSegments { get; private set; }
 
+    /// <summary>Segments taken from an index checkpoint at open, not replayed one by one.</summary>
+    public int CheckpointedSegments { get; private set; }
+
+    /// <summary>Index checkpoints stored by this instance, and background ones that failed.</summary>
+    public long Checkpoints => Interlocked.Read(ref _checkpoints);
+
+    public long CheckpointFailures => Interlocked.Read(ref _checkpointFailures);
+
     /// <summary>The next term, once its owner's fence was found: this instance stores and acknowledges nothing more. 0 while none.</summary>
     public long FencedBy => Interlocked.Read(ref _fencedBy);
 
@@ -216,6 +234,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         var segments = new List<(long Term, long Seq, string Key)>();
         var markers = new List<(long Term, long Seq, string Key)>();
         var fences = new List<(long Term, string Key)>();
+        var checkpoints = new List<(long Term, long Seq, string Key)>();
         try
         {
             await foreach (string key in _store.ListAsync(listPrefix, ct).ConfigureAwait(false))
@@ -233,6 +252,11 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
                 if (LogSegment.TryParseFenceKey(_prefix, key, out term))
                 {
                     fences.Add((term, key));
+                    continue;
+                }
+                if (LogSegment.TryParseCheckpointKey(_prefix, key, out term, out seq))
+                {
+                    checkpoints.Add((term, seq, key));
                     continue;
                 }
                 ReadOnlySpan<char> name = key.AsSpan(listPrefix.Length);
@@ -295,6 +319,41 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         leftovers.AddRange(segments.Where(s => IsBelow(s.Term, s.Seq, _foldedBelow)).Select(s => s.Key));
         segments.RemoveAll(s => IsBelow(s.Term, s.Seq, _foldedBelow));
         segments.Sort((a, b) => a.Term != b.Term ? a.Term.CompareTo(b.Term) : a.Seq.CompareTo(b.Seq));
+        var ends = new Dictionary<long, long>(); // each replayed term's first sequence number not replayed: this owner's fence
+
+        // The newest whole checkpoint above the fold mark (and not a stale writer's, past its term's
+        // fence end) stands for every segment below its mark: those it lists are loaded from it,
+        // the others there are garbage. A torn or corrupt one, or one naming a segment that is not
+        // there, is passed over: the segments replay as without it.
+        (long Term, long Seq) start = _foldedBelow;
+        checkpoints.Sort((a, b) => a.Term != b.Term ? b.Term.CompareTo(a.Term) : b.Seq.CompareTo(a.Seq));
+        var listed = segments.ToDictionary(x => (x.Term, x.Seq), x => x.Key);
+        foreach ((long term, long seq, string key) in checkpoints)
+        {
+            bool usable = start == _foldedBelow && IsBelow(_foldedBelow.Term, _foldedBelow.Seq, (term, seq)) &&
+                          !(term < fenceTerm && seq > fenceEnds.GetValueOrDefault(term));
+            if (usable && await TryLoadCheckpointAsync(key, term, seq, listed, ends, ct).ConfigureAwait(false))
+            {
+                start = (term, seq);
+                _checkpointKey = key;
+                _checkpointMark = start;
+                continue;
+            }
+            leftovers.Add(key);
+        }
+        if (start != _foldedBelow)
+        {
+            var loaded = _stored.Select(x => x.Key).ToHashSet(StringComparer.Ordinal);
+            foreach ((long _, long _, string key) in segments.Where(x => IsBelow(x.Term, x.Seq, start)))
+            {
+                if (!loaded.Contains(key))
+                {
+                    IgnoredSegments++;
+                    _garbage.Add(key);
+                }
+            }
+            segments.RemoveAll(x => IsBelow(x.Term, x.Seq, start));
+        }
         bool IsStale((long Term, long Seq, string Key) s) => s.Term < fenceTerm && s.Seq >= fenceEnds.GetValueOrDefault(s.Term);
         foreach ((long _, long _, string key) in segments.Where(IsStale))
         {
@@ -304,7 +363,6 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
             _garbage.Add(key);
         }
         segments.RemoveAll(IsStale);
-        var ends = new Dictionary<long, long>(); // each replayed term's first sequence number not replayed: this owner's fence
 
         // Fetched a window ahead in parallel, applied strictly in order.
         var fetches = new Queue<Task<(byte[] Data, int Length)>>();
@@ -330,7 +388,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
             if (firstOfTerm)
             {
                 // A term starts at 0, or where the fold marker says its folded part ends.
-                expected = term == _foldedBelow.Term ? _foldedBelow.Seq : 0;
+                expected = term == start.Term ? start.Seq : 0;
                 ends[term] = expected;
             }
             if (seq != expected || length < 0 || !LogSegment.TryDecode(data.AsSpan(0, length), term, seq, records))
@@ -378,6 +436,65 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
             await PutObjectAsync(LogSegment.FenceKey(_prefix, _term), fence, fence.Length).ConfigureAwait(false);
             await DeleteLeftoversAsync(leftovers, ct).ConfigureAwait(false);
         }
+    }
+
+    /// <summary>Loads a checkpoint into the index and the stored segments; false (nothing loaded) when it is torn, corrupt or names a missing segment.</summary>
+    private async Task<bool> TryLoadCheckpointAsync(string key, long term, long seq, Dictionary<(long, long), string> listed,
+        Dictionary<long, long> ends, CancellationToken ct)
+    {
+        var segments = new List<LogSegment.CheckpointSegment>();
+        var extents = new List<LogSegment.CheckpointExtent>();
+        try
+        {
+            for (int size = 64 << 10; ; size *= 2)
+            {
+                byte[] buffer = GC.AllocateUninitializedArray<byte>(size);
+                int n = await StoreAsync(() => _store.GetAsync(key, 0, buffer, ct), "GET", key, ct).ConfigureAwait(false);
+                if (n < buffer.Length)
+                {
+                    if (n < 0 || !LogSegment.TryDecodeCheckpoint(buffer.AsSpan(0, n), term, seq, segments, extents))
+                    {
+                        return false;
+                    }
+                    break;
+                }
+            }
+        }
+        catch (BlockDeviceException e) when (e.InnerException is HttpIOException { HttpRequestError: HttpRequestError.ResponseEnded })
+        {
+            return false;
+        }
+        var buffers = new LogSegmentBuffer[segments.Count];
+        for (int i = 0; i < segments.Count; i++)
+        {
+            LogSegment.CheckpointSegment s = segments[i];
+            if (!listed.TryGetValue((s.Term, s.Seq), out string? segmentKey) || !IsBelow(s.Term, s.Seq, (term, seq)))
+            {
+                return false;
+            }
+            buffers[i] = new LogSegmentBuffer(s.Term, s.Seq, segmentKey) { Length = s.Length, Records = 1, Sealed = true, Durable = true };
+        }
+        foreach (LogSegment.CheckpointExtent extent in extents)
+        {
+            long end = Math.Min(extent.Offset + extent.Length, Size);
+            if (extent.Offset < end)
+            {
+                _index.Set(extent.Offset, end - extent.Offset, (ExtentSource)extent.Source, extent.Segment < 0 ? null : buffers[extent.Segment], extent.SegmentOffset);
+            }
+        }
+        lock (_log)
+        {
+            foreach (LogSegmentBuffer buffer in buffers)
+            {
+                _stored.Add(buffer);
+                _logBytes += buffer.Length;
+                // This owner's fence names every term the checkpoint holds: a later open that cannot read it still keeps them.
+                ends[buffer.Term] = Math.Max(ends.GetValueOrDefault(buffer.Term), buffer.Seq + 1);
+            }
+        }
+        ends[term] = Math.Max(ends.GetValueOrDefault(term), seq);
+        CheckpointedSegments = buffers.Length;
+        return true;
     }
 
     /// <summary>
@@ -846,6 +963,112 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         _timer?.Dispose();
     }
 
+    // ---------------------------------------------------------------- index checkpoints
+
+    /// <summary>
+    /// Stores the extent index as it is once every segment so far is stored (the open one is sealed
+    /// first): <see cref="LogSegment.CheckpointKey"/> at the first sequence number after them. An open
+    /// loads it and replays only the segments after its mark. One at a time with compaction, so a
+    /// pass never releases extents under a snapshot; the previous checkpoint is deleted after.
+    /// </summary>
+    public async Task CheckpointAsync(CancellationToken cancellationToken = default)
+    {
+        DeviceBounds.ThrowIfNotWritable(_disposed, IsReadOnly);
+        await _compacting.WaitAsync(cancellationToken).ConfigureAwait(false);
+        try
+        {
+            await CheckFenceAsync(cancellationToken).ConfigureAwait(false); // a stale writer's index holds what the owner never saw
+            LogSegmentBuffer? sealedNow;
+            (long Term, long Seq) mark;
+            var pieces = new List<IndexPiece>();
+            LogSegmentBuffer[] covered;
+            lock (_log)
+            {
+                sealedNow = SealLocked();
+                mark = (_term, _nextSeq);
+                _index.Lookup(0, Size, pieces); // under the log's lock: no record lands meanwhile
+                covered = [.. _stored, .. _pending];
+            }
+            StartUpload(sealedNow);
+            if (mark == _checkpointMark || covered.Length == 0)
+            {
+                return;
+            }
+            await DurableThroughAsync(mark.Seq - 1, cancellationToken).ConfigureAwait(false);
+            Array.Sort(covered, (a, b) => a.Term != b.Term ? a.Term.CompareTo(b.Term) : a.Seq.CompareTo(b.Seq));
+            var numbers = new Dictionary<LogSegmentBuffer, int>(ReferenceEqualityComparer.Instance);
+            var segments = new List<LogSegment.CheckpointSegment>(covered.Length);
+            foreach (LogSegmentBuffer segment in covered)
+            {
+                numbers[segment] = segments.Count;
+                segments.Add(new LogSegment.CheckpointSegment(segment.Term, segment.Seq, segment.Length));
+            }
+            var extents = new List<LogSegment.CheckpointExtent>(pieces.Count);
+            foreach (IndexPiece piece in pieces)
+            {
+                if (piece.Source == ExtentSource.Base)
+                {
+                    continue;
+                }
+                int number = -1;
+                if (piece.Source == ExtentSource.Segment && !numbers.TryGetValue(piece.Segment!, out number))
+                {
+                    throw new BlockDeviceException(BlockErrorKind.Io, $"the index of {_prefix} points at {piece.Segment!.Key}, which is not among its stored segments");
+                }
+                extents.Add(new LogSegment.CheckpointExtent(piece.Offset, piece.Length, (uint)piece.Source, number, piece.SegmentOffset));
+            }
+            ThrowIfAbandoned();
+            byte[] data = LogSegment.Checkpoint(mark.Term, mark.Seq, segments, extents);
+            string key = LogSegment.CheckpointKey(_prefix, mark.Term, mark.Seq);
+            await PutObjectAsync(key, data, data.Length).ConfigureAwait(false);
+            string? previous;
+            lock (_log)
+            {
+                previous = _checkpointKey;
+                _checkpointKey = key;
+                _checkpointMark = mark;
+            }
+            Interlocked.Increment(ref _checkpoints);
+            if (previous is not null)
+            {
+                await DeleteObjectAsync(previous, CancellationToken.None).ConfigureAwait(false);
+            }
+        }
+        finally
+        {
+            _compacting.Release();
+        }
+    }
+
+    private void MaybeStartCheckpoint()
+    {
+        if (IsReadOnly || _closing || _checkpointSegments <= 0)
+        {
+            return;
+        }
+        lock (_log)
+        {
+            if (_storedSinceCheckpoint < _checkpointSegments || _checkpointTask is { IsCompleted: false })
+            {
+                return;
+            }
+            _storedSinceCheckpoint = 0;
+            _checkpointTask = Task.Run(BackgroundCheckpointAsync);
+        }
+    }
+
+    private async Task BackgroundCheckpointAsync()
+    {
+        try
+        {
+            await CheckpointAsync(CancellationToken.None).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is BlockDeviceException or OperationCanceledException or ObjectDisposedException)
+        {
+            Interlocked.Increment(ref _checkpointFailures);
+        }
+    }
+
     // ---------------------------------------------------------------- compaction
 
     /// <summary>
@@ -989,6 +1212,21 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
                 }
             }
             _garbage.RemoveAll(garbage.Contains);
+        }
+        string? supersededCheckpoint = null;
+        lock (_log)
+        {
+            if (_checkpointKey is not null && !IsBelow(below.Term, below.Seq, _checkpointMark))
+            {
+                // Everything it covers is folded now: an open starts from the marker.
+                supersededCheckpoint = _checkpointKey;
+                _checkpointKey = null;
+            }
+            _storedSinceCheckpoint = _stored.Count;
+        }
+        if (supersededCheckpoint is not null)
+        {
+            await DeleteObjectAsync(supersededCheckpoint, CancellationToken.None).ConfigureAwait(false);
         }
         if (newMark && previousKey is not null)
         {
@@ -1241,11 +1479,13 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
             AddToCacheLocked(segment);
             _stored.Add(segment);
             _logBytes += segment.Length;
+            _storedSinceCheckpoint++;
             freed = _spaceFreed;
             _spaceFreed = NewSignal();
         }
         freed.TrySetResult();
         MaybeStartCompaction();
+        MaybeStartCheckpoint();
     }
 
     /// <summary>Keeps the newest stored segments' bytes for reads, up to the cache limit.</summary>

@@ -365,9 +365,9 @@ public sealed class S3LogFencingServerTests(ITestOutputHelper output) : IAsyncLi
 
     public Task DisposeAsync() => Task.CompletedTask;
 
-    private static S3LogBackend Open(string prefix, bool readOnly = false, int cacheBytes = 2 * MiB) =>
-        S3LogBackend.OpenAsync(new S3ObjectStore(S3TestServer.Location()), prefix, 4 * MiB, readOnly, S3LogFencingTests.Options(cacheBytes))
-            .GetAwaiter().GetResult();
+    private static S3LogBackend Open(string prefix, bool readOnly = false, int cacheBytes = 2 * MiB, int checkpointSegments = 0) =>
+        S3LogBackend.OpenAsync(new S3ObjectStore(S3TestServer.Location()), prefix, 4 * MiB, readOnly,
+            S3LogFencingTests.Options(cacheBytes) with { LogCheckpointSegments = checkpointSegments }).GetAwaiter().GetResult();
 
     [Fact]
     public async Task A_stale_owners_FLUSH_fails_and_a_third_open_sees_exactly_the_new_owners_data()
@@ -403,27 +403,36 @@ public sealed class S3LogFencingServerTests(ITestOutputHelper output) : IAsyncLi
                 device.Abandon();
             }
             write.Stop();
-            var times = new List<double>();
-            for (int run = 0; run < 3; run++)
-            {
-                var open = Stopwatch.StartNew();
-                using S3LogBackend reopened = Open(prefix, readOnly: true);
-                open.Stop();
-                times.Add(open.Elapsed.TotalMilliseconds);
-                Assert.Equal(count, reopened.ReplayedSegments);
-                if (run == 0)
-                {
-                    Assert.Equal(model, await S3LogFencingTests.ReadAllAsync(reopened));
-                }
-            }
+            string full = await OpenTimesAsync(prefix, count, model, expectCheckpointed: false);
             var writable = Stopwatch.StartNew();
             using (S3LogBackend owner = Open(prefix))
             {
                 writable.Stop();
                 Assert.Equal(count, owner.ReplayedSegments);
+                await owner.CheckpointAsync();
+                owner.Abandon();
             }
-            output.WriteLine($"open-time segments={count} read-only open ms: {string.Join(" / ", times.Select(t => t.ToString("F0")))}, " +
-                $"writable open (claim + replay + fence) ms: {writable.Elapsed.TotalMilliseconds:F0}; writing them took {write.Elapsed.TotalMilliseconds:F0} ms");
+            string fromCheckpoint = await OpenTimesAsync(prefix, count, model, expectCheckpointed: true);
+            output.WriteLine($"open-time segments={count}: replaying every segment, read-only opens {full} ms, the writable open (claim, replay, fence) " +
+                $"{writable.Elapsed.TotalMilliseconds:F0} ms; from a checkpoint, read-only opens {fromCheckpoint} ms; writing them took {write.Elapsed.TotalMilliseconds:F0} ms");
         }
+    }
+
+    private async Task<string> OpenTimesAsync(string prefix, int count, byte[] model, bool expectCheckpointed)
+    {
+        var times = new List<double>();
+        for (int run = 0; run < 3; run++)
+        {
+            var open = Stopwatch.StartNew();
+            using S3LogBackend reopened = Open(prefix, readOnly: true);
+            open.Stop();
+            times.Add(open.Elapsed.TotalMilliseconds);
+            Assert.Equal(expectCheckpointed ? (count, 0) : (0, count), (reopened.CheckpointedSegments, reopened.ReplayedSegments));
+            if (run == 0)
+            {
+                Assert.Equal(model, await S3LogFencingTests.ReadAllAsync(reopened));
+            }
+        }
+        return string.Join(" / ", times.Select(t => t.ToString("F0")));
     }
 }
