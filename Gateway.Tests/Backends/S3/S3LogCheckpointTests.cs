@@ -137,6 +137,25 @@ public sealed class S3LogCheckpointTests
     }
 
     [Fact]
+    public async Task A_checkpoint_seals_and_stores_the_open_segment_first_so_it_covers_every_write_before_it()
+    {
+        var store = new MemoryObjectStore { PutDelay = TimeSpan.FromMilliseconds(30) };
+        byte[] model = new byte[DiskSize];
+        S3LogBackend device = Open(store);
+        await RandomOpsAsync(device, model, ops: 20, seed: 5);
+        byte[] unflushed = S3LogFencingTests.Pattern(100 * KiB, 6);
+        await device.WriteAsync(MiB, unflushed, fua: false); // in the open segment, not stored yet
+        unflushed.CopyTo(model, MiB);
+        await device.CheckpointAsync();
+        device.Abandon();
+
+        using S3LogBackend reopened = Open(store);
+        Assert.Equal(21, reopened.CheckpointedSegments);
+        Assert.Equal(0, reopened.ReplayedSegments);
+        Assert.Equal(model, await S3LogFencingTests.ReadAllAsync(reopened));
+    }
+
+    [Fact]
     public async Task Checkpoints_are_taken_in_the_background_after_the_configured_number_of_segments()
     {
         var store = new MemoryObjectStore();
