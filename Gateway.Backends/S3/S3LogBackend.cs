@@ -32,6 +32,12 @@ namespace Gateway.Backends.S3;
 /// stale compaction's chunk PUT in flight between its check and the PUT, and two opens racing for one
 /// term; both need a conditional PUT (or the cluster's lease).
 /// </para>
+/// <para>
+/// Index checkpoints (<see cref="CheckpointAsync"/>, <see cref="LogSegment.CheckpointKey"/>): every
+/// <see cref="S3DeviceOptions.LogCheckpointSegments"/> stored segments the index is stored with the
+/// segments it covers, once every segment below its mark is stored; an open loads the newest whole
+/// one above the fold marker and replays only later segments. A torn one is passed over.
+/// </para>
 /// </summary>
 public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
 {
