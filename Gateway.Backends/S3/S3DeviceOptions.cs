@@ -50,6 +50,12 @@ public sealed record S3DeviceOptions
     /// <summary>How long a graceful stop may spend compacting; a stop cut short leaves a consistent log that the next open replays.</summary>
     public TimeSpan LogCompactCloseTimeout { get; init; } = TimeSpan.FromSeconds(30);
 
+    /// <summary>
+    /// The extent index is checkpointed to the bucket after this many segments are stored since the
+    /// last checkpoint or fold, so an open reads the checkpoint and replays only the segments after it.
+    /// </summary>
+    public int LogCheckpointSegments { get; init; } = 256;
+
     /// <summary>The object key of chunk <paramref name="index"/>: nbdkit's <c>KEY/%016x</c>.</summary>
     public static string Key(string prefix, long index) => $"{prefix}/{index:x16}";
 }

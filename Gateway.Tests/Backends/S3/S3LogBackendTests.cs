@@ -188,7 +188,7 @@ public sealed class S3LogBackendTests
     }
 
     private static List<string> SegmentKeys(MemoryObjectStore store) =>
-        store.Objects.Keys.Where(k => k.StartsWith("disk/log/", StringComparison.Ordinal)).Order(StringComparer.Ordinal).ToList();
+        store.Objects.Keys.Where(k => LogSegment.TryParseKey("disk", k, out _, out _)).Order(StringComparer.Ordinal).ToList();
 
     /// <summary>Random writes, trims and zeroes against a byte model; returns the model.</summary>
     private static async Task<byte[]> RandomOpsAsync(IBlockDevice device, byte[] model, int ops, int seed)

@@ -463,10 +463,11 @@ public sealed class S3LogCompactionTests(ITestOutputHelper output)
         await device.CompactAsync();
         long compacted = BucketBytes(store);
         output.WriteLine($"4 KiB random writes: {written} bytes written over a {DiskSize}-byte disk; bucket {logged} bytes before compaction ({(double)logged / written:F3} of written), {compacted} after ({(double)compacted / written:F3} of written, {(double)compacted / DiskSize:F3} of the disk)");
-        // Before: every write is in the log, with its record header. After: the chunks (all touched here) and the marker.
+        // Before: every write is in the log, with its record header. After: the chunks (all touched here), the marker and the term fence.
         long writes = written / 4096;
-        Assert.InRange(logged, written, written + writes * (LogSegment.RecordHeaderSize + LogSegment.HeaderSize + LogSegment.TrailerSize));
-        Assert.Equal(DiskSize + LogSegment.FoldMarkerSize, compacted);
+        long fence = store.Objects[LogSegment.FenceKey("disk", device.Term)].Length;
+        Assert.InRange(logged, written + fence, written + fence + writes * (LogSegment.RecordHeaderSize + LogSegment.HeaderSize + LogSegment.TrailerSize));
+        Assert.Equal(DiskSize + LogSegment.FoldMarkerSize + fence, compacted);
         Assert.Equal(model, await ReadAllAsync(device));
     }
 }
