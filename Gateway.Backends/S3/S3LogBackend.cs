@@ -1452,7 +1452,9 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         {
             if (segment.Upload is null || segment.Upload.IsFaulted || segment.Upload.IsCanceled)
             {
-                segment.Upload = UploadAsync(segment);
+                // On the pool, never the caller's synchronization context (Task.Yield would post
+                // there: a test's context, blocked on an open, deadlocked on it).
+                segment.Upload = Task.Run(() => UploadAsync(segment));
             }
             return segment.Upload;
         }
@@ -1460,7 +1462,6 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
 
     private async Task UploadAsync(LogSegmentBuffer segment)
     {
-        await Task.Yield();
         try
         {
             ThrowIfFenced(); // a fenced writer stores no more segments

@@ -69,6 +69,13 @@ public static class S3TestServer
 /// </summary>
 public sealed class MemoryObjectStore : IObjectStore
 {
+    /// <summary>
+    /// Returns later, on the pool: never on the caller's synchronization context (Task.Yield posts
+    /// there, and tests that open a device synchronously hold xunit's few context threads, so an
+    /// open waiting on such a post deadlocked once every one of them was blocked).
+    /// </summary>
+    private static ConfiguredTaskAwaitable Yield() => Task.CompletedTask.ConfigureAwait(ConfigureAwaitOptions.ForceYielding);
+
     private readonly ConcurrentDictionary<string, byte[]> _objects = new();
     private readonly ConcurrentDictionary<string, int> _putsInFlight = new();
 
@@ -87,7 +94,7 @@ public sealed class MemoryObjectStore : IObjectStore
 
     public async Task<int> GetAsync(string key, long start, Memory<byte> destination, CancellationToken cancellationToken)
     {
-        await Task.Yield();
+        await Yield();
         ThrowIfDown();
         Gets.AddOrUpdate(key, 1, (_, n) => n + 1);
         if (!_objects.TryGetValue(key, out byte[]? data))
@@ -109,7 +116,7 @@ public sealed class MemoryObjectStore : IObjectStore
         try
         {
             byte[] copy = data.AsSpan(0, length).ToArray(); // taken at the start, like a request body
-            await Task.Delay(PutDelay, cancellationToken);
+            await Task.Delay(PutDelay, cancellationToken).ConfigureAwait(false);
             ThrowIfDown();
             _objects[key] = copy;
             Puts.AddOrUpdate(key, 1, (_, n) => n + 1);
@@ -122,7 +129,7 @@ public sealed class MemoryObjectStore : IObjectStore
 
     public async Task DeleteAsync(string key, CancellationToken cancellationToken)
     {
-        await Task.Yield();
+        await Yield();
         ThrowIfDown();
         Deletes.AddOrUpdate(key, 1, (_, n) => n + 1);
         _objects.TryRemove(key, out _);
@@ -130,7 +137,7 @@ public sealed class MemoryObjectStore : IObjectStore
 
     public async IAsyncEnumerable<string> ListAsync(string prefix, [EnumeratorCancellation] CancellationToken cancellationToken)
     {
-        await Task.Yield();
+        await Yield();
         ThrowIfDown();
         foreach (string key in _objects.Keys.Where(k => k.StartsWith(prefix, StringComparison.Ordinal)).Order(StringComparer.Ordinal))
         {
