@@ -1,6 +1,7 @@
 using Gateway.Backends;
 using Gateway.Backends.S3;
 using Xunit;
+using static Gateway.Tests.Backends.S3.S3TestData;
 
 namespace Gateway.Tests.Backends.S3;
 
@@ -121,13 +122,6 @@ public sealed class S3BackendCacheTests
             Parallelism = parallelism,
             WritebackDelay = writeback ?? TimeSpan.FromMinutes(10), // no idle write-back unless a test wants it
         }, ownsStore: false).GetAwaiter().GetResult();
-
-    private static byte[] Pattern(int length, int seed)
-    {
-        byte[] data = new byte[length];
-        new Random(seed).NextBytes(data);
-        return data;
-    }
 
     [Fact]
     public async Task Unaligned_partial_writes_to_an_existing_object_read_it_once_per_chunk()

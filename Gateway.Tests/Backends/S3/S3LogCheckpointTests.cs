@@ -1,6 +1,7 @@
 using Gateway.Backends;
 using Gateway.Backends.S3;
 using Xunit;
+using static Gateway.Tests.Backends.S3.S3TestData;
 
 namespace Gateway.Tests.Backends.S3;
 
@@ -40,7 +41,7 @@ public sealed class S3LogCheckpointTests
                     model.AsSpan(offset, length).Clear();
                     break;
                 default:
-                    byte[] data = S3LogFencingTests.Pattern(length, seed * 10_000 + op);
+                    byte[] data = Pattern(length, seed * 10_000 + op);
                     await device.WriteAsync(offset, data, fua: true);
                     data.CopyTo(model, offset);
                     break;
@@ -56,7 +57,7 @@ public sealed class S3LogCheckpointTests
         for (int owner = 0; owner < 5; owner++)
         {
             S3LogBackend device = Open(store, checkpointSegments: 0);
-            Assert.Equal(model, await S3LogFencingTests.ReadAllAsync(device));
+            Assert.Equal(model, await ReadAllAsync(device));
             if (owner > 0)
             {
                 Assert.True(device.CheckpointedSegments > 0, $"owner {owner}: no checkpoint loaded");
@@ -78,18 +79,18 @@ public sealed class S3LogCheckpointTests
         }
         using (S3LogBackend reader = Open(store, readOnly: true))
         {
-            Assert.Equal(model, await S3LogFencingTests.ReadAllAsync(reader));
+            Assert.Equal(model, await ReadAllAsync(reader));
         }
         using (S3LogBackend last = Open(store))
         {
-            Assert.Equal(model, await S3LogFencingTests.ReadAllAsync(last));
+            Assert.Equal(model, await ReadAllAsync(last));
             await last.CompactAsync();
             Assert.Empty(SegmentKeys(store));
             Assert.Empty(CheckpointKeys(store));
         }
         using S3Backend chunkPath = await S3Backend.OpenAsync(store, "disk", DiskSize, readOnly: true,
             new S3DeviceOptions { ObjectSize = 64 * KiB, CacheBytes = 2 * MiB }, ownsStore: false);
-        Assert.Equal(model, await S3LogFencingTests.ReadAllAsync(chunkPath));
+        Assert.Equal(model, await ReadAllAsync(chunkPath));
     }
 
     [Theory]
@@ -123,7 +124,7 @@ public sealed class S3LogCheckpointTests
                 break;
         }
         using S3LogBackend reopened = Open(store);
-        Assert.Equal(model, await S3LogFencingTests.ReadAllAsync(reopened));
+        Assert.Equal(model, await ReadAllAsync(reopened));
         if (damage == "an older torn one beside it")
         {
             Assert.True(reopened.CheckpointedSegments > 0);
@@ -143,7 +144,7 @@ public sealed class S3LogCheckpointTests
         byte[] model = new byte[DiskSize];
         S3LogBackend device = Open(store);
         await RandomOpsAsync(device, model, ops: 20, seed: 5);
-        byte[] unflushed = S3LogFencingTests.Pattern(100 * KiB, 6);
+        byte[] unflushed = Pattern(100 * KiB, 6);
         await device.WriteAsync(MiB, unflushed, fua: false); // in the open segment, not stored yet
         unflushed.CopyTo(model, MiB);
         await device.CheckpointAsync();
@@ -152,7 +153,7 @@ public sealed class S3LogCheckpointTests
         using S3LogBackend reopened = Open(store);
         Assert.Equal(21, reopened.CheckpointedSegments);
         Assert.Equal(0, reopened.ReplayedSegments);
-        Assert.Equal(model, await S3LogFencingTests.ReadAllAsync(reopened));
+        Assert.Equal(model, await ReadAllAsync(reopened));
     }
 
     [Fact]
@@ -172,7 +173,7 @@ public sealed class S3LogCheckpointTests
         }
         using S3LogBackend reopened = Open(store);
         Assert.True(reopened.CheckpointedSegments >= 48);
-        Assert.Equal(model, await S3LogFencingTests.ReadAllAsync(reopened));
+        Assert.Equal(model, await ReadAllAsync(reopened));
     }
 
     [Fact]

@@ -2,6 +2,7 @@ using Gateway.Backends;
 using Gateway.Backends.S3;
 using Xunit;
 using Xunit.Abstractions;
+using static Gateway.Tests.Backends.S3.S3TestData;
 
 namespace Gateway.Tests.Backends.S3;
 
@@ -38,27 +39,6 @@ public sealed class S3LogCompactionTests(ITestOutputHelper output)
     private static S3Backend OpenChunkPath(IObjectStore store) =>
         S3Backend.OpenAsync(store, "disk", DiskSize, readOnly: true, new S3DeviceOptions { ObjectSize = ObjectSize, CacheBytes = 2 * MiB }, ownsStore: false)
             .GetAwaiter().GetResult();
-
-    private static byte[] Pattern(int length, int seed)
-    {
-        byte[] data = new byte[length];
-        new Random(seed).NextBytes(data);
-        return data;
-    }
-
-    private static async Task<byte[]> ReadAllAsync(IBlockDevice device)
-    {
-        byte[] all = new byte[device.Size];
-        await device.ReadAsync(0, all);
-        return all;
-    }
-
-    private static async Task<Extent[]> AllocationAsync(IBlockDevice device)
-    {
-        var extents = new Extent[4096];
-        int n = await device.GetAllocationAsync(0, device.Size, extents);
-        return extents[..n];
-    }
 
     private static List<string> SegmentKeys(MemoryObjectStore store) =>
         store.Objects.Keys.Where(k => LogSegment.TryParseKey("disk", k, out _, out _)).Order(StringComparer.Ordinal).ToList();

@@ -3,6 +3,7 @@ using Gateway.Backends;
 using Gateway.Backends.S3;
 using Xunit;
 using Xunit.Abstractions;
+using static Gateway.Tests.Backends.S3.S3TestData;
 
 namespace Gateway.Tests.Backends.S3;
 
@@ -32,20 +33,6 @@ public sealed class S3LogFencingTests
 
     private static S3LogBackend Open(IObjectStore store, string prefix = "disk", bool readOnly = false) =>
         S3LogBackend.OpenAsync(store, prefix, DiskSize, readOnly, Options(), ownsStore: false).GetAwaiter().GetResult();
-
-    internal static byte[] Pattern(int length, int seed)
-    {
-        byte[] data = new byte[length];
-        new Random(seed).NextBytes(data);
-        return data;
-    }
-
-    internal static async Task<byte[]> ReadAllAsync(IBlockDevice device)
-    {
-        byte[] all = new byte[device.Size];
-        await device.ReadAsync(0, all);
-        return all;
-    }
 
     private static List<string> SegmentKeys(MemoryObjectStore store, long term) =>
         store.Objects.Keys.Where(k => LogSegment.TryParseKey("disk", k, out long t, out _) && t == term).ToList();
@@ -378,7 +365,7 @@ public sealed class S3LogFencingServerTests(ITestOutputHelper output) : IAsyncLi
 
         using S3LogBackend c = Open(prefix, cacheBytes: 1);
         Assert.Equal(1, c.StaleSegments);
-        Assert.Equal(model, await S3LogFencingTests.ReadAllAsync(c));
+        Assert.Equal(model, await ReadAllAsync(c));
     }
 
     /// <summary>Figures, not a time limit: run with --logger "console;verbosity=detailed".</summary>
@@ -396,7 +383,7 @@ public sealed class S3LogFencingServerTests(ITestOutputHelper output) : IAsyncLi
                 for (int i = 0; i < count; i++)
                 {
                     int offset = random.Next(4 * MiB - 4 * KiB) & ~511;
-                    byte[] data = S3LogFencingTests.Pattern(4 * KiB, i);
+                    byte[] data = Pattern(4 * KiB, i);
                     await device.WriteAsync(offset, data, fua: true); // one segment each
                     data.CopyTo(model, offset);
                 }
@@ -430,7 +417,7 @@ public sealed class S3LogFencingServerTests(ITestOutputHelper output) : IAsyncLi
             Assert.Equal(expectCheckpointed ? (count, 0) : (0, count), (reopened.CheckpointedSegments, reopened.ReplayedSegments));
             if (run == 0)
             {
-                Assert.Equal(model, await S3LogFencingTests.ReadAllAsync(reopened));
+                Assert.Equal(model, await ReadAllAsync(reopened));
             }
         }
         return string.Join(" / ", times.Select(t => t.ToString("F0")));

@@ -7,6 +7,7 @@ using Amazon.S3.Model;
 using Gateway.Backends;
 using Gateway.Backends.S3;
 using Xunit;
+using static Gateway.Tests.Backends.S3.S3TestData;
 
 namespace Gateway.Tests.Backends.S3;
 
@@ -270,13 +271,6 @@ public sealed class S3MissingObjectTests
             new S3DeviceOptions { ObjectSize = Chunk, CacheBytes = 4 * MiB, WritebackDelay = TimeSpan.FromMinutes(10) }, ownsStore: false)
             .GetAwaiter().GetResult();
 
-    internal static byte[] Pattern(int length, int seed)
-    {
-        byte[] data = new byte[length];
-        new Random(seed).NextBytes(data);
-        return data;
-    }
-
     internal static async Task<byte[]> ReadAsync(IBlockDevice device, long offset, int length)
     {
         byte[] buffer = new byte[length];
@@ -401,7 +395,7 @@ public sealed class S3MissingObjectServerTests : IAsyncLifetime
     {
         string prefix = S3TestServer.NewPrefix("missing");
         S3BucketLocation location = S3TestServer.Location();
-        byte[] data = S3MissingObjectTests.Pattern(2 * Chunk, seed: 341);
+        byte[] data = Pattern(2 * Chunk, seed: 341);
         using (S3Backend writer = Open(location, prefix))
         {
             await writer.WriteAsync(0, data, fua: false);
@@ -431,7 +425,7 @@ public sealed class S3MissingObjectServerTests : IAsyncLifetime
         await client.PutBucketAsync(new PutBucketRequest { BucketName = bucket });
         using (S3Backend writer = Open(location, "disk"))
         {
-            await writer.WriteAsync(0, S3MissingObjectTests.Pattern(Chunk, seed: 342), fua: false);
+            await writer.WriteAsync(0, Pattern(Chunk, seed: 342), fua: false);
             await writer.FlushAsync();
         }
         using S3Backend device = Open(location, "disk");

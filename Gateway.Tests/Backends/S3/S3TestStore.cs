@@ -3,6 +3,7 @@ using System.Runtime.CompilerServices;
 using Amazon.Runtime;
 using Amazon.S3;
 using Amazon.S3.Model;
+using Gateway.Backends;
 using Gateway.Backends.S3;
 using Xunit;
 
@@ -161,5 +162,33 @@ public sealed class MemoryObjectStore : IObjectStore
 
     public void Dispose()
     {
+    }
+}
+
+/// <summary>What the S3 device tests write and read back.</summary>
+internal static class S3TestData
+{
+    /// <summary>Random bytes, the same for the same seed.</summary>
+    public static byte[] Pattern(int length, int seed)
+    {
+        byte[] data = new byte[length];
+        new Random(seed).NextBytes(data);
+        return data;
+    }
+
+    /// <summary>The whole device, read in one request.</summary>
+    public static async Task<byte[]> ReadAllAsync(IBlockDevice device)
+    {
+        byte[] all = new byte[device.Size];
+        await device.ReadAsync(0, all);
+        return all;
+    }
+
+    /// <summary>The whole device's allocation, in one query.</summary>
+    public static async Task<Extent[]> AllocationAsync(IBlockDevice device)
+    {
+        var extents = new Extent[4096];
+        int n = await device.GetAllocationAsync(0, device.Size, extents);
+        return extents[..n];
     }
 }
