@@ -19,9 +19,14 @@ public sealed class NbdListener(
     IRequiredActor<ExportRegistryKey> exports,
     Gateway.Actors.Cluster.LocalExports localExports,
     ActorSystem system,
+    ShutdownOutcome outcome,
     ILogger<NbdListener> logger) : BackgroundService
 {
     private static readonly TimeSpan DrainTimeout = TimeSpan.FromSeconds(30);
+    private static readonly TimeSpan ProgressInterval = TimeSpan.FromSeconds(5);
+
+    /// <summary>The exports' final flush retries a failing store for up to <see cref="FinalFlush.Budget"/>.</summary>
+    private static readonly TimeSpan FlushTimeout = FinalFlush.Budget + TimeSpan.FromSeconds(5);
     private readonly List<Socket> _listeners = [];
 
     public IPEndPoint? LocalEndpoint => _listeners.Select(l => l.LocalEndPoint).OfType<IPEndPoint>().FirstOrDefault();
@@ -186,21 +191,25 @@ public sealed class NbdListener(
         try
         {
             IActorRef supervisor = await connections.GetAsync(cancellationToken).ConfigureAwait(false);
-            _ = await UnlessTerminatedAsync(supervisor.Ask<ConnectionsDrained>(DrainConnections.Instance, DrainTimeout, cancellationToken)).ConfigureAwait(false);
+            _ = await UnlessTerminatedAsync(supervisor.Ask<ConnectionsDrained>(DrainConnections.Instance, DrainTimeout, cancellationToken),
+                async () => $"{await supervisor.Ask<int>(CountConnections.Instance, ProgressInterval).ConfigureAwait(false)} NBD connection(s) to close").ConfigureAwait(false);
             ExportsFlushed flushed;
             if (options.Cluster is null)
             {
                 IActorRef registry = await exports.GetAsync(cancellationToken).ConfigureAwait(false);
-                flushed = await UnlessTerminatedAsync(registry.Ask<ExportsFlushed>(FlushAllExports.Instance, DrainTimeout, cancellationToken)).ConfigureAwait(false);
+                flushed = await UnlessTerminatedAsync(registry.Ask<ExportsFlushed>(FlushAllExports.Instance, FlushTimeout, cancellationToken),
+                    () => Task.FromResult("the exports' final flush")).ConfigureAwait(false);
             }
             else
             {
                 // The exports this node owns; CoordinatedShutdown then hands their shards over.
-                flushed = await UnlessTerminatedAsync(localExports.FlushAllAsync()).ConfigureAwait(false);
+                flushed = await UnlessTerminatedAsync(localExports.FlushAllAsync(message => logger.LogWarning("{Message}", message)),
+                    () => Task.FromResult("the final flush of the exports this node owns")).ConfigureAwait(false);
             }
             if (flushed.Failures.Count > 0)
             {
-                logger.LogError("Flushing exports failed at shutdown: {Failures}", string.Join(", ", flushed.Failures));
+                logger.LogError("Flushing exports failed at shutdown; writes they had not stored are lost: {Failures}", string.Join(", ", flushed.Failures));
+                outcome.Fail();
             }
             else
             {
@@ -214,20 +223,42 @@ public sealed class NbdListener(
         catch (Exception e) when (e is AskTimeoutException or OperationCanceledException or TaskCanceledException)
         {
             logger.LogError("Shutdown did not finish draining connections in time: {Reason}", e.Message);
+            outcome.Fail();
         }
     }
 
     /// <summary>
     /// <paramref name="answer"/>, unless the actor system stops first (downed while draining): then
     /// no actor is left to answer, and waiting out <see cref="DrainTimeout"/> would only delay the exit.
+    /// Every <see cref="ProgressInterval"/> until then a warning says what the stop still waits for
+    /// (<paramref name="waitingFor"/>), so a slow stop, or one the kubelet ends with SIGKILL, shows
+    /// its cause in the log.
     /// </summary>
-    private async Task<T> UnlessTerminatedAsync<T>(Task<T> answer)
+    private async Task<T> UnlessTerminatedAsync<T>(Task<T> answer, Func<Task<string>> waitingFor)
     {
-        if (await Task.WhenAny(answer, system.WhenTerminated).ConfigureAwait(false) != answer)
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        while (true)
         {
-            throw new ActorSystemStoppedException();
+            Task first = await Task.WhenAny(answer, system.WhenTerminated, Task.Delay(ProgressInterval)).ConfigureAwait(false);
+            if (first == answer)
+            {
+                return await answer.ConfigureAwait(false);
+            }
+            if (first == system.WhenTerminated)
+            {
+                throw new ActorSystemStoppedException();
+            }
+            string what;
+            try
+            {
+                what = await waitingFor().ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is AskTimeoutException or OperationCanceledException)
+            {
+                what = "the connection supervisor did not answer";
+            }
+            logger.LogWarning("Shutdown has waited {Seconds:F0} s for {WaitingFor}", clock.Elapsed.TotalSeconds, what);
         }
-        return await answer.ConfigureAwait(false);
     }
 
     private sealed class ActorSystemStoppedException : Exception;

@@ -45,8 +45,10 @@ serve.SetAction(async (parse, ct) =>
         return 2;
     }
     WebApplication app = ServeCommand.Build(options, configFile is null ? null : [configFile]);
+    // Taken before the run, which disposes the services when it ends.
+    ShutdownOutcome outcome = app.Services.GetRequiredService<ShutdownOutcome>();
     await app.RunAsync();
-    return 0;
+    return outcome.ExitCode;
 });
 
 var adminUrlOption = new Option<string>("--admin")

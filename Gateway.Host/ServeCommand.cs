@@ -48,6 +48,7 @@ public static class ServeCommand
         builder.Services.AddSingleton(localExports);
         builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = Kubernetes.ShutdownTimeout);
         builder.Services.AddSingleton(options);
+        builder.Services.AddSingleton<ShutdownOutcome>();
         builder.Services.AddSingleton(services => SecurityCli.NbdSettings(options, services.GetRequiredService<ILoggerFactory>()));
 
         var backends = new BackendFactory(options.DataDirectory);

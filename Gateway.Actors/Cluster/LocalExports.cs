@@ -33,27 +33,24 @@ public sealed class LocalExports : IExportDirectory
             ? new ExportHandle(handle.Info with { Access = ExportAccess.Open }, handle.Device, handle.MetaContexts, handle.Closed)
             : null);
 
-    /// <summary>Makes every completed write of every export owned here durable (graceful shutdown).</summary>
-    public async Task<ExportsFlushed> FlushAllAsync()
+    /// <summary>Makes every completed write of every export owned here durable (graceful shutdown; see <see cref="FinalFlush"/>).</summary>
+    public async Task<ExportsFlushed> FlushAllAsync(Action<string> warn)
     {
-        int count = 0;
-        var failures = new List<string>();
-        foreach (ExportHandle handle in All)
-        {
-            if (handle.Info.ReadOnly || handle.Closed.IsCancellationRequested)
+        // At once: each may retry a failing store for up to FinalFlush.Budget.
+        string?[] failures = await Task.WhenAll(All
+            .Where(handle => !handle.Info.ReadOnly && !handle.Closed.IsCancellationRequested)
+            .Select(async handle =>
             {
-                continue;
-            }
-            try
-            {
-                await handle.Device.FlushAsync().ConfigureAwait(false);
-                count++;
-            }
-            catch (Exception e) when (e is not OutOfMemoryException)
-            {
-                failures.Add($"{handle.Info.Name}: {e.Message}");
-            }
-        }
-        return new ExportsFlushed(count, failures);
+                try
+                {
+                    await FinalFlush.RunAsync(handle.Device, handle.Info.Name, warn).ConfigureAwait(false);
+                    return null;
+                }
+                catch (Exception e) when (e is not OutOfMemoryException)
+                {
+                    return $"{handle.Info.Name}: {e.Message}";
+                }
+            })).ConfigureAwait(false);
+        return new ExportsFlushed(failures.Count(f => f is null), [.. failures.OfType<string>()]);
     }
 }

@@ -103,7 +103,8 @@ public sealed partial class ExportActor : ReceiveActor, IWithUnboundedStash
                 return;
             }
             string name = _spec.Name;
-            device.FlushAsync().AsTask().PipeTo(Sender,
+            ILoggingAdapter log = _log;
+            FinalFlush.RunAsync(device, name, message => log.Warning(message)).PipeTo(Sender,
                 success: () => new ExportsFlushed(1, []),
                 failure: e => new ExportsFlushed(0, [$"{name}: {e.Message}"]));
         });
@@ -169,16 +170,17 @@ public sealed partial class ExportActor : ReceiveActor, IWithUnboundedStash
         // Connections stop reading and finish the requests they hold (Transmission.RunAsync).
         _closed.Cancel();
         // Only in Ready, so the backend is open: both are set.
-        DrainAndFlushAsync(_gate!, _device!).PipeTo(Self, failure: e => new Drained(true, e));
+        ILoggingAdapter log = _log;
+        DrainAndFlushAsync(_gate!, _device!, _spec.Name, message => log.Warning(message)).PipeTo(Self, failure: e => new Drained(true, e));
     }
 
-    private static async Task<Drained> DrainAndFlushAsync(DrainingDevice gate, IBlockDevice device)
+    private static async Task<Drained> DrainAndFlushAsync(DrainingDevice gate, IBlockDevice device, string name, Action<string> warn)
     {
         bool drained = await gate.DrainAsync(DrainTimeout).ConfigureAwait(false);
         if (!device.IsReadOnly)
         {
             // The device under the gate: the gate is shut now, and the bitmaps are still running.
-            await device.FlushAsync().ConfigureAwait(false);
+            await FinalFlush.RunAsync(device, name, warn).ConfigureAwait(false);
         }
         return new Drained(drained, null);
     }

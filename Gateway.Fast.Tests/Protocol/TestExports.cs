@@ -106,7 +106,16 @@ public sealed class TestDevice(IBlockDevice inner) : IBlockDevice
         await Inner.WriteAsync(offset, source, fua, cancellationToken);
     }
 
-    public ValueTask FlushAsync(CancellationToken cancellationToken = default) => Inner.FlushAsync(cancellationToken);
+    /// <summary>Given the number of the flush (from 1), the failure it throws; null (or no function) for none.</summary>
+    public Func<int, Exception?>? FlushFailure { get; set; }
+
+    /// <summary>Flushes asked for so far, failed ones included.</summary>
+    public int Flushes => Volatile.Read(ref _flushes);
+
+    private int _flushes;
+
+    public ValueTask FlushAsync(CancellationToken cancellationToken = default) =>
+        FlushFailure?.Invoke(Interlocked.Increment(ref _flushes)) is { } failure ? ValueTask.FromException(failure) : Inner.FlushAsync(cancellationToken);
 
     public ValueTask TrimAsync(long offset, long length, bool fua, CancellationToken cancellationToken = default) =>
         Inner.TrimAsync(offset, length, fua, cancellationToken);

@@ -308,7 +308,9 @@ public sealed partial class GatewayProcess : IAsyncDisposable
         {
             process.Kill(entireProcessTree: true);
             await process.WaitForExitAsync();
-            Assert.Fail($"gateway did not exit within {(timeout ?? StopTimeout).TotalSeconds} s of SIGTERM; killed it\n{Describe()}");
+            // The last lines first: a long failure message is cut in the middle by some reports.
+            Assert.Fail($"gateway did not exit within {(timeout ?? StopTimeout).TotalSeconds} s of SIGTERM; killed it. Its last log lines:\n" +
+                $"{ToolResult.Tail(Output.TrimEnd('\n'), 8)}\n{Describe()}");
         }
         return (process.ExitCode, clock.Elapsed);
     }

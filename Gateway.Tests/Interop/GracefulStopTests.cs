@@ -92,4 +92,53 @@ public sealed class GracefulStopTests(ITestOutputHelper log) : IAsyncLifetime
         Assert.True(SHA256.HashData(image).AsSpan().SequenceEqual(SHA256.HashData(read.AsSpan(0, Written))),
             "the 128 MiB written before SIGTERM differ after the restart");
     }
+    /// <summary>
+    /// The store unreachable when SIGTERM comes: the final flush cannot finish, so the stop waits
+    /// for it, and the log says every few seconds what it waits for (an operator, or a test that
+    /// times out, sees the cause rather than silence). Once the store is back the flush ends, the
+    /// gateway exits 0, and nothing written is lost.
+    /// </summary>
+    [Fact]
+    public async Task SIGTERM_while_the_store_is_unreachable_waits_for_the_final_flush_says_so_and_loses_nothing_once_it_is_back()
+    {
+        using var network = new LoopbackCut(new Uri(S3TestServer.Endpoint).Port);
+        string prefix = S3TestServer.NewPrefix("sigterm-outage");
+        const int Size = 16 * MiB;
+        await S3InteropTests.CreateS3ExportAsync(_gateway, "s3cut", 64 * MiB, prefix, endpoint: network.Endpoint);
+        byte[] image = new byte[Size];
+        Random.Shared.NextBytes(image);
+        string input = Path.Combine(_work, "in.img");
+        await File.WriteAllBytesAsync(input, image);
+        for (int o = 4 * MiB - Gap; o < Size; o += 4 * MiB)
+        {
+            image.AsSpan(o, Gap).Clear();
+        }
+        string script = Path.Combine(_work, "write.py");
+        await File.WriteAllTextAsync(script, WriteNoFlushScript);
+        ToolResult wrote = await _gateway.RunAsync("/usr/bin/python3", [script, _gateway.NbdUri("s3cut"), input, Gap.ToString(System.Globalization.CultureInfo.InvariantCulture)], TimeSpan.FromSeconds(60));
+        Assert.Contains("written", wrote.Stdout);
+
+        network.Cut();
+        Task<(int ExitCode, TimeSpan Elapsed)> stopping = _gateway.TerminateAsync(TimeSpan.FromSeconds(60));
+        var waited = System.Diagnostics.Stopwatch.StartNew();
+        while (!_gateway.Output.Contains("Shutdown has waited", StringComparison.Ordinal) && !stopping.IsCompleted && waited.Elapsed < TimeSpan.FromSeconds(20))
+        {
+            await Task.Delay(100);
+        }
+        Assert.False(stopping.IsCompleted, $"the gateway exited while its store was unreachable\n{_gateway.Describe()}");
+        Assert.Contains("Shutdown has waited 5 s for the exports' final flush", _gateway.Output);
+        Assert.Contains("Final flush of export s3cut failed (attempt 1)", _gateway.Output);
+        network.Restore();
+        (int exitCode, TimeSpan elapsed) = await stopping;
+        log.WriteLine($"SIGTERM to exit with the store cut for {waited.Elapsed.TotalSeconds:F1} s: {elapsed.TotalSeconds:F1} s, exit code {exitCode}");
+        Assert.True(exitCode == 0, $"exit code {exitCode} after SIGTERM ({elapsed.TotalSeconds:F1} s)\n{_gateway.Describe()}");
+        Assert.DoesNotContain("Flushing exports failed", _gateway.Output);
+
+        await _gateway.RestartAsync();
+        string output = Path.Combine(_work, "out.img");
+        await _gateway.RunAsync("nbdcopy", [_gateway.NbdUri("s3cut"), output], TimeSpan.FromSeconds(60));
+        byte[] read = await File.ReadAllBytesAsync(output);
+        Assert.True(SHA256.HashData(image).AsSpan().SequenceEqual(SHA256.HashData(read.AsSpan(0, Size))),
+            "what was written before SIGTERM differs after the store came back and the gateway restarted");
+    }
 }
