@@ -32,7 +32,8 @@ public sealed class BackupFaultTests
         byte[] data = new byte[size];
         new Random(20).NextBytes(data);
         await File.WriteAllBytesAsync(source, data);
-        await gateway.RunAsync("nbdcopy", [source, gateway.NbdUri("vm")]);
+        // --flush: stored before the backup reads it, so the gateway's stop has nothing left to sync.
+        await gateway.RunAsync("nbdcopy", ["--flush", source, gateway.NbdUri("vm")]);
         return source;
     }
 

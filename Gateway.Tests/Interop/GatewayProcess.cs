@@ -17,7 +17,13 @@ namespace Gateway.Tests.Interop;
 public sealed partial class GatewayProcess : IAsyncDisposable
 {
     public static readonly TimeSpan ReadyTimeout = TimeSpan.FromSeconds(30);
-    public static readonly TimeSpan StopTimeout = TimeSpan.FromSeconds(20);
+    /// <summary>
+    /// A guard against a stop that hangs, not a speed test (those set their own deadline): a
+    /// graceful stop ends with the exports' fdatasync, which on ext4 (ordered mode) also waits for
+    /// other processes' dirty data in the same journal commit, so under CI's parallel tests it can
+    /// take many seconds. As long as the gateway's own shutdown timeout.
+    /// </summary>
+    public static readonly TimeSpan StopTimeout = TimeSpan.FromSeconds(60);
 
     // Gateways still running when the test host exits (a crashed or aborted run) are killed
     // rather than left listening on loopback.
