@@ -14,7 +14,13 @@ public static class CsiHost
     /// <param name="attacher">How the node attaches exports: <see cref="NbdClientAttacher"/> (the kernel's nbd) unless a test reaches them another way.</param>
     public static WebApplication Build(CsiOptions options, IBlockAttacher? attacher = null)
     {
-        WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
+        // As the gateway's host (Gateway.Host.HostDefaults): no appsettings.json, so no watch of
+        // the working directory and every folder under it (a node plugin runs where mounts live).
+        WebApplicationBuilder builder = WebApplication.CreateSlimBuilder(new WebApplicationOptions
+        {
+            ContentRootPath = AppContext.BaseDirectory,
+            Args = ["--hostBuilder:reloadConfigOnChange=false"],
+        });
         builder.Logging.AddSimpleConsole(o => o.SingleLine = true);
         // One line per gRPC call is noise; failures are logged by the gRPC layer and the services.
         builder.Logging.AddFilter("Microsoft.AspNetCore", LogLevel.Warning);

@@ -23,7 +23,7 @@ public static class ServeCommand
             JournalDurability.Configure(() => SyncFile(wal));
         }
 
-        WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
+        WebApplicationBuilder builder = WebApplication.CreateSlimBuilder(HostDefaults.Options());
         foreach (string file in configFiles ?? [])
         {
             builder.Configuration.AddJsonFile(Path.GetFullPath(file), optional: false);
