@@ -66,6 +66,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
     private readonly Lock _sequential = new();
     private long _sequentialEnd = -1; // where the last read ended, or the furthest of a sequential stream
     private int _sequentialRun;
+    private int _sequentialLength;
     private long _aheadTo;
     private TaskCompletionSource _spaceFreed = NewSignal();
     private LogSegmentBuffer? _open;
@@ -1321,6 +1322,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
             }
         }
         await Task.WhenAll(fetches).ConfigureAwait(false);
+        bool[] hot = HotBlocks(index, start, pieces);
         ThrowIfAbandoned();
         await CheckFenceAsync(ct).ConfigureAwait(false); // right before the chunk write: the window a stale pass has is one chunk's
         // WRITE_ZEROES with NO_HOLE asks for the range to stay provisioned (NBD proto.md), as the
@@ -1345,7 +1347,44 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         // from here use the new version, and the new object is what a GET of it returns.
         long old = _chunkVersions.AddOrUpdate(index, 1, (_, v) => v + 1) - 1;
         _readCache.Remove(key, old, _objectSize);
+        if (_base.Get(index))
+        {
+            // What was cached stays cached: the new object's bytes, exactly what a GET of it returns.
+            _readCache.AddBlocks(key, old + 1, chunk, hot);
+        }
         _index.ReleaseFolded(pieces);
+    }
+
+    /// <summary>
+    /// The read-cache blocks of a chunk being folded that hold recently used bytes: blocks of its
+    /// current object in the cache, and blocks over segment bytes in memory or in the cache.
+    /// </summary>
+    private bool[] HotBlocks(long index, long start, List<IndexPiece> pieces)
+    {
+        if (!_readCache.Enabled)
+        {
+            return [];
+        }
+        int block = _readCache.BlockBytes;
+        bool[] hot = new bool[(_objectSize + block - 1) / block];
+        string key = S3DeviceOptions.Key(_prefix, index);
+        long version = _chunkVersions.GetValueOrDefault(index);
+        for (int b = 0; b < hot.Length; b++)
+        {
+            hot[b] = _readCache.Contains(key, version, (long)b * block, block);
+        }
+        foreach (IndexPiece piece in pieces)
+        {
+            if (piece.Source == ExtentSource.Segment &&
+                (piece.Segment!.Buffer is not null || _readCache.Contains(piece.Segment.Key, 0, piece.SegmentOffset, piece.Length)))
+            {
+                for (long b = (piece.Offset - start) / block; b <= (piece.Offset - start + piece.Length - 1) / block; b++)
+                {
+                    hot[b] = true;
+                }
+            }
+        }
+        return hot;
     }
 
     private Task PutObjectAsync(string key, byte[] data, int length) =>
@@ -1559,8 +1598,8 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
     // ---------------------------------------------------------------- read-ahead
 
     /// <summary>
-    /// A read that starts near where the previous ones ended continues a sequential stream; from the
-    /// third on, the next <see cref="S3DeviceOptions.ReadAheadBytes"/> are fetched into the read cache,
+    /// A read that starts where the previous one ended (or near it, with the same length) continues
+    /// a sequential stream; from the third on, the next <see cref="S3DeviceOptions.ReadAheadBytes"/> are fetched into the read cache,
     /// in steps of a quarter of that, so reads past the memory window find their blocks on the way.
     /// </summary>
     private void ReadAhead(long offset, int length)
@@ -1574,7 +1613,12 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         long to;
         lock (_sequential)
         {
-            bool sequential = _sequentialEnd >= 0 && offset >= _sequentialEnd - _readAhead && offset <= _sequentialEnd + _readAhead;
+            // Where the last one ended, or near it with the same length (a queue of reads that the
+            // network reordered a little): random reads of varying sizes never look sequential.
+            long slack = Math.Min(_readAhead, 8L * length);
+            bool sequential = _sequentialEnd >= 0 &&
+                (offset == _sequentialEnd || (length == _sequentialLength && offset >= _sequentialEnd - slack && offset <= _sequentialEnd + slack));
+            _sequentialLength = length;
             if (!sequential)
             {
                 _sequentialRun = 0;

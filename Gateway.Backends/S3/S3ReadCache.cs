@@ -146,6 +146,51 @@ internal sealed class S3ReadCache
         }
     }
 
+    /// <summary>Whether any block of the range is cached (or on its way).</summary>
+    public bool Contains(string key, long version, long start, long length)
+    {
+        if (!Enabled || length <= 0)
+        {
+            return false;
+        }
+        lock (_lock)
+        {
+            for (long block = start >> _blockShift; block <= (start + length - 1) >> _blockShift; block++)
+            {
+                if (_entries.ContainsKey(new BlockKey(key, version, block)))
+                {
+                    return true;
+                }
+            }
+        }
+        return false;
+    }
+
+    /// <summary>Keeps the blocks of an object's bytes (compaction's new chunk) whose flag in <paramref name="blocks"/> is set.</summary>
+    public void AddBlocks(string key, long version, ReadOnlySpan<byte> whole, bool[] blocks)
+    {
+        if (!Enabled)
+        {
+            return;
+        }
+        lock (_lock)
+        {
+            for (int block = 0; block < blocks.Length && (long)block << _blockShift < whole.Length; block++)
+            {
+                var id = new BlockKey(key, version, block);
+                if (!blocks[block] || _entries.ContainsKey(id))
+                {
+                    continue;
+                }
+                int from = block << _blockShift;
+                var entry = new Entry(id);
+                entry.Bytes.SetResult(whole.Slice(from, Math.Min(BlockBytes, whole.Length - from)).ToArray());
+                InsertLocked(entry);
+            }
+            EvictLocked();
+        }
+    }
+
     /// <summary>Drops the blocks of one version of an object (a chunk compaction rewrote: that version is never asked for again).</summary>
     public void Remove(string key, long version, long objectBytes)
     {

@@ -161,6 +161,23 @@ public sealed class S3LogReadCacheTests
     }
 
     [Fact]
+    public async Task Recently_written_data_stays_cached_when_compaction_folds_it_into_its_chunk()
+    {
+        var store = new MemoryObjectStore();
+        using S3LogBackend device = Open(store);
+        byte[] data = Pattern(MiB, 12);
+        await device.WriteAsync(MiB, data, fua: false);
+        await device.FlushAsync();
+        await device.CompactAsync();
+        Assert.True(store.Objects.ContainsKey(S3DeviceOptions.Key("disk", MiB / ObjectSize)));
+        store.Gets.Clear();
+        byte[] back = new byte[data.Length];
+        await device.ReadAsync(MiB, back);
+        Assert.Equal(data, back);
+        Assert.Equal(0, store.Gets.Values.Sum());
+    }
+
+    [Fact]
     public async Task Random_operations_reads_and_compactions_always_read_the_model()
     {
         var store = new MemoryObjectStore();
