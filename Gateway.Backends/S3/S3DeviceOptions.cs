@@ -56,6 +56,22 @@ public sealed record S3DeviceOptions
     /// </summary>
     public int LogCheckpointSegments { get; init; } = 256;
 
+    /// <summary>
+    /// The write log's read cache: memory for blocks of segment and chunk objects read by ranged GETs
+    /// (and of segments leaving the <see cref="CacheBytes"/> window of recently stored ones), least
+    /// recently used out first. 0 turns it off: every read past the window is a GET.
+    /// </summary>
+    public long ReadCacheBytes { get; init; } = 256L << 20;
+
+    /// <summary>The read cache's block: the least a GET through the cache reads. A power of two, at least 512.</summary>
+    public int ReadCacheBlockBytes { get; init; } = 64 << 10;
+
+    /// <summary>
+    /// How far ahead of sequential reads the write log fetches into the read cache (in GETs of at
+    /// most 1 MiB, in parallel); 0 turns read-ahead off. Needs the read cache.
+    /// </summary>
+    public long ReadAheadBytes { get; init; } = 8L << 20;
+
     /// <summary>The object key of chunk <paramref name="index"/>: nbdkit's <c>KEY/%016x</c>.</summary>
     public static string Key(string prefix, long index) => $"{prefix}/{index:x16}";
 }

@@ -60,6 +60,14 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
     private readonly List<LogSegmentBuffer> _pending = []; // sealed, not yet stored, in sequence order
     private readonly Queue<LogSegmentBuffer> _cache = new(); // stored and still holding their bytes, oldest first
     private readonly Timer? _timer;
+    private readonly S3ReadCache _readCache;
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<long, long> _chunkVersions = new(); // chunk index -> rewrites by compaction
+    private readonly long _readAhead;
+    private readonly Lock _sequential = new();
+    private long _sequentialEnd = -1; // where the last read ended, or the furthest of a sequential stream
+    private int _sequentialRun;
+    private int _sequentialLength;
+    private long _aheadTo;
     private TaskCompletionSource _spaceFreed = NewSignal();
     private LogSegmentBuffer? _open;
     private long _term;
@@ -125,6 +133,9 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         _compactCloseTimeout = options.LogCompactCloseTimeout;
         _checkpointSegments = options.LogCheckpointSegments;
         _io = new SemaphoreSlim(options.Parallelism, options.Parallelism);
+        _readCache = new S3ReadCache(options.ReadCacheBytes, options.ReadCacheBlockBytes, 1 << 20,
+            (key, start, destination, ct) => StoreAsync(() => _store.GetAsync(key, start, destination, ct), "GET", key, ct));
+        _readAhead = _readCache.Enabled ? Math.Max(0, options.ReadAheadBytes) : 0;
         _base = new ChunkMap((size + _objectSize - 1) >> _objectShift);
         if (!readOnly)
         {
@@ -192,6 +203,15 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
 
     /// <summary>The next term, once its owner's fence was found: this instance stores and acknowledges nothing more. 0 while none.</summary>
     public long FencedBy => Interlocked.Read(ref _fencedBy);
+
+    /// <summary>The read cache's bytes, hits, misses and GETs (tests, metrics).</summary>
+    public long ReadCacheBytes => _readCache.Bytes;
+
+    public long ReadCacheHits => _readCache.Hits;
+
+    public long ReadCacheMisses => _readCache.Misses;
+
+    public long ReadCacheGets => _readCache.Gets;
 
     /// <summary>Bytes of segments not yet stored (the open one included).</summary>
     public long DirtyBytes => Interlocked.Read(ref _dirty);
@@ -428,7 +448,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
             segment.Buffer = length >= data.Length / 2 ? data : data.AsSpan(0, length).ToArray();
             lock (_log)
             {
-                AddToCacheLocked(segment);
+                AddToCacheLocked(segment, toReadCache: false); // an open's replay order is no reason to keep old segments
                 _stored.Add(segment);
                 _logBytes += length;
             }
@@ -718,6 +738,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         }
         var pieces = new List<IndexPiece>();
         _index.Lookup(offset, destination.Length, pieces);
+        ReadAhead(offset, destination.Length);
         List<Task>? fetches = null;
         foreach (IndexPiece piece in pieces)
         {
@@ -732,7 +753,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
                     }
                     else
                     {
-                        (fetches ??= []).Add(ReadSegmentRangeAsync(piece.Segment, piece.SegmentOffset, piece.Offset, target, cancellationToken));
+                        (fetches ??= []).Add(ReadSegmentRangeAsync(piece.Segment, piece.SegmentOffset, piece.Offset, target, cached: true, cancellationToken));
                     }
                     break;
                 case ExtentSource.Base:
@@ -749,9 +770,12 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         }
     }
 
-    private async Task ReadSegmentRangeAsync(LogSegmentBuffer segment, long start, long diskOffset, Memory<byte> target, CancellationToken ct)
+    /// <summary>A range of a segment object: through the read cache for a client's read (segments never change), straight from the store for compaction.</summary>
+    private async Task ReadSegmentRangeAsync(LogSegmentBuffer segment, long start, long diskOffset, Memory<byte> target, bool cached, CancellationToken ct)
     {
-        int n = await StoreAsync(() => _store.GetAsync(segment.Key, start, target, ct), "GET", segment.Key, ct).ConfigureAwait(false);
+        int n = cached
+            ? await _readCache.ReadAsync(segment.Key, 0, start, target, ct).ConfigureAwait(false)
+            : await StoreAsync(() => _store.GetAsync(segment.Key, start, target, ct), "GET", segment.Key, ct).ConfigureAwait(false);
         if (n != target.Length && segment.Folded)
         {
             // Compaction folded the range into its chunk and deleted the segment after this read
@@ -781,17 +805,24 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
             }
             else
             {
-                parts.Add(ReadChunkRangeAsync(index, start, part, ct));
+                parts.Add(ReadChunkRangeAsync(index, start, part, cached: true, ct));
             }
             at += count;
         }
         await Task.WhenAll(parts).ConfigureAwait(false);
     }
 
-    private async Task ReadChunkRangeAsync(long index, int start, Memory<byte> part, CancellationToken ct)
+    /// <summary>
+    /// A range of a base chunk object. Through the read cache under the chunk's version, which
+    /// compaction raises once it has rewritten or deleted the object and before the index points at
+    /// it for the folded ranges: a block cached from the older object is never found again.
+    /// </summary>
+    private async Task ReadChunkRangeAsync(long index, int start, Memory<byte> part, bool cached, CancellationToken ct)
     {
         string key = S3DeviceOptions.Key(_prefix, index);
-        int n = await StoreAsync(() => _store.GetAsync(key, start, part, ct), "GET", key, ct).ConfigureAwait(false);
+        int n = cached
+            ? await _readCache.ReadAsync(key, _chunkVersions.GetValueOrDefault(index), start, part, ct).ConfigureAwait(false)
+            : await StoreAsync(() => _store.GetAsync(key, start, part, ct), "GET", key, ct).ConfigureAwait(false);
         if (n < 0 && !_base.Get(index))
         {
             // Compaction deleted the chunk (all zeros) after this read found its bit set.
@@ -866,7 +897,11 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         cancellationToken.ThrowIfCancellationRequested();
         DeviceBounds.ThrowIfClosed(_disposed);
         DeviceBounds.Check(offset, length, Size, BlockErrorKind.InvalidArgument);
-        return ValueTask.CompletedTask; // advisory; prefetch is a later step
+        if (_readCache.Enabled)
+        {
+            Prefetch(offset, Math.Min(length, _readCache.BlockBytes + Math.Max(_readAhead, 1L << 20))); // advisory, bounded
+        }
+        return ValueTask.CompletedTask;
     }
 
     public ValueTask<int> GetAllocationAsync(long offset, long length, Memory<Extent> extents, CancellationToken cancellationToken = default)
@@ -1211,6 +1246,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
             {
                 _stored.Remove(segment);
                 _logBytes -= segment.Length;
+                _readCache.Remove(segment.Key, 0, segment.Length); // the index no longer points at it
                 if (segment.Buffer is { } bytes)
                 {
                     _cachedBytes -= bytes.Length; // stored segments with bytes are in the cache queue, which skips a null later
@@ -1262,7 +1298,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         string key = S3DeviceOptions.Key(_prefix, index);
         if (exists && (end - start < _objectSize || pieces.Exists(p => p.Source == ExtentSource.Base)))
         {
-            await ReadChunkRangeAsync(index, 0, chunk, ct).ConfigureAwait(false);
+            await ReadChunkRangeAsync(index, 0, chunk, cached: false, ct).ConfigureAwait(false);
         }
         var fetches = new List<Task>();
         foreach (IndexPiece piece in pieces)
@@ -1277,7 +1313,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
                     }
                     else
                     {
-                        fetches.Add(ReadSegmentRangeAsync(piece.Segment, piece.SegmentOffset, piece.Offset, target, ct));
+                        fetches.Add(ReadSegmentRangeAsync(piece.Segment, piece.SegmentOffset, piece.Offset, target, cached: false, ct));
                     }
                     break;
                 case ExtentSource.Trim or ExtentSource.Zero:
@@ -1286,6 +1322,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
             }
         }
         await Task.WhenAll(fetches).ConfigureAwait(false);
+        bool[] hot = HotBlocks(index, start, pieces);
         ThrowIfAbandoned();
         await CheckFenceAsync(ct).ConfigureAwait(false); // right before the chunk write: the window a stale pass has is one chunk's
         // WRITE_ZEROES with NO_HOLE asks for the range to stay provisioned (NBD proto.md), as the
@@ -1306,7 +1343,48 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
             await PutObjectAsync(key, chunk, chunk.Length).ConfigureAwait(false);
             _base.Set(index, true);
         }
+        // After the store call, before the index sends reads to the new object: reads that start
+        // from here use the new version, and the new object is what a GET of it returns.
+        long old = _chunkVersions.AddOrUpdate(index, 1, (_, v) => v + 1) - 1;
+        _readCache.Remove(key, old, _objectSize);
+        if (_base.Get(index))
+        {
+            // What was cached stays cached: the new object's bytes, exactly what a GET of it returns.
+            _readCache.AddBlocks(key, old + 1, chunk, hot);
+        }
         _index.ReleaseFolded(pieces);
+    }
+
+    /// <summary>
+    /// The read-cache blocks of a chunk being folded that hold recently used bytes: blocks of its
+    /// current object in the cache, and blocks over segment bytes in memory or in the cache.
+    /// </summary>
+    private bool[] HotBlocks(long index, long start, List<IndexPiece> pieces)
+    {
+        if (!_readCache.Enabled)
+        {
+            return [];
+        }
+        int block = _readCache.BlockBytes;
+        bool[] hot = new bool[(_objectSize + block - 1) / block];
+        string key = S3DeviceOptions.Key(_prefix, index);
+        long version = _chunkVersions.GetValueOrDefault(index);
+        for (int b = 0; b < hot.Length; b++)
+        {
+            hot[b] = _readCache.Contains(key, version, (long)b * block, block);
+        }
+        foreach (IndexPiece piece in pieces)
+        {
+            if (piece.Source == ExtentSource.Segment &&
+                (piece.Segment!.Buffer is not null || _readCache.Contains(piece.Segment.Key, 0, piece.SegmentOffset, piece.Length)))
+            {
+                for (long b = (piece.Offset - start) / block; b <= (piece.Offset - start + piece.Length - 1) / block; b++)
+                {
+                    hot[b] = true;
+                }
+            }
+        }
+        return hot;
     }
 
     private Task PutObjectAsync(string key, byte[] data, int length) =>
@@ -1495,15 +1573,105 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         MaybeStartCheckpoint();
     }
 
-    /// <summary>Keeps the newest stored segments' bytes for reads, up to the cache limit.</summary>
-    private void AddToCacheLocked(LogSegmentBuffer segment)
+    /// <summary>
+    /// Keeps the newest stored segments' bytes for reads, up to the cache limit; a segment leaving it
+    /// goes to the read cache (before its bytes go: a read that finds them gone finds the blocks).
+    /// </summary>
+    private void AddToCacheLocked(LogSegmentBuffer segment, bool toReadCache = true)
     {
         _cache.Enqueue(segment);
         _cachedBytes += segment.Buffer!.Length;
         while (_cachedBytes > _cacheLimit && _cache.TryDequeue(out LogSegmentBuffer? old))
         {
-            _cachedBytes -= old.Buffer?.Length ?? 0;
+            if (old.Buffer is { } bytes)
+            {
+                _cachedBytes -= bytes.Length;
+                if (toReadCache && !old.Folded)
+                {
+                    _readCache.AddObject(old.Key, 0, bytes.AsSpan(0, old.Length));
+                }
+            }
             old.Buffer = null;
+        }
+    }
+
+    // ---------------------------------------------------------------- read-ahead
+
+    /// <summary>
+    /// A read that starts where the previous one ended (or near it, with the same length) continues
+    /// a sequential stream; from the third on, the next <see cref="S3DeviceOptions.ReadAheadBytes"/> are fetched into the read cache,
+    /// in steps of a quarter of that, so reads past the memory window find their blocks on the way.
+    /// </summary>
+    private void ReadAhead(long offset, int length)
+    {
+        if (_readAhead == 0)
+        {
+            return;
+        }
+        long end = offset + length;
+        long from;
+        long to;
+        lock (_sequential)
+        {
+            // Where the last one ended, or near it with the same length (a queue of reads that the
+            // network reordered a little): random reads of varying sizes never look sequential.
+            long slack = Math.Min(_readAhead, 8L * length);
+            bool sequential = _sequentialEnd >= 0 &&
+                (offset == _sequentialEnd || (length == _sequentialLength && offset >= _sequentialEnd - slack && offset <= _sequentialEnd + slack));
+            _sequentialLength = length;
+            if (!sequential)
+            {
+                _sequentialRun = 0;
+                _sequentialEnd = end;
+                _aheadTo = end;
+                return;
+            }
+            _sequentialEnd = Math.Max(_sequentialEnd, end);
+            if (++_sequentialRun < 2)
+            {
+                return;
+            }
+            from = Math.Max(_aheadTo, _sequentialEnd);
+            to = Math.Min(_sequentialEnd + _readAhead, Size);
+            if (to - from < Math.Max(_readAhead / 4, length))
+            {
+                return;
+            }
+            _aheadTo = to;
+        }
+        Prefetch(from, to - from);
+    }
+
+    /// <summary>Starts the GETs that bring a range's store-held bytes (segments past the memory window, base chunks) into the read cache.</summary>
+    private void Prefetch(long offset, long length)
+    {
+        length = Math.Min(length, Size - offset);
+        if (length <= 0)
+        {
+            return;
+        }
+        var pieces = new List<IndexPiece>();
+        _index.Lookup(offset, length, pieces);
+        foreach (IndexPiece piece in pieces)
+        {
+            if (piece.Source == ExtentSource.Segment && piece.Segment!.Buffer is null && !piece.Segment.Folded)
+            {
+                _readCache.Prefetch(piece.Segment.Key, 0, piece.SegmentOffset, piece.Length);
+            }
+            else if (piece.Source == ExtentSource.Base)
+            {
+                for (long at = piece.Offset; at < piece.Offset + piece.Length;)
+                {
+                    long index = at >> _objectShift;
+                    long start = at - (index << _objectShift);
+                    long count = Math.Min(piece.Offset + piece.Length - at, _objectSize - start);
+                    if (_base.Get(index))
+                    {
+                        _readCache.Prefetch(S3DeviceOptions.Key(_prefix, index), _chunkVersions.GetValueOrDefault(index), start, count);
+                    }
+                    at += count;
+                }
+            }
         }
     }
 
