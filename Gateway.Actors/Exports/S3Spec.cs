@@ -7,7 +7,8 @@ namespace Gateway.Actors.Exports;
 /// Where an <c>s3</c> export's objects live (<c>PREFIX/%016x</c>, nbdkit's S3 layout) and how they are
 /// cached. Credentials are optional (the default AWS chain otherwise); <see cref="SecretKey"/> is
 /// stored with the export but never shown by the API or logged. <see cref="WriteLog"/> (default off)
-/// writes through a log of segment objects (<see cref="S3LogBackend"/>) instead of the chunk cache.
+/// writes through a log of segment objects (<see cref="S3LogBackend"/>) instead of the chunk cache;
+/// <see cref="LogCompactBytes"/> is its compaction threshold (<see cref="S3DeviceOptions.LogCompactBytes"/>).
 /// </summary>
 public sealed record S3Spec(
     string? Endpoint,
@@ -19,7 +20,8 @@ public sealed record S3Spec(
     string? SecretKey = null,
     long? CacheBytes = null,
     int? Parallelism = null,
-    bool? WriteLog = null)
+    bool? WriteLog = null,
+    long? LogCompactBytes = null)
 {
     public const int MinObjectSize = 4096;
     public const int MaxObjectSize = 256 << 20;
@@ -32,6 +34,7 @@ public sealed record S3Spec(
         CacheBytes = CacheBytes ?? Math.Max(S3DeviceOptions.DefaultCacheBytes, 8L * (ObjectSize ?? S3DeviceOptions.DefaultObjectSize)),
         Parallelism = Parallelism ?? S3DeviceOptions.DefaultParallelism,
         WriteLog = WriteLog ?? false,
+        LogCompactBytes = LogCompactBytes ?? new S3DeviceOptions().LogCompactBytes,
     };
 
     /// <summary>The same spec without the secret, for API answers.</summary>
@@ -94,6 +97,10 @@ public static class S3Rules
         {
             return $"s3 parallelism {parallelism} is invalid: give 1 to 256";
         }
+        if (s3.LogCompactBytes is long compact && (compact < 1 || s3.WriteLog != true))
+        {
+            return $"s3 logCompactBytes {compact} is invalid: it is for writeLog exports and must be at least 1";
+        }
         if (string.IsNullOrEmpty(s3.AccessKey) != string.IsNullOrEmpty(s3.SecretKey))
         {
             return "s3 accessKey and secretKey go together: give both, or neither to use the default AWS credentials";
@@ -108,7 +115,7 @@ public static class S3Rules
     /// <summary>The s3 settings of an overlay whose base image is an S3 object: where the store is and who signs; the bucket and key are the baseImage's.</summary>
     private static string? ValidateBaseImage(S3Spec s3)
     {
-        if (s3.Bucket is not null || s3.Prefix is not null || s3.ObjectSize is not null || s3.CacheBytes is not null || s3.Parallelism is not null || s3.WriteLog is not null)
+        if (s3.Bucket is not null || s3.Prefix is not null || s3.ObjectSize is not null || s3.CacheBytes is not null || s3.Parallelism is not null || s3.WriteLog is not null || s3.LogCompactBytes is not null)
         {
             return "an s3:// baseImage takes s3 endpoint, region and credentials only: its bucket and key are in the baseImage";
         }
