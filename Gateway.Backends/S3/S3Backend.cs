@@ -378,6 +378,16 @@ public sealed class S3Backend : IBlockDevice, IGrowableDevice
                         }
                         ThrowMissing(index);
                     }
+                    if (n >= 0 && n < S3DeviceOptions.BytesDue(index, _objectShift, start, destination.Length, Size))
+                    {
+                        // Chunks are stored whole: a short one is torn, and its missing bytes are not zeros.
+                        if (attempt < 3)
+                        {
+                            await Task.Delay(100 * attempt, ct).ConfigureAwait(false);
+                            continue;
+                        }
+                        throw S3DeviceOptions.TornChunk(Key(index), start, n, _objectSize);
+                    }
                     destination.Span[Math.Max(n, 0)..].Clear();
                     return;
                 }
@@ -471,6 +481,10 @@ public sealed class S3Backend : IBlockDevice, IGrowableDevice
             if (n < 0 && _stored.Get(chunk.Index))
             {
                 ThrowMissing(chunk.Index);
+            }
+            if (n >= 0 && n < S3DeviceOptions.BytesDue(chunk.Index, _objectShift, 0, _objectSize, Size))
+            {
+                throw S3DeviceOptions.TornChunk(Key(chunk.Index), 0, n, _objectSize);
             }
             stored.AsSpan(Math.Max(n, 0), _objectSize - Math.Max(n, 0)).Clear();
             int sectors = _objectSize >> SectorShift;

@@ -74,4 +74,22 @@ public sealed record S3DeviceOptions
 
     /// <summary>The object key of chunk <paramref name="index"/>: nbdkit's <c>KEY/%016x</c>.</summary>
     public static string Key(string prefix, long index) => $"{prefix}/{index:x16}";
+
+    /// <summary>
+    /// How many of <paramref name="length"/> bytes from <paramref name="start"/> in chunk
+    /// <paramref name="index"/> its object must hold: all of them, except past the disk's end (an
+    /// image cut into objects by another tool may end its last object there).
+    /// </summary>
+    internal static long BytesDue(long index, int objectShift, int start, int length, long diskSize) =>
+        Math.Clamp(diskSize - ((index << objectShift) + start), 0, length);
+
+    /// <summary>
+    /// A chunk object that ended before a read's range did (and before the disk's end). The gateway
+    /// (and nbdkit's S3 plugin) store every chunk whole, object-size bytes, so a shorter one was stored in part: a store that does not
+    /// replace objects whole (stock s3rver truncates the object when a PUT starts, so a PUT cut off
+    /// halfway leaves its first bytes). Its missing bytes are lost, not zeros.
+    /// </summary>
+    internal static BlockDeviceException TornChunk(string key, long start, int read, int objectSize) =>
+        new(BlockErrorKind.Io,
+            $"S3 object {key} ends {(read > 0 ? $"at byte {start + read}" : $"at or before byte {start}")}, but a chunk is {objectSize} bytes: it was stored in part (the store kept a PUT that did not finish), so its missing bytes cannot be read as zeros");
 }

@@ -42,6 +42,8 @@ namespace Gateway.Backends.S3;
 public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
 {
     private const int MinRoom = LogSegment.RecordHeaderSize + 512;
+    private const int TornReadAttempts = 3;
+    private const int TornReadDelayMs = 100;
 
     private readonly IObjectStore _store;
     private readonly bool _ownsStore;
@@ -109,7 +111,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
     private int _storedSinceCheckpoint;
     private string? _checkpointKey;
     private (long Term, long Seq) _checkpointMark;
-    private Task? _checkpointTask;
+    private bool _checkpointRunning; // a background checkpoint is on its way (under _log)
     private long _checkpoints;
     private long _checkpointFailures;
 
@@ -816,25 +818,45 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
     /// A range of a base chunk object. Through the read cache under the chunk's version, which
     /// compaction raises once it has rewritten or deleted the object and before the index points at
     /// it for the folded ranges: a block cached from the older object is never found again.
+    /// <para>
+    /// A chunk object is whole (object-size bytes, or up to the disk's end), so one that ends inside the range is torn
+    /// (<see cref="S3DeviceOptions.TornChunk"/>): EIO, never zeros, or compaction would store the zeros
+    /// for good. Asked again twice first, uncached, in case the store shows a PUT in progress.
+    /// </para>
     /// </summary>
     private async Task ReadChunkRangeAsync(long index, int start, Memory<byte> part, bool cached, CancellationToken ct)
     {
         string key = S3DeviceOptions.Key(_prefix, index);
-        int n = cached
-            ? await _readCache.ReadAsync(key, _chunkVersions.GetValueOrDefault(index), start, part, ct).ConfigureAwait(false)
-            : await StoreAsync(() => _store.GetAsync(key, start, part, ct), "GET", key, ct).ConfigureAwait(false);
-        if (n < 0 && !_base.Get(index))
+        for (int attempt = 1; ; attempt++)
         {
-            // Compaction deleted the chunk (all zeros) after this read found its bit set.
-            part.Span.Clear();
-            return;
+            long version = _chunkVersions.GetValueOrDefault(index);
+            int n = cached
+                ? await _readCache.ReadAsync(key, version, start, part, ct).ConfigureAwait(false)
+                : await StoreAsync(() => _store.GetAsync(key, start, part, ct), "GET", key, ct).ConfigureAwait(false);
+            if (n < 0 && !_base.Get(index))
+            {
+                // Compaction deleted the chunk (all zeros) after this read found its bit set.
+                part.Span.Clear();
+                return;
+            }
+            if (n < 0)
+            {
+                // Listed at open, or stored by compaction: its absence is a loss, not zeros.
+                throw new BlockDeviceException(BlockErrorKind.Io, $"S3 object {key} is missing although it was listed: refusing to read it as zeros");
+            }
+            if (n >= S3DeviceOptions.BytesDue(index, _objectShift, start, part.Length, Size))
+            {
+                part.Span[n..].Clear(); // past the disk's end
+                return;
+            }
+            _readCache.Remove(key, version, _objectSize);
+            if (attempt == TornReadAttempts)
+            {
+                throw S3DeviceOptions.TornChunk(key, start, n, _objectSize);
+            }
+            cached = false;
+            await Task.Delay(TornReadDelayMs * attempt, ct).ConfigureAwait(false);
         }
-        if (n < 0)
-        {
-            // Listed at open, or stored by compaction: its absence is a loss, not zeros.
-            throw new BlockDeviceException(BlockErrorKind.Io, $"S3 object {key} is missing although it was listed: refusing to read it as zeros");
-        }
-        part.Span[n..].Clear();
     }
 
     public async ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken = default)
@@ -1089,12 +1111,13 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         }
         lock (_log)
         {
-            if (_storedSinceCheckpoint < _checkpointSegments || _checkpointTask is { IsCompleted: false })
+            if (_storedSinceCheckpoint < _checkpointSegments || _checkpointRunning)
             {
                 return;
             }
             _storedSinceCheckpoint = 0;
-            _checkpointTask = Task.Run(BackgroundCheckpointAsync);
+            _checkpointRunning = true;
+            _ = Task.Run(BackgroundCheckpointAsync);
         }
     }
 
@@ -1108,6 +1131,16 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         {
             Interlocked.Increment(ref _checkpointFailures);
         }
+        finally
+        {
+            lock (_log)
+            {
+                _checkpointRunning = false;
+            }
+        }
+        // Segments stored while this one ran may have passed the threshold with no upload left to
+        // see it (the writes stopped): the next one starts from here.
+        MaybeStartCheckpoint();
     }
 
     // ---------------------------------------------------------------- compaction
@@ -1125,7 +1158,9 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
     /// yet stored when the pass began: every extent of a segment below it was in the index then,
     /// so its chunk was folded in this pass. (3) The marker is a new object (a torn PUT leaves the
     /// previous one), stored before any segment delete; an open skips segments below it and deletes
-    /// what a crash left (those segments, older markers).
+    /// what a crash left (those segments, older markers). (4) Chunk PUTs replace objects in place,
+    /// which relies on S3's contract that a PUT replaces an object whole or not at all; on a store
+    /// that keeps part of a cut-off PUT (stock s3rver), the short chunk reads as EIO, never as zeros.
     /// </remarks>
     public async Task CompactAsync(CancellationToken cancellationToken = default)
     {

@@ -104,6 +104,39 @@ public sealed class S3LogCompactionTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public async Task A_torn_chunk_object_reads_as_EIO_and_compaction_does_not_store_its_missing_bytes_as_zeros()
+    {
+        var store = new MemoryObjectStore();
+        byte[] data = Pattern(2 * ObjectSize, seed: 1801);
+        using (S3LogBackend writer = Open(store))
+        {
+            await writer.WriteAsync(0, data, fua: true);
+            await writer.CompactAsync();
+        }
+        string key = S3DeviceOptions.Key("disk", 0);
+        Assert.Equal(ObjectSize, store.Objects[key].Length);
+        // What a store that keeps part of a PUT cut off halfway leaves (stock s3rver does).
+        await store.PutAsync(key, data, ObjectSize / 4, CancellationToken.None);
+
+        using S3LogBackend device = Open(store);
+        var read = await Assert.ThrowsAsync<BlockDeviceException>(() => device.ReadAsync(ObjectSize / 4 - 2 * KiB, new byte[4 * KiB]).AsTask());
+        Assert.Equal(BlockErrorKind.Io, read.Kind);
+        Assert.Contains($"{key} ends at byte {ObjectSize / 4}", read.Message);
+
+        // A write into the chunk leaves the rest to the torn object: folding it must fail, not store zeros.
+        await device.WriteAsync(0, new byte[] { 7 }, fua: true);
+        await Assert.ThrowsAsync<BlockDeviceException>(() => device.CompactAsync());
+        Assert.Equal(ObjectSize / 4, store.Objects[key].Length);
+        // The bytes the object holds, and the other chunk, still read.
+        byte[] head = new byte[4 * KiB];
+        await device.ReadAsync(4 * KiB, head);
+        Assert.Equal(data.AsSpan(4 * KiB, 4 * KiB).ToArray(), head);
+        byte[] next = new byte[ObjectSize];
+        await device.ReadAsync(ObjectSize, next);
+        Assert.Equal(data.AsSpan(ObjectSize, ObjectSize).ToArray(), next);
+    }
+
+    [Fact]
     public async Task Random_writes_trims_and_zeroes_with_compactions_running_among_them_read_back_as_the_model()
     {
         // Slow PUTs stretch each pass, so writes land while it folds the chunks they touch.

@@ -78,6 +78,28 @@ public sealed class S3MissingObjectTests
     }
 
     [Fact]
+    public async Task Torn_chunk_object_reads_as_EIO_not_zeros_on_both_read_paths()
+    {
+        // A store that kept the first half of a PUT cut off halfway (stock s3rver does): the object
+        // is short, and its missing half is lost data, not zeros.
+        var store = new MemoryObjectStore();
+        byte[] data = await StoreTwoChunksAsync(store);
+        await store.PutAsync(Key0, data, Chunk / 2, CancellationToken.None);
+        using S3Backend device = Open(store);
+
+        // A small read inside what the object holds still reads (a range GET); the next chunk is untouched.
+        Assert.Equal(data.AsSpan(100, 4 * KiB).ToArray(), await ReadAsync(device, 100, 4 * KiB));
+        Assert.Equal(data.AsSpan(Chunk, Chunk).ToArray(), await ReadAsync(device, Chunk, Chunk));
+        var small = await Assert.ThrowsAsync<BlockDeviceException>(() => device.ReadAsync(Chunk / 2 - 2 * KiB, new byte[4 * KiB]).AsTask());
+        var whole = await Assert.ThrowsAsync<BlockDeviceException>(() => device.ReadAsync(0, new byte[Chunk]).AsTask());
+
+        Assert.Equal(BlockErrorKind.Io, small.Kind);
+        Assert.Equal(BlockErrorKind.Io, whole.Kind);
+        Assert.Contains($"{Key0} ends at byte {Chunk / 2}", small.Message);
+        Assert.Contains("stored in part", whole.Message);
+    }
+
+    [Fact]
     public async Task Chunk_uploaded_by_this_backend_then_evicted_and_deleted_behind_its_back_reads_as_EIO_not_zeros()
     {
         var store = new MemoryObjectStore();
