@@ -8,7 +8,9 @@ namespace Gateway.Actors.Exports;
 /// cached. Credentials are optional (the default AWS chain otherwise); <see cref="SecretKey"/> is
 /// stored with the export but never shown by the API or logged. <see cref="WriteLog"/> (default off)
 /// writes through a log of segment objects (<see cref="S3LogBackend"/>) instead of the chunk cache;
-/// <see cref="LogCompactBytes"/> is its compaction threshold (<see cref="S3DeviceOptions.LogCompactBytes"/>).
+/// <see cref="LogCompactBytes"/> is its compaction threshold (<see cref="S3DeviceOptions.LogCompactBytes"/>),
+/// <see cref="ReadCacheBytes"/> and <see cref="ReadAheadBytes"/> its read cache and sequential read-ahead
+/// (<see cref="S3DeviceOptions.ReadCacheBytes"/>, <see cref="S3DeviceOptions.ReadAheadBytes"/>; 0 turns either off).
 /// </summary>
 public sealed record S3Spec(
     string? Endpoint,
@@ -21,7 +23,9 @@ public sealed record S3Spec(
     long? CacheBytes = null,
     int? Parallelism = null,
     bool? WriteLog = null,
-    long? LogCompactBytes = null)
+    long? LogCompactBytes = null,
+    long? ReadCacheBytes = null,
+    long? ReadAheadBytes = null)
 {
     public const int MinObjectSize = 4096;
     public const int MaxObjectSize = 256 << 20;
@@ -35,6 +39,8 @@ public sealed record S3Spec(
         Parallelism = Parallelism ?? S3DeviceOptions.DefaultParallelism,
         WriteLog = WriteLog ?? false,
         LogCompactBytes = LogCompactBytes ?? new S3DeviceOptions().LogCompactBytes,
+        ReadCacheBytes = ReadCacheBytes ?? new S3DeviceOptions().ReadCacheBytes,
+        ReadAheadBytes = ReadAheadBytes ?? new S3DeviceOptions().ReadAheadBytes,
     };
 
     /// <summary>The same spec without the secret, for API answers.</summary>
@@ -101,6 +107,18 @@ public static class S3Rules
         {
             return $"s3 logCompactBytes {compact} is invalid: it is for writeLog exports and must be at least 1";
         }
+        if ((s3.ReadCacheBytes is not null || s3.ReadAheadBytes is not null) && s3.WriteLog != true)
+        {
+            return "s3 readCacheBytes and readAheadBytes are for writeLog exports (the chunk path caches whole objects in cacheBytes)";
+        }
+        if (s3.ReadCacheBytes is long readCache && readCache != 0 && readCache < options.ReadCacheBlockBytes)
+        {
+            return $"s3 readCacheBytes {readCache} is invalid: give 0 (no read cache) or at least one {options.ReadCacheBlockBytes}-byte block";
+        }
+        if (s3.ReadAheadBytes is long readAhead && (readAhead < 0 || readAhead > options.ReadCacheBytes))
+        {
+            return $"s3 readAheadBytes {readAhead} is invalid: give 0 (no read-ahead) up to readCacheBytes ({options.ReadCacheBytes}), which it fills";
+        }
         if (string.IsNullOrEmpty(s3.AccessKey) != string.IsNullOrEmpty(s3.SecretKey))
         {
             return "s3 accessKey and secretKey go together: give both, or neither to use the default AWS credentials";
@@ -115,7 +133,7 @@ public static class S3Rules
     /// <summary>The s3 settings of an overlay whose base image is an S3 object: where the store is and who signs; the bucket and key are the baseImage's.</summary>
     private static string? ValidateBaseImage(S3Spec s3)
     {
-        if (s3.Bucket is not null || s3.Prefix is not null || s3.ObjectSize is not null || s3.CacheBytes is not null || s3.Parallelism is not null || s3.WriteLog is not null || s3.LogCompactBytes is not null)
+        if (s3.Bucket is not null || s3.Prefix is not null || s3.ObjectSize is not null || s3.CacheBytes is not null || s3.Parallelism is not null || s3.WriteLog is not null || s3.LogCompactBytes is not null || s3.ReadCacheBytes is not null || s3.ReadAheadBytes is not null)
         {
             return "an s3:// baseImage takes s3 endpoint, region and credentials only: its bucket and key are in the baseImage";
         }

@@ -1,4 +1,5 @@
 using Gateway.Actors.Exports;
+using Gateway.Backends.S3;
 using Xunit;
 
 namespace Gateway.Tests.Actors;
@@ -32,4 +33,32 @@ public sealed class ExportRulesTests
     [InlineData((1L << 50) + 1)]
     public void Sizes_out_of_range_are_refused(long size) =>
         Assert.Contains("size", ExportRules.Validate(Spec(size: size)) ?? "accepted");
+    private static ExportSpec S3(S3Spec s3) => new("vm1", 1 << 30, new BackendSpec(BackendSpec.S3Type, S3: s3), ReadOnly: false, null);
+
+    private static S3Spec Log(long? readCache = null, long? readAhead = null, bool? writeLog = true) =>
+        new("http://127.0.0.1:4568", "disks", "vm1", WriteLog: writeLog, ReadCacheBytes: readCache, ReadAheadBytes: readAhead);
+
+    [Fact]
+    public void A_write_log_exports_read_cache_and_read_ahead_reach_its_device_and_default_when_absent()
+    {
+        Assert.Null(ExportRules.Validate(S3(Log(readCache: 32 << 20, readAhead: 1 << 20))));
+        S3DeviceOptions set = Log(readCache: 32 << 20, readAhead: 1 << 20).ToDeviceOptions();
+        Assert.Equal(32 << 20, set.ReadCacheBytes);
+        Assert.Equal(1 << 20, set.ReadAheadBytes);
+        S3DeviceOptions unset = Log().ToDeviceOptions();
+        Assert.Equal(new S3DeviceOptions().ReadCacheBytes, unset.ReadCacheBytes);
+        Assert.Equal(new S3DeviceOptions().ReadAheadBytes, unset.ReadAheadBytes);
+        // 0 turns either off.
+        Assert.Null(ExportRules.Validate(S3(Log(readCache: 0, readAhead: 0))));
+    }
+
+    [Theory]
+    [InlineData(4096L, null, true, "readCacheBytes 4096 is invalid")]
+    [InlineData(-1L, null, true, "readCacheBytes -1 is invalid")]
+    [InlineData(null, -1L, true, "readAheadBytes -1 is invalid")]
+    [InlineData(1048576L, 2097152L, true, "readAheadBytes 2097152 is invalid")]
+    [InlineData(1048576L, null, null, "are for writeLog exports")]
+    [InlineData(null, 0L, false, "are for writeLog exports")]
+    public void Bad_read_cache_settings_are_refused_with_what_is_wrong(long? readCache, long? readAhead, bool? writeLog, string expected) =>
+        Assert.Contains(expected, ExportRules.Validate(S3(Log(readCache, readAhead, writeLog))) ?? "accepted");
 }
