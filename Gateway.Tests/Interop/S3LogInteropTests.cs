@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Net;
 using System.Net.Http.Json;
+using Amazon.S3.Model;
 using Gateway.Backends.S3;
 using Gateway.Tests.Backends.S3;
 using Xunit;
@@ -202,6 +203,150 @@ public sealed class S3LogInteropTests : IAsyncLifetime
         }
         _output.WriteLine($"20 kill -9 cycles ({restarts} restarts, {moves} moves to the other node) in {clock.Elapsed.TotalSeconds:F1} s; per cycle, seconds to the kill/the start/the open/the check: {string.Join(" ", cycles)}");
         Assert.Equal((10, 10), (restarts, moves));
+    }
+
+    /// <summary>
+    /// The issue's floor for compaction: an export whose log is compacted at every MiB
+    /// (<c>logCompactBytes</c>), so passes run back to back under fio's unflushed writes, gets kill -9
+    /// at a random moment, 10 cycles. Each cycle first flushes random writes (checked against a model
+    /// after every open), then checks what the first pass of the new open left in the bucket: one fold
+    /// marker of the new term, no segment or checkpoint below it, and every chunk object whole.
+    /// </summary>
+    [Fact]
+    public async Task Kill_9_during_compaction_ten_cycles_loses_no_flushed_byte_and_the_next_pass_leaves_no_garbage()
+    {
+        const int Size = 16 * MiB;
+        const int Checked = 8 * MiB;
+        const int ObjectSize = 64 * 1024;
+        const string Export = "s3compactkill";
+        string prefix = S3TestServer.NewPrefix("log-compact-kill");
+        await CreateLogExportAsync(_gateway, Export, Size, prefix, ObjectSize, logCompactBytes: MiB);
+        byte[] model = new byte[Checked];
+        var random = new Random(1802);
+        var clock = Stopwatch.StartNew();
+        var killedIn = new List<string>();
+        long termBefore = -1;
+        for (int cycle = 0; cycle < 10; cycle++)
+        {
+            await FlushedWritesAsync(_gateway, Export, model, random, Checked, writes: 48, firstValue: 1 + (cycle * 48 % 200));
+            if (cycle > 0)
+            {
+                await AssertNoGarbageAsync(prefix, termBefore, ObjectSize, $"cycle {cycle}");
+            }
+            await KillWithWritesInFlightAsync(_gateway, Export, Checked, Size - Checked, TimeSpan.FromMilliseconds(300 + random.Next(1500)));
+            List<S3Object> objects = await ObjectsAsync(prefix);
+            killedIn.Add(MidPass(prefix, objects, ObjectSize));
+            termBefore = objects.Max(o => LogSegment.TryParseKey(prefix, o.Key, out long term, out _) || LogSegment.TryParseFoldKey(prefix, o.Key, out term, out _)
+                || LogSegment.TryParseFenceKey(prefix, o.Key, out term) || LogSegment.TryParseCheckpointKey(prefix, o.Key, out term, out _) ? term : -1);
+
+            await _gateway.RestartAsync();
+            await WaitOpenAsync(_gateway, Export);
+            await AssertFlushedAsync(_gateway, Export, model, $"cycle {cycle} (killed {killedIn[^1]})");
+        }
+        await FlushedWritesAsync(_gateway, Export, model, random, Checked, writes: 48, firstValue: 7);
+        await AssertNoGarbageAsync(prefix, termBefore, ObjectSize, "after the last cycle");
+        await AssertFlushedAsync(_gateway, Export, model, "after the last pass");
+        int midPass = killedIn.Count(k => k != "between passes");
+        _output.WriteLine($"10 kill -9 cycles under compaction in {clock.Elapsed.TotalSeconds:F1} s; {midPass} kills fell inside a pass: {string.Join("; ", killedIn)}");
+        Assert.True(midPass >= 3, $"only {midPass} of 10 kills fell inside a compaction pass: {string.Join("; ", killedIn)}");
+    }
+
+    /// <summary>The objects under the prefix with their sizes and times, as the server lists them.</summary>
+    private static async Task<List<S3Object>> ObjectsAsync(string prefix)
+    {
+        using Amazon.S3.AmazonS3Client client = S3TestServer.Client();
+        var objects = new List<S3Object>();
+        var request = new ListObjectsV2Request { BucketName = S3TestServer.Bucket, Prefix = prefix + "/" };
+        for (int page = 0; page < 1000; page++)
+        {
+            ListObjectsV2Response response = await client.ListObjectsV2Async(request);
+            objects.AddRange(response.S3Objects ?? []);
+            if (response.IsTruncated != true)
+            {
+                return objects;
+            }
+            request.ContinuationToken = response.NextContinuationToken;
+        }
+        throw new InvalidOperationException("over 1,000 pages of objects");
+    }
+
+    /// <summary>
+    /// Where a kill fell, from the bucket it left: inside a pass when a chunk object is newer than the
+    /// newest fold marker (chunks stored, marker not yet), when segments or an older marker below the
+    /// newest marker are still there (marker stored, deletes not done), or when a chunk is torn.
+    /// </summary>
+    private static string MidPass(string prefix, List<S3Object> objects, int objectSize)
+    {
+        var markers = objects.Where(o => LogSegment.TryParseFoldKey(prefix, o.Key, out _, out _)).OrderBy(o => o.Key, StringComparer.Ordinal).ToList();
+        List<S3Object> chunks = objects.Where(o => !o.Key.Contains("/log/", StringComparison.Ordinal)).ToList();
+        DateTime marked = markers.Count > 0 ? markers[^1].LastModified ?? DateTime.MinValue : DateTime.MinValue;
+        int newer = chunks.Count(c => c.LastModified > marked);
+        int torn = chunks.Count(c => c.Size != objectSize);
+        int below = markers.Count == 0 ? 0 : objects.Count(o => LogSegment.TryParseKey(prefix, o.Key, out _, out _) && string.CompareOrdinal(o.Key, markers[^1].Key.Replace("/log/folded-", "/log/", StringComparison.Ordinal)) < 0);
+        return newer > 0 || below > 0 || markers.Count > 1 || torn > 0
+            ? $"in a pass ({newer} chunks newer than the marker, {below} segments below it, {markers.Count} markers, {torn} torn chunks)"
+            : "between passes";
+    }
+
+    /// <summary>
+    /// Waits (at most 30 s) for a pass of the open after <paramref name="termBefore"/> to leave the
+    /// bucket clean: one fold marker, of a newer term; no segment or checkpoint below it; every chunk
+    /// object whole. Fences stay (they are never deleted). Anything else under the prefix fails.
+    /// </summary>
+    private async Task AssertNoGarbageAsync(string prefix, long termBefore, int objectSize, string when)
+    {
+        string problem = "not listed yet";
+        var clock = Stopwatch.StartNew();
+        while (clock.Elapsed < TimeSpan.FromSeconds(30))
+        {
+            problem = Garbage(prefix, await ObjectsAsync(prefix), termBefore, objectSize);
+            if (problem.Length == 0)
+            {
+                return;
+            }
+            await Task.Delay(200);
+        }
+        Assert.Fail($"{when}: the bucket is not clean 30 s after the open: {problem}\n{_gateway.Describe()}");
+    }
+
+    private static string Garbage(string prefix, List<S3Object> objects, long termBefore, int objectSize)
+    {
+        var markers = new List<(long Term, long Seq)>();
+        foreach (S3Object o in objects)
+        {
+            if (LogSegment.TryParseFoldKey(prefix, o.Key, out long term, out long seq))
+            {
+                markers.Add((term, seq));
+            }
+        }
+        if (markers.Count != 1 || markers[0].Term <= termBefore)
+        {
+            return $"fold markers {string.Join(", ", markers)} (one of a term above {termBefore} expected)";
+        }
+        (long markTerm, long markSeq) = markers[0];
+        var problems = new List<string>();
+        foreach (S3Object o in objects)
+        {
+            if (LogSegment.TryParseKey(prefix, o.Key, out long term, out long seq) || LogSegment.TryParseCheckpointKey(prefix, o.Key, out term, out seq))
+            {
+                if (term < markTerm || (term == markTerm && seq < markSeq))
+                {
+                    problems.Add($"{o.Key} is below the marker ({markTerm}, {markSeq})");
+                }
+            }
+            else if (LogSegment.TryParseFoldKey(prefix, o.Key, out _, out _) || LogSegment.TryParseFenceKey(prefix, o.Key, out _))
+            {
+            }
+            else if (o.Key.Contains("/log/", StringComparison.Ordinal))
+            {
+                problems.Add($"{o.Key} is no log object");
+            }
+            else if (o.Size != objectSize)
+            {
+                problems.Add($"chunk {o.Key} holds {o.Size} bytes, not {objectSize}: torn");
+            }
+        }
+        return string.Join("; ", problems);
     }
 
     /// <summary>
