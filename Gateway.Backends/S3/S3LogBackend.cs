@@ -81,6 +81,11 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
     private volatile bool _disposed;
     private volatile bool _closing;
 
+    // Set once the open has replayed the log: the timer runs from the constructor, and a background
+    // pass or checkpoint started during the replay would see part of the index and then delete (or
+    // list) every segment replayed by the time it ends, folded or not.
+    private volatile bool _opened;
+
     // Compaction (one pass at a time): the stored segments not yet folded, in the bucket's order of
     // nothing in particular; keys to delete once the next fold marker is stored; the newest marker.
     private readonly SemaphoreSlim _compacting = new(1, 1);
@@ -166,6 +171,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
                 await device.ClaimTermAsync(cancellationToken).ConfigureAwait(false);
             }
             await device.ReplayAsync(cancellationToken).ConfigureAwait(false);
+            device._opened = true;
         }
         catch
         {
@@ -1105,7 +1111,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
 
     private void MaybeStartCheckpoint()
     {
-        if (IsReadOnly || _closing || _checkpointSegments <= 0)
+        if (IsReadOnly || _closing || !_opened || _checkpointSegments <= 0)
         {
             return;
         }
@@ -1180,7 +1186,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
     /// <summary>Starts a background pass when the log holds the threshold, or when the export has been quiet for the idle time.</summary>
     private void MaybeStartCompaction()
     {
-        if (IsReadOnly || _closing)
+        if (IsReadOnly || _closing || !_opened)
         {
             return;
         }

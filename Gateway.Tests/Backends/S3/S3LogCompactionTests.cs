@@ -494,4 +494,42 @@ public sealed class S3LogCompactionTests(ITestOutputHelper output)
         Assert.Equal(DiskSize + LogSegment.FoldMarkerSize + fence, compacted);
         Assert.Equal(model, await ReadAllAsync(device));
     }
+
+    [Fact]
+    public async Task No_background_pass_starts_while_an_open_replays_the_log()
+    {
+        // 160 flushed segments replayed one GET at a time (5 ms each, about a second) under a 64 KiB
+        // threshold: the timer runs from the start, so a pass could start with part of the index
+        // and delete every segment replayed by its end, folded or not (found by the interop kill
+        // test: reads then looped on deleted segments, and a restart would have lost their bytes).
+        var store = new MemoryObjectStore();
+        byte[] model = new byte[DiskSize];
+        var random = new Random(1818);
+        using (S3LogBackend writer = Open(store, Options() with { LogSegmentBytes = 64 * KiB }))
+        {
+            for (int i = 0; i < 160; i++)
+            {
+                int offset = random.Next(DiskSize / 4096) * 4096;
+                byte[] data = Pattern(4096, 7000 + i);
+                await writer.WriteAsync(offset, data, fua: true);
+                data.CopyTo(model, offset);
+            }
+        }
+        Assert.True(SegmentKeys(store).Count >= 160, $"{SegmentKeys(store).Count} segments");
+
+        S3DeviceOptions compacting = Options() with { LogSegmentBytes = 64 * KiB, LogCompactBytes = 64 * KiB, Parallelism = 1 };
+        using (S3LogBackend device = Open(new SlowSegmentGetStore(store), compacting))
+        {
+            for (int i = 0; i < 500 && (device.Compactions == 0 || device.LogBytes >= 64 * KiB); i++)
+            {
+                await Task.Delay(20);
+            }
+            Assert.True(device.Compactions > 0, "no background pass after the open");
+            byte[] read = await ReadAllAsync(device).WaitAsync(TimeSpan.FromSeconds(30));
+            Assert.True(model.AsSpan().SequenceEqual(read), "the open's own disk differs after its passes");
+        }
+        using S3LogBackend reopened = Open(store);
+        byte[] after = await ReadAllAsync(reopened);
+        Assert.True(model.AsSpan().SequenceEqual(after), "flushed bytes lost after a pass that ran at open");
+    }
 }
