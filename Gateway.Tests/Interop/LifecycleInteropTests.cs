@@ -42,6 +42,20 @@ public sealed class LifecycleInteropTests
     }
 
     [Fact]
+    public async Task Operator_akka_settings_apply_to_a_standalone_gateway_over_its_idle_friendly_scheduler_tick()
+    {
+        // Gateway:Akka:Hocon was read only in cluster mode: a standalone gateway ignored it.
+        string config = Path.Combine(Directory.CreateTempSubdirectory("gateway-hocon-").FullName, "gateway.json");
+        await File.WriteAllTextAsync(config, """{ "Gateway": { "Akka": { "Hocon": "akka.log-config-on-start = on" } } }""");
+        await using GatewayProcess gateway = await GatewayProcess.StartAsync(extraArgs: ["--config", config]);
+
+        // log-config-on-start prints the whole effective configuration once the system starts.
+        Assert.True(gateway.Output.Contains("log-config-on-start : on", StringComparison.Ordinal),
+            $"the operator's setting did not reach Akka\n{gateway.Describe()}");
+        Assert.Matches(@"scheduler : \{\s+tick-duration : 50ms", gateway.Output);
+    }
+
+    [Fact]
     public async Task Export_and_flushed_data_survive_kill_9_and_restart()
     {
         await using GatewayProcess gateway = await GatewayProcess.StartAsync();
