@@ -196,6 +196,76 @@ public sealed class S3LogCompactionTests(ITestOutputHelper output)
         Assert.Empty(SegmentKeys(store));
     }
 
+    [Fact]
+    public async Task A_flush_during_a_pass_is_not_queued_behind_the_pass_s_segment_reads()
+    {
+        // Every segment GET of the pass is held until the end: it keeps its store slots, and a
+        // FLUSH must still get one. A pass over random writes issues one ranged GET per extent;
+        // in one queue with them, the FLUSH's segment PUT waited until the pass had read them all.
+        var store = new MemoryObjectStore();
+        var gated = new GatedSegmentGetStore(store);
+        byte[] model = new byte[DiskSize];
+        using S3LogBackend device = Open(gated, Options() with { CacheBytes = 1, Parallelism = 4 });
+        var random = new Random(11);
+        byte[] block = new byte[4 * KiB];
+        for (int i = 0; i < 400; i++)
+        {
+            random.NextBytes(block);
+            int offset = random.Next(DiskSize / block.Length) * block.Length;
+            await device.WriteAsync(offset, block, fua: false);
+            block.CopyTo(model.AsSpan(offset));
+        }
+        await device.FlushAsync();
+
+        Task compaction = device.CompactAsync();
+        await gated.Entered.Task.WaitAsync(TimeSpan.FromSeconds(30));
+        await device.WriteAsync(0, block, fua: false);
+        block.CopyTo(model.AsSpan(0));
+        Task flush = device.FlushAsync().AsTask();
+        Task first = await Task.WhenAny(flush, Task.Delay(TimeSpan.FromSeconds(20)));
+        int held = gated.Held;
+        gated.Open.TrySetResult();
+        Assert.True(first == flush, $"the FLUSH waited behind the pass ({held} segment GETs held)");
+        await flush;
+        Assert.False(compaction.IsCompleted, "the pass ended while its segment GETs were held");
+        Assert.InRange(held, 1, 2); // half the parallelism of 4
+        await compaction;
+        Assert.Equal(model, await ReadAllAsync(device));
+    }
+
+    /// <summary>GETs of segment objects wait until <see cref="Open"/> completes.</summary>
+    private sealed class GatedSegmentGetStore(MemoryObjectStore inner) : IObjectStore
+    {
+        private int _held;
+
+        public TaskCompletionSource Entered { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+        public TaskCompletionSource Open { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+        public int Held => Volatile.Read(ref _held);
+
+        public async Task<int> GetAsync(string key, long start, Memory<byte> destination, CancellationToken cancellationToken)
+        {
+            if (LogSegment.TryParseKey("disk", key, out _, out _))
+            {
+                Interlocked.Increment(ref _held);
+                Entered.TrySetResult();
+                await Open.Task.WaitAsync(cancellationToken);
+            }
+            return await inner.GetAsync(key, start, destination, cancellationToken);
+        }
+
+        public Task PutAsync(string key, byte[] data, int length, CancellationToken cancellationToken) => inner.PutAsync(key, data, length, cancellationToken);
+
+        public Task DeleteAsync(string key, CancellationToken cancellationToken) => inner.DeleteAsync(key, cancellationToken);
+
+        public IAsyncEnumerable<string> ListAsync(string prefix, CancellationToken cancellationToken) => inner.ListAsync(prefix, cancellationToken);
+
+        public void Dispose()
+        {
+        }
+    }
+
     /// <summary>GETs of log objects take a while, so a pass often deletes a segment while a read's GET of it is on its way.</summary>
     private sealed class SlowSegmentGetStore(MemoryObjectStore inner) : IObjectStore
     {
