@@ -103,8 +103,30 @@ public sealed class S3ObjectStore : IObjectStore
         }
     }
 
+    /// <summary>
+    /// Objects from this size on are uploaded in parts (<see cref="PartSize"/>, S3's minimum is 5 MiB),
+    /// <see cref="PartParallelism"/> at a time: each request stays small enough for the client's
+    /// 30 s timeout and its retries resend one part, not a whole 256 MiB chunk. Below it one PUT is
+    /// one request, which is cheaper than the three a multipart upload needs at least.
+    /// </summary>
+    public const int MultipartThreshold = 16 << 20;
+
+    public const int PartSize = 8 << 20;
+
+    public const int PartParallelism = 4;
+
+    private long _multipartUploads;
+
+    /// <summary>Multipart uploads this store completed (a store shows no trace of them once complete).</summary>
+    public long MultipartUploads => Interlocked.Read(ref _multipartUploads);
+
     public async Task PutAsync(string key, byte[] data, int length, CancellationToken cancellationToken)
     {
+        if (length >= MultipartThreshold)
+        {
+            await PutInPartsAsync(key, data, length, cancellationToken).ConfigureAwait(false);
+            return;
+        }
         using var body = new MemoryStream(data, 0, length, writable: false);
         var request = new PutObjectRequest
         {
@@ -115,6 +137,60 @@ public sealed class S3ObjectStore : IObjectStore
             UseChunkEncoding = false,
         };
         await _client.PutObjectAsync(request, cancellationToken).ConfigureAwait(false);
+    }
+
+    /// <summary>
+    /// A multipart upload: the object appears whole at the completion, or not at all (a failed upload
+    /// is aborted, so its parts are not left to be billed).
+    /// </summary>
+    private async Task PutInPartsAsync(string key, byte[] data, int length, CancellationToken cancellationToken)
+    {
+        InitiateMultipartUploadResponse upload = await _client.InitiateMultipartUploadAsync(
+            new InitiateMultipartUploadRequest { BucketName = _bucket, Key = key }, cancellationToken).ConfigureAwait(false);
+        try
+        {
+            var tags = new PartETag[(length + PartSize - 1) / PartSize];
+            await Parallel.ForEachAsync(Enumerable.Range(0, tags.Length),
+                new ParallelOptions { MaxDegreeOfParallelism = PartParallelism, CancellationToken = cancellationToken },
+                async (part, token) =>
+                {
+                    int offset = part * PartSize;
+                    int size = Math.Min(PartSize, length - offset);
+                    using var body = new MemoryStream(data, offset, size, writable: false);
+                    UploadPartResponse response = await _client.UploadPartAsync(new UploadPartRequest
+                    {
+                        BucketName = _bucket,
+                        Key = key,
+                        UploadId = upload.UploadId,
+                        PartNumber = part + 1,
+                        InputStream = body,
+                        PartSize = size,
+                        UseChunkEncoding = false,
+                    }, token).ConfigureAwait(false);
+                    tags[part] = new PartETag(part + 1, response.ETag);
+                }).ConfigureAwait(false);
+            await _client.CompleteMultipartUploadAsync(new CompleteMultipartUploadRequest
+            {
+                BucketName = _bucket,
+                Key = key,
+                UploadId = upload.UploadId,
+                PartETags = [.. tags],
+            }, cancellationToken).ConfigureAwait(false);
+            Interlocked.Increment(ref _multipartUploads);
+        }
+        catch
+        {
+            try
+            {
+                await _client.AbortMultipartUploadAsync(new AbortMultipartUploadRequest { BucketName = _bucket, Key = key, UploadId = upload.UploadId },
+                    CancellationToken.None).ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is AmazonServiceException or IOException or HttpRequestException or TaskCanceledException)
+            {
+                // The upload's own failure is the one to report; a store's lifecycle rule clears what is left.
+            }
+            throw;
+        }
     }
 
     public async Task DeleteAsync(string key, CancellationToken cancellationToken) =>
