@@ -141,7 +141,10 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         _checkpointSegments = options.LogCheckpointSegments;
         _io = new SemaphoreSlim(options.Parallelism, options.Parallelism);
         _readCache = new S3ReadCache(options.ReadCacheBytes, options.ReadCacheBlockBytes, 1 << 20,
-            (key, start, destination, ct) => StoreAsync(() => _store.GetAsync(key, start, destination, ct), "GET", key, ct));
+            (key, start, destination, ct) => StoreAsync(() => _store.GetAsync(key, start, destination, ct), "GET", key, ct),
+            options.ReadDiskCachePath is { } folder && options.ReadCacheBytes >= options.ReadCacheBlockBytes
+                ? S3DiskCache.Open(folder, options.ReadDiskCacheBytes)
+                : null);
         _readAhead = _readCache.Enabled ? Math.Max(0, options.ReadAheadBytes) : 0;
         _base = new ChunkMap((size + _objectSize - 1) >> _objectShift);
         if (!readOnly)
@@ -220,6 +223,9 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
     public long ReadCacheMisses => _readCache.Misses;
 
     public long ReadCacheGets => _readCache.Gets;
+
+    /// <summary>The read cache's disk tier (<see cref="S3DeviceOptions.ReadDiskCachePath"/>), null without one (tests, metrics).</summary>
+    internal S3DiskCache? ReadDiskCache => _readCache.Disk;
 
     /// <summary>Bytes of segments not yet stored (the open one included).</summary>
     public long DirtyBytes => Interlocked.Read(ref _dirty);
@@ -1018,6 +1024,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         }
         _disposed = true;
         _timer?.Dispose();
+        _readCache.Dispose();
         if (_ownsStore)
         {
             _store.Dispose();
@@ -1030,6 +1037,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         _closing = true;
         _disposed = true;
         _timer?.Dispose();
+        _readCache.Dispose(); // a killed process lets go of its disk cache folder too
     }
 
     // ---------------------------------------------------------------- index checkpoints
