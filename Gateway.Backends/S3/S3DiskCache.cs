@@ -52,6 +52,7 @@ internal sealed class S3DiskCache : IDisposable
     private long _nextFile;
     private long _bytes;
     private long _pendingBytes;
+    private long _queued; // work the writer has not finished
     private long _hits;
     private long _writeFailures;
     private volatile bool _disposed;
@@ -155,7 +156,7 @@ internal sealed class S3DiskCache : IDisposable
             entry.Node = _lru.AddFirst(entry);
             _bytes += entry.Length;
             _pendingBytes += entry.Length;
-            _work.Writer.TryWrite(entry);
+            Queue(entry);
         }
     }
 
@@ -221,7 +222,7 @@ internal sealed class S3DiskCache : IDisposable
         {
             lock (_lock)
             {
-                if (_pendingBytes == 0 && _work.Reader.Count == 0)
+                if (_queued == 0)
                 {
                     return;
                 }
@@ -273,8 +274,14 @@ internal sealed class S3DiskCache : IDisposable
         }
         else
         {
-            _work.Writer.TryWrite(entry); // written: the writer deletes the file
+            Queue(entry); // written: the writer deletes the file
         }
+    }
+
+    private void Queue(Entry entry)
+    {
+        _queued++;
+        _work.Writer.TryWrite(entry);
     }
 
     private string PathOf(Entry entry) => Path.Combine(_directory, $"{entry.File:x16}{BlockSuffix}");
@@ -288,53 +295,62 @@ internal sealed class S3DiskCache : IDisposable
             {
                 return; // the next open deletes what is there
             }
-            string path = PathOf(entry);
-            byte[]? bytes;
+            await WriteOrDeleteAsync(entry).ConfigureAwait(false);
             lock (_lock)
             {
-                bytes = entry.Pending;
+                _queued--;
             }
-            try
+        }
+    }
+
+    private async Task WriteOrDeleteAsync(Entry entry)
+    {
+        string path = PathOf(entry);
+        byte[]? bytes;
+        lock (_lock)
+        {
+            bytes = entry.Pending;
+        }
+        try
+        {
+            if (bytes is null)
             {
-                if (bytes is null)
+                if (entry.Dropped)
                 {
-                    if (entry.Dropped)
-                    {
-                        File.Delete(path);
-                    }
-                    continue;
+                    File.Delete(path);
                 }
-                string temp = path + TempSuffix;
-                await File.WriteAllBytesAsync(temp, bytes).ConfigureAwait(false);
-                File.Move(temp, path, overwrite: true);
+                return;
             }
-            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-            {
-                Interlocked.Increment(ref _writeFailures);
-                TryDelete(path + TempSuffix);
-                lock (_lock)
-                {
-                    if (entry.Pending is not null)
-                    {
-                        DropLocked(entry);
-                    }
-                }
-                continue;
-            }
-            bool dropped;
+            string temp = path + TempSuffix;
+            await File.WriteAllBytesAsync(temp, bytes).ConfigureAwait(false);
+            File.Move(temp, path, overwrite: true);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            Interlocked.Increment(ref _writeFailures);
+            TryDelete(path + TempSuffix);
             lock (_lock)
             {
-                dropped = entry.Dropped;
                 if (entry.Pending is not null)
                 {
-                    entry.Pending = null;
-                    _pendingBytes -= entry.Length;
+                    DropLocked(entry);
                 }
             }
-            if (dropped)
+            return;
+        }
+        bool dropped;
+        lock (_lock)
+        {
+            dropped = entry.Dropped;
+            if (entry.Pending is not null)
             {
-                TryDelete(path); // dropped while it was written
+                entry.Pending = null;
+                _pendingBytes -= entry.Length;
             }
+        }
+        if (dropped)
+        {
+            TryDelete(path); // dropped while it was written
         }
     }
 
