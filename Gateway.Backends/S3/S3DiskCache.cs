@@ -49,6 +49,7 @@ internal sealed class S3DiskCache : IDisposable
     private readonly LinkedList<Entry> _lru = new(); // most recently used first
     private readonly Channel<Entry> _work = Channel.CreateUnbounded<Entry>(new UnboundedChannelOptions { SingleReader = true });
     private readonly Task _writer;
+    private readonly string _instance = Guid.NewGuid().ToString("N")[..12];
     private long _nextFile;
     private long _bytes;
     private long _pendingBytes;
@@ -66,27 +67,48 @@ internal sealed class S3DiskCache : IDisposable
         _writer = Task.Run(WriteLoopAsync);
     }
 
+    /// <summary>How long an open waits for the folder's lock: the export's previous instance lets go once its last block is written.</summary>
+    private static readonly TimeSpan LockWait = TimeSpan.FromSeconds(3);
+
     /// <summary>
     /// Takes the folder (created if need be) and empties it of the cache's files. Throws
     /// <see cref="BlockDeviceException"/> saying what is wrong when the folder cannot be used.
     /// </summary>
-    public static S3DiskCache Open(string directory, long limitBytes)
+    public static async Task<S3DiskCache> OpenAsync(string directory, long limitBytes, CancellationToken cancellationToken)
     {
         if (!Path.IsPathFullyQualified(directory))
         {
             throw Problem(directory, "the path must be absolute", null);
         }
-        FileStream lockFile;
         try
         {
             Directory.CreateDirectory(directory);
-            lockFile = new FileStream(Path.Combine(directory, LockFileName), FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None);
         }
         catch (Exception e) when (e is UnauthorizedAccessException or IOException)
         {
-            throw Problem(directory, e is UnauthorizedAccessException
-                ? "it is not writable"
-                : $"it cannot be used or is in use by another export or gateway ({e.Message})", e);
+            throw Problem(directory, e is UnauthorizedAccessException ? "it cannot be created" : $"it cannot be used ({e.Message})", e);
+        }
+        FileStream lockFile;
+        for (long started = Environment.TickCount64; ;)
+        {
+            try
+            {
+                lockFile = new FileStream(Path.Combine(directory, LockFileName), FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None);
+                break;
+            }
+            catch (UnauthorizedAccessException e)
+            {
+                throw Problem(directory, "it is not writable", e);
+            }
+            catch (IOException) when (Environment.TickCount64 - started < LockWait.TotalMilliseconds)
+            {
+                // Held: the holder may be the export's previous instance, letting go.
+                await Task.Delay(100, cancellationToken).ConfigureAwait(false);
+            }
+            catch (IOException e)
+            {
+                throw Problem(directory, $"it is in use by another export or gateway, or cannot be used ({e.Message})", e);
+            }
         }
         try
         {
@@ -166,6 +188,10 @@ internal sealed class S3DiskCache : IDisposable
         Entry? entry;
         lock (_lock)
         {
+            if (_disposed)
+            {
+                return null; // the folder may be the next instance's already
+            }
             if (!_entries.TryGetValue(key, out entry))
             {
                 return null;
@@ -284,7 +310,8 @@ internal sealed class S3DiskCache : IDisposable
         _work.Writer.TryWrite(entry);
     }
 
-    private string PathOf(Entry entry) => Path.Combine(_directory, $"{entry.File:x16}{BlockSuffix}");
+    /// <summary>Named by this instance's own prefix too: a read that raced this instance's dispose never opens the next instance's file of the same number.</summary>
+    private string PathOf(Entry entry) => Path.Combine(_directory, $"{_instance}-{entry.File:x16}{BlockSuffix}");
 
     /// <summary>One writer, so evictions' deletes and new blocks reach the disk in the order they were decided.</summary>
     private async Task WriteLoopAsync()

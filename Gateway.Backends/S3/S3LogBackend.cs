@@ -120,7 +120,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
     private long _checkpoints;
     private long _checkpointFailures;
 
-    private S3LogBackend(IObjectStore store, bool ownsStore, string prefix, long size, bool readOnly, S3DeviceOptions options)
+    private S3LogBackend(IObjectStore store, bool ownsStore, string prefix, long size, bool readOnly, S3DeviceOptions options, S3DiskCache? diskCache)
     {
         _store = store;
         _ownsStore = ownsStore;
@@ -142,9 +142,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         _io = new SemaphoreSlim(options.Parallelism, options.Parallelism);
         _readCache = new S3ReadCache(options.ReadCacheBytes, options.ReadCacheBlockBytes, 1 << 20,
             (key, start, destination, ct) => StoreAsync(() => _store.GetAsync(key, start, destination, ct), "GET", key, ct),
-            options.ReadDiskCachePath is { } folder && options.ReadCacheBytes >= options.ReadCacheBlockBytes
-                ? S3DiskCache.Open(folder, options.ReadDiskCacheBytes)
-                : null);
+            diskCache);
         _readAhead = _readCache.Enabled ? Math.Max(0, options.ReadAheadBytes) : 0;
         _base = new ChunkMap((size + _objectSize - 1) >> _objectShift);
         if (!readOnly)
@@ -166,7 +164,19 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         ArgumentOutOfRangeException.ThrowIfLessThan(options.Parallelism, 1, nameof(options));
         ArgumentOutOfRangeException.ThrowIfLessThan(options.LogSegmentBytes, 64 << 10, nameof(options));
         ArgumentOutOfRangeException.ThrowIfLessThan(options.LogDirtyBytes, (long)options.LogSegmentBytes, nameof(options));
-        var device = new S3LogBackend(store, ownsStore, prefix.TrimEnd('/'), size, readOnly, options);
+        S3DiskCache? diskCache = options.ReadDiskCachePath is { } folder && options.ReadCacheBytes >= options.ReadCacheBlockBytes
+            ? await S3DiskCache.OpenAsync(folder, options.ReadDiskCacheBytes, cancellationToken).ConfigureAwait(false)
+            : null;
+        S3LogBackend device;
+        try
+        {
+            device = new S3LogBackend(store, ownsStore, prefix.TrimEnd('/'), size, readOnly, options, diskCache);
+        }
+        catch
+        {
+            diskCache?.Dispose();
+            throw;
+        }
         try
         {
             if (!readOnly)
@@ -989,6 +999,9 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
             return;
         }
         _closing = true;
+        // The disk cache's folder first: a reopen of the export may be waiting for it, and the
+        // flush and compaction below need no cache.
+        _readCache.Dispose();
         // Best effort for callers that did not flush: the export actor flushes before disposing.
         if (!IsReadOnly && (_open is not null || _pending.Count > 0))
         {
@@ -1024,7 +1037,6 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         }
         _disposed = true;
         _timer?.Dispose();
-        _readCache.Dispose();
         if (_ownsStore)
         {
             _store.Dispose();

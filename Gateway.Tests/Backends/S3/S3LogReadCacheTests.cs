@@ -536,6 +536,25 @@ public sealed class S3LogReadCacheDiskTierTests : IDisposable
     }
 
     [Fact]
+    public async Task A_reopen_waits_for_the_closing_instance_to_let_go_of_the_folder()
+    {
+        var store = new MemoryObjectStore();
+        byte[] model = StoreChunks(store, seed: 31);
+        S3LogBackend first = Open(store, Options());
+        await ReadAndCheckAsync(first, model);
+        Task closing = Task.Run(async () =>
+        {
+            await Task.Delay(300);
+            first.Dispose(); // as an export actor stopping while its successor opens
+        });
+        using S3LogBackend second = await S3LogBackend.OpenAsync(store, "disk", DiskSize, readOnly: false, Options(), ownsStore: false);
+        await closing;
+        await ReadAndCheckAsync(second, model);
+        await second.ReadDiskCache!.DrainAsync();
+        Assert.Equal(second.ReadDiskCache.Bytes, second.ReadDiskCache.FileBytes()); // the first instance's files went at the open
+    }
+
+    [Fact]
     public async Task A_folder_in_use_or_unusable_fails_the_open_saying_why()
     {
         var store = new MemoryObjectStore();
