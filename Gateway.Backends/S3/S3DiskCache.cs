@@ -25,6 +25,9 @@ internal sealed class S3DiskCache : IDisposable
     private const string BlockSuffix = ".block";
     private const string TempSuffix = ".tmp";
 
+    /// <summary>How long an open waits for the folder's lock: the export's previous instance lets go once its last block is written.</summary>
+    private static readonly TimeSpan LockWait = TimeSpan.FromSeconds(3);
+
     private sealed class Entry(S3ReadCache.BlockKey key, byte[] bytes, long file)
     {
         public readonly S3ReadCache.BlockKey Key = key;
@@ -66,9 +69,6 @@ internal sealed class S3DiskCache : IDisposable
         _lockFile = lockFile;
         _writer = Task.Run(WriteLoopAsync);
     }
-
-    /// <summary>How long an open waits for the folder's lock: the export's previous instance lets go once its last block is written.</summary>
-    private static readonly TimeSpan LockWait = TimeSpan.FromSeconds(3);
 
     /// <summary>
     /// Takes the folder (created if need be) and empties it of the cache's files. Throws

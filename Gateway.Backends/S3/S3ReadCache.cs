@@ -53,7 +53,7 @@ internal sealed class S3ReadCache : IDisposable
         _blockShift = System.Numerics.BitOperations.Log2((uint)blockBytes);
         _maxRunBlocks = Math.Max(1, maxRunBytes >> _blockShift);
         _fetch = fetch;
-        _disk = Enabled ? disk : null;
+        _disk = disk;
     }
 
     public int BlockBytes { get; }
@@ -279,7 +279,16 @@ internal sealed class S3ReadCache : IDisposable
         List<Entry>? missing = null;
         foreach (Entry entry in run)
         {
-            if (await _disk.ReadAsync(entry.Key).ConfigureAwait(false) is { } bytes)
+            byte[]? bytes;
+            try
+            {
+                bytes = await _disk.ReadAsync(entry.Key).ConfigureAwait(false);
+            }
+            catch (Exception)
+            {
+                bytes = null; // the disk tier is only a cache: whatever fails there is a miss, never a read left waiting
+            }
+            if (bytes is not null)
             {
                 if (missing is not null)
                 {
