@@ -22,6 +22,30 @@ public sealed class S3LogReadCacheContractTests : BlockDeviceContract
         }).GetAwaiter().GetResult();
 }
 
+/// <summary>The block device contract through both tiers of the read cache: a memory tier of four small blocks in front of a disk tier.</summary>
+public sealed class S3LogReadCacheDiskTierContractTests : BlockDeviceContract, IDisposable
+{
+    private readonly string _folder = Directory.CreateTempSubdirectory("gateway-disk-cache-contract-").FullName;
+    private int _devices;
+
+    public void Dispose() => Directory.Delete(_folder, recursive: true);
+
+    protected override IBlockDevice CreateDevice(long size, bool readOnly = false) =>
+        S3LogBackend.OpenAsync(new MemoryObjectStore(), "disk", size, readOnly, new S3DeviceOptions
+        {
+            ObjectSize = 64 * KiB,
+            CacheBytes = 1,
+            ReadCacheBytes = 16 * KiB,
+            ReadCacheBlockBytes = 4 * KiB,
+            ReadAheadBytes = 8 * KiB,
+            ReadDiskCachePath = Path.Combine(_folder, $"{Interlocked.Increment(ref _devices)}"),
+            ReadDiskCacheBytes = 512 * KiB,
+            WriteLog = true,
+            LogSegmentBytes = 256 * KiB,
+            LogDirtyBytes = 4 * MiB,
+        }).GetAwaiter().GetResult();
+}
+
 /// <summary>
 /// The write log's read cache and read-ahead (issue 18, item 3), over an in-memory store that counts
 /// GETs: re-reads stay in memory, a write, TRIM, WRITE_ZEROES or compaction never lets a cached block
