@@ -35,12 +35,14 @@ public static class S3Cli
     private static readonly Option<bool> WriteLogOption = new("--s3-write-log") { Description = "Write through a log of segment objects (small random writes at local speed; compacted into the chunk objects in the background)" };
     private static readonly Option<string?> ReadCacheOption = new("--s3-read-cache") { Description = "With --s3-write-log: read cache memory for blocks of segment and chunk objects (default 256M, 0 turns it off)" };
     private static readonly Option<string?> ReadAheadOption = new("--s3-read-ahead") { Description = "With --s3-write-log: how far a sequential reader is fetched ahead into the read cache (default 8M, 0 turns it off)" };
+    private static readonly Option<string?> DiskCacheOption = new("--s3-disk-cache") { Description = "With --s3-write-log: a local folder (its own, on the gateway's host) for the read cache's disk tier; emptied when the export opens" };
+    private static readonly Option<string?> DiskCacheSizeOption = new("--s3-disk-cache-size") { Description = "With --s3-disk-cache: most bytes the disk tier keeps (default 1G)" };
     private static readonly Option<string?> AccessKeyOption = new("--s3-access-key") { Description = "Access key (default: the usual AWS credential sources)" };
     private static readonly Option<string?> SecretKeyOption = new("--s3-secret-key") { Description = "Secret key; prefer AWS_SECRET_ACCESS_KEY or a profile (it is stored with the export)" };
 
     public static void AddOptions(Command add)
     {
-        foreach (Option option in new Option[] { EndpointOption, BucketOption, PrefixOption, RegionOption, ObjectSizeOption, CacheOption, ParallelismOption, WriteLogOption, ReadCacheOption, ReadAheadOption, AccessKeyOption, SecretKeyOption })
+        foreach (Option option in new Option[] { EndpointOption, BucketOption, PrefixOption, RegionOption, ObjectSizeOption, CacheOption, ParallelismOption, WriteLogOption, ReadCacheOption, ReadAheadOption, DiskCacheOption, DiskCacheSizeOption, AccessKeyOption, SecretKeyOption })
         {
             add.Options.Add(option);
         }
@@ -62,7 +64,10 @@ public static class S3Cli
         parse.GetValue(ParallelismOption),
         parse.GetValue(WriteLogOption) ? true : null,
         ReadCacheBytes: parse.GetValue(ReadCacheOption) is { } readCache ? ParseSize(readCache, "--s3-read-cache") : null,
-        ReadAheadBytes: parse.GetValue(ReadAheadOption) is { } readAhead ? ParseSize(readAhead, "--s3-read-ahead") : null);
+        ReadAheadBytes: parse.GetValue(ReadAheadOption) is { } readAhead ? ParseSize(readAhead, "--s3-read-ahead") : null,
+        // Relative to where the command runs, as a user means it; the gateway may run elsewhere.
+        ReadDiskCachePath: parse.GetValue(DiskCacheOption) is { } folder ? Path.GetFullPath(folder) : null,
+        ReadDiskCacheBytes: parse.GetValue(DiskCacheSizeOption) is { } diskSize ? ParseSize(diskSize, "--s3-disk-cache-size") : null);
 
     private static long ParseSize(string text, string option) =>
         Sizes.TryParse(text, out long bytes) ? bytes : throw new CliException($"{option} '{text}' is invalid: give bytes, or a number with K, M or G");

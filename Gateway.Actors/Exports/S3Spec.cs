@@ -10,7 +10,9 @@ namespace Gateway.Actors.Exports;
 /// writes through a log of segment objects (<see cref="S3LogBackend"/>) instead of the chunk cache;
 /// <see cref="LogCompactBytes"/> is its compaction threshold (<see cref="S3DeviceOptions.LogCompactBytes"/>),
 /// <see cref="ReadCacheBytes"/> and <see cref="ReadAheadBytes"/> its read cache and sequential read-ahead
-/// (<see cref="S3DeviceOptions.ReadCacheBytes"/>, <see cref="S3DeviceOptions.ReadAheadBytes"/>; 0 turns either off).
+/// (<see cref="S3DeviceOptions.ReadCacheBytes"/>, <see cref="S3DeviceOptions.ReadAheadBytes"/>; 0 turns either off),
+/// <see cref="ReadDiskCachePath"/> and <see cref="ReadDiskCacheBytes"/> the read cache's optional disk tier, a
+/// local folder on the gateway's host (<see cref="S3DeviceOptions.ReadDiskCachePath"/>).
 /// </summary>
 public sealed record S3Spec(
     string? Endpoint,
@@ -25,7 +27,9 @@ public sealed record S3Spec(
     bool? WriteLog = null,
     long? LogCompactBytes = null,
     long? ReadCacheBytes = null,
-    long? ReadAheadBytes = null)
+    long? ReadAheadBytes = null,
+    string? ReadDiskCachePath = null,
+    long? ReadDiskCacheBytes = null)
 {
     public const int MinObjectSize = 4096;
     public const int MaxObjectSize = 256 << 20;
@@ -41,6 +45,8 @@ public sealed record S3Spec(
         LogCompactBytes = LogCompactBytes ?? new S3DeviceOptions().LogCompactBytes,
         ReadCacheBytes = ReadCacheBytes ?? new S3DeviceOptions().ReadCacheBytes,
         ReadAheadBytes = ReadAheadBytes ?? new S3DeviceOptions().ReadAheadBytes,
+        ReadDiskCachePath = ReadDiskCachePath,
+        ReadDiskCacheBytes = ReadDiskCacheBytes ?? S3DeviceOptions.DefaultReadDiskCacheBytes,
     };
 
     /// <summary>The same spec without the secret, for API answers.</summary>
@@ -119,6 +125,10 @@ public static class S3Rules
         {
             return $"s3 readAheadBytes {readAhead} is invalid: give 0 (no read-ahead) up to readCacheBytes ({options.ReadCacheBytes}), which it fills";
         }
+        if (ValidateDiskCache(s3, options) is string diskProblem)
+        {
+            return diskProblem;
+        }
         if (string.IsNullOrEmpty(s3.AccessKey) != string.IsNullOrEmpty(s3.SecretKey))
         {
             return "s3 accessKey and secretKey go together: give both, or neither to use the default AWS credentials";
@@ -130,10 +140,40 @@ public static class S3Rules
         return null;
     }
 
+    /// <summary>The disk tier's settings; whether the folder can be used is found at open, on the gateway that opens it.</summary>
+    private static string? ValidateDiskCache(S3Spec s3, S3DeviceOptions options)
+    {
+        if (s3.ReadDiskCacheBytes is not null && s3.ReadDiskCachePath is null)
+        {
+            return "s3 readDiskCacheBytes needs readDiskCachePath: the folder the disk cache is kept in";
+        }
+        if (s3.ReadDiskCachePath is not { } path)
+        {
+            return null;
+        }
+        if (s3.WriteLog != true)
+        {
+            return "s3 readDiskCachePath is for writeLog exports (it is the read cache's disk tier)";
+        }
+        if (options.ReadCacheBytes == 0)
+        {
+            return "s3 readDiskCachePath needs the read cache: readCacheBytes 0 turns both off";
+        }
+        if (path.Length == 0 || path.IndexOf('\0') >= 0 || !Path.IsPathFullyQualified(path))
+        {
+            return $"s3 readDiskCachePath '{path}' is invalid: give an absolute path to a folder on the gateway's host";
+        }
+        if (s3.ReadDiskCacheBytes is long bytes && bytes < options.ReadCacheBlockBytes)
+        {
+            return $"s3 readDiskCacheBytes {bytes} is invalid: give at least one {options.ReadCacheBlockBytes}-byte block";
+        }
+        return null;
+    }
+
     /// <summary>The s3 settings of an overlay whose base image is an S3 object: where the store is and who signs; the bucket and key are the baseImage's.</summary>
     private static string? ValidateBaseImage(S3Spec s3)
     {
-        if (s3.Bucket is not null || s3.Prefix is not null || s3.ObjectSize is not null || s3.CacheBytes is not null || s3.Parallelism is not null || s3.WriteLog is not null || s3.LogCompactBytes is not null || s3.ReadCacheBytes is not null || s3.ReadAheadBytes is not null)
+        if (s3.Bucket is not null || s3.Prefix is not null || s3.ObjectSize is not null || s3.CacheBytes is not null || s3.Parallelism is not null || s3.WriteLog is not null || s3.LogCompactBytes is not null || s3.ReadCacheBytes is not null || s3.ReadAheadBytes is not null || s3.ReadDiskCachePath is not null || s3.ReadDiskCacheBytes is not null)
         {
             return "an s3:// baseImage takes s3 endpoint, region and credentials only: its bucket and key are in the baseImage";
         }

@@ -63,6 +63,18 @@ public sealed record S3DeviceOptions
     /// </summary>
     public long ReadCacheBytes { get; init; } = 256L << 20;
 
+    /// <summary>
+    /// A local folder for the read cache's disk tier (<see cref="S3DiskCache"/>): blocks the memory
+    /// tier evicts are kept there, up to <see cref="ReadDiskCacheBytes"/>, and read before a GET. The
+    /// export owns the folder while open and empties it of cache files at open. Null: no disk tier.
+    /// </summary>
+    public string? ReadDiskCachePath { get; init; }
+
+    public const long DefaultReadDiskCacheBytes = 1L << 30;
+
+    /// <summary>The disk tier's bound: bytes of cached blocks in <see cref="ReadDiskCachePath"/>.</summary>
+    public long ReadDiskCacheBytes { get; init; } = DefaultReadDiskCacheBytes;
+
     /// <summary>The read cache's block: the least a GET through the cache reads. A power of two, at least 512.</summary>
     public int ReadCacheBlockBytes { get; init; } = 64 << 10;
 

@@ -132,7 +132,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
     private long _checkpoints;
     private long _checkpointFailures;
 
-    private S3LogBackend(IObjectStore store, bool ownsStore, string prefix, long size, bool readOnly, S3DeviceOptions options)
+    private S3LogBackend(IObjectStore store, bool ownsStore, string prefix, long size, bool readOnly, S3DeviceOptions options, S3DiskCache? diskCache)
     {
         _store = store;
         _ownsStore = ownsStore;
@@ -154,7 +154,8 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         _io = new SemaphoreSlim(options.Parallelism, options.Parallelism);
         _backgroundIo = new SemaphoreSlim(Math.Max(1, options.Parallelism / 2));
         _readCache = new S3ReadCache(options.ReadCacheBytes, options.ReadCacheBlockBytes, 1 << 20,
-            (key, start, destination, ct) => StoreAsync(() => _store.GetAsync(key, start, destination, ct), "GET", key, ct));
+            (key, start, destination, ct) => StoreAsync(() => _store.GetAsync(key, start, destination, ct), "GET", key, ct),
+            diskCache);
         _readAhead = _readCache.Enabled ? Math.Max(0, options.ReadAheadBytes) : 0;
         _base = new ChunkMap((size + _objectSize - 1) >> _objectShift);
         if (!readOnly)
@@ -176,7 +177,19 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         ArgumentOutOfRangeException.ThrowIfLessThan(options.Parallelism, 1, nameof(options));
         ArgumentOutOfRangeException.ThrowIfLessThan(options.LogSegmentBytes, 64 << 10, nameof(options));
         ArgumentOutOfRangeException.ThrowIfLessThan(options.LogDirtyBytes, (long)options.LogSegmentBytes, nameof(options));
-        var device = new S3LogBackend(store, ownsStore, prefix.TrimEnd('/'), size, readOnly, options);
+        S3DiskCache? diskCache = options.ReadDiskCachePath is { } folder && options.ReadCacheBytes >= options.ReadCacheBlockBytes
+            ? await S3DiskCache.OpenAsync(folder, options.ReadDiskCacheBytes, cancellationToken).ConfigureAwait(false)
+            : null;
+        S3LogBackend device;
+        try
+        {
+            device = new S3LogBackend(store, ownsStore, prefix.TrimEnd('/'), size, readOnly, options, diskCache);
+        }
+        catch
+        {
+            diskCache?.Dispose();
+            throw;
+        }
         try
         {
             if (!readOnly)
@@ -233,6 +246,9 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
     public long ReadCacheMisses => _readCache.Misses;
 
     public long ReadCacheGets => _readCache.Gets;
+
+    /// <summary>The read cache's disk tier (<see cref="S3DeviceOptions.ReadDiskCachePath"/>), null without one (tests, metrics).</summary>
+    internal S3DiskCache? ReadDiskCache => _readCache.Disk;
 
     /// <summary>Bytes of segments not yet stored (the open one included).</summary>
     public long DirtyBytes => Interlocked.Read(ref _dirty);
@@ -996,6 +1012,9 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
             return;
         }
         _closing = true;
+        // The disk cache's folder first: a reopen of the export may be waiting for it, and the
+        // flush and compaction below need no cache.
+        _readCache.Dispose();
         // Best effort for callers that did not flush: the export actor flushes before disposing.
         if (!IsReadOnly && (_open is not null || _pending.Count > 0))
         {
@@ -1043,6 +1062,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         _closing = true;
         _disposed = true;
         _timer?.Dispose();
+        _readCache.Dispose(); // a killed process lets go of its disk cache folder too
     }
 
     // ---------------------------------------------------------------- index checkpoints

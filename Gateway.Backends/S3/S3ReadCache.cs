@@ -9,13 +9,15 @@ namespace Gateway.Backends.S3;
 /// cache only answers for that object's bytes, so a write, TRIM or WRITE_ZEROES never meets a stale
 /// block. Concurrent reads of a missing block share one GET; consecutive missing blocks of one read
 /// are fetched by one GET (at most <c>maxRunBytes</c>), which is also how read-ahead asks for them.
+/// An optional disk tier (<see cref="S3DiskCache"/>) behind the memory takes the blocks it evicts
+/// and is asked before a GET.
 /// </summary>
-internal sealed class S3ReadCache
+internal sealed class S3ReadCache : IDisposable
 {
     /// <summary>Reads <paramref name="destination"/>.Length bytes of the object from <paramref name="start"/>: <see cref="IObjectStore.GetAsync"/>'s contract.</summary>
     public delegate Task<int> Fetch(string key, long start, Memory<byte> destination, CancellationToken cancellationToken);
 
-    private readonly record struct BlockKey(string Key, long Version, long Block);
+    internal readonly record struct BlockKey(string Key, long Version, long Block);
 
     private sealed class Entry(BlockKey key)
     {
@@ -34,12 +36,13 @@ internal sealed class S3ReadCache
     private readonly int _blockShift;
     private readonly int _maxRunBlocks;
     private readonly Fetch _fetch;
+    private readonly S3DiskCache? _disk;
     private long _bytes;
     private long _hits;
     private long _misses;
     private long _gets;
 
-    public S3ReadCache(long limitBytes, int blockBytes, int maxRunBytes, Fetch fetch)
+    public S3ReadCache(long limitBytes, int blockBytes, int maxRunBytes, Fetch fetch, S3DiskCache? disk = null)
     {
         if (blockBytes < 512 || !int.IsPow2(blockBytes))
         {
@@ -50,6 +53,7 @@ internal sealed class S3ReadCache
         _blockShift = System.Numerics.BitOperations.Log2((uint)blockBytes);
         _maxRunBlocks = Math.Max(1, maxRunBytes >> _blockShift);
         _fetch = fetch;
+        _disk = disk;
     }
 
     public int BlockBytes { get; }
@@ -72,8 +76,11 @@ internal sealed class S3ReadCache
 
     public long Misses => Interlocked.Read(ref _misses);
 
-    /// <summary>GETs the cache issued (one per run of consecutive missing blocks).</summary>
+    /// <summary>GETs the cache issued (one per run of consecutive missing blocks not on disk either).</summary>
     public long Gets => Interlocked.Read(ref _gets);
+
+    /// <summary>The disk tier, when there is one.</summary>
+    public S3DiskCache? Disk => _disk;
 
     /// <summary>Reads through the cache: like <see cref="IObjectStore.GetAsync"/>, the bytes read (fewer at the object's end) or -1 when the object does not exist.</summary>
     public async Task<int> ReadAsync(string key, long version, long start, Memory<byte> target, CancellationToken cancellationToken)
@@ -198,10 +205,12 @@ internal sealed class S3ReadCache
         {
             for (long block = 0; block << _blockShift < objectBytes; block++)
             {
-                if (_entries.Remove(new BlockKey(key, version, block), out Entry? entry))
+                var id = new BlockKey(key, version, block);
+                if (_entries.Remove(id, out Entry? entry))
                 {
                     RemoveFromLruLocked(entry);
                 }
+                _disk?.Remove(id);
             }
         }
     }
@@ -259,8 +268,48 @@ internal sealed class S3ReadCache
         return blocks ?? [];
     }
 
-    /// <summary>One GET for consecutive missing blocks; shared by every reader waiting on them, so never a reader's token.</summary>
+    /// <summary>The blocks of a run the disk tier has, then one GET for each stretch of the others.</summary>
     private async Task FetchRunAsync(string key, List<Entry> run)
+    {
+        if (_disk is null)
+        {
+            await GetRunAsync(key, run).ConfigureAwait(false);
+            return;
+        }
+        List<Entry>? missing = null;
+        foreach (Entry entry in run)
+        {
+            byte[]? bytes;
+            try
+            {
+                bytes = await _disk.ReadAsync(entry.Key).ConfigureAwait(false);
+            }
+            catch (Exception)
+            {
+                bytes = null; // the disk tier is only a cache: whatever fails there is a miss, never a read left waiting
+            }
+            if (bytes is not null)
+            {
+                if (missing is not null)
+                {
+                    await GetRunAsync(key, missing).ConfigureAwait(false);
+                    missing = null;
+                }
+                entry.Bytes.TrySetResult(bytes);
+            }
+            else
+            {
+                (missing ??= []).Add(entry);
+            }
+        }
+        if (missing is not null)
+        {
+            await GetRunAsync(key, missing).ConfigureAwait(false);
+        }
+    }
+
+    /// <summary>One GET for consecutive missing blocks; shared by every reader waiting on them, so never a reader's token.</summary>
+    private async Task GetRunAsync(string key, List<Entry> run)
     {
         long runStart = run[0].Key.Block << _blockShift;
         byte[] buffer = GC.AllocateUninitializedArray<byte>(run.Count << _blockShift);
@@ -323,13 +372,22 @@ internal sealed class S3ReadCache
         entry.Node = null;
     }
 
-    /// <summary>Least recently used first; a block still on its way leaves too (its readers hold it, it just is not kept).</summary>
+    /// <summary>
+    /// Least recently used first, to the disk tier if there is one; a block still on its way leaves
+    /// too (its readers hold it, it just is not kept).
+    /// </summary>
     private void EvictLocked()
     {
         while (_bytes > _limit && _lru.Last is { } oldest)
         {
             _entries.Remove(oldest.Value.Key);
             RemoveFromLruLocked(oldest.Value);
+            if (_disk is not null && oldest.Value.Bytes.Task.IsCompletedSuccessfully && oldest.Value.Bytes.Task.Result is { } bytes)
+            {
+                _disk.Add(oldest.Value.Key, bytes);
+            }
         }
     }
+
+    public void Dispose() => _disk?.Dispose();
 }

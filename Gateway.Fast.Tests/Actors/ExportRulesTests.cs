@@ -61,4 +61,34 @@ public sealed class ExportRulesTests
     [InlineData(null, 0L, false, "are for writeLog exports")]
     public void Bad_read_cache_settings_are_refused_with_what_is_wrong(long? readCache, long? readAhead, bool? writeLog, string expected) =>
         Assert.Contains(expected, ExportRules.Validate(S3(Log(readCache, readAhead, writeLog))) ?? "accepted");
+
+    [Fact]
+    public void A_write_log_exports_disk_cache_reaches_its_device_with_a_default_bound()
+    {
+        S3Spec set = Log() with { ReadDiskCachePath = "/var/cache/gateway/vm1", ReadDiskCacheBytes = 8L << 30 };
+        Assert.Null(ExportRules.Validate(S3(set)));
+        Assert.Equal("/var/cache/gateway/vm1", set.ToDeviceOptions().ReadDiskCachePath);
+        Assert.Equal(8L << 30, set.ToDeviceOptions().ReadDiskCacheBytes);
+        S3Spec folderOnly = Log() with { ReadDiskCachePath = "/var/cache/gateway/vm1" };
+        Assert.Null(ExportRules.Validate(S3(folderOnly)));
+        Assert.Equal(S3DeviceOptions.DefaultReadDiskCacheBytes, folderOnly.ToDeviceOptions().ReadDiskCacheBytes);
+        Assert.Null(Log().ToDeviceOptions().ReadDiskCachePath);
+    }
+
+    [Theory]
+    [InlineData(null, 1048576L, true, null, "readDiskCacheBytes needs readDiskCachePath")]
+    [InlineData("/var/cache/vm1", null, null, null, "readDiskCachePath is for writeLog exports")]
+    [InlineData("/var/cache/vm1", null, true, 0L, "needs the read cache")]
+    [InlineData("cache/vm1", null, true, null, "readDiskCachePath 'cache/vm1' is invalid")]
+    [InlineData("", null, true, null, "readDiskCachePath '' is invalid")]
+    [InlineData("/var/cache/vm1", 4096L, true, null, "readDiskCacheBytes 4096 is invalid")]
+    [InlineData("/var/cache/vm1", -1L, true, null, "readDiskCacheBytes -1 is invalid")]
+    public void Bad_disk_cache_settings_are_refused_with_what_is_wrong(string? folder, long? bytes, bool? writeLog, long? readCache, string expected) =>
+        Assert.Contains(expected, ExportRules.Validate(S3(Log(readCache, writeLog: writeLog) with { ReadDiskCachePath = folder, ReadDiskCacheBytes = bytes })) ?? "accepted");
+
+    [Fact]
+    public void An_s3_base_image_takes_no_disk_cache() =>
+        Assert.Contains("takes s3 endpoint, region and credentials only",
+            ExportRules.Validate(new ExportSpec("vm1", 1 << 30, new BackendSpec(BackendSpec.Overlay, BaseImage: "s3://images/debian.raw",
+                S3: new S3Spec("http://127.0.0.1:4568", null, null, ReadDiskCachePath: "/var/cache/vm1")), ReadOnly: false, null)) ?? "accepted");
 }
