@@ -156,7 +156,10 @@ public sealed class BitmapsActor : ReceivePersistentActor
             _state = _state.Apply(e);
             _committing = null;
             done.TrySetResult();
-            Commit();
+            if (!_tracker.ReleaseIfIdle())
+            {
+                _tracker.CallActorSoon();
+            }
             MaybeSnapshot();
         });
     }

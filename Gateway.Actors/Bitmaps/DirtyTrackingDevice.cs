@@ -86,9 +86,25 @@ public sealed class DirtyTracker
         }
         if (call)
         {
-            Actor.Tell(CommitMarks.Instance, ActorRefs.NoSender);
+            CallActorSoon();
         }
         return done;
+    }
+
+    /// <summary>
+    /// Tells the actor to commit, from the back of the thread pool's queue: first touches already
+    /// queued there (a connection's reader queues every request it parsed) join the batch first.
+    /// </summary>
+    internal void CallActorSoon() => ThreadPool.UnsafeQueueUserWorkItem(static tracker => tracker.Actor.Tell(CommitMarks.Instance, ActorRefs.NoSender), this, preferLocal: false);
+
+    /// <summary>For the actor after a commit: true (and the next mark calls it) if nothing is pending.</summary>
+    internal bool ReleaseIfIdle()
+    {
+        lock (_lock)
+        {
+            _actorCalled = _pendingDone is not null;
+            return !_actorCalled;
+        }
     }
 
     /// <summary>
