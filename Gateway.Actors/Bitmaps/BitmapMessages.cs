@@ -42,10 +42,13 @@ public sealed record PurgeBitmaps
 public sealed record GrowBitmaps(long ExportSize);
 
 /// <summary>
-/// First touches from the data path: complete <see cref="Done"/> once every enabled bitmap has
-/// the granules of [Offset, Offset+Length) durably dirty. Sent with Tell, never Ask.
+/// From the data path: first touches are waiting in the export's <see cref="DirtyTracker"/>.
+/// Sent by the first mark of a batch only; the actor commits what it finds pending.
 /// </summary>
-public sealed record MarkDirty(long Offset, long Length, TaskCompletionSource Done);
+public sealed record CommitMarks
+{
+    public static readonly CommitMarks Instance = new();
+}
 
 /// <summary>Everything the bitmaps actor persists; bound to <see cref="BitmapSerializer"/> (binary).</summary>
 public interface IBitmapPersisted;

@@ -16,9 +16,10 @@ public sealed record AttachExportHandle(ExportHandle Handle);
 /// operations, and group-commits the first touches of writes.
 /// <para>
 /// Group commit: at most one <see cref="GranulesDirtied"/> is being persisted at a time
-/// (PersistAsync, so first touches keep arriving meanwhile). Every first touch that arrives while
-/// it is in flight joins the next batch: one event, one journal write for all of them. Bits are
-/// set, and the writers released, only in the persist handler, i.e. once the event is durable.
+/// (PersistAsync, so commands keep arriving meanwhile). First touches wait in the
+/// <see cref="DirtyTracker"/>; every one that arrives while a batch is in flight joins the next:
+/// one event, one journal write, one completion for all of them. Bits are set, and the writers
+/// released, only in the persist handler, i.e. once the event is durable.
 /// </para>
 /// <para>
 /// Admin operations use Persist, which holds later messages back until it is applied, so
@@ -37,9 +38,7 @@ public sealed class BitmapsActor : ReceivePersistentActor
     private readonly ILoggingAdapter _log = Context.GetLogger();
     private BitmapState _state;
     private ExportHandle? _handle;
-    private List<(long Offset, long Length)> _pendingRanges = [];
-    private List<TaskCompletionSource> _pendingWaiters = [];
-    private List<TaskCompletionSource>? _committing;
+    private TaskCompletionSource? _committing;
     private long _lastSnapshot;
     private bool _restarting;
     private int _purgeSteps = -1;
@@ -66,7 +65,14 @@ public sealed class BitmapsActor : ReceivePersistentActor
             _log.Info("Export {0}: {1} dirty bitmap(s) recovered at event {2}", _exportName, _state.Bitmaps.Count, LastSequenceNr);
         });
 
-        Command<MarkDirty>(OnMarkDirty);
+        Command<CommitMarks>(_ =>
+        {
+            // In flight: its handler takes whatever is pending when it ends.
+            if (_committing is null)
+            {
+                Commit();
+            }
+        });
         Command<AttachExportHandle>(attach =>
         {
             _handle = attach.Handle;
@@ -110,22 +116,6 @@ public sealed class BitmapsActor : ReceivePersistentActor
 
     public BitmapState State => _state;
 
-    private void OnMarkDirty(MarkDirty mark)
-    {
-        // The writer saw a stale view, or another writer's batch already covered it.
-        if (IsDirtyInEveryEnabled(mark.Offset, mark.Length))
-        {
-            mark.Done.TrySetResult();
-            return;
-        }
-        _pendingRanges.Add((mark.Offset, mark.Length));
-        _pendingWaiters.Add(mark.Done);
-        if (_committing is null)
-        {
-            Commit();
-        }
-    }
-
     private bool IsDirtyInEveryEnabled(long offset, long length)
     {
         foreach (BitmapEntry entry in _state.Bitmaps.Values)
@@ -141,25 +131,34 @@ public sealed class BitmapsActor : ReceivePersistentActor
     /// <summary>Persists every first touch pending now as one event; the writers go on once it is durable.</summary>
     private void Commit()
     {
-        var @event = new GranulesDirtied(BitmapState.Coalesce(_pendingRanges));
+        while (_tracker.TryTakePending(out List<(long Offset, long Length)>? ranges, out TaskCompletionSource? done))
+        {
+            int batchSize = ranges.Count;
+            // Writers that saw a stale view, or whose granules an earlier batch covered.
+            ranges.RemoveAll(r => IsDirtyInEveryEnabled(r.Offset, r.Length));
+            if (ranges.Count > 0)
+            {
+                PersistBatch(ranges, done, batchSize);
+                return;
+            }
+            done.TrySetResult();
+        }
+    }
+
+    private void PersistBatch(List<(long Offset, long Length)> ranges, TaskCompletionSource done, int batchSize)
+    {
+        var @event = new GranulesDirtied(BitmapState.Coalesce(ranges));
         long started = System.Diagnostics.Stopwatch.GetTimestamp();
-        int batchSize = _pendingWaiters.Count;
-        _committing = _pendingWaiters;
-        _pendingRanges = [];
-        _pendingWaiters = [];
+        _committing = done;
         PersistAsync(@event, e =>
         {
             GatewayTelemetry.BitmapPersisted(_exportName, System.Diagnostics.Stopwatch.GetElapsedTime(started), batchSize);
             _state = _state.Apply(e);
-            List<TaskCompletionSource> done = _committing!;
             _committing = null;
-            foreach (TaskCompletionSource waiter in done)
+            done.TrySetResult();
+            if (!_tracker.ReleaseIfIdle())
             {
-                waiter.TrySetResult();
-            }
-            if (_pendingWaiters.Count > 0)
-            {
-                Commit();
+                _tracker.CallActorSoon();
             }
             MaybeSnapshot();
         });
@@ -263,10 +262,8 @@ public sealed class BitmapsActor : ReceivePersistentActor
     protected override void PostStop()
     {
         var failure = new BlockDeviceException(BlockErrorKind.Io, $"the dirty bitmaps of export '{_exportName}' stopped before the change was recorded");
-        foreach (TaskCompletionSource waiter in _pendingWaiters.Concat(_committing ?? []))
-        {
-            waiter.TrySetException(failure);
-        }
+        _committing?.TrySetException(failure);
+        _tracker.FailPending(failure, refusal: _restarting ? null : DirtyTrackingDevice.Unavailable());
         // Restarting: writes wait for the recovery; stopped for good: writes fail rather than go unrecorded.
         _tracker.View = _restarting ? BitmapView.Recovering : new BitmapView([], ready: true) { Stopped = true };
         base.PostStop();

@@ -1,3 +1,4 @@
+using System.Diagnostics.CodeAnalysis;
 using System.Runtime.CompilerServices;
 using Akka.Actor;
 using Gateway.Backends;
@@ -39,10 +40,24 @@ public sealed class BitmapView(DirtyBitmap[] enabled, bool ready)
     }
 }
 
-/// <summary>Shared by an export's <see cref="DirtyTrackingDevice"/> and its <see cref="BitmapsActor"/>.</summary>
+/// <summary>
+/// Shared by an export's <see cref="DirtyTrackingDevice"/> and its <see cref="BitmapsActor"/>.
+/// First touches wait here, not in the actor's mailbox: every mark that arrives before the actor
+/// takes them joins one batch with one completion, and only the first of a batch sends the actor
+/// a message. Per first touch that is a list entry under a short lock, instead of a message, a
+/// dispatch through the persistent actor and a TaskCompletionSource each (issue 19).
+/// </summary>
 public sealed class DirtyTracker
 {
+    private readonly Lock _lock = new();
     private volatile BitmapView _view = BitmapView.Recovering;
+    private List<(long Offset, long Length)> _pending = [];
+    private TaskCompletionSource? _pendingDone;
+
+    // True from the mark that sent CommitMarks until the actor finds nothing pending: meanwhile
+    // the actor is bound to take what arrives (when the message comes, or when its commit ends).
+    private bool _actorCalled;
+    private Exception? _refusal;
 
     public BitmapView View
     {
@@ -52,12 +67,85 @@ public sealed class DirtyTracker
 
     public IActorRef Actor { get; set; } = ActorRefs.Nobody;
 
-    /// <summary>Hands first touches to the actor (Tell, never Ask) and completes once they are durable.</summary>
+    /// <summary>Hands a first touch to the actor (Tell, never Ask) and completes once it is durable.</summary>
     public Task MarkAsync(long offset, long length)
     {
-        var done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-        Actor.Tell(new MarkDirty(offset, length, done), ActorRefs.NoSender);
-        return done.Task;
+        Task done;
+        bool call;
+        lock (_lock)
+        {
+            if (_refusal is not null)
+            {
+                return Task.FromException(_refusal);
+            }
+            _pending.Add((offset, length));
+            _pendingDone ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            done = _pendingDone.Task;
+            call = !_actorCalled;
+            _actorCalled = true;
+        }
+        if (call)
+        {
+            CallActorSoon();
+        }
+        return done;
+    }
+
+    /// <summary>
+    /// Tells the actor to commit, from the back of the thread pool's queue: first touches already
+    /// queued there (a connection's reader queues every request it parsed) join the batch first.
+    /// </summary>
+    internal void CallActorSoon() => ThreadPool.UnsafeQueueUserWorkItem(static tracker => tracker.Actor.Tell(CommitMarks.Instance, ActorRefs.NoSender), this, preferLocal: false);
+
+    /// <summary>For the actor after a commit: true (and the next mark calls it) if nothing is pending.</summary>
+    internal bool ReleaseIfIdle()
+    {
+        lock (_lock)
+        {
+            _actorCalled = _pendingDone is not null;
+            return !_actorCalled;
+        }
+    }
+
+    /// <summary>
+    /// For the actor: takes every mark pending now and the completion their writers await. False
+    /// when there are none; the next mark then calls the actor again.
+    /// </summary>
+    internal bool TryTakePending([MaybeNullWhen(false)] out List<(long Offset, long Length)> ranges, [MaybeNullWhen(false)] out TaskCompletionSource done)
+    {
+        lock (_lock)
+        {
+            if (_pendingDone is null)
+            {
+                _actorCalled = false;
+                ranges = null;
+                done = null;
+                return false;
+            }
+            (ranges, done) = (_pending, _pendingDone);
+            _pending = [];
+            _pendingDone = null;
+            return true;
+        }
+    }
+
+    /// <summary>
+    /// The actor stops: pending marks fail. Stopped for good (<paramref name="refusal"/> set), later
+    /// marks fail with it (a message to a stopped actor would leave them waiting forever);
+    /// restarting, they wait for the next incarnation.
+    /// </summary>
+    internal void FailPending(Exception failure, Exception? refusal)
+    {
+        TaskCompletionSource? done;
+        lock (_lock)
+        {
+            done = _pendingDone;
+            _pending = [];
+            _pendingDone = null;
+            _actorCalled = false;
+            _refusal = refusal;
+        }
+        done?.TrySetException(failure);
     }
 }
 
@@ -83,7 +171,11 @@ public sealed class DirtyTrackingDevice(IBlockDevice inner, DirtyTracker tracker
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     public async ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> source, bool fua, CancellationToken cancellationToken = default)
     {
-        BitmapView view = await BeforeChangeAsync(offset, source.Length).ConfigureAwait(false);
+        BitmapView view = CheckedView();
+        if (!view.IsDirty(offset, source.Length))
+        {
+            await tracker.MarkAsync(offset, source.Length).ConfigureAwait(false);
+        }
         await inner.WriteAsync(offset, source, fua, cancellationToken).ConfigureAwait(false);
         await AfterChangeAsync(view, offset, source.Length).ConfigureAwait(false);
         if (fua)
@@ -95,7 +187,11 @@ public sealed class DirtyTrackingDevice(IBlockDevice inner, DirtyTracker tracker
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     public async ValueTask TrimAsync(long offset, long length, bool fua, CancellationToken cancellationToken = default)
     {
-        BitmapView view = await BeforeChangeAsync(offset, length).ConfigureAwait(false);
+        BitmapView view = CheckedView();
+        if (!view.IsDirty(offset, length))
+        {
+            await tracker.MarkAsync(offset, length).ConfigureAwait(false);
+        }
         await inner.TrimAsync(offset, length, fua, cancellationToken).ConfigureAwait(false);
         await AfterChangeAsync(view, offset, length).ConfigureAwait(false);
         if (fua)
@@ -107,7 +203,11 @@ public sealed class DirtyTrackingDevice(IBlockDevice inner, DirtyTracker tracker
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     public async ValueTask ZeroAsync(long offset, long length, ZeroFlags flags, CancellationToken cancellationToken = default)
     {
-        BitmapView view = await BeforeChangeAsync(offset, length).ConfigureAwait(false);
+        BitmapView view = CheckedView();
+        if (!view.IsDirty(offset, length))
+        {
+            await tracker.MarkAsync(offset, length).ConfigureAwait(false);
+        }
         await inner.ZeroAsync(offset, length, flags, cancellationToken).ConfigureAwait(false);
         await AfterChangeAsync(view, offset, length).ConfigureAwait(false);
         if (flags.HasFlag(ZeroFlags.Fua))
@@ -150,22 +250,18 @@ public sealed class DirtyTrackingDevice(IBlockDevice inner, DirtyTracker tracker
 
     public void Dispose() => inner.Dispose();
 
-    /// <summary>Returns the view the change was checked against, once its granules are durable in it.</summary>
-    private ValueTask<BitmapView> BeforeChangeAsync(long offset, long length)
+    /// <summary>
+    /// The view a change is checked against (read before it is marked: if the view changes after,
+    /// <see cref="AfterChangeAsync"/> checks again). Marking is inline in each operation, so a
+    /// first touch allocates no state machine of its own.
+    /// </summary>
+    private BitmapView CheckedView()
     {
         BitmapView view = tracker.View;
         if (view.Stopped)
         {
             throw Unavailable();
         }
-        return view.IsDirty(offset, length) ? new ValueTask<BitmapView>(view) : MarkThenViewAsync(offset, length);
-    }
-
-    private async ValueTask<BitmapView> MarkThenViewAsync(long offset, long length)
-    {
-        // Read the view before asking: if it changes after, AfterChangeAsync checks again.
-        BitmapView view = tracker.View;
-        await tracker.MarkAsync(offset, length).ConfigureAwait(false);
         return view;
     }
 
@@ -189,6 +285,6 @@ public sealed class DirtyTrackingDevice(IBlockDevice inner, DirtyTracker tracker
     // actor stops when its export closes or its node stops (a node downed after a freeze stopped
     // it under a write queued on the peer stream). A forwarding node then sends the write again
     // to the export's next owner instead of failing its client (ops/chaos-cluster, sigstop).
-    private static BlockDeviceException Unavailable() =>
+    internal static BlockDeviceException Unavailable() =>
         new(BlockErrorKind.Shutdown, "the export's dirty bitmaps cannot be recorded (their actor has stopped): refusing the change");
 }
