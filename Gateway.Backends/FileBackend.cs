@@ -527,8 +527,9 @@ public sealed partial class FileBackend : IBlockDevice, INonBlockingIo, IGrowabl
     /// <summary>Largest write served inline where the filesystem has no non-blocking buffered writes
     /// (ops/bench, 4 KiB random writes QD32: 1.18x the throughput of handing them to the pool). Up
     /// to 1 MiB, as nbdkit writes on the thread that read the request: 1 MiB writes QD8 gained 1.31x
-    /// over a 64 KiB limit (ops/bench-ab, 2026-12-07), where each had cost a pool hop and the
-    /// workers' spinning around it (half the gateway's CPU samples were the pool's sched_yield).</summary>
+    /// over a 64 KiB limit with a build running beside (ops/bench-ab, 2026-12-07), where each had cost
+    /// a pool hop and the workers' spinning around it (half the gateway's CPU samples were the pool's
+    /// sched_yield); on the quiet machine the same day, 0.98 (noise): it pays when cores are scarce.</summary>
     private const int InlineWriteLimit = 1024 * 1024;
 
     private readonly ref struct FdLease
