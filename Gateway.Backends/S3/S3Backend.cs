@@ -934,26 +934,8 @@ public sealed class S3Backend : IBlockDevice, IGrowableDevice
     }
 
     /// <summary>One store call under the export's parallelism limit; failures become EIO.</summary>
-    private async Task<int> StoreAsync(Func<Task<int>> call, string what, long index, CancellationToken ct)
-    {
-        await _io.WaitAsync(ct).ConfigureAwait(false);
-        try
-        {
-            return await call().ConfigureAwait(false);
-        }
-        catch (OperationCanceledException) when (ct.IsCancellationRequested)
-        {
-            throw;
-        }
-        catch (Exception e) when (e is not BlockDeviceException)
-        {
-            throw new BlockDeviceException(BlockErrorKind.Io, $"S3 {what} of {Key(index)} failed: {e.Message}", e);
-        }
-        finally
-        {
-            _io.Release();
-        }
-    }
+    private Task<int> StoreAsync(Func<Task<int>> call, string what, long index, CancellationToken ct) =>
+        S3DeviceOptions.StoreCallAsync(_io, call, what, Key(index), ct);
 
     private static bool IsValid(ulong[] valid, int sector) => (valid[sector >> 6] & (1UL << (sector & 63))) != 0;
 

@@ -88,6 +88,32 @@ public sealed record S3DeviceOptions
     public static string Key(string prefix, long index) => $"{prefix}/{index:x16}";
 
     /// <summary>
+    /// One store call under an export's parallelism limit (<paramref name="io"/>): a failure other
+    /// than the caller's own cancellation becomes EIO naming the call and the object. Both S3
+    /// devices make every store call through it.
+    /// </summary>
+    internal static async Task<int> StoreCallAsync(SemaphoreSlim io, Func<Task<int>> call, string what, string key, CancellationToken ct)
+    {
+        await io.WaitAsync(ct).ConfigureAwait(false);
+        try
+        {
+            return await call().ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) when (ct.IsCancellationRequested)
+        {
+            throw;
+        }
+        catch (Exception e) when (e is not BlockDeviceException)
+        {
+            throw new BlockDeviceException(BlockErrorKind.Io, $"S3 {what} of {key} failed: {e.Message}", e);
+        }
+        finally
+        {
+            io.Release();
+        }
+    }
+
+    /// <summary>
     /// How many of <paramref name="length"/> bytes from <paramref name="start"/> in chunk
     /// <paramref name="index"/> its object must hold: all of them, except past the disk's end (an
     /// image cut into objects by another tool may end its last object there).

@@ -1838,7 +1838,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
 
     private static TaskCompletionSource NewSignal() => new(TaskCreationOptions.RunContinuationsAsynchronously);
 
-    /// <summary>One store call under the export's parallelism limit; failures become EIO.</summary>
+    /// <summary>One store call (<see cref="S3DeviceOptions.StoreCallAsync"/>), behind <see cref="_backgroundIo"/> first in a pass's or checkpoint's flow.</summary>
     private async Task<int> StoreAsync(Func<Task<int>> call, string what, string key, CancellationToken ct)
     {
         bool background = s_background.Value;
@@ -1848,23 +1848,7 @@ public sealed class S3LogBackend : IBlockDevice, IGrowableDevice
         }
         try
         {
-            await _io.WaitAsync(ct).ConfigureAwait(false);
-            try
-            {
-                return await call().ConfigureAwait(false);
-            }
-            catch (OperationCanceledException) when (ct.IsCancellationRequested)
-            {
-                throw;
-            }
-            catch (Exception e) when (e is not BlockDeviceException)
-            {
-                throw new BlockDeviceException(BlockErrorKind.Io, $"S3 {what} of {key} failed: {e.Message}", e);
-            }
-            finally
-            {
-                _io.Release();
-            }
+            return await S3DeviceOptions.StoreCallAsync(_io, call, what, key, ct).ConfigureAwait(false);
         }
         finally
         {

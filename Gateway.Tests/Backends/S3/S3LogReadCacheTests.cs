@@ -55,8 +55,8 @@ public sealed class S3LogReadCacheTests
 {
     private const int KiB = 1024;
     private const int MiB = 1024 * 1024;
-    private const int DiskSize = 4 * MiB;
-    private const int ObjectSize = 256 * KiB;
+    internal const int DiskSize = 4 * MiB;
+    internal const int ObjectSize = 256 * KiB;
 
     private static S3DeviceOptions Options() => new()
     {
@@ -74,11 +74,11 @@ public sealed class S3LogReadCacheTests
         LogCompactOnClose = false,
     };
 
-    private static S3LogBackend Open(IObjectStore store, S3DeviceOptions? options = null) =>
+    internal static S3LogBackend Open(IObjectStore store, S3DeviceOptions? options = null) =>
         S3LogBackend.OpenAsync(store, "disk", DiskSize, readOnly: false, options ?? Options(), ownsStore: false).GetAwaiter().GetResult();
 
     /// <summary>A disk of base chunk objects only, as nbdkit or a compaction leaves it.</summary>
-    private static byte[] StoreChunks(MemoryObjectStore store, int seed)
+    internal static byte[] StoreChunks(MemoryObjectStore store, int seed)
     {
         byte[] model = Pattern(DiskSize, seed);
         for (int i = 0; i < DiskSize / ObjectSize; i++)
@@ -88,7 +88,7 @@ public sealed class S3LogReadCacheTests
         return model;
     }
 
-    private static int ChunkGets(MemoryObjectStore store) =>
+    internal static int ChunkGets(MemoryObjectStore store) =>
         store.Gets.Where(g => !g.Key.Contains("/log/", StringComparison.Ordinal)).Sum(g => g.Value);
 
     private static int SegmentGets(MemoryObjectStore store) =>
@@ -326,8 +326,8 @@ public sealed class S3LogReadCacheDiskTierTests : IDisposable
 {
     private const int KiB = 1024;
     private const int MiB = 1024 * 1024;
-    private const int DiskSize = 4 * MiB;
-    private const int ObjectSize = 256 * KiB;
+    private const int DiskSize = S3LogReadCacheTests.DiskSize; // its helpers (Open, StoreChunks) lay out this disk
+    private const int ObjectSize = S3LogReadCacheTests.ObjectSize;
     private const int Block = 16 * KiB;
 
     private readonly string _folder = Directory.CreateTempSubdirectory("gateway-disk-cache-").FullName;
@@ -353,22 +353,6 @@ public sealed class S3LogReadCacheDiskTierTests : IDisposable
         LogCompactOnClose = false,
     };
 
-    private static S3LogBackend Open(IObjectStore store, S3DeviceOptions options) =>
-        S3LogBackend.OpenAsync(store, "disk", DiskSize, readOnly: false, options, ownsStore: false).GetAwaiter().GetResult();
-
-    private static byte[] StoreChunks(MemoryObjectStore store, int seed)
-    {
-        byte[] model = Pattern(DiskSize, seed);
-        for (int i = 0; i < DiskSize / ObjectSize; i++)
-        {
-            store.Put(S3DeviceOptions.Key("disk", i), model.AsSpan(i * ObjectSize, ObjectSize).ToArray());
-        }
-        return model;
-    }
-
-    private static int ChunkGets(MemoryObjectStore store) =>
-        store.Gets.Where(g => !g.Key.Contains("/log/", StringComparison.Ordinal)).Sum(g => g.Value);
-
     /// <summary>The whole disk in reads of two blocks (less than the memory tier, so every block is whole when it is evicted).</summary>
     private static async Task ReadAndCheckAsync(S3LogBackend device, byte[] model)
     {
@@ -384,35 +368,35 @@ public sealed class S3LogReadCacheDiskTierTests : IDisposable
     public async Task Blocks_the_memory_tier_evicted_are_read_from_disk_without_a_GET()
     {
         var store = new MemoryObjectStore();
-        byte[] model = StoreChunks(store, seed: 21);
-        using S3LogBackend device = Open(store, Options());
+        byte[] model = S3LogReadCacheTests.StoreChunks(store, seed: 21);
+        using S3LogBackend device = S3LogReadCacheTests.Open(store, Options());
         await ReadAndCheckAsync(device, model);
-        Assert.True(ChunkGets(store) > 0);
+        Assert.True(S3LogReadCacheTests.ChunkGets(store) > 0);
         await device.ReadDiskCache!.DrainAsync();
         Assert.True(device.ReadCacheBytes <= 4 * Block);
         Assert.True(device.ReadDiskCache.FileBytes() >= DiskSize - (4 * Block), $"{device.ReadDiskCache.FileBytes()} bytes on disk");
 
         store.Gets.Clear();
         await ReadAndCheckAsync(device, model);
-        Assert.Equal(0, ChunkGets(store));
+        Assert.Equal(0, S3LogReadCacheTests.ChunkGets(store));
         Assert.True(device.ReadDiskCache.Hits >= (DiskSize / Block) - 4, $"{device.ReadDiskCache.Hits} disk hits");
 
         // The same reads without the disk tier go to the store.
         var cold = new MemoryObjectStore();
-        StoreChunks(cold, seed: 21);
-        using S3LogBackend memoryOnly = Open(cold, Options() with { ReadDiskCachePath = null });
+        S3LogReadCacheTests.StoreChunks(cold, seed: 21);
+        using S3LogBackend memoryOnly = S3LogReadCacheTests.Open(cold, Options() with { ReadDiskCachePath = null });
         await ReadAndCheckAsync(memoryOnly, model);
         cold.Gets.Clear();
         await ReadAndCheckAsync(memoryOnly, model);
-        Assert.True(ChunkGets(cold) >= (DiskSize / (2 * Block)) - 2); // a GET per read of two blocks
+        Assert.True(S3LogReadCacheTests.ChunkGets(cold) >= (DiskSize / (2 * Block)) - 2); // a GET per read of two blocks
     }
 
     [Fact]
     public async Task A_chunk_compaction_rewrote_is_read_new_not_from_its_old_blocks_on_disk()
     {
         var store = new MemoryObjectStore();
-        byte[] model = StoreChunks(store, seed: 22);
-        using S3LogBackend device = Open(store, Options());
+        byte[] model = S3LogReadCacheTests.StoreChunks(store, seed: 22);
+        using S3LogBackend device = S3LogReadCacheTests.Open(store, Options());
         await ReadAndCheckAsync(device, model); // every chunk's blocks on disk
         await device.ReadDiskCache!.DrainAsync();
 
@@ -428,7 +412,7 @@ public sealed class S3LogReadCacheDiskTierTests : IDisposable
 
         store.Gets.Clear();
         await ReadAndCheckAsync(device, model);
-        Assert.True(ChunkGets(store) > 0); // the rewritten chunks' blocks came from the store
+        Assert.True(S3LogReadCacheTests.ChunkGets(store) > 0); // the rewritten chunks' blocks came from the store
         await device.ReadDiskCache.DrainAsync();
         await ReadAndCheckAsync(device, model); // and now from the disk tier, new
         await device.ReadDiskCache.DrainAsync();
@@ -439,9 +423,9 @@ public sealed class S3LogReadCacheDiskTierTests : IDisposable
     public async Task The_disk_tier_stays_within_its_bound()
     {
         var store = new MemoryObjectStore();
-        byte[] model = StoreChunks(store, seed: 24);
+        byte[] model = S3LogReadCacheTests.StoreChunks(store, seed: 24);
         const long bound = 256 * KiB;
-        using S3LogBackend device = Open(store, Options() with { ReadDiskCacheBytes = bound });
+        using S3LogBackend device = S3LogReadCacheTests.Open(store, Options() with { ReadDiskCacheBytes = bound });
         var random = new Random(25);
         byte[] buffer = new byte[2 * Block];
         for (int i = 0; i < 400; i++)
@@ -465,8 +449,8 @@ public sealed class S3LogReadCacheDiskTierTests : IDisposable
     public async Task A_reopen_empties_the_folder_so_no_old_or_torn_file_is_served()
     {
         var store = new MemoryObjectStore();
-        byte[] model = StoreChunks(store, seed: 26);
-        using (S3LogBackend first = Open(store, Options()))
+        byte[] model = S3LogReadCacheTests.StoreChunks(store, seed: 26);
+        using (S3LogBackend first = S3LogReadCacheTests.Open(store, Options()))
         {
             await ReadAndCheckAsync(first, model);
             await first.ReadDiskCache!.DrainAsync();
@@ -489,23 +473,23 @@ public sealed class S3LogReadCacheDiskTierTests : IDisposable
         newer.CopyTo(model, 0);
 
         store.Gets.Clear();
-        using S3LogBackend second = Open(store, Options());
+        using S3LogBackend second = S3LogReadCacheTests.Open(store, Options());
         Assert.Empty(Directory.GetFiles(_folder, "*.block*"));
         Assert.True(File.Exists(Path.Combine(_folder, "notes.txt"))); // only the cache's own files go
         await ReadAndCheckAsync(second, model);
-        Assert.True(ChunkGets(store) >= DiskSize / (2 * Block)); // a GET per read of two blocks: nothing came from the old files
+        Assert.True(S3LogReadCacheTests.ChunkGets(store) >= DiskSize / (2 * Block)); // a GET per read of two blocks: nothing came from the old files
         await second.ReadDiskCache!.DrainAsync();
         store.Gets.Clear();
         await ReadAndCheckAsync(second, model); // the reopened tier works
-        Assert.Equal(0, ChunkGets(store));
+        Assert.Equal(0, S3LogReadCacheTests.ChunkGets(store));
     }
 
     [Fact]
     public async Task Random_operations_reads_and_compactions_through_both_tiers_always_read_the_model()
     {
         var store = new MemoryObjectStore();
-        byte[] model = StoreChunks(store, seed: 29);
-        using S3LogBackend device = Open(store, Options() with
+        byte[] model = S3LogReadCacheTests.StoreChunks(store, seed: 29);
+        using S3LogBackend device = S3LogReadCacheTests.Open(store, Options() with
         {
             ReadCacheBytes = 64 * KiB,
             ReadCacheBlockBytes = 4 * KiB,
@@ -563,8 +547,8 @@ public sealed class S3LogReadCacheDiskTierTests : IDisposable
     public async Task A_reopen_waits_for_the_closing_instance_to_let_go_of_the_folder()
     {
         var store = new MemoryObjectStore();
-        byte[] model = StoreChunks(store, seed: 31);
-        S3LogBackend first = Open(store, Options());
+        byte[] model = S3LogReadCacheTests.StoreChunks(store, seed: 31);
+        S3LogBackend first = S3LogReadCacheTests.Open(store, Options());
         await ReadAndCheckAsync(first, model);
         Task closing = Task.Run(async () =>
         {
@@ -582,7 +566,7 @@ public sealed class S3LogReadCacheDiskTierTests : IDisposable
     public async Task A_folder_in_use_or_unusable_fails_the_open_saying_why()
     {
         var store = new MemoryObjectStore();
-        using S3LogBackend first = Open(store, Options());
+        using S3LogBackend first = S3LogReadCacheTests.Open(store, Options());
         var inUse = await Assert.ThrowsAsync<BlockDeviceException>(() =>
             S3LogBackend.OpenAsync(store, "other", DiskSize, readOnly: false, Options(), ownsStore: false));
         Assert.Contains("in use", inUse.Message);
