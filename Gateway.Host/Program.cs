@@ -17,6 +17,7 @@ ClusterCli.AddTo(serve);
 serve.Options.Add(Health.Option);
 serve.SetAction(async (parse, ct) =>
 {
+    bool inlineCompletions = SocketCompletions.Configure(out string completionsSource);
     string? configFile = parse.GetValue(configOption);
     IConfiguration config = new ConfigurationBuilder()
         .AddJsonFile(configFile is null ? "/nonexistent/gateway.json" : Path.GetFullPath(configFile), optional: configFile is null)
@@ -45,6 +46,8 @@ serve.SetAction(async (parse, ct) =>
         return 2;
     }
     WebApplication app = ServeCommand.Build(options, configFile is null ? null : [configFile]);
+    app.Services.GetRequiredService<ILoggerFactory>().CreateLogger("Gateway.Host.SocketCompletions").LogInformation(
+        "Socket completions run {Where} ({Source})", inlineCompletions ? "inline on the epoll threads" : "on the thread pool", completionsSource);
     // Taken before the run, which disposes the services when it ends.
     ShutdownOutcome outcome = app.Services.GetRequiredService<ShutdownOutcome>();
     await app.RunAsync();

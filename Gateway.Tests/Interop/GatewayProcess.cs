@@ -54,6 +54,9 @@ public sealed partial class GatewayProcess : IAsyncDisposable
 
     /// <summary>More <c>gateway serve</c> arguments (TLS, Unix sockets, limits).</summary>
     public IReadOnlyList<string> ExtraArgs { get; private set; } = [];
+
+    /// <summary>Variables set for the gateway process, over the test's own.</summary>
+    public IReadOnlyDictionary<string, string> ExtraEnvironment { get; private init; } = new Dictionary<string, string>();
     public int NbdPort { get; private set; }
     public int AdminPort { get; private set; }
     public Uri AdminUri => new($"http://127.0.0.1:{AdminPort}/");
@@ -114,11 +117,13 @@ public sealed partial class GatewayProcess : IAsyncDisposable
     /// Starts a gateway on a new temporary data folder (or <paramref name="dataDirectory"/>), and
     /// returns once /healthz answers, the NBD port accepts and, on a first start, disk0 exists.
     /// </summary>
-    public static async Task<GatewayProcess> StartAsync(string? dataDirectory = null, IEnumerable<string>? extraArgs = null)
+    /// <param name="environment">Variables set for the gateway process, over the test's own.</param>
+    public static async Task<GatewayProcess> StartAsync(string? dataDirectory = null, IEnumerable<string>? extraArgs = null,
+        IReadOnlyDictionary<string, string>? environment = null)
     {
         bool owns = dataDirectory is null;
         dataDirectory ??= Directory.CreateTempSubdirectory("gateway-interop-").FullName;
-        var gateway = new GatewayProcess(dataDirectory, owns) { ExtraArgs = [.. extraArgs ?? []] };
+        var gateway = new GatewayProcess(dataDirectory, owns) { ExtraArgs = [.. extraArgs ?? []], ExtraEnvironment = environment ?? new Dictionary<string, string>() };
         bool firstStart = !File.Exists(Path.Combine(dataDirectory, "gateway.db"));
         await gateway.LaunchAsync(newPorts: true, awaitExport: firstStart ? "disk0" : null);
         return gateway;
@@ -203,6 +208,10 @@ public sealed partial class GatewayProcess : IAsyncDisposable
                  }.Concat(ExtraArgs))
         {
             start.ArgumentList.Add(arg);
+        }
+        foreach ((string name, string value) in ExtraEnvironment)
+        {
+            start.Environment[name] = value;
         }
         var process = new Process { StartInfo = start, EnableRaisingEvents = true };
         process.OutputDataReceived += (_, e) =>
