@@ -56,36 +56,6 @@ public sealed class LifecycleInteropTests
     }
 
     [Fact]
-    public async Task Socket_completions_run_inline_by_default_and_the_operator_can_turn_that_off()
-    {
-        // Inline, the runtime starts one epoll thread per core; handing completions to the pool, one
-        // per 30 cores (8 on Arm). The variable is blanked, so the test's own environment does not count.
-        int inlineEngines = Environment.ProcessorCount;
-        double coresPerEngine = System.Runtime.InteropServices.RuntimeInformation.ProcessArchitecture is System.Runtime.InteropServices.Architecture.Arm64 ? 8 : 30;
-        int poolEngines = Math.Max(1, (int)Math.Round(Environment.ProcessorCount / coresPerEngine));
-        await using (GatewayProcess gateway = await GatewayProcess.StartAsync(environment: new Dictionary<string, string> { [Gateway.Host.SocketCompletions.Variable] = "", ["DOTNET_SYSTEM_NET_SOCKETS_THREAD_COUNT"] = "" }))
-        {
-            Assert.Contains("Socket completions run inline on the epoll threads (the gateway's default)", gateway.Output);
-            await CreateExportAsync(gateway, "inline", 16 * MiB, "inline completions");
-            await QemuIoAsync(gateway, "inline", "write -P 0x6b 0 4M", "flush", "read -P 0x6b 0 4M", "read -P 0 4M 12M");
-            Assert.Equal(inlineEngines, EpollThreads(gateway));
-        }
-        await using (GatewayProcess gateway = await GatewayProcess.StartAsync(environment: new Dictionary<string, string> { [Gateway.Host.SocketCompletions.Variable] = "0", ["DOTNET_SYSTEM_NET_SOCKETS_THREAD_COUNT"] = "" }))
-        {
-            Assert.Contains($"Socket completions run on the thread pool ({Gateway.Host.SocketCompletions.Variable}=0)", gateway.Output);
-            await CreateExportAsync(gateway, "pooled", 16 * MiB, "pooled completions");
-            await QemuIoAsync(gateway, "pooled", "write -P 0x6c 0 4M", "flush", "read -P 0x6c 0 4M");
-            if (inlineEngines != poolEngines)
-            {
-                Assert.Equal(poolEngines, EpollThreads(gateway));
-            }
-        }
-
-        static int EpollThreads(GatewayProcess gateway) =>
-            Directory.GetDirectories($"/proc/{gateway.ProcessId}/task").Count(task => File.ReadAllText(Path.Combine(task, "comm")).Trim() == ".NET Sockets");
-    }
-
-    [Fact]
     public async Task Export_and_flushed_data_survive_kill_9_and_restart()
     {
         await using GatewayProcess gateway = await GatewayProcess.StartAsync();
