@@ -1,5 +1,3 @@
-using System.Net;
-using System.Net.Http.Json;
 using System.Runtime.InteropServices;
 using Gateway.Host;
 using Xunit;
@@ -15,13 +13,6 @@ public sealed class SocketCompletionsTests
 {
     private const long MiB = 1 << 20;
     private const string ThreadCount = "DOTNET_SYSTEM_NET_SOCKETS_THREAD_COUNT";
-
-    private static async Task CreateExportAsync(GatewayProcess gateway, string name, long size)
-    {
-        using HttpResponseMessage response = await gateway.Http.PostAsJsonAsync("v1/exports", new { name, size });
-        Assert.True(response.StatusCode == HttpStatusCode.Created,
-            $"creating {name} answered {(int)response.StatusCode}: {await response.Content.ReadAsStringAsync()}\n{gateway.Describe()}");
-    }
 
     private static Task<ToolResult> QemuIoAsync(GatewayProcess gateway, string export, params string[] commands) =>
         gateway.RunAsync("qemu-io", ["-f", "raw", gateway.NbdUri(export), .. commands.SelectMany(c => new[] { "-c", c })]);
@@ -40,14 +31,14 @@ public sealed class SocketCompletionsTests
         await using (GatewayProcess gateway = await GatewayProcess.StartAsync(environment: new Dictionary<string, string> { [SocketCompletions.Variable] = "", [ThreadCount] = "" }))
         {
             Assert.Contains("Socket completions run inline on the epoll threads (the gateway's default)", gateway.Output);
-            await CreateExportAsync(gateway, "inline", 16 * MiB);
+            await gateway.CreateExportAsync(new { name = "inline", size = 16 * MiB });
             await QemuIoAsync(gateway, "inline", "write -P 0x6b 0 4M", "flush", "read -P 0x6b 0 4M", "read -P 0 4M 12M");
             Assert.Equal(inlineEngines, EpollThreads(gateway));
         }
         await using (GatewayProcess gateway = await GatewayProcess.StartAsync(environment: new Dictionary<string, string> { [SocketCompletions.Variable] = "0", [ThreadCount] = "" }))
         {
             Assert.Contains($"Socket completions run on the thread pool ({SocketCompletions.Variable}=0)", gateway.Output);
-            await CreateExportAsync(gateway, "pooled", 16 * MiB);
+            await gateway.CreateExportAsync(new { name = "pooled", size = 16 * MiB });
             await QemuIoAsync(gateway, "pooled", "write -P 0x6c 0 4M", "flush", "read -P 0x6c 0 4M");
             if (inlineEngines != poolEngines)
             {
