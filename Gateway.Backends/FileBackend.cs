@@ -8,7 +8,7 @@ namespace Gateway.Backends;
 /// thread-pool work items already, and the kernel's page cache answers most reads without blocking,
 /// so an async hop would only add cost. Holes are punched and found with fallocate and SEEK_DATA/SEEK_HOLE.
 /// </summary>
-public sealed partial class FileBackend : IBlockDevice, INonBlockingIo, IGrowableDevice
+public sealed partial class FileBackend : IBlockDevice, INonBlockingIo, IGrowableDevice, IFileRegions
 {
     private static readonly ReadOnlyMemory<byte> s_zeros = new byte[1 << 20];
 
@@ -21,6 +21,7 @@ public sealed partial class FileBackend : IBlockDevice, INonBlockingIo, IGrowabl
         _handle = handle;
         _size = size;
         IsReadOnly = readOnly;
+        _send = new SendStream((int)handle.DangerousGetHandle());
     }
 
     /// <summary>Opens an existing file; the device has the file's current length.</summary>
@@ -278,7 +279,9 @@ public sealed partial class FileBackend : IBlockDevice, INonBlockingIo, IGrowabl
     public void Dispose()
     {
         _disposed = true;
-        // Requests in flight hold a reference on the handle, so the fd closes only after they finish.
+        // Requests in flight hold a reference on the handle, so the fd closes only after they finish;
+        // reads still to be sent from the file hold the send stream alike.
+        _send.Close();
         _handle.Dispose();
     }
 
@@ -524,6 +527,142 @@ public sealed partial class FileBackend : IBlockDevice, INonBlockingIo, IGrowabl
 
     private volatile bool _nowaitWritesUnsupported;
 
+    /// <summary>
+    /// The file behind a device range, for <c>sendfile(2)</c>, when <c>cachestat(2)</c> (Linux 6.5)
+    /// finds every page of it in the page cache. A read of pages not cached would wait for the disk
+    /// inside sendfile, on the connection's one writer, where <c>pread</c> on the pool reads many
+    /// at once; a file shorter than the device has no cached pages past its end, so that case
+    /// reads (zeros) through <c>pread</c> too. On older kernels cachestat is ENOSYS: never asked again.
+    /// </summary>
+    public bool TryGetFileRegion(long offset, int length, out FileRegion region)
+    {
+        region = default;
+        if (s_cachestatUnsupported || _disposed || offset < 0 || length <= 0 || length > Size - offset)
+        {
+            return false;
+        }
+        try
+        {
+            using var lease = new FdLease(_handle);
+            if (!AllCached(lease.Fd, offset, length))
+            {
+                return false;
+            }
+        }
+        catch (ObjectDisposedException)
+        {
+            return false;
+        }
+        if (_send.TryHold() is not FileStream stream)
+        {
+            return false;
+        }
+        region = new FileRegion(stream, offset, _send);
+        return true;
+    }
+
+    private static volatile bool s_cachestatUnsupported;
+
+    /// <summary>Writes the file's dirty pages back and drops all its pages from the page cache (tests: the cold path).</summary>
+    internal void DropCachedPages()
+    {
+        using var lease = new FdLease(_handle);
+        ThrowOnError(Libc.fdatasync(lease.Fd) == 0 ? 0 : Marshal.GetLastPInvokeError(), "fdatasync");
+        ThrowOnError(Libc.posix_fadvise(lease.Fd, 0, 0, Libc.POSIX_FADV_DONTNEED), "posix_fadvise");
+    }
+
+    private static unsafe bool AllCached(int fd, long offset, int length)
+    {
+        long page = Environment.SystemPageSize;
+        long first = offset / page;
+        long pages = (offset + length + page - 1) / page - first;
+        var range = new Libc.CachestatRange { Offset = (ulong)offset, Length = (ulong)length };
+        Libc.Cachestat stat;
+        if (Libc.syscall(Libc.SYS_cachestat, fd, &range, &stat, 0) != 0)
+        {
+            if (Marshal.GetLastPInvokeError() is Libc.ENOSYS or Libc.EOPNOTSUPP)
+            {
+                s_cachestatUnsupported = true;
+            }
+            return false;
+        }
+        return (long)stat.Cached >= pages;
+    }
+
+    private readonly SendStream _send;
+
+    /// <summary>
+    /// The device's read-only stream for the socket layer's <c>sendfile</c>, which takes an
+    /// asynchronous <see cref="FileStream"/> and passes the offset explicitly (the stream's position
+    /// is never used). Opened on first use through <c>/proc/self/fd</c>, so it is the same file
+    /// even if its path was renamed; shared by the regions in flight, and closed when the device
+    /// is closed and no region holds it any more (a read sent after a graceful stop drained the
+    /// export still finds its file).
+    /// </summary>
+    private sealed class SendStream(int fd) : IFileRegionHolder
+    {
+        private readonly Lock _gate = new();
+        private FileStream? _stream;
+        private int _holders;
+        private bool _closed;
+        private bool _unavailable;
+
+        public FileStream? TryHold()
+        {
+            lock (_gate)
+            {
+                if (_closed || _unavailable)
+                {
+                    return null;
+                }
+                if (_stream is null)
+                {
+                    try
+                    {
+                        _stream = new FileStream($"/proc/self/fd/{fd}", FileMode.Open, FileAccess.Read, FileShare.ReadWrite, bufferSize: 0, FileOptions.Asynchronous);
+                    }
+                    catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+                    {
+                        // No /proc (or no access to it): reads take the pread path.
+                        _unavailable = true;
+                        return null;
+                    }
+                }
+                _holders++;
+                return _stream;
+            }
+        }
+
+        public void Release()
+        {
+            FileStream? closing = null;
+            lock (_gate)
+            {
+                if (--_holders == 0 && _closed)
+                {
+                    (closing, _stream) = (_stream, null);
+                }
+            }
+            closing?.Dispose();
+        }
+
+        /// <summary>Called before the device's own handle closes, so <c>fd</c> is still this file while a first open runs.</summary>
+        public void Close()
+        {
+            FileStream? closing = null;
+            lock (_gate)
+            {
+                _closed = true;
+                if (_holders == 0)
+                {
+                    (closing, _stream) = (_stream, null);
+                }
+            }
+            closing?.Dispose();
+        }
+    }
+
+
     /// <summary>Largest write served inline where the filesystem has no non-blocking buffered writes
     /// (ops/bench, 4 KiB random writes QD32: 1.18x the throughput of handing them to the pool). Up
     /// to 1 MiB, as nbdkit writes on the thread that read the request: 1 MiB writes QD8 gained 1.31x
@@ -565,6 +704,7 @@ public sealed partial class FileBackend : IBlockDevice, INonBlockingIo, IGrowabl
         public const int SEEK_HOLE = 4;
 
         public const int POSIX_FADV_WILLNEED = 3;
+        public const int POSIX_FADV_DONTNEED = 4;
 
         // Only blittable arguments (off_t is 64-bit on Linux x64), so no marshalling code is generated.
         [LibraryImport("libc", SetLastError = true)]
@@ -588,6 +728,30 @@ public sealed partial class FileBackend : IBlockDevice, INonBlockingIo, IGrowabl
 
         [LibraryImport("libc", SetLastError = true)]
         public static unsafe partial nint pwritev2(int fd, Iovec* iov, int iovcnt, long offset, int flags);
+
+        /// <summary>cachestat(2), the same number on x86-64 and arm64 (the generic table).</summary>
+        public const long SYS_cachestat = 451;
+
+        [LibraryImport("libc", SetLastError = true)]
+        public static unsafe partial long syscall(long number, int fd, CachestatRange* range, Cachestat* stat, uint flags);
+
+        [System.Runtime.InteropServices.StructLayout(System.Runtime.InteropServices.LayoutKind.Sequential)]
+        public struct CachestatRange
+        {
+            public ulong Offset;
+            public ulong Length;
+        }
+
+        /// <summary>struct cachestat: pages cached, dirty, under writeback, evicted, recently evicted.</summary>
+        [System.Runtime.InteropServices.StructLayout(System.Runtime.InteropServices.LayoutKind.Sequential)]
+        public struct Cachestat
+        {
+            public ulong Cached;
+            public ulong Dirty;
+            public ulong Writeback;
+            public ulong Evicted;
+            public ulong RecentlyEvicted;
+        }
 
         [System.Runtime.InteropServices.StructLayout(System.Runtime.InteropServices.LayoutKind.Sequential)]
         public unsafe struct Iovec

@@ -115,6 +115,33 @@ public interface INonBlockingIo
 }
 
 /// <summary>
+/// A device that can name the open file (and offset) holding a range of it while that range is in
+/// the page cache, so the protocol layer can send a large read's data with <c>sendfile(2)</c>:
+/// page-cache pages go to the socket by reference, instead of being copied into a buffer by
+/// <c>pread</c> and from there into the socket. False when the range is not all cached (the read
+/// would wait for the disk on the connection's one writer; the caller reads it on the pool
+/// instead), when the kernel cannot tell, or when the device is closed.
+/// </summary>
+public interface IFileRegions
+{
+    bool TryGetFileRegion(long offset, int length, out FileRegion region);
+}
+
+/// <summary>
+/// Where a device range lies in an open file: <paramref name="File"/> is the device's own stream
+/// on it (never disposed by the caller), <paramref name="Offset"/> the file offset of the range.
+/// The stream stays open, even if the device closes, until <paramref name="Holder"/> is released:
+/// once per region, after its data is sent or when it will not be.
+/// </summary>
+public readonly record struct FileRegion(FileStream File, long Offset, IFileRegionHolder Holder);
+
+/// <summary>Keeps a <see cref="FileRegion"/>'s file open until the region is released.</summary>
+public interface IFileRegionHolder
+{
+    void Release();
+}
+
+/// <summary>
 /// A device that may send its requests to another process (a cluster node's link to the export's
 /// owner) instead of doing the I/O: starting a request then only writes it to a stream, so the
 /// protocol layer starts it on its reader's thread and corks the stream while it parses a batch.

@@ -155,7 +155,7 @@ public sealed class DirtyTracker
 /// every enabled bitmap (or with no bitmap enabled) goes straight on: a few volatile reads, no
 /// allocation, no await beyond the backend's own.
 /// </summary>
-public sealed class DirtyTrackingDevice(IBlockDevice inner, DirtyTracker tracker) : IBlockDevice, INonBlockingIo
+public sealed class DirtyTrackingDevice(IBlockDevice inner, DirtyTracker tracker) : IBlockDevice, INonBlockingIo, IFileRegions
 {
     public IBlockDevice Inner => inner;
 
@@ -225,6 +225,12 @@ public sealed class DirtyTrackingDevice(IBlockDevice inner, DirtyTracker tracker
 
     public bool TryReadNoWait(long offset, Span<byte> destination) =>
         inner is INonBlockingIo io && io.TryReadNoWait(offset, destination);
+
+    public bool TryGetFileRegion(long offset, int length, out FileRegion region)
+    {
+        region = default;
+        return inner is IFileRegions files && files.TryGetFileRegion(offset, length, out region);
+    }
 
     /// <summary>
     /// The fast path only for granules already dirty in every enabled bitmap. If the set of

@@ -19,7 +19,7 @@ namespace Gateway.Actors.Cluster;
 /// ordered anything after it, and the old owner applies nothing more once the new one serves
 /// (a graceful owner drains before it lets go).
 /// </summary>
-public sealed class ExportLink : IBlockDevice, INonBlockingIo, IForwardingDevice, ISegmentedReads, IAsyncDisposable
+public sealed class ExportLink : IBlockDevice, INonBlockingIo, IFileRegions, IForwardingDevice, ISegmentedReads, IAsyncDisposable
 {
     /// <summary>How long a request waits for the export to be (re-)homed before it fails with EIO.</summary>
     public static readonly TimeSpan ResolveTimeout = TimeSpan.FromSeconds(20);
@@ -368,6 +368,12 @@ public sealed class ExportLink : IBlockDevice, INonBlockingIo, IForwardingDevice
 
     public bool TryWriteNoWait(long offset, ReadOnlySpan<byte> source) =>
         Current() is INonBlockingIo io && io.TryWriteNoWait(offset, source);
+
+    public bool TryGetFileRegion(long offset, int length, out FileRegion region)
+    {
+        region = default;
+        return Current() is IFileRegions files && files.TryGetFileRegion(offset, length, out region);
+    }
 
     /// <summary>The owner's device when it is on this node, else the stream to it; null when neither is usable.</summary>
     private IBlockDevice? Current() =>

@@ -11,7 +11,7 @@ namespace Gateway.Actors.Exports;
 /// reached zero is the device shut, and later requests get <see cref="BlockErrorKind.Shutdown"/>
 /// (ESHUTDOWN) instead of reaching a device that is being flushed and disposed.
 /// </summary>
-public sealed class DrainingDevice(IBlockDevice inner) : IBlockDevice, INonBlockingIo
+public sealed class DrainingDevice(IBlockDevice inner) : IBlockDevice, INonBlockingIo, IFileRegions
 {
     // One word, so that entering and shutting are one atomic decision: the low bits count the
     // requests in flight, Closing says a drain waits for the count to reach zero, Shut says it did.
@@ -171,6 +171,27 @@ public sealed class DrainingDevice(IBlockDevice inner) : IBlockDevice, INonBlock
         try
         {
             return io.TryWriteNoWait(offset, source);
+        }
+        finally
+        {
+            Exit();
+        }
+    }
+
+    /// <summary>
+    /// Entered only while the region is looked up: the data is sent after this returns, from the
+    /// file (its handle stays open while the send holds it), like a read that finished just then.
+    /// </summary>
+    public bool TryGetFileRegion(long offset, int length, out FileRegion region)
+    {
+        region = default;
+        if (inner is not IFileRegions files || !TryEnter())
+        {
+            return false;
+        }
+        try
+        {
+            return files.TryGetFileRegion(offset, length, out region);
         }
         finally
         {

@@ -69,7 +69,7 @@ public sealed class OwnershipFence
 /// has it twice: on top, so a refused request records nothing, and right above the backend, so a
 /// request that waited (for its granules to be recorded) re-checks just before its write.
 /// </summary>
-public sealed class FencedDevice(IBlockDevice inner, OwnershipFence fence) : IBlockDevice, INonBlockingIo
+public sealed class FencedDevice(IBlockDevice inner, OwnershipFence fence) : IBlockDevice, INonBlockingIo, IFileRegions
 {
     public long Size => inner.Size;
 
@@ -104,6 +104,12 @@ public sealed class FencedDevice(IBlockDevice inner, OwnershipFence fence) : IBl
 
     public bool TryWriteNoWait(long offset, ReadOnlySpan<byte> source) =>
         fence.IsOpen && inner is INonBlockingIo io && io.TryWriteNoWait(offset, source);
+
+    public bool TryGetFileRegion(long offset, int length, out FileRegion region)
+    {
+        region = default;
+        return fence.IsOpen && inner is IFileRegions files && files.TryGetFileRegion(offset, length, out region);
+    }
 
     public void Dispose() => inner.Dispose();
 }

@@ -17,6 +17,9 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
     private MetaExtent[]? _statusExtents;
     private int[]? _statusCounts;
 
+    /// <summary>A read's data, when it is sent from the export's file (sendfile) instead of <see cref="Buffer"/>.</summary>
+    private FileRegion? _region;
+
     public NbdRequest Request { get; private set; }
 
     /// <summary>Links requests finished on the reader's thread into one batch for the writer.</summary>
@@ -45,6 +48,7 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
         Bytes = bytes;
         _segmentCount = 0;
         _skipContext = null;
+        _region = null;
     }
 
     public void Execute() => _ = ExecuteAsync();
@@ -61,10 +65,13 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
         switch (request.Command)
         {
             case NbdCommand.Read when !owner.Structured || length < Transmission.SparseReadThreshold || request.Flags.HasFlag(CommandFlags.DontFragment):
-                Buffer = PayloadPool.Rent(length);
-                if (!io.TryReadNoWait((long)request.Offset, Buffer.AsSpan(0, length)))
+                if (!TryReadFromFile((long)request.Offset, length))
                 {
-                    return false;
+                    Buffer = PayloadPool.Rent(length);
+                    if (!io.TryReadNoWait((long)request.Offset, Buffer.AsSpan(0, length)))
+                    {
+                        return false;
+                    }
                 }
                 _segments ??= new Extent[MaxReadSegments + 1];
                 _segments[0] = new Extent(length, ExtentFlags.Data);
@@ -75,6 +82,21 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
             default:
                 return false;
         }
+    }
+
+    /// <summary>
+    /// A read long enough to be sent from the export's file (sendfile) when all of it is in the
+    /// page cache: the writer sends it from there, and no buffer is filled.
+    /// </summary>
+    private bool TryReadFromFile(long offset, int length)
+    {
+        if (length < DirectWriteThreshold || owner.FileRegions is not IFileRegions files || !files.TryGetFileRegion(offset, length, out FileRegion region))
+        {
+            return false;
+        }
+        ReturnBuffers();
+        _region = region;
+        return true;
     }
 
     /// <summary>Hands a finished request to the writer.</summary>
@@ -141,11 +163,11 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
 
     private async ValueTask ReadAsync(IBlockDevice device, long offset, int length, CancellationToken cancel)
     {
-        Buffer ??= PayloadPool.Rent(length);
         _segments ??= new Extent[MaxReadSegments + 1];
         ReadHoles holes = owner.HolesOf(Request);
         if (holes == ReadHoles.FromSegments)
         {
+            Buffer ??= PayloadPool.Rent(length);
             // The holes come with the data: the hole ranges of the buffer are never sent.
             _segmentCount = await owner.SegmentedReads!.ReadSegmentsAsync(offset, Buffer.AsMemory(0, length), _segments, cancel).ConfigureAwait(false);
             return;
@@ -156,9 +178,16 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
             // All data, or not worth a hole check: one read, one chunk.
             _segments[0] = new Extent(length, ExtentFlags.Data);
             _segmentCount = 1;
+            if (TryReadFromFile(offset, length))
+            {
+                return;
+            }
+            Buffer ??= PayloadPool.Rent(length);
             await device.ReadAsync(offset, Buffer.AsMemory(0, length), cancel).ConfigureAwait(false);
             return;
         }
+
+        Buffer ??= PayloadPool.Rent(length);
 
         long covered = 0;
         for (int i = 0; i < n; i++)
@@ -279,7 +308,7 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
         {
             case NbdCommand.Read when !structured:
                 Replies.WriteSimple(output, cookie, NbdError.None);
-                return WriteDataAsync(output, direct, Buffer.AsMemory(0, (int)Request.Length));
+                return WriteReadDataAsync(output, direct);
             case NbdCommand.Read:
                 return _segmentCount == 1 && (_segments![0].Flags & ExtentFlags.Hole) == 0
                     ? WriteSingleChunkAsync(output, direct, to)
@@ -316,7 +345,22 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
     private ValueTask WriteSingleChunkAsync(PipeWriter output, Stream direct, ReplyTo to)
     {
         Replies.WriteOffsetDataHeader(output, to, done: true, Request.Offset, (int)Request.Length);
-        return WriteDataAsync(output, direct, Buffer.AsMemory(0, (int)Request.Length));
+        return WriteReadDataAsync(output, direct);
+    }
+
+    /// <summary>The data of a one-chunk read: from the file (sendfile) or from <see cref="Buffer"/>.</summary>
+    private ValueTask WriteReadDataAsync(PipeWriter output, Stream direct)
+    {
+        int length = (int)Request.Length;
+        return _region is FileRegion region
+            ? FlushThenSendFileAsync(output, owner.FileSender!, region, length)
+            : WriteDataAsync(output, direct, Buffer.AsMemory(0, length));
+
+        static async ValueTask FlushThenSendFileAsync(PipeWriter output, FileSender sender, FileRegion region, int length)
+        {
+            await output.FlushAsync().ConfigureAwait(false);
+            await sender.SendAsync(region, length).ConfigureAwait(false);
+        }
     }
 
     private async ValueTask WriteChunksAsync(PipeWriter output, Stream direct, ReplyTo to)
@@ -358,6 +402,11 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
 
     public void ReturnBuffers()
     {
+        if (_region is FileRegion region)
+        {
+            _region = null;
+            region.Holder.Release();
+        }
         if (Buffer is not null)
         {
             PayloadPool.Return(Buffer);

@@ -47,6 +47,8 @@ public sealed class Transmission
     private RequestWork? _batch;
     private readonly IForwardingDevice? _forwarding;
     private readonly ISegmentedReads? _segmentedReads;
+    private readonly FileSender? _fileSender;
+    private readonly IFileRegions? _fileRegions;
     private IRequestBatch? _corked;
     private int _inFlight;
     private long _inFlightBytes;
@@ -65,6 +67,12 @@ public sealed class Transmission
         _nonBlocking = _device as INonBlockingIo;
         _forwarding = _device as IForwardingDevice;
         _segmentedReads = _device as ISegmentedReads;
+        if (direct is System.Net.Sockets.NetworkStream { Socket: var socket } && _device is IFileRegions regions)
+        {
+            // A plain-text socket and a device that can say where its data lies in a file.
+            _fileSender = new FileSender(socket);
+            _fileRegions = regions;
+        }
         _contexts = [.. session.Contexts];
         Extended = session.ExtendedHeaders;
         Structured = session.StructuredReplies || Extended;
@@ -104,6 +112,11 @@ public sealed class Transmission
 
     internal ISegmentedReads? SegmentedReads => _segmentedReads;
 
+    /// <summary>Where large reads find their data in a file, to be sent with sendfile; null on TLS or other devices.</summary>
+    internal IFileRegions? FileRegions => _fileRegions;
+
+    internal FileSender? FileSender => _fileSender;
+
     /// <summary>Requests received on this connection so far.</summary>
     public long Requests { get; private set; }
 
@@ -137,6 +150,7 @@ public sealed class Transmission
             await DrainAsync().ConfigureAwait(false);
             _replies.Writer.TryComplete();
             await writer.ConfigureAwait(false);
+            _fileSender?.Dispose();
             _metrics?.ConnectionClosed();
         }
     }
