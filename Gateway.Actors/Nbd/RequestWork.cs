@@ -64,9 +64,17 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
         int length = (int)request.Length;
         switch (request.Command)
         {
-            case NbdCommand.Read when !owner.Structured || length < Transmission.SparseReadThreshold || request.Flags.HasFlag(CommandFlags.DontFragment):
+            case NbdCommand.Read:
+                // A range all in the page cache is sent from the file as one data chunk, in any reply
+                // form: the holes a check would find are not in the cache (a hole found is never
+                // read), short of a client reading them as data before (NBD_CMD_FLAG_DF, simple
+                // replies), and then zeros as data are still the right bytes.
                 if (!TryReadFromFile((long)request.Offset, length))
                 {
+                    if (owner.Structured && length >= Transmission.SparseReadThreshold && !request.Flags.HasFlag(CommandFlags.DontFragment))
+                    {
+                        return false; // checked for holes on the pool
+                    }
                     Buffer = PayloadPool.Rent(length);
                     if (!io.TryReadNoWait((long)request.Offset, Buffer.AsSpan(0, length)))
                     {

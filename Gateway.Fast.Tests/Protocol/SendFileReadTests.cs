@@ -22,7 +22,9 @@ public sealed class SendFileReadTests : IAsyncLifetime
 
     private readonly string _path = Path.Combine(Path.GetTempPath(), $"sendfile-{Guid.NewGuid():N}.img");
     private readonly byte[] _content = new byte[8 * MiB];
+    private readonly string _sparsePath = Path.Combine(Path.GetTempPath(), $"sendfile-sparse-{Guid.NewGuid():N}.img");
     private FileBackend _file = null!;
+    private FileBackend _sparse = null!;
     private NbdTestServer _server = null!;
 
     public async Task InitializeAsync()
@@ -32,6 +34,8 @@ public sealed class SendFileReadTests : IAsyncLifetime
         _file = FileBackend.Open(_path, readOnly: false);
         var exports = new TestExportDirectory();
         exports.AddAsIs(Export, _file);
+        _sparse = FileBackend.Create(_sparsePath, 4 * MiB);
+        exports.AddAsIs("sparse", _sparse);
         _server = new NbdTestServer(exports);
     }
 
@@ -39,7 +43,9 @@ public sealed class SendFileReadTests : IAsyncLifetime
     {
         await _server.DisposeAsync();
         _file.Dispose();
+        _sparse.Dispose();
         File.Delete(_path);
+        File.Delete(_sparsePath);
     }
 
     /// <summary>cachestat(2) came with Linux 6.5; on older kernels every read takes the pread path.</summary>
@@ -96,6 +102,26 @@ public sealed class SendFileReadTests : IAsyncLifetime
         Assert.Equal([.. _content.AsSpan(2 * MiB, 4096), .. written, .. _content.AsSpan(2 * MiB + 4096 + 128 * KiB, 128 * KiB - 4096)],
             after.Data(2 * MiB, 256 * KiB));
         Assert.Equal(reads.Length + 1, Interlocked.Read(ref FileSender.Sends) - before);
+    }
+
+    [Fact]
+    public async Task A_hole_not_in_the_page_cache_is_still_an_OFFSET_HOLE_chunk_and_the_data_beside_it_is_sent_from_the_file()
+    {
+        // Data in the first MiB (written, so cached), a hole in the second (never read, so not cached).
+        byte[] data = RawClient.Pattern(1 * MiB, 5);
+        await _sparse.WriteAsync(0, data, fua: false);
+        await using RawClient client = await _server.OpenAsync("sparse", structured: true);
+        long before = Interlocked.Read(ref FileSender.Sends);
+
+        NbdReply both = await client.ReadAsync(0, 2 * MiB);
+        Assert.Equal([(ReplyType.OffsetData, 0ul, (uint)MiB), (ReplyType.OffsetHole, (ulong)MiB, (uint)MiB)],
+            both.Chunks.Select(c => (c.Type, c.Offset, c.Length)));
+        Assert.Equal([.. data, .. new byte[MiB]], both.Data(0, 2 * MiB));
+
+        NbdReply cached = await client.ReadAsync(0, 1 * MiB);
+        Assert.Equal([(ReplyType.OffsetData, 0ul, (uint)MiB)], cached.Chunks.Select(c => (c.Type, c.Offset, c.Length)));
+        Assert.Equal(data, cached.Data(0, 1 * MiB));
+        Assert.Equal(1, Interlocked.Read(ref FileSender.Sends) - before);
     }
 
     [Fact]
