@@ -32,19 +32,7 @@ public sealed class ExtendedHeadersTests : IAsyncLifetime
 
     public async Task DisposeAsync() => await _server.DisposeAsync();
 
-    private async Task<RawClient> OpenExtendedAsync(params string[] contexts)
-    {
-        RawClient client = await _server.ConnectAsync();
-        await client.StartAsync();
-        await client.ExpectAckAsync(NbdOption.ExtendedHeaders, ReadOnlyMemory<byte>.Empty);
-        if (contexts.Length > 0)
-        {
-            Assert.Equal(OptionReplyType.Ack, (await client.MetaContextAsync(NbdOption.SetMetaContext, Big, contexts))[^1].Type);
-        }
-        Assert.Equal(OptionReplyType.Ack, (await client.InfoOrGoAsync(NbdOption.Go, Big))[^1].Type);
-        Assert.True(client.Extended);
-        return client;
-    }
+    private Task<RawClient> OpenExtendedAsync(params string[] contexts) => _server.OpenExtendedAsync(Big, contexts);
 
     private static async Task<NbdReply> Ok(Task<NbdReply> request)
     {

@@ -37,12 +37,7 @@ public sealed class ForwardedReadTests : IAsyncLifetime
         {
             return await _server.OpenAsync(Export, structured: mode == "structured");
         }
-        RawClient client = await _server.ConnectAsync();
-        await client.StartAsync();
-        await client.ExpectAckAsync(NbdOption.ExtendedHeaders, ReadOnlyMemory<byte>.Empty);
-        Assert.Equal(OptionReplyType.Ack, (await client.InfoOrGoAsync(NbdOption.Go, Export))[^1].Type);
-        Assert.True(client.Extended);
-        return client;
+        return await _server.OpenExtendedAsync(Export);
     }
 
     [Theory]

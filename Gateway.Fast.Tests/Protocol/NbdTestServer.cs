@@ -6,6 +6,7 @@ using Gateway.Actors.Exports;
 using Gateway.Actors.Nbd;
 using Microsoft.Extensions.Logging.Abstractions;
 using Nerdbank.Streams;
+using Xunit;
 
 namespace Gateway.Tests.Protocol;
 
@@ -76,6 +77,21 @@ public sealed class NbdTestServer : IAsyncDisposable
     /// <summary>A client that has finished the handshake with GO on <paramref name="export"/>.</summary>
     public async Task<RawClient> OpenAsync(string export, bool structured = true, params string[] contexts) =>
         await RawClient.NegotiateAsync(await ConnectAsync(), export, structured, contexts);
+
+    /// <summary>A client that negotiated extended headers (and <paramref name="contexts"/>, if any), then GO on <paramref name="export"/>.</summary>
+    public async Task<RawClient> OpenExtendedAsync(string export, params string[] contexts)
+    {
+        RawClient client = await ConnectAsync();
+        await client.StartAsync();
+        await client.ExpectAckAsync(NbdOption.ExtendedHeaders, ReadOnlyMemory<byte>.Empty);
+        if (contexts.Length > 0)
+        {
+            Assert.Equal(OptionReplyType.Ack, (await client.MetaContextAsync(NbdOption.SetMetaContext, export, contexts))[^1].Type);
+        }
+        Assert.Equal(OptionReplyType.Ack, (await client.InfoOrGoAsync(NbdOption.Go, export))[^1].Type);
+        Assert.True(client.Extended);
+        return client;
+    }
 
     private async Task AcceptLoopAsync()
     {

@@ -57,12 +57,7 @@ public sealed class SendFileReadTests : IAsyncLifetime
         {
             return await _server.OpenAsync(Export, structured: mode != "simple");
         }
-        RawClient client = await _server.ConnectAsync();
-        await client.StartAsync();
-        await client.ExpectAckAsync(NbdOption.ExtendedHeaders, ReadOnlyMemory<byte>.Empty);
-        Assert.Equal(OptionReplyType.Ack, (await client.InfoOrGoAsync(NbdOption.Go, Export))[^1].Type);
-        Assert.True(client.Extended);
-        return client;
+        return await _server.OpenExtendedAsync(Export);
     }
 
     [Theory]
