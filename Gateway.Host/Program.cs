@@ -48,6 +48,8 @@ serve.SetAction(async (parse, ct) =>
     WebApplication app = ServeCommand.Build(options, configFile is null ? null : [configFile]);
     app.Services.GetRequiredService<ILoggerFactory>().CreateLogger("Gateway.Host.SocketCompletions").LogInformation(
         "Socket completions run {Where} ({Source})", inlineCompletions ? "inline on the epoll threads" : "on the thread pool", completionsSource);
+    app.Services.GetRequiredService<ILoggerFactory>().CreateLogger("Gateway.Host.PoolSpin").LogInformation(
+        "Idle thread-pool workers' spin limit: {Spin}", PoolSpin.Describe());
     // Taken before the run, which disposes the services when it ends.
     ShutdownOutcome outcome = app.Services.GetRequiredService<ShutdownOutcome>();
     await app.RunAsync();

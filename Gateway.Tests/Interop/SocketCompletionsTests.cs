@@ -46,4 +46,20 @@ public sealed class SocketCompletionsTests
             }
         }
     }
+
+    [Fact]
+    public async Task Idle_pool_workers_do_not_spin_unless_the_operator_says_so()
+    {
+        // The limit ships in the gateway's runtimeconfig.json (PoolSpin); the runtime's variable wins over it.
+        await using (GatewayProcess gateway = await GatewayProcess.StartAsync())
+        {
+            Assert.Contains("Idle thread-pool workers' spin limit: 0 (gateway.runtimeconfig.json)", gateway.Output);
+        }
+        await using (GatewayProcess gateway = await GatewayProcess.StartAsync(environment: new Dictionary<string, string> { [PoolSpin.Variable] = "70" }))
+        {
+            Assert.Contains($"Idle thread-pool workers' spin limit: 70 ({PoolSpin.Variable})", gateway.Output);
+            await gateway.CreateExportAsync(new { name = "spinning", size = 16 * MiB });
+            await QemuIoAsync(gateway, "spinning", "write -P 0x6d 0 4M", "flush", "read -P 0x6d 0 4M");
+        }
+    }
 }
