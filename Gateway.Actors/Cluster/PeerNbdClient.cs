@@ -22,7 +22,9 @@ namespace Gateway.Actors.Cluster;
 /// and writes its header (and a small payload) with the headers queued behind it in one send, so
 /// concurrent callers share syscalls instead of queueing on a lock. Replies come in on one reader
 /// loop that parses headers from a receive buffer and receives data chunks straight into the
-/// caller's memory (only bytes that arrived in the same receive as their header are copied).
+/// caller's memory (bytes that arrived in the same receive as their header are copied, and so is
+/// the rest of a small chunk, received with what follows it). The replies it answers in a row go
+/// to a forwarding node's clients together, when it receives again (<see cref="DeferredReplies"/>).
 /// Every frame is laid out by Gateway.Nbd's readers and writers, the reply readers working on a
 /// view of the receive buffer; this class owns the sockets, the pipelining and the buffers.
 /// </para>
@@ -988,6 +990,7 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         }
         finally
         {
+            DeferredReplies.Flush();
             Abort(reason, cause);
             Drain();
             _completion.TrySetResult();
@@ -1304,14 +1307,18 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         }
         if (Interlocked.CompareExchange(ref request.ReplyState, PendingRequest.Finished, PendingRequest.Waiting) == PendingRequest.Waiting)
         {
-            // The caller's continuation runs here, on the read loop (no thread hop per reply).
+            // The caller's continuation runs here, on the read loop (no thread hop per reply). A
+            // forwarded request's reply is held until this loop receives again (ReceiveAsync), so
+            // the replies from one receive go to the client together.
             t_resolving = this;
+            DeferredReplies.Begin();
             try
             {
                 request.Resolve(request.Error);
             }
             finally
             {
+                DeferredReplies.End();
                 t_resolving = null;
             }
         }
@@ -1327,21 +1334,35 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
     private static PeerNbdClient? t_resolving;
 
     /// <summary>
+    /// Every receive of the read loop: the replies answered since the last one go to their
+    /// connections' writers first (<see cref="DeferredReplies"/>), so none waits for the owner
+    /// and none is held across the await.
+    /// </summary>
+    private ValueTask<int> ReceiveAsync(Memory<byte> destination)
+    {
+        DeferredReplies.Flush();
+        return _stream.ReadAsync(destination);
+    }
+
+    /// <summary>
     /// Makes sure <paramref name="count"/> bytes are buffered. False only when
     /// <paramref name="endAllowed"/> and the stream ended cleanly between replies.
     /// </summary>
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder<>))]
     private async ValueTask<bool> FillAsync(int count, bool endAllowed = false)
     {
-        if (_rx.Length - _rxStart < count)
+        if (_rxStart > 0)
         {
+            // Less than count is buffered (a header, rarely more): moved to the front, the receive
+            // gets the whole buffer. Left where it was, replies without data (writes) would walk
+            // the buffer to its end and each receive take only what fits behind them.
             Buffer.BlockCopy(_rx, _rxStart, _rx, 0, Buffered);
             _rxEnd = Buffered;
             _rxStart = 0;
         }
         while (Buffered < count)
         {
-            int received = await _stream.ReadAsync(_rx.AsMemory(_rxEnd)).ConfigureAwait(false);
+            int received = await ReceiveAsync(_rx.AsMemory(_rxEnd)).ConfigureAwait(false);
             if (received == 0)
             {
                 if (endAllowed && Buffered == 0)
@@ -1369,7 +1390,16 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
         }
         while (!destination.IsEmpty)
         {
-            int received = await _stream.ReadAsync(destination).ConfigureAwait(false);
+            if (destination.Length <= SmallDataLimit)
+            {
+                // The rest of a small read's data: received into the buffer with what follows it
+                // (the next replies, as a rule), not on its own, one receive for both.
+                await FillAsync(destination.Length).ConfigureAwait(false);
+                _rx.AsSpan(_rxStart, destination.Length).CopyTo(destination.Span);
+                _rxStart += destination.Length;
+                return;
+            }
+            int received = await ReceiveAsync(destination).ConfigureAwait(false);
             if (received == 0)
             {
                 throw new EndOfStreamException("the owner closed the connection in the middle of read data");
@@ -1377,6 +1407,9 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
             destination = destination[received..];
         }
     }
+
+    /// <summary>Read data up to this, not already buffered, goes through the receive buffer (see <see cref="ReceiveIntoAsync"/>).</summary>
+    private const int SmallDataLimit = 16 * 1024;
 
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
     private async ValueTask DiscardAsync(long count)
@@ -1391,7 +1424,7 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
                 return;
             }
             _rxStart = _rxEnd = 0;
-            int received = await _stream.ReadAsync(_rx.AsMemory()).ConfigureAwait(false);
+            int received = await ReceiveAsync(_rx.AsMemory()).ConfigureAwait(false);
             if (received == 0)
             {
                 throw new EndOfStreamException("the owner closed the connection in the middle of read data");

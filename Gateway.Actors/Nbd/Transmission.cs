@@ -481,12 +481,25 @@ public sealed class Transmission
         if (_batch is RequestWork head)
         {
             _batch = null;
-            Enqueue(head);
+            EnqueueNow(head);
         }
     }
 
-    /// <summary>Called by a request (or the head of a batch) when its reply is ready.</summary>
+    /// <summary>
+    /// Called by a request (or the head of a batch) when its reply is ready. On a loop that
+    /// answers many requests in a row (the peer stream's reader) the reply waits for the others
+    /// from the same receive (<see cref="DeferredReplies"/>), so the client gets them in one send.
+    /// </summary>
     internal void Enqueue(RequestWork work)
+    {
+        if (!DeferredReplies.TryHold(this, work))
+        {
+            EnqueueNow(work);
+        }
+    }
+
+    /// <summary>Hands a request (or a chain linked by <see cref="RequestWork.Next"/>) to the writer.</summary>
+    internal void EnqueueNow(RequestWork work)
     {
         if (!_replies.Writer.TryWrite(work))
         {

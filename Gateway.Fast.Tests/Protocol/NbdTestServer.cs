@@ -46,6 +46,9 @@ public sealed class NbdTestServer : IAsyncDisposable
 
     public TestExportDirectory Exports { get; }
 
+    /// <summary>Wraps each connection's stream before it is served (tests that watch what the server writes).</summary>
+    public Func<Stream, Stream>? WrapConnection { get; init; }
+
     public bool InMemory { get; }
 
     public IPEndPoint EndPoint { get; }
@@ -134,7 +137,7 @@ public sealed class NbdTestServer : IAsyncDisposable
     {
         try
         {
-            await using Stream stream = connection;
+            await using Stream stream = WrapConnection?.Invoke(connection) ?? connection;
             await NbdConnection.ServeAsync(stream, _served, NullLogger.Instance, _stopping.Token, remote, _settings);
         }
         catch (Exception e)
