@@ -214,7 +214,8 @@ public sealed class PeerNbdClient : IRequestBatch, IAsyncDisposable
             stream = new NetworkStream(socket, ownsSocket: false);
             if (tls is not null)
             {
-                var secure = new SslStream(stream, leaveInnerStreamOpen: false);
+                // Many TLS records per receive (ReadAheadStream): replies are mostly bulk read data.
+                var secure = new SslStream(new ReadAheadStream(stream), leaveInnerStreamOpen: false);
                 stream = secure;
                 string host = endpoint is DnsEndPoint dns ? dns.Host : endpoint.ToString() ?? "peer";
                 await secure.AuthenticateAsClientAsync(tls.ClientOptions(host), cancellationToken).ConfigureAwait(false);

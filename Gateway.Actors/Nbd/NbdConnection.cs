@@ -159,6 +159,8 @@ public static class NbdConnection
         return null;
     }
 
+    private const int ServerReadAhead = 64 * 1024;
+
     private static (PipeReader Input, PipeWriter Output) CreatePipes(Stream stream) => (
         PipeReader.Create(stream, new StreamPipeReaderOptions(bufferSize: 256 * 1024, minimumReadSize: 64 * 1024, leaveOpen: true)),
         PipeWriter.Create(stream, new StreamPipeWriterOptions(minimumBufferSize: 64 * 1024, leaveOpen: true)));
@@ -172,7 +174,9 @@ public static class NbdConnection
         ILogger logger, CancellationToken stopping)
     {
         TlsCredentials credentials = settings.Tls ?? throw new InvalidOperationException("STARTTLS accepted without TLS credentials");
-        var tls = new SslStream(stream, leaveInnerStreamOpen: true);
+        // Several TLS records per receive (ReadAheadStream); a smaller buffer than a peer client's,
+        // as requests are mostly small and a server holds many connections.
+        var tls = new SslStream(new ReadAheadStream(stream, ServerReadAhead, leaveOpen: true), leaveInnerStreamOpen: true);
         try
         {
             using var timeout = CancellationTokenSource.CreateLinkedTokenSource(stopping);

@@ -71,7 +71,8 @@ internal sealed class RequestWork(Transmission owner) : IThreadPoolWorkItem
                 // replies), and then zeros as data are still the right bytes.
                 if (!TryReadFromFile((long)request.Offset, length))
                 {
-                    if (owner.Structured && length >= Transmission.SparseReadThreshold && !request.Flags.HasFlag(CommandFlags.DontFragment))
+                    if (owner.Structured && length >= Transmission.SparseReadThreshold && !request.Flags.HasFlag(CommandFlags.DontFragment)
+                        && !owner.IsAllCached((long)request.Offset, length))
                     {
                         return false; // checked for holes on the pool
                     }
